@@ -1,0 +1,62 @@
+"""The protocol's errors: who broke the rule, and what to tell the peer."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+__all__ = [
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "LimitExceeded",
+    "UnsupportedProtocolVersion",
+]
+
+
+class ProtocolError(Exception):
+    """The smart protocol's rules were broken.
+
+    ``error_args`` is the v3 error tuple a server sends back for it.
+    """
+
+    def __init__(self, message: str, error_args: Optional[Tuple[Any, ...]] = None):
+        super().__init__(message)
+        self.error_args = error_args or (b"error", message.encode("utf-8", "replace"))
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send something the protocol does not allow."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow."""
+
+
+class LimitExceeded(RemoteProtocolError):
+    """A part announced a size over one of the configured limits.
+
+    Raised as soon as the length prefix is read, before the part is buffered.
+    """
+
+    def __init__(self, limit: str, size: int, maximum: int):
+        super().__init__(
+            f"{limit} of {size} bytes exceeds the limit of {maximum} bytes"
+        )
+        self.limit = limit
+        self.size = size
+        self.maximum = maximum
+
+
+class UnsupportedProtocolVersion(RemoteProtocolError):
+    """The peer speaks protocol version 1 or 2.
+
+    ``reply`` is the error answer in that version's own format.
+    """
+
+    def __init__(self, version: int, reply: bytes):
+        super().__init__(
+            f"smart protocol version {version} is not supported; "
+            "use version 3 (bzr 1.6 or later)"
+        )
+        self.version = version
+        self.reply = reply

@@ -1,0 +1,26 @@
+"""Size limits that keep a peer from making us buffer without bound."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Limits", "DEFAULT_LIMITS"]
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The largest part of each kind a connection accepts, in bytes.
+
+    ``max_body_part_size`` must hold a whole file, since Breezy sends a
+    ``get`` response or a ``put`` request body as one part.
+    """
+
+    max_headers_size: int = 64 * KiB
+    max_structure_size: int = 4 * MiB
+    max_body_part_size: int = 256 * MiB
+
+
+DEFAULT_LIMITS = Limits()

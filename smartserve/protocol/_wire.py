@@ -1,0 +1,19 @@
+"""Constants of the version 3 wire format, shared by the reader and writer."""
+
+import struct
+
+__all__ = ["MESSAGE_MARKER", "V2_REQUEST_MARKER", "V2_RESPONSE_MARKER", "LENGTH"]
+
+MESSAGE_MARKER = b"bzr message 3 (bzr 1.6)\n"
+V2_REQUEST_MARKER = b"bzr request 2\n"
+V2_RESPONSE_MARKER = b"bzr response 2\n"
+
+# Every variable-length part is prefixed by its length: 4 bytes, big-endian.
+LENGTH = struct.Struct(">L")
+
+PART_STATUS = 0x6F  # b"o": one byte follows, S(uccess) or E(rror)
+PART_STRUCTURE = 0x73  # b"s": a length-prefixed bencoded structure
+PART_BYTES = 0x62  # b"b": a length-prefixed body part
+PART_END = 0x65  # b"e": end of message
+STATUS_SUCCESS = 0x53
+STATUS_ERROR = 0x45
