@@ -1,0 +1,439 @@
+"""The served-root jail and per-caller write rights, as a Breezy transport.
+
+Breezy's server-side request classes work on a "backing transport";
+``backing_transport(root, writable)`` builds one per caller.  It keeps every
+operation inside ``root`` and lets the caller write only where ``writable``
+says.
+
+Theory of operation
+-------------------
+Every path a method receives goes through one function, ``_segments``: the
+relative URL is unescaped once (so ``%2e%2e`` and ``%2f`` become ``..`` and
+``/``), joined to the transport's own position (or to the root if absolute),
+and normalised segment by segment with ``..`` stopping at the root.  The
+result, a tuple of names below the root, is the only form used afterwards:
+the write check, the symlink check and the call into the local transport
+all see the same path, so no second parser can disagree with the first.
+
+Then, for every operation that touches a path:
+
+1. A write (put, append, mkdir, rmdir, delete, rename, move, copy target,
+   open_write_stream, lock_write, delete_tree, copy_tree) to a path that is
+   not at or below a writable prefix raises
+   ``TransportNotPossible("readonly transport")``, which Breezy's smart
+   server sends as ``ReadOnlyError``.  Nothing has been touched by then.
+2. ``os.path.realpath`` of the local path must lie inside the real root;
+   otherwise ``PermissionDenied(path, "outside the served root")``.  This
+   refuses file and directory symlinks that leave the root at any depth,
+   including dangling ones (a put through one would create a file outside).
+   Symlinks that stay inside the root work normally.  Deleting or renaming
+   a symlink that points outside is refused too, although it would not
+   leave the root: the check is on the resolved path, always.
+3. The operation runs on the shared ``LocalTransport`` of the root with the
+   normalised path.  Path errors are re-raised with the client path, so
+   clients never learn where the root lives on the server's disk.
+
+Operator symlinks that stay inside the root are trusted: the write check
+uses the client path, not the resolved one.  Clients cannot create
+symlinks (``symlink``/``hardlink`` are not offered), so only the operator's
+tree can hold them.  The check and the operation are two system calls, so
+an operator who swaps symlinks while serving can race them.
+
+Cost per caller and the trade-off with Breezy's ChrootServer
+-------------------------------------------------------------
+``brz serve`` wraps the root in a ``ChrootServer``, whose ``start_server``
+registers a new URL scheme for every instance and whose transports carry no
+per-caller state.  Doing that per connection would grow Breezy's global
+transport registry with every connection and still need a decorator for the
+write rights.  Here instead:
+
+- one ``LocalTransport`` and real root per root directory, cached;
+- one URL scheme, ``smartserve-jail-``, registered once per process;
+- per caller, a small ``_Caller`` record (root, rights, random token) kept
+  in a weak dictionary, and the transport object itself: a few
+  microseconds.
+
+The token is part of every URL this transport hands out
+(``smartserve-jail-<token>:///~alice/repo/``), so when Breezy opens a URL
+it got from ``base`` or ``external_url()`` (``ControlDir`` opening, stacked
+branches resolved relative to a branch) it gets a transport with the same
+caller's rights, not an unrestricted one.  The token is random so one
+caller cannot name another's rights in a URL it stores (a stacked-on URL,
+say).  When the last transport of a caller goes away its token is
+forgotten and its URLs stop resolving.
+
+The cost: the jail normalises paths itself rather than reusing
+``ChrootTransport``, and ``local_abspath`` is refused (``NotLocalUrl``) so
+no Breezy code can bypass the checks with direct file-system calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import weakref
+from dataclasses import dataclass
+from stat import S_ISDIR
+from typing import Optional, Tuple, Union
+
+from breezy import errors, urlutils
+from breezy.transport import Transport, register_transport
+from breezy.transport.local import LocalTransport
+
+__all__ = ["Writable", "backing_transport", "OUTSIDE_ROOT"]
+
+OUTSIDE_ROOT = "outside the served root"
+"""The reason given in ``PermissionDenied`` for a path resolving outside the root."""
+
+_READONLY = "readonly transport"
+_SCHEME = "smartserve-jail-"
+
+Segments = Tuple[str, ...]
+
+
+def _normalise(path: str, start: Segments = ()) -> Segments:
+    """Resolve an unescaped POSIX path against ``start``; ``..`` stops at the root."""
+    parts = [] if path.startswith("/") else list(start)
+    for part in path.split("/"):
+        if part == "..":
+            if parts:
+                parts.pop()
+        elif part and part != ".":
+            parts.append(part)
+    return tuple(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Writable:
+    """Where a caller may write: everywhere, nowhere, or at and below some client-path prefixes.
+
+    ``prefixes`` is None for everywhere, else a tuple of normalised prefixes
+    (each a tuple of path segments).  Build values with the class methods.
+    """
+
+    prefixes: Optional[Tuple[Segments, ...]]
+
+    @classmethod
+    def everywhere(cls) -> Writable:
+        """Return rights to write anywhere in the root."""
+        return cls(None)
+
+    @classmethod
+    def nowhere(cls) -> Writable:
+        """Return read-only rights."""
+        return cls(())
+
+    @classmethod
+    def under(cls, *prefixes: str) -> Writable:
+        """Return rights to write at and below each client path in ``prefixes``.
+
+        Each prefix is an absolute client path such as ``"/~alice/"``; the
+        directory itself is included (so ``/~alice`` may be created) but
+        ``/~alicex`` is not.  Raises ValueError for a relative prefix or one
+        containing ``..``.
+        """
+        normalised = []
+        for prefix in prefixes:
+            if not prefix.startswith("/") or ".." in prefix.split("/"):
+                raise ValueError(f"not an absolute client path: {prefix!r}")
+            segments = _normalise(prefix)
+            if segments not in normalised:
+                normalised.append(segments)
+        return cls(tuple(normalised))
+
+    @property
+    def is_nowhere(self) -> bool:
+        """True when nothing may be written."""
+        return self.prefixes == ()
+
+    def allows_segments(self, segments: Segments) -> bool:
+        """Return whether the normalised path ``segments`` may be written."""
+        if self.prefixes is None:
+            return True
+        return any(segments[: len(p)] == p for p in self.prefixes)
+
+    def allows(self, client_path: str) -> bool:
+        """Return whether the client path (unescaped, absolute from the root) may be written."""
+        return self.allows_segments(_normalise(client_path))
+
+
+class _Root:
+    """One served directory: its resolved path and the local transport shared by all callers."""
+
+    __slots__ = ("real", "local", "_inside")
+
+    def __init__(self, root: str) -> None:
+        self.real = os.path.realpath(root)
+        if not os.path.isdir(self.real):
+            raise errors.NotADirectory(root)
+        self.local = LocalTransport(urlutils.local_path_to_url(self.real))
+        self._inside = self.real.rstrip("/") + "/"
+
+    def check(self, segments: Segments) -> None:
+        """Raise PermissionDenied unless the path resolves inside the root."""
+        if not segments:
+            return
+        real = os.path.realpath(self._inside + "/".join(segments))
+        if real != self.real and not real.startswith(self._inside):
+            raise errors.PermissionDenied(_client_path(segments), OUTSIDE_ROOT)
+
+
+@functools.lru_cache(maxsize=64)
+def _served_root(root: str) -> _Root:
+    return _Root(root)
+
+
+class _Caller:
+    """A caller's root and rights, found again from the token in its URLs."""
+
+    __slots__ = ("root", "writable", "url_prefix", "__weakref__")
+
+    def __init__(self, root: _Root, writable: Writable, token: str) -> None:
+        self.root = root
+        self.writable = writable
+        self.url_prefix = f"{_SCHEME}{token}://"
+
+
+_callers: "weakref.WeakValueDictionary[str, _Caller]" = weakref.WeakValueDictionary()
+
+
+def backing_transport(root: Union[str, os.PathLike], writable: Writable) -> Transport:
+    """Return a transport on ``root`` for one caller with the rights ``writable``.
+
+    The transport's client path ``/`` is ``root``.  Raises NotADirectory if
+    ``root`` is not a directory.  Cheap enough to call per connection.
+    """
+    served = _served_root(os.fspath(root))
+    token = secrets.token_hex(8)
+    caller = _Caller(served, writable, token)
+    _callers[token] = caller
+    return JailTransport(caller, ())
+
+
+def _client_path(segments: Segments) -> str:
+    return "/" + "/".join(segments)
+
+
+def _open_url(url: str) -> JailTransport:
+    """Transport factory for ``smartserve-jail-<token>:///path`` URLs."""
+    token, sep, path = url[len(_SCHEME) :].partition("://")
+    caller = _callers.get(token)
+    if not sep or caller is None:
+        raise errors.PathError(url, "not a served location")
+    raw_path, parameters = urlutils.split_segment_parameters(path)
+    transport = JailTransport(caller, _normalise(urlutils.unescape(raw_path)))
+    for name, value in parameters.items():
+        transport.set_segment_parameter(name, value)
+    return transport
+
+
+register_transport(_SCHEME, _open_url)
+
+
+class JailTransport(Transport):
+    """A transport confined to a served root, writing only where its caller may.
+
+    See the module docstring for the checks every method makes.
+    """
+
+    def __init__(self, caller: _Caller, segments: Segments) -> None:
+        self._caller = caller
+        self._segments_here = segments
+        path = urlutils.escape(_client_path(segments))
+        super().__init__(caller.url_prefix + path.rstrip("/") + "/")
+
+    def _segments(self, relpath: Optional[str]) -> Segments:
+        path = urlutils.unescape(relpath or ".")
+        if "\0" in path:
+            raise urlutils.InvalidURL(relpath, "NUL in path")
+        return _normalise(path, self._segments_here)
+
+    def _resolve(self, relpath: Optional[str], *, write: bool = False) -> Segments:
+        """Normalise ``relpath`` and apply the write and symlink checks."""
+        segments = self._segments(relpath)
+        if write and not self._caller.writable.allows_segments(segments):
+            raise errors.TransportNotPossible(_READONLY)
+        self._caller.root.check(segments)
+        return segments
+
+    def _local(self, method: str, segments: Segments, *args, **kwargs):
+        """Run a LocalTransport method on the normalised path, reporting the client path on errors."""
+        local_relpath = urlutils.escape("/".join(segments)) or "."
+        try:
+            return getattr(self._caller.root.local, method)(
+                local_relpath, *args, **kwargs
+            )
+        except errors.PathError as e:
+            e.path = _client_path(segments)
+            e.extra = ""
+            raise
+
+    # Locations
+
+    def abspath(self, relpath):
+        """Return this transport's URL for ``relpath``; it reopens with the same rights."""
+        return self._caller.url_prefix + urlutils.escape(
+            _client_path(self._segments(relpath))
+        )
+
+    def clone(self, offset=None):
+        """Return a transport at ``offset`` with the same rights; refused if it resolves outside."""
+        return JailTransport(self._caller, self._resolve(offset))
+
+    def external_url(self):
+        """Return ``base``: Breezy can reopen it, and it keeps the caller's rights."""
+        return self.base
+
+    def local_abspath(self, relpath):
+        """Refuse: a local path would let callers bypass the checks."""
+        raise errors.NotLocalUrl(self.abspath(relpath))
+
+    def is_readonly(self):
+        """True when the caller may write nowhere."""
+        return self._caller.writable.is_nowhere
+
+    def listable(self):
+        """The jail can list directories."""
+        return True
+
+    def _can_roundtrip_unix_modebits(self):
+        return self._caller.root.local._can_roundtrip_unix_modebits()
+
+    # Reads
+
+    def has(self, relpath):
+        """See Transport.has."""
+        return self._local("has", self._resolve(relpath))
+
+    def get(self, relpath):
+        """See Transport.get; ``get_bytes`` and ``readv`` go through it."""
+        return self._local("get", self._resolve(relpath))
+
+    def stat(self, relpath):
+        """See Transport.stat."""
+        return self._local("stat", self._resolve(relpath))
+
+    def list_dir(self, relpath):
+        """See Transport.list_dir."""
+        return self._local("list_dir", self._resolve(relpath))
+
+    def iter_files_recursive(self):
+        """Yield the escaped relative paths of files below here, skipping entries that leave the root."""
+        queue = list(self.list_dir("."))
+        while queue:
+            relpath = queue.pop(0)
+            try:
+                st = self.stat(relpath)
+            except errors.PermissionDenied:
+                continue
+            if S_ISDIR(st.st_mode):
+                for i, name in enumerate(self.list_dir(relpath)):
+                    queue.insert(i, relpath + "/" + name)
+            else:
+                yield relpath
+
+    def lock_read(self, relpath):
+        """See Transport.lock_read."""
+        return self._local("lock_read", self._resolve(relpath))
+
+    # Writes
+
+    def put_file(self, relpath, f, mode=None):
+        """See Transport.put_file."""
+        return self._local("put_file", self._resolve(relpath, write=True), f, mode)
+
+    def put_bytes(self, relpath, raw_bytes, mode=None):
+        """See Transport.put_bytes."""
+        segments = self._resolve(relpath, write=True)
+        return self._local("put_bytes", segments, raw_bytes, mode)
+
+    def _put_non_atomic(self, method, relpath, data, mode, create_parent_dir, dir_mode):
+        segments = self._resolve(relpath, write=True)
+        # Creating the parent is a write of its own, allowed only where the parent is writable.
+        create_parent_dir = create_parent_dir and self._caller.writable.allows_segments(
+            segments[:-1]
+        )
+        return self._local(
+            method,
+            segments,
+            data,
+            mode=mode,
+            create_parent_dir=create_parent_dir,
+            dir_mode=dir_mode,
+        )
+
+    def put_file_non_atomic(
+        self, relpath, f, mode=None, create_parent_dir=False, dir_mode=None
+    ):
+        """See Transport.put_file_non_atomic."""
+        return self._put_non_atomic(
+            "put_file_non_atomic", relpath, f, mode, create_parent_dir, dir_mode
+        )
+
+    def put_bytes_non_atomic(
+        self, relpath, raw_bytes, mode=None, create_parent_dir=False, dir_mode=None
+    ):
+        """See Transport.put_bytes_non_atomic."""
+        return self._put_non_atomic(
+            "put_bytes_non_atomic", relpath, raw_bytes, mode, create_parent_dir, dir_mode
+        )
+
+    def append_file(self, relpath, f, mode=None):
+        """See Transport.append_file."""
+        return self._local("append_file", self._resolve(relpath, write=True), f, mode)
+
+    def append_bytes(self, relpath, data, mode=None):
+        """See Transport.append_bytes."""
+        segments = self._resolve(relpath, write=True)
+        return self._local("append_bytes", segments, data, mode)
+
+    def open_write_stream(self, relpath, mode=None):
+        """See Transport.open_write_stream."""
+        segments = self._resolve(relpath, write=True)
+        return self._local("open_write_stream", segments, mode)
+
+    def mkdir(self, relpath, mode=None):
+        """See Transport.mkdir."""
+        return self._local("mkdir", self._resolve(relpath, write=True), mode)
+
+    def rmdir(self, relpath):
+        """See Transport.rmdir."""
+        return self._local("rmdir", self._resolve(relpath, write=True))
+
+    def delete(self, relpath):
+        """See Transport.delete."""
+        return self._local("delete", self._resolve(relpath, write=True))
+
+    def lock_write(self, relpath):
+        """See Transport.lock_write."""
+        return self._local("lock_write", self._resolve(relpath, write=True))
+
+    def _two_paths(self, method, rel_from, rel_to, *, source_write=True):
+        source = self._resolve(rel_from, write=source_write)
+        target = self._resolve(rel_to, write=True)
+        to_local = urlutils.escape("/".join(target)) or "."
+        return self._local(method, source, to_local)
+
+    def rename(self, rel_from, rel_to):
+        """See Transport.rename; both paths must be writable."""
+        return self._two_paths("rename", rel_from, rel_to)
+
+    def move(self, rel_from, rel_to):
+        """See Transport.move; both paths must be writable."""
+        return self._two_paths("move", rel_from, rel_to)
+
+    def copy(self, rel_from, rel_to):
+        """See Transport.copy; the target must be writable."""
+        return self._two_paths("copy", rel_from, rel_to, source_write=False)
+
+    def delete_tree(self, relpath):
+        """See Transport.delete_tree; refused before anything is deleted."""
+        self._resolve(relpath, write=True)
+        return super().delete_tree(relpath)
+
+    def copy_tree(self, from_relpath, to_relpath):
+        """See Transport.copy_tree; refused before anything is copied."""
+        self._resolve(from_relpath)
+        self._resolve(to_relpath, write=True)
+        return super().copy_tree(from_relpath, to_relpath)
