@@ -1,0 +1,1 @@
+"""Backends that execute smart requests (see ``smartserve.server.interfaces.IBackend``)."""

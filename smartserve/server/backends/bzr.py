@@ -1,0 +1,207 @@
+"""The Breezy backend: Breezy's own server-side request classes, in a thread pool.
+
+Each request runs through ``breezy.bzr.smart.request.SmartServerRequestHandler``,
+the object ``brz serve`` uses between its wire decoder and the request
+classes, so every verb behaves exactly as in ``brz serve``. Each step of a
+request (start, body chunks, end, each slice of a response stream) is one
+call into a bounded ``ThreadPool``, so the reactor never waits on disk, and
+response streams are pulled only as fast as the connection drains them.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterator, List, Optional
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from ..caller import Caller
+from ..interfaces import IBackend, IBodyStream, IRequestRun
+from ..jail import Writable, backing_transport
+from ..reply import Reply, StreamFailure
+
+__all__ = ["BzrBackend", "configure_breezy"]
+
+log = Logger()
+
+_configured = threading.Lock()
+_breezy_state = []
+
+
+def configure_breezy() -> None:
+    """Set Breezy's process-wide state as ``brz serve`` does, once per process.
+
+    No UI output (progress would go to the client's stderr) and lock waits
+    fail at once instead of blocking a worker thread.
+    """
+    with _configured:
+        if _breezy_state:
+            return
+        import breezy
+        from breezy import lockdir, ui
+
+        _breezy_state.append(breezy.initialize(setup_ui=False))
+        ui.ui_factory = ui.SilentUIFactory()
+        lockdir._DEFAULT_TIMEOUT_SECONDS = 0
+
+
+def _registry():
+    from breezy.bzr.smart import request
+
+    return request
+
+
+@implementer(IBackend)
+class BzrBackend:
+    """Serves the branches under ``root`` with Breezy's request handlers."""
+
+    def __init__(self, root: str, threadpool: ThreadPool, reactor):
+        configure_breezy()
+        self.root = root
+        self._pool = threadpool
+        self._reactor = reactor
+        self._verbs = frozenset(_registry().request_handlers.keys())
+        self._transports = {}
+
+    def knows(self, verb: bytes) -> bool:
+        return verb in self._verbs
+
+    def start(self, caller: Caller, args) -> "_BzrRequestRun":
+        return _BzrRequestRun(self, self._transport_for(caller.writable), args)
+
+    def _transport_for(self, writable: Writable):
+        transport = self._transports.get(writable)
+        if transport is None:
+            transport = self._transports[writable] = backing_transport(self.root, writable)
+        return transport
+
+    def run_in_pool(self, function, *args):
+        """Run ``function(*args)`` in the worker pool; returns a Deferred."""
+        return deferToThreadPool(self._reactor, self._pool, function, *args)
+
+
+@implementer(IRequestRun)
+class _BzrRequestRun:
+    """One request, driven step by step through Breezy's request handler."""
+
+    def __init__(self, backend: BzrBackend, transport, args):
+        self._backend = backend
+        self._transport = transport
+        self._args = args
+        self._handler = None
+        self._reply: Optional[Reply] = None
+
+    def advance(self, chunks: List[bytes], finished: bool):
+        return self._backend.run_in_pool(self._advance_in_thread, chunks, finished)
+
+    def abort(self) -> None:
+        if self._handler is not None and self._reply is None:
+            self._backend.run_in_pool(self._abort_in_thread)
+
+    def _advance_in_thread(self, chunks: List[bytes], finished: bool) -> Optional[Reply]:
+        handler = self._handler
+        if handler is None:
+            request = _registry()
+            handler = self._handler = request.SmartServerRequestHandler(
+                self._transport, commands=request.request_handlers, root_client_path="/"
+            )
+            handler.args_received(self._args)
+        for chunk in chunks:
+            if handler.finished_reading:
+                break
+            handler.accept_body(chunk)
+        if finished and not handler.finished_reading:
+            handler.end_received()
+        if handler.finished_reading and handler.response is not None:
+            self._reply = _reply_from(handler.response, self._backend)
+        return self._reply
+
+    def _abort_in_thread(self) -> None:
+        # The insert_stream family feeds the body to its own thread through
+        # a queue; a non-bytes item makes that stream fail, so the write
+        # group is aborted rather than committed from a truncated body.
+        command = getattr(self._handler, "_command", None)
+        body_queue = getattr(command, "queue", None)
+        if body_queue is not None:
+            body_queue.put(_ABORTED)
+            body_queue.put(StopIteration)
+        try:
+            self._handler.end_received()
+        except Exception:
+            log.failure("Cleaning up an aborted {verb!r}", verb=self._args[0])
+
+
+class _Aborted:
+    """Stands in the body of a request whose connection was lost."""
+
+    def __repr__(self) -> str:
+        return "<connection lost>"
+
+
+_ABORTED = _Aborted()
+
+
+def _reply_from(response, backend: BzrBackend) -> Reply:
+    stream = None
+    if response.body_stream is not None:
+        stream = _BzrBodyStream(iter(response.body_stream), backend)
+    return Reply(tuple(response.args), response.is_successful(), response.body, stream)
+
+
+@implementer(IBodyStream)
+class _BzrBodyStream:
+    """A response ``body_stream`` iterated slice by slice in the worker pool."""
+
+    def __init__(self, chunks: Iterator[bytes], backend: BzrBackend):
+        self._chunks = chunks
+        self._backend = backend
+        self._busy = False
+        self._closed = False
+        self.description = "body stream"
+
+    def pull(self, max_bytes: int):
+        self._busy = True
+        d = self._backend.run_in_pool(self._pull_in_thread, max_bytes)
+
+        def done(result):
+            self._busy = False
+            if self._closed:
+                self._close_now()
+            return result
+
+        return d.addBoth(done)
+
+    def close(self) -> None:
+        self._closed = True
+        if not self._busy:
+            self._close_now()
+
+    def _close_now(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            self._backend.run_in_pool(close).addErrback(
+                lambda failure: log.failure("Closing a response stream", failure)
+            )
+            self._chunks = iter(())
+
+    def _pull_in_thread(self, max_bytes: int) -> list:
+        request = _registry()
+        pulled: list = []
+        size = 0
+        while size < max_bytes:
+            try:
+                chunk = next(self._chunks)
+            except StopIteration:
+                break
+            except Exception as exc:
+                pulled.append(StreamFailure(tuple(request._translate_error(exc))))
+                break
+            if isinstance(chunk, request.FailedSmartServerResponse):
+                pulled.append(StreamFailure(tuple(chunk.args)))
+                break
+            pulled.append(chunk)
+            size += len(chunk)
+        return pulled

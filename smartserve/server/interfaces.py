@@ -1,0 +1,54 @@
+"""The seams of the server: what a backend must provide."""
+
+from zope.interface import Attribute, Interface
+
+__all__ = ["IBackend", "IRequestRun", "IBodyStream"]
+
+
+class IBackend(Interface):
+    """Executes smart requests on behalf of callers."""
+
+    def knows(verb):
+        """Return True if ``verb`` (bytes) is a verb this backend can run."""
+
+    def start(caller, args):
+        """Return an ``IRequestRun`` for request ``args`` made by ``caller``.
+
+        Cheap and synchronous: nothing runs until ``IRequestRun.advance``.
+        Only called for verbs the backend ``knows``.
+        """
+
+
+class IRequestRun(Interface):
+    """One request being executed by a backend."""
+
+    def advance(chunks, finished):
+        """Run the request further, in the backend's worker pool.
+
+        The first call starts it. ``chunks`` are the request body chunks
+        received since the previous call; ``finished`` is True once the
+        request message has ended. Returns a Deferred that fires with a
+        ``Reply`` as soon as the request has produced one (always when
+        ``finished``), or with None while it still wants body. A Deferred is
+        never started while another is pending. Failures of the request
+        itself are Replies, never errbacks.
+        """
+
+    def abort():
+        """The connection is gone: release what the request holds."""
+
+
+class IBodyStream(Interface):
+    """A response body produced piece by piece, read with back-pressure."""
+
+    def pull(max_bytes):
+        """Return a Deferred firing with the next chunks, about ``max_bytes`` in all.
+
+        The list holds bytes, and may end with one ``StreamFailure`` after
+        which nothing follows. An empty list means the stream has ended.
+        """
+
+    def close():
+        """Stop early and release the stream's resources."""
+
+    description = Attribute("A short text for logs, such as the verb.")

@@ -1,0 +1,478 @@
+"""The Twisted side of a smart server connection: bytes to codec, events to requests.
+
+A ``SmartServerProtocol`` serves one TCP connection or one SSH channel. It
+feeds received bytes to the sans-IO codec, runs one request at a time
+through the ``Dispatcher``, and writes the reply, pulling streamed bodies
+only while the transport accepts more (it is the transport's push
+producer). It never parses bytes itself.
+
+Phases of a connection:
+
+IDLE
+    Waiting for the next request; the idle timeout runs.
+REQUEST
+    A request has begun: its body is being received and it is running.
+RESPONSE
+    The reply is being written.
+CLOSED
+    The connection is gone.
+
+A drain closes an IDLE connection at once and any other right after the
+last byte of its current response; a request that has not begun is never
+started.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from typing import List, Optional
+
+import breezy
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..protocol import (
+    DEFAULT_LIMITS,
+    NEED_DATA,
+    PAUSED,
+    BodyChunk,
+    BodyError,
+    Connection,
+    ConnectionClosed,
+    EndOfMessage,
+    Limits,
+    ProtocolError,
+    Request,
+    Response,
+    Role,
+)
+from .accesslog import RequestRecord
+from .caller import Caller
+from .dispatcher import Dispatcher, Refusal
+from .jail import Writable
+from .reply import Reply, StreamFailure
+
+__all__ = ["SmartServerProtocol", "SmartServerFactory", "Phase"]
+
+log = Logger()
+
+# Response headers as Breezy's own server sends them.
+_HEADERS = {b"Software version": breezy.__version__.encode("ascii")}
+
+# How much of a response stream one worker-pool call produces.
+STREAM_SLICE_BYTES = 256 * 1024
+
+
+class Phase(enum.Enum):
+    """Where a connection stands; see the module docstring."""
+
+    IDLE = "idle"
+    REQUEST = "request"
+    RESPONSE = "response"
+    CLOSED = "closed"
+
+
+class _CurrentRequest:
+    """The request in progress on a connection."""
+
+    __slots__ = ("record", "run", "refusal", "chunks", "finished", "started", "advancing", "stream")
+
+    def __init__(self, record: RequestRecord):
+        self.record = record
+        self.run = None
+        self.started = False
+        self.refusal: Optional[Reply] = None
+        self.chunks: List[bytes] = []
+        self.finished = False
+        self.advancing = False
+        self.stream = None
+
+
+@implementer(IPushProducer)
+class SmartServerProtocol(Protocol):
+    """Serves smart protocol v3 requests on one connection, one at a time."""
+
+    def __init__(self, factory: "SmartServerFactory", caller: Caller, connection_id: int):
+        self.factory = factory
+        self.caller = caller
+        self.connection_id = connection_id
+        self.phase = Phase.IDLE
+        self.closing_for_drain = False
+        self.requests_served = 0
+        self._codec = Connection(Role.SERVER, factory.limits)
+        self._current: Optional[_CurrentRequest] = None
+        self._draining = False
+        self._closing = False
+        self._producer_paused = False
+        self._idle_timer = None
+        self._pending_bytes_in = 0
+
+    # Twisted callbacks.
+
+    def connectionMade(self) -> None:
+        if not self.caller.peer:
+            peer = self.transport.getPeer()
+            host = getattr(peer, "host", None)
+            text = f"{host}:{peer.port}" if host is not None else str(peer)
+            self.caller = Caller(self.caller.user, text, self.caller.writable)
+        self.transport.registerProducer(self, True)
+        self.factory.connection_made(self)
+        self._start_idle_timer()
+        if self._draining:
+            self._close(for_drain=True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._current is not None:
+            self._current.record.bytes_in += len(data)
+        else:
+            self._pending_bytes_in += len(data)
+        self._restart_idle_timer()
+        self._codec.receive_data(data)
+        self._handle_events()
+
+    def eofReceived(self) -> None:
+        """The peer will send nothing more (an SSH channel EOF)."""
+        if self._closing:
+            return
+        self._codec.receive_data(b"")
+        self._handle_events()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._cancel_idle_timer()
+        self._closing = True
+        current = self._current
+        self._current = None
+        if current is not None:
+            if current.stream is not None:
+                current.stream.close()
+            elif current.run is not None:
+                current.run.abort()
+            current.record.outcome = "aborted"
+            current.record.emit(self.factory.clock.seconds())
+        self.phase = Phase.CLOSED
+        self.factory.connection_lost(self)
+
+    # IPushProducer: the transport tells us when its buffer is full.
+
+    def pauseProducing(self) -> None:
+        self._producer_paused = True
+        self._start_idle_timer()
+
+    def resumeProducing(self) -> None:
+        self._producer_paused = False
+        current = self._current
+        if self.phase is Phase.RESPONSE and current is not None and current.stream is not None:
+            self._cancel_idle_timer()
+            self._pull_stream(current)
+
+    def stopProducing(self) -> None:
+        self._closing = True
+
+    # Drain.
+
+    def drain(self) -> None:
+        """Close now if idle, else right after the current response."""
+        self._draining = True
+        if self.phase is Phase.IDLE and self.transport is not None:
+            self._close(for_drain=True)
+
+    @property
+    def busy(self) -> bool:
+        """True while a request is running or its response is being written."""
+        return self.phase in (Phase.REQUEST, Phase.RESPONSE)
+
+    # Receiving.
+
+    def _handle_events(self) -> None:
+        """Consume received events as far as the current phase allows."""
+        while not self._closing:
+            current = self._current
+            if current is not None and current.advancing:
+                return
+            if self.phase is Phase.RESPONSE:
+                return
+            if self.phase is Phase.IDLE and self._draining:
+                self._close(for_drain=True)
+                return
+            try:
+                event = self._codec.next_event()
+            except ProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            if event is NEED_DATA or event is PAUSED:
+                break
+            kind = type(event)
+            if kind is Request:
+                self._begin(event)
+            elif kind is BodyChunk:
+                if current.run is not None and current.refusal is None:
+                    current.chunks.append(event.data)
+            elif kind is EndOfMessage:
+                current.finished = True
+            elif kind is BodyError:
+                pass  # Breezy's server ignores the client's stream error, then ends the request.
+            elif kind is ConnectionClosed:
+                if self.phase is Phase.IDLE:
+                    self._close(for_drain=False)
+                    return
+                break
+        current = self._current
+        if current is not None and self.phase is Phase.REQUEST:
+            self._advance(current)
+
+    def _begin(self, request: Request) -> None:
+        self._cancel_idle_timer()
+        record = RequestRecord(
+            self.connection_id,
+            self.caller.peer,
+            self.caller.user,
+            request.verb,
+            self.factory.clock.seconds(),
+            bytes_in=self._pending_bytes_in,
+        )
+        self._pending_bytes_in = 0
+        current = self._current = _CurrentRequest(record)
+        self.phase = Phase.REQUEST
+        try:
+            current.run = self.factory.dispatcher.start(self.caller, request.args)
+        except Refusal as refusal:
+            current.refusal = refusal.reply
+
+    def _advance(self, current: _CurrentRequest) -> None:
+        if current.refusal is not None:
+            if current.finished:
+                self._respond(current, current.refusal)
+            return
+        if current.advancing or (current.started and not current.chunks and not current.finished):
+            return
+        current.started = True
+        chunks, current.chunks = current.chunks, []
+        current.advancing = True
+        if not current.finished:
+            self.transport.pauseProducing()
+        d = current.run.advance(chunks, current.finished)
+        d.addCallbacks(self._advanced, self._backend_failed, (current,), None, (current,), None)
+
+    def _advanced(self, reply: Optional[Reply], current: _CurrentRequest) -> None:
+        current.advancing = False
+        if self._current is not current:
+            return
+        if not current.finished:
+            self.transport.resumeProducing()
+            self._start_idle_timer()
+        if reply is not None:
+            current.refusal = reply  # the rest of the request body is ignored
+            if current.finished:
+                self._respond(current, reply)
+                return
+        self._handle_events()
+
+    def _backend_failed(self, failure: Failure, current: _CurrentRequest) -> None:
+        log.failure("Request {verb!r} failed inside the server", failure, verb=current.record.verb)
+        self._advanced(
+            Reply((b"error", b"InternalError", b"the server failed to run this request"), success=False),
+            current,
+        )
+
+    # Responding.
+
+    def _respond(self, current: _CurrentRequest, reply: Reply) -> None:
+        self.phase = Phase.RESPONSE
+        current.record.outcome = reply.outcome
+        head = self._codec.send(Response(reply.args, reply.success, _HEADERS))
+        if reply.stream is not None:
+            current.stream = reply.stream
+            self._write(current, head)
+            self._pull_stream(current)
+            return
+        if reply.body is not None:
+            head += self._codec.send(BodyChunk(reply.body))
+        self._write(current, head + self._codec.send(EndOfMessage()))
+        self._response_done(current)
+
+    def _pull_stream(self, current: _CurrentRequest) -> None:
+        if self._producer_paused or self._closing or current.advancing:
+            return
+        current.advancing = True
+        d = current.stream.pull(STREAM_SLICE_BYTES)
+        d.addCallbacks(self._stream_pulled, self._stream_failed, (current,), None, (current,), None)
+
+    def _stream_pulled(self, items: list, current: _CurrentRequest) -> None:
+        current.advancing = False
+        if self._current is not current:
+            return
+        parts = []
+        ended = not items
+        for item in items:
+            if isinstance(item, StreamFailure):
+                parts.append(self._codec.send(BodyError(item.args)))
+                current.record.outcome = "stream-error"
+                ended = True
+                break
+            parts.append(self._codec.send(BodyChunk(item)))
+        if ended:
+            parts.append(self._codec.send(EndOfMessage()))
+        self._write(current, b"".join(parts))
+        if ended:
+            current.stream.close()
+            self._response_done(current)
+        else:
+            self._pull_stream(current)
+
+    def _stream_failed(self, failure: Failure, current: _CurrentRequest) -> None:
+        self._stream_pulled([StreamFailure((b"error", b"InternalError", b"the server failed"))], current)
+
+    def _write(self, current: _CurrentRequest, data: bytes) -> None:
+        current.record.bytes_out += len(data)
+        self.transport.write(data)
+
+    def _response_done(self, current: _CurrentRequest) -> None:
+        current.record.emit(self.factory.clock.seconds())
+        self._current = None
+        self.requests_served += 1
+        self.factory.request_finished(self, current.record)
+        if self._draining:
+            self._close(for_drain=True)
+            return
+        try:
+            self._codec.start_next_cycle()
+        except ProtocolError:
+            # The peer closed its side while we answered: nothing more to do.
+            self._close(for_drain=False)
+            return
+        self.phase = Phase.IDLE
+        self._start_idle_timer()
+        self._handle_events()
+
+    # Closing.
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        log.warn(
+            "Protocol error from {peer}, closing: {error}",
+            peer=self.caller.peer,
+            error=str(exc),
+            connection_id=self.connection_id,
+        )
+        reply = self._codec.data_to_send()
+        if reply:
+            self.transport.write(reply)
+        self._close(for_drain=False)
+
+    def _close(self, for_drain: bool) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self.closing_for_drain = for_drain
+        self._cancel_idle_timer()
+        self.transport.loseConnection()
+
+    # Idle timeout.
+
+    def _start_idle_timer(self) -> None:
+        timeout = self.factory.idle_timeout
+        if not timeout or self._closing:
+            return
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(timeout)
+        else:
+            self._idle_timer = self.factory.clock.callLater(timeout, self._idle_timed_out)
+
+    def _restart_idle_timer(self) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self.factory.idle_timeout)
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+
+    def _idle_timed_out(self) -> None:
+        self._idle_timer = None
+        log.info(
+            "Closing connection {connection_id} from {peer}: idle for {timeout} s",
+            connection_id=self.connection_id,
+            peer=self.caller.peer,
+            timeout=self.factory.idle_timeout,
+        )
+        self._closing = True
+        abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
+        abort()
+
+
+class SmartServerFactory(Factory):
+    """Builds a ``SmartServerProtocol`` per connection and keeps track of them.
+
+    Over bzr:// (TCP) there is no user: callers get ``tcp_writable`` rights,
+    read-only unless the operator allows writes. SSH sessions call
+    ``build_protocol`` with the authenticated caller.
+    """
+
+    protocol = SmartServerProtocol
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        *,
+        clock=None,
+        idle_timeout: float = 300.0,
+        limits: Optional[Limits] = None,
+        tcp_writable: Writable = Writable.nowhere(),
+    ):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.limits = limits or DEFAULT_LIMITS
+        self.tcp_writable = tcp_writable
+        self.connections: set = set()
+        self._ids = itertools.count(1)
+        self._draining = False
+        self._all_closed: List[defer.Deferred] = []
+
+    def buildProtocol(self, addr) -> SmartServerProtocol:
+        return self.build_protocol(Caller(None, "", self.tcp_writable))
+
+    def build_protocol(self, caller: Caller) -> SmartServerProtocol:
+        """A protocol serving ``caller``; connect it to a transport to start."""
+        protocol = self.protocol(self, caller, next(self._ids))
+        if self._draining:
+            protocol.drain()
+        return protocol
+
+    def connection_made(self, protocol: SmartServerProtocol) -> None:
+        """Called by a protocol once it is connected."""
+        self.connections.add(protocol)
+
+    def connection_lost(self, protocol: SmartServerProtocol) -> None:
+        """Called by a protocol once its connection is gone."""
+        self.connections.discard(protocol)
+        if not self.connections and self._all_closed:
+            waiting, self._all_closed = self._all_closed, []
+            for d in waiting:
+                d.callback(None)
+
+    def request_finished(self, protocol: SmartServerProtocol, record: RequestRecord) -> None:
+        """Called after each request's last response byte was written."""
+
+    def drain(self) -> defer.Deferred:
+        """Drain every connection; fires once none is left."""
+        self._draining = True
+        for protocol in list(self.connections):
+            protocol.drain()
+        return self.wait_closed()
+
+    def wait_closed(self) -> defer.Deferred:
+        """A Deferred that fires once no connection is left."""
+        if not self.connections:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._all_closed.append(d)
+        return d
