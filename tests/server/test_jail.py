@@ -1,0 +1,414 @@
+"""Tests for the served-root jail and per-caller write rights (smartserve.server.jail)."""
+
+from __future__ import annotations
+
+import os
+import time
+from io import BytesIO
+
+import pytest
+from breezy import errors
+from breezy.bzr.smart import request as smart_request
+from breezy.controldir import ControlDir
+from breezy.transport import NoSuchFile, get_transport
+
+from smartserve.server.jail import OUTSIDE_ROOT, Writable, backing_transport
+
+SECRET = b"outside the root"
+
+
+@pytest.fixture(autouse=True)
+def brz_home(tmp_path_factory, monkeypatch):
+    """Keep Breezy's configuration and caches out of the real home directory."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("BRZ_HOME", str(home))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("BRZ_EMAIL", "Test <test@example.com>")
+
+
+@pytest.fixture
+def layout(tmp_path):
+    """A served root beside a secret directory, with symlinks leading in and out."""
+    root = tmp_path / "root"
+    outside = tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret").write_bytes(SECRET)
+    (root / "public").write_bytes(b"public")
+    (root / "~alice").mkdir()
+    (root / "~alice" / "deep").mkdir()
+    (root / "file-out").symlink_to(outside / "secret")
+    (root / "dir-out").symlink_to(outside)
+    (root / "~alice" / "deep" / "up-out").symlink_to("../../../outside")
+    (root / "dangling-out").symlink_to(outside / "new-file")
+    (root / "file-in").symlink_to("public")
+    (root / "dir-in").symlink_to("~alice")
+    return root, outside
+
+
+def snapshot(path):
+    """Return every path and file content below ``path``, symlinks not followed."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            if os.path.isfile(full) and not os.path.islink(full):
+                with open(full, "rb") as f:
+                    found[full] = f.read()
+            else:
+                found[full] = None
+    return found
+
+
+@pytest.mark.parametrize(
+    "relpath",
+    [
+        "../outside/secret",
+        "../../outside/secret",
+        "/../outside/secret",
+        "~alice/../../outside/secret",
+        "%2e%2e/outside/secret",
+        "%2E%2E%2Foutside%2Fsecret",
+        "..%2foutside/secret",
+    ],
+)
+def test_backing_transport_dotdot_stays_in_root(layout, relpath):
+    """Paths that climb above the root stop at the root and never read outside it."""
+    root, _ = layout
+    transport = backing_transport(root, Writable.everywhere())
+    with pytest.raises(NoSuchFile):
+        transport.get_bytes(relpath)
+
+
+def test_backing_transport_absolute_path_is_under_root(layout):
+    """An absolute path names a file below the root, not on the server's disk."""
+    root, outside = layout
+    transport = backing_transport(root, Writable.everywhere())
+    assert transport.get_bytes("/public") == b"public"
+    with pytest.raises(NoSuchFile):
+        transport.get_bytes(str(outside / "secret"))
+
+
+def test_backing_transport_clone_dotdot_stops_at_root(layout):
+    """Cloning upwards from the root stays at the root."""
+    root, _ = layout
+    transport = backing_transport(root, Writable.everywhere()).clone("../..")
+    assert transport.get_bytes("public") == b"public"
+
+
+@pytest.mark.parametrize(
+    "relpath",
+    ["file-out", "dir-out/secret", "~alice/deep/up-out/secret", "%66ile-out"],
+)
+def test_backing_transport_symlink_out_refused_for_reads(layout, relpath):
+    """Reading through a file or directory symlink that leaves the root raises PermissionDenied."""
+    root, _ = layout
+    transport = backing_transport(root, Writable.everywhere())
+    for read in (
+        transport.get,
+        transport.get_bytes,
+        transport.has,
+        transport.stat,
+        transport.lock_read,
+        lambda p: list(transport.readv(p, [(0, 3)])),
+    ):
+        with pytest.raises(errors.PermissionDenied) as raised:
+            read(relpath)
+        assert OUTSIDE_ROOT in raised.value.extra
+
+
+def test_backing_transport_symlink_dir_out_refused_for_listing_and_clone(layout):
+    """Listing or cloning into a directory symlink that leaves the root is refused."""
+    root, _ = layout
+    transport = backing_transport(root, Writable.everywhere())
+    with pytest.raises(errors.PermissionDenied):
+        transport.list_dir("dir-out")
+    with pytest.raises(errors.PermissionDenied):
+        transport.clone("dir-out")
+    with pytest.raises(errors.PermissionDenied):
+        transport.clone("~alice/deep").list_dir("up-out")
+
+
+def test_backing_transport_symlink_out_refused_for_writes(layout, tmp_path):
+    """Writing through a symlink that leaves the root (even a dangling one) changes nothing outside."""
+    root, outside = layout
+    transport = backing_transport(root, Writable.everywhere())
+    before = snapshot(tmp_path)
+    attempts = [
+        lambda: transport.put_bytes("file-out", b"x"),
+        lambda: transport.put_bytes("dangling-out", b"x"),
+        lambda: transport.put_bytes("dir-out/new", b"x"),
+        lambda: transport.append_bytes("file-out", b"x"),
+        lambda: transport.mkdir("dir-out/sub"),
+        lambda: transport.delete("dir-out/secret"),
+        lambda: transport.rename("public", "dir-out/stolen"),
+        lambda: transport.copy("public", "dir-out/copied"),
+        lambda: transport.put_bytes_non_atomic("dir-out/n", b"x"),
+        lambda: transport.open_write_stream("dangling-out"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(errors.PermissionDenied):
+            attempt()
+    assert snapshot(tmp_path) == before
+    assert not (outside / "new-file").exists()
+
+
+def test_backing_transport_symlinks_inside_allowed(layout):
+    """Symlinks that stay inside the root work for reading and writing."""
+    root, _ = layout
+    transport = backing_transport(root, Writable.everywhere())
+    assert transport.get_bytes("file-in") == b"public"
+    transport.put_bytes("dir-in/via-link", b"hello")
+    assert (root / "~alice" / "via-link").read_bytes() == b"hello"
+    assert "via-link" in transport.list_dir("dir-in")
+
+
+def test_backing_transport_iter_files_recursive_skips_escapes(layout):
+    """Recursive listing includes files inside the root and nothing reached through escaping links."""
+    root, _ = layout
+    transport = backing_transport(root, Writable.everywhere())
+    files = set(transport.iter_files_recursive())
+    assert "public" in files
+    assert "file-in" in files
+    assert not any("secret" in name for name in files)
+    assert "file-out" not in files
+
+
+def write_attempts(transport, target):
+    """Return every kind of write aimed at the client path ``target``."""
+    return {
+        "put_bytes": lambda: transport.put_bytes(target, b"x"),
+        "put_file": lambda: transport.put_file(target, BytesIO(b"x")),
+        "put_bytes_non_atomic": lambda: transport.put_bytes_non_atomic(
+            target, b"x", create_parent_dir=True
+        ),
+        "put_file_non_atomic": lambda: transport.put_file_non_atomic(
+            target, BytesIO(b"x"), create_parent_dir=True
+        ),
+        "append_bytes": lambda: transport.append_bytes(target, b"x"),
+        "append_file": lambda: transport.append_file(target, BytesIO(b"x")),
+        "mkdir": lambda: transport.mkdir(target),
+        "rmdir": lambda: transport.rmdir("/~bob/empty"),
+        "delete": lambda: transport.delete("/public"),
+        "delete_tree": lambda: transport.delete_tree("/~bob"),
+        "rename_in": lambda: transport.rename("/~alice/mine", target),
+        "rename_out": lambda: transport.rename("/public", "/~alice/taken"),
+        "move_in": lambda: transport.move("/~alice/mine", target),
+        "move_out": lambda: transport.move("/public", "/~alice/taken"),
+        "copy": lambda: transport.copy("/public", target),
+        "copy_tree": lambda: transport.copy_tree("/~alice", target),
+        "copy_to": lambda: transport.clone("/~alice").copy_to(
+            ["mine"], transport.clone("/~bob")
+        ),
+        "open_write_stream": lambda: transport.open_write_stream(target),
+        "lock_write": lambda: transport.lock_write("/public"),
+        "create_prefix": lambda: transport.clone(target + "/a/b").create_prefix(),
+    }
+
+
+OUTSIDE_TARGETS = ["/~bob/x", "/x", "/~alice/../~bob/x", "~alice/%2e%2e/~bob/x", "/~alicex/y"]
+FIXED_PATH_KINDS = {"rmdir", "delete", "delete_tree", "rename_out", "move_out", "lock_write", "copy_to"}
+
+
+@pytest.mark.parametrize(
+    "kind, target",
+    [(kind, "/x") for kind in sorted(FIXED_PATH_KINDS)]
+    + [
+        (kind, target)
+        for kind in sorted(set(write_attempts(None, "/x")) - FIXED_PATH_KINDS)
+        for target in OUTSIDE_TARGETS
+    ],
+)
+def test_backing_transport_write_outside_prefix_refused(tmp_path, kind, target):
+    """A write outside the caller's prefixes raises the readonly error and changes nothing on disk."""
+    root = tmp_path / "root"
+    (root / "~bob" / "empty").mkdir(parents=True)
+    (root / "~alice").mkdir()
+    (root / "~alice" / "mine").write_bytes(b"mine")
+    (root / "public").write_bytes(b"public")
+    transport = backing_transport(root, Writable.under("/~alice/"))
+    before = snapshot(tmp_path)
+    with pytest.raises(errors.TransportNotPossible) as raised:
+        write_attempts(transport, target)[kind]()
+    assert raised.value.msg == "readonly transport"
+    assert snapshot(tmp_path) == before
+
+
+def test_backing_transport_write_inside_prefix_allowed(tmp_path):
+    """The caller may create its prefix directory and write anywhere below it or another granted prefix."""
+    root = tmp_path / "root"
+    (root / "team").mkdir(parents=True)
+    transport = backing_transport(root, Writable.under("/~alice/", "/team/"))
+    assert not transport.is_readonly()
+    transport.mkdir("~alice")
+    transport.put_bytes("/~alice/a", b"a")
+    transport.append_bytes("~alice/a", b"b")
+    transport.put_bytes_non_atomic("/~alice/new/b", b"b", create_parent_dir=True)
+    transport.rename("~alice/a", "~alice/c")
+    transport.copy("~alice/c", "team/d")
+    transport.clone("team").put_bytes("e", b"e")
+    with transport.open_write_stream("/team/f") as stream:
+        stream.write(b"f")
+    transport.delete("team/d")
+    assert (root / "~alice" / "c").read_bytes() == b"ab"
+    assert (root / "~alice" / "new" / "b").read_bytes() == b"b"
+    assert sorted(os.listdir(root / "team")) == ["e", "f"]
+
+
+def test_backing_transport_parent_creation_needs_rights(tmp_path):
+    """A non-atomic put does not create a missing parent directory outside the caller's prefixes."""
+    root = tmp_path / "root"
+    root.mkdir()
+    transport = backing_transport(root, Writable.under("/team/sub/"))
+    with pytest.raises(NoSuchFile):
+        transport.put_bytes_non_atomic("/team/sub", b"x", create_parent_dir=True)
+    assert os.listdir(root) == []
+
+
+def test_backing_transport_unknown_url_refused():
+    """A jail URL whose caller is unknown does not open."""
+    with pytest.raises(errors.PathError):
+        get_transport("smartserve-jail-0123456789abcdef:///")
+
+
+def test_backing_transport_read_only_caller(layout, tmp_path):
+    """A caller with Writable.nowhere() is read-only: it can read, and every write is refused."""
+    root, _ = layout
+    transport = backing_transport(root, Writable.nowhere())
+    assert transport.is_readonly()
+    assert transport.get_bytes("public") == b"public"
+    before = snapshot(tmp_path)
+    for attempt in write_attempts(transport, "/~alice/x").values():
+        with pytest.raises((errors.TransportNotPossible, NoSuchFile)) as raised:
+            attempt()
+        if isinstance(raised.value, errors.TransportNotPossible):
+            assert raised.value.msg == "readonly transport"
+    assert snapshot(tmp_path) == before
+
+
+def test_backing_transport_clone_keeps_restrictions(tmp_path):
+    """Clones, and transports reopened from their URLs, keep the caller's rights."""
+    root = tmp_path / "root"
+    (root / "~alice").mkdir(parents=True)
+    (root / "~bob").mkdir()
+    transport = backing_transport(root, Writable.under("/~alice/"))
+    alice = transport.clone("~alice")
+    alice.put_bytes("ok", b"ok")
+    for clone in (alice.clone(".."), alice.clone("../~bob"), get_transport(alice.base)):
+        with pytest.raises(errors.TransportNotPossible):
+            clone.put_bytes("/~bob/no", b"no")
+    reopened = get_transport(transport.external_url()).clone("~alice")
+    reopened.put_bytes("again", b"again")
+    assert sorted(os.listdir(root / "~alice")) == ["again", "ok"]
+    assert os.listdir(root / "~bob") == []
+
+
+def test_backing_transport_local_abspath_refused(tmp_path):
+    """No local path is handed out, so Breezy cannot bypass the checks with direct file access."""
+    transport = backing_transport(tmp_path, Writable.everywhere())
+    with pytest.raises(errors.NotLocalUrl):
+        transport.local_abspath("x")
+
+
+def test_backing_transport_errors_name_client_paths(tmp_path):
+    """Path errors name the client path, not where the root lives on the server."""
+    transport = backing_transport(tmp_path, Writable.everywhere())
+    with pytest.raises(NoSuchFile) as raised:
+        transport.get_bytes("missing/file")
+    assert raised.value.path == "/missing/file"
+    assert str(tmp_path) not in str(raised.value)
+
+
+def test_writable_prefix_matching():
+    """Prefix matching is by whole path segments after normalisation."""
+    writable = Writable.under("/~alice/", "/team")
+    assert writable.allows("/~alice")
+    assert writable.allows("/~alice/repo/.bzr")
+    assert writable.allows("/team/x")
+    assert not writable.allows("/~alicex/repo")
+    assert not writable.allows("/~alice/../~bob/x")
+    assert not writable.allows("/")
+    assert Writable.everywhere().allows("/anything")
+    assert not Writable.nowhere().allows("/anything")
+    assert Writable.under() == Writable.nowhere()
+    with pytest.raises(ValueError):
+        Writable.under("~alice")
+    with pytest.raises(ValueError):
+        Writable.under("/~alice/../")
+
+
+def make_branch(path):
+    """Create a standalone branch with one commit at ``path``; return its last revision id."""
+    branch = ControlDir.create_branch_convenience(str(path), force_new_tree=True)
+    tree = branch.controldir.open_workingtree()
+    (path / "hello").write_text("hello\n")
+    tree.add(["hello"])
+    return tree.commit("first", committer="Test <test@example.com>")
+
+
+def test_backing_transport_opens_real_branch(tmp_path):
+    """Breezy opens a branch through the jailed transport and reads its last revision."""
+    root = tmp_path / "root"
+    (root / "~alice").mkdir(parents=True)
+    revid = make_branch(root / "~alice" / "trunk")
+    transport = backing_transport(root, Writable.nowhere())
+    controldir = ControlDir.open_from_transport(transport.clone("~alice/trunk"))
+    branch = controldir.open_branch()
+    assert branch.last_revision() == revid
+    assert branch.repository.has_revision(revid)
+
+
+def run_request(transport, args, body=None):
+    """Run one request through Breezy's own server-side request handler; return its response."""
+    handler = smart_request.SmartServerRequestHandler(
+        transport, smart_request.request_handlers, "/"
+    )
+    handler.args_received(args)
+    if body is not None:
+        handler.accept_body(body)
+        handler.end_of_body()
+    return handler.response
+
+
+def test_backing_transport_request_handler_translates_refusals(layout, tmp_path):
+    """Breezy's request handler answers a symlink escape with PermissionDenied and a refused put with ReadOnlyError."""
+    root, _ = layout
+    transport = backing_transport(root, Writable.under("/~alice/"))
+    escape = run_request(transport, (b"get", b"/file-out"))
+    assert not escape.is_successful()
+    assert escape.args == (
+        b"PermissionDenied",
+        b"/file-out",
+        b": " + OUTSIDE_ROOT.encode(),
+    )
+    before = snapshot(tmp_path)
+    refused = run_request(transport, (b"put", b"/~bob/x", b""), body=b"data")
+    assert not refused.is_successful()
+    assert refused.args == (b"ReadOnlyError",)
+    assert snapshot(tmp_path) == before
+    allowed = run_request(transport, (b"put", b"/~alice/x", b""), body=b"data")
+    assert allowed.is_successful()
+    assert (root / "~alice" / "x").read_bytes() == b"data"
+
+
+def test_backing_transport_request_handler_opens_branch(tmp_path):
+    """Breezy's smart verbs open a branch on the jailed transport and report its tip."""
+    root = tmp_path / "root"
+    root.mkdir()
+    revid = make_branch(root / "trunk")
+    transport = backing_transport(root, Writable.nowhere())
+    opened = run_request(transport, (b"BzrDir.open_branchV3", b"trunk/"))
+    assert opened.is_successful(), opened.args
+    assert opened.args[0] == b"branch"
+    info = run_request(transport, (b"Branch.last_revision_info", b"trunk/"))
+    assert info.args == (b"ok", b"1", revid)
+
+
+def test_backing_transport_is_cheap(tmp_path):
+    """Building a transport per caller takes well under a millisecond."""
+    backing_transport(tmp_path, Writable.everywhere())
+    count = 2000
+    started = time.perf_counter()
+    for _ in range(count):
+        backing_transport(tmp_path, Writable.under("/~alice/"))
+    assert (time.perf_counter() - started) / count < 0.0002
