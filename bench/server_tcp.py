@@ -1,0 +1,141 @@
+"""bzr:// side by side: smartserve against ``brz serve`` over TCP, in one run.
+
+Both servers serve their own copy of the same tree: a 2a branch (300
+revisions over 200 files by default) and a 1 KiB file. Figures:
+
+- ``brz branch`` of the branch: wall time of the ``brz`` subprocess, median
+  of ``--runs`` runs after one warm-up run each, the two servers taking
+  turns so drift on the machine hits both alike;
+- 1,000 sequential ``get``s of the 1 KiB file on one connection, with the
+  same client for both (Breezy's ``SmartTCPClientMedium`` and
+  ``_SmartClient``): microseconds per call, median of ``--runs``
+  connections, each warmed by one untimed ``get``;
+- peak server RSS while serving the branch runs: the process's RSS
+  high-water mark, reset just before the first branch (both servers are
+  one process; ``brz serve`` uses a thread per connection).
+
+Goal (issue 3): smartserve's time at most 1.0 times the reference's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import _common  # noqa: E402
+from _common import Row  # noqa: E402
+
+
+def tcp_client(port: int):
+    """Breezy's own smart client on a new bzr:// connection to 127.0.0.1:``port``."""
+    from breezy.bzr.smart import client, medium
+
+    connection = medium.SmartTCPClientMedium("127.0.0.1", port, f"bzr://127.0.0.1:{port}/")
+    return connection, client._SmartClient(connection)
+
+
+def small_get_figure(port: int, count: int) -> float:
+    """Microseconds per ``get`` over one warmed bzr:// connection."""
+    connection, client = tcp_client(port)
+    try:
+        _common.small_gets(client, _common.SMALL_FILE.encode(), 1)
+        return _common.small_gets(client, _common.SMALL_FILE.encode(), count)
+    finally:
+        connection.disconnect()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7, help="runs per figure (median)")
+    parser.add_argument("--gets", type=int, default=1000, help="small gets per connection")
+    parser.add_argument("--revisions", type=int, default=300)
+    parser.add_argument("--files", type=int, default=200)
+    args = parser.parse_args(argv)
+    print("$ " + _common.command_line())
+    print(_common.machine())
+
+    import breezy
+
+    source = _common.branch(args.revisions, args.files)
+    work = _common.fresh_dir("tcp-")
+    smart_data = work / "smartserve"
+    _common.populate(smart_data / "branches", source)
+    _common.populate(work / "reference", source)
+    servers = []
+    with breezy.initialize(setup_ui=False):
+        try:
+            servers.append(_common.start_smartserve(smart_data))
+            servers.append(_common.start_brz_serve(work / "reference", work / "reference-home"))
+            for server in servers:
+                print(f"{server.name}: $ {server.command}")
+            print(f"branch: {args.revisions} revisions over {args.files} files, 2a")
+            rows = measure(servers, args, work)
+        finally:
+            for server in servers:
+                server.stop()
+    print()
+    _common.print_table(rows, reference="brz serve")
+    _common.shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(servers, args, work: Path) -> list[Row]:
+    """Run every figure on both servers; the first server is smartserve."""
+    env = _common.brz_env(work / "client-home")
+    urls = {server.name: f"bzr://127.0.0.1:{server.ports['bzr']}/branch" for server in servers}
+    branch_times: dict = {server.name: [] for server in servers}
+    idle_rss, peak_rss = {}, {}
+    for server in servers:
+        idle_rss[server.name] = _common.rss_kib(server.pid)
+        _common.reset_peak_rss(server.pid)
+        _common.time_branch(urls[server.name], env, work)
+    for run in range(args.runs):
+        order = servers if run % 2 == 0 else servers[::-1]
+        for server in order:
+            branch_times[server.name].append(_common.time_branch(urls[server.name], env, work))
+    for server in servers:
+        server.check_alive()
+        peak_rss[server.name] = _common.peak_rss_kib(server.pid)
+
+    get_times: dict = {server.name: [] for server in servers}
+    for run in range(args.runs):
+        order = servers if run % 2 == 0 else servers[::-1]
+        for server in order:
+            get_times[server.name].append(small_get_figure(server.ports["bzr"], args.gets))
+
+    ours, reference = (server.name for server in servers)
+    for server in servers:
+        name = server.name
+        print(
+            f"{name}: branch runs (s) {', '.join(f'{t:.3f}' for t in branch_times[name])}; "
+            f"get runs (µs) {', '.join(f'{t:.0f}' for t in get_times[name])}; "
+            f"RSS idle {idle_rss[name] / 1024:.1f} MiB"
+        )
+    return [
+        Row(
+            f"brz branch, {args.revisions} revisions (s)",
+            _common.median(branch_times[ours]),
+            _common.median(branch_times[reference]),
+            goal=1.0,
+            unit_format="{:.3f}",
+        ),
+        Row(
+            f"{args.gets} small gets, µs per call",
+            _common.median(get_times[ours]),
+            _common.median(get_times[reference]),
+            goal=1.0,
+            unit_format="{:,.0f}",
+        ),
+        Row(
+            "peak server RSS serving branch (MiB)",
+            peak_rss[ours] / 1024,
+            peak_rss[reference] / 1024,
+        ),
+        Row("server RSS before (MiB)", idle_rss[ours] / 1024, idle_rss[reference] / 1024),
+    ]
+
+
+if __name__ == "__main__":
+    main()
