@@ -1,0 +1,196 @@
+"""The SSH server factory: host keys, portal, limits, and the drain hook."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+from twisted.conch.ssh import factory
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+
+from ._access import AccessPolicy
+from ._avatar import SmartRealm
+from ._checker import PublicKeyChecker
+from ._connection import SmartConnection
+from ._hostkeys import ensure_host_key, load_host_keys
+from ._keys import KeyFolder
+from ._transport import ServerTransport, UserAuthServer, host_signature_algorithms
+
+__all__ = ["SSHServerFactory", "make_ssh_factory"]
+
+_log = Logger()
+
+
+class _Refused(Protocol):
+    """Closes a connection at once: too many are still logging in."""
+
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()
+
+
+class SSHServerFactory(factory.SSHFactory):
+    """Builds SSH server connections that run the smart server in-process.
+
+    It keeps every live connection, so that ``drain`` can ask each to close:
+    those with no open session close at once, the others as soon as their
+    last session ends (the smart protocol ends a busy session right after
+    its current response, with exit status 75).
+    """
+
+    protocol = ServerTransport
+    services = {b"ssh-userauth": UserAuthServer, b"ssh-connection": SmartConnection}
+
+    def __init__(
+        self,
+        *,
+        smart_factory,
+        host_keys: dict,
+        checker: ICredentialsChecker,
+        access: AccessPolicy,
+        login_grace_time: float = 120,
+        max_unauthenticated: int = 50,
+        max_sessions_per_user: int = 10,
+        idle_timeout: float = 300,
+        clock=None,
+    ):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.smart_factory = smart_factory
+        self.privateKeys = host_keys
+        self.publicKeys = {kind: key.public() for kind, key in host_keys.items()}
+        self.primes = None
+        self.portal = Portal(SmartRealm(self), [checker])
+        self.access = access
+        self.login_grace_time = login_grace_time
+        self.max_unauthenticated = max_unauthenticated
+        self.max_sessions_per_user = max_sessions_per_user
+        self.idle_timeout = idle_timeout
+        self.clock = clock
+        self.draining = False
+        self.connections: set[ServerTransport] = set()
+        self._unauthenticated: set[ServerTransport] = set()
+        self._sessions: Counter[str] = Counter()
+        self._all_closed: list[defer.Deferred] = []
+
+    def buildProtocol(self, addr):
+        if self.draining or len(self._unauthenticated) >= self.max_unauthenticated:
+            _log.warn(
+                "refusing SSH connection from {peer}: {why}",
+                peer=str(addr),
+                why="draining" if self.draining else "too many connections logging in",
+            )
+            return _Refused()
+        transport = super().buildProtocol(addr)
+        transport.supportedPublicKeys = host_signature_algorithms(transport.supportedPublicKeys)
+        return transport
+
+    # Bookkeeping called by the transport and connection service.
+
+    def connection_started(self, transport: ServerTransport) -> None:
+        """A connection began its handshake."""
+        self.connections.add(transport)
+        self._unauthenticated.add(transport)
+        if self.draining:
+            transport.drain()
+
+    def connection_authenticated(self, transport: ServerTransport) -> None:
+        """A connection's user logged in."""
+        self._unauthenticated.discard(transport)
+
+    def connection_ended(self, transport: ServerTransport) -> None:
+        """A connection is gone."""
+        self.connections.discard(transport)
+        self._unauthenticated.discard(transport)
+        if not self.connections and self._all_closed:
+            waiting, self._all_closed = self._all_closed, []
+            for d in waiting:
+                d.callback(None)
+
+    def session_opening(self, username: str) -> bool:
+        """Count a session for ``username``; False (not counted) if over the limit."""
+        if self._sessions[username] >= self.max_sessions_per_user:
+            _log.warn("{user} has too many sessions open", user=username)
+            return False
+        self._sessions[username] += 1
+        return True
+
+    def session_closed(self, username: str) -> None:
+        """Release a session counted by ``session_opening``."""
+        self._sessions[username] -= 1
+        if self._sessions[username] <= 0:
+            del self._sessions[username]
+
+    def sessions_of(self, username: str) -> int:
+        """Return how many sessions ``username`` has open."""
+        return self._sessions[username]
+
+    # Drain.
+
+    def drain(self) -> defer.Deferred:
+        """Stop taking connections and close each as soon as it has no session.
+
+        Returns a Deferred that fires once no SSH connection is left. Drain
+        the smart factory too: that is what ends the busy sessions.
+        """
+        self.draining = True
+        for transport in list(self.connections):
+            transport.drain()
+        return self.wait_closed()
+
+    def wait_closed(self) -> defer.Deferred:
+        """A Deferred that fires once no SSH connection is left."""
+        if not self.connections:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._all_closed.append(d)
+        return d
+
+    def abort(self) -> int:
+        """Drop every remaining connection at once; return how many there were."""
+        remaining = list(self.connections)
+        for transport in remaining:
+            transport.transport.abortConnection()
+        return len(remaining)
+
+
+def make_ssh_factory(
+    *,
+    smart_factory,
+    data_dir: str,
+    host_key_paths: list[str],
+    keys_dir: str,
+    access_file: str | None,
+    login_grace_time: float = 120,
+    max_unauthenticated: int = 50,
+    max_sessions_per_user: int = 10,
+    idle_timeout: float = 300,
+    checker: ICredentialsChecker | None = None,
+    clock=None,
+) -> SSHServerFactory:
+    """Build the SSH front end for ``smart_factory`` from the operator's options.
+
+    With no ``host_key_paths``, ``DATA/ssh_host_ed25519_key`` is used, made
+    on the first run. Users log in with a key from ``KEYS/<user>.pub``
+    unless ``checker`` (any ``twisted.cred`` checker of ``ISSHPrivateKey``
+    credentials whose avatar ids are user names) replaces the keys folder.
+    Raises ``HostKeyError`` or ``AccessFileError`` for bad files.
+    """
+    paths = list(host_key_paths) or [ensure_host_key(data_dir)]
+    if checker is None:
+        os.makedirs(keys_dir, mode=0o755, exist_ok=True)
+        checker = PublicKeyChecker(KeyFolder(keys_dir))
+    return SSHServerFactory(
+        smart_factory=smart_factory,
+        host_keys=load_host_keys(paths),
+        checker=checker,
+        access=AccessPolicy(access_file),
+        login_grace_time=login_grace_time,
+        max_unauthenticated=max_unauthenticated,
+        max_sessions_per_user=max_sessions_per_user,
+        idle_timeout=idle_timeout,
+        clock=clock,
+    )

@@ -1,0 +1,121 @@
+"""Key stores: users' public keys, from a folder or from memory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+
+from twisted.conch.ssh.keys import BadKeyError, Key
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ._interfaces import IKeyStore
+from ._username import is_valid_username
+
+__all__ = ["KeyFolder", "MemoryKeyStore", "parse_public_keys"]
+
+_log = Logger()
+
+# DSA is broken; RSA keys shorter than this are refused as OpenSSH does.
+_MIN_RSA_BITS = 2048
+
+
+def _refusal(key: Key) -> str | None:
+    """Return why ``key`` may not be used to log in, or None if it may."""
+    if key.type() == "DSA":
+        return "DSA keys are not accepted"
+    if key.type() == "RSA" and key.size() < _MIN_RSA_BITS:
+        return f"RSA keys shorter than {_MIN_RSA_BITS} bits are not accepted"
+    return None
+
+
+def parse_public_keys(text: str, source: str) -> list[Key]:
+    """Parse OpenSSH public key lines, one key per line.
+
+    Blank lines and lines starting with ``#`` are skipped. A line that is not
+    a public key, or a key of a refused kind, is logged with ``source`` and
+    its line number and skipped, so one bad line does not lock a user out.
+    """
+    keys: list[Key] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            key = Key.fromString(line.encode("utf-8"))
+        except (BadKeyError, ValueError, IndexError, UnicodeError) as error:
+            _log.warn(
+                "{source}:{line}: not an OpenSSH public key: {error}",
+                source=source,
+                line=number,
+                error=str(error),
+            )
+            continue
+        if not key.isPublic():
+            _log.warn("{source}:{line}: a private key; ignored", source=source, line=number)
+            continue
+        reason = _refusal(key)
+        if reason is not None:
+            _log.warn("{source}:{line}: {reason}", source=source, line=number, reason=reason)
+            continue
+        keys.append(key)
+    return keys
+
+
+@implementer(IKeyStore)
+class KeyFolder:
+    """Keys from ``<folder>/<username>.pub``, re-read when the file changes.
+
+    Each lookup costs one ``stat`` of that user's file; the file is parsed
+    again only when its modification time, size or inode changed, so keys
+    can be added, replaced or removed without a restart.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self._cache: dict[str, tuple[tuple[int, int, int], list[Key]]] = {}
+
+    def authorized_keys(self, username: str) -> Sequence[Key]:
+        """See ``IKeyStore.authorized_keys``."""
+        if not is_valid_username(username):
+            return ()
+        path = os.path.join(self.folder, username + ".pub")
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            self._cache.pop(username, None)
+            return ()
+        except OSError as error:
+            _log.error("cannot read {path}: {error}", path=path, error=str(error))
+            return ()
+        signature = (info.st_mtime_ns, info.st_size, info.st_ino)
+        cached = self._cache.get(username)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        try:
+            with open(path, encoding="utf-8", errors="replace") as keys_file:
+                text = keys_file.read()
+        except OSError as error:
+            _log.error("cannot read {path}: {error}", path=path, error=str(error))
+            return ()
+        keys = parse_public_keys(text, path)
+        self._cache[username] = (signature, keys)
+        return keys
+
+
+@implementer(IKeyStore)
+class MemoryKeyStore:
+    """Keys held in a mapping of user name to keys; for tests and embedding."""
+
+    def __init__(self, keys: Mapping[str, Iterable[Key]] | None = None):
+        self._keys: dict[str, list[Key]] = {
+            name: list(user_keys) for name, user_keys in (keys or {}).items()
+        }
+
+    def add(self, username: str, key: Key) -> None:
+        """Let ``key`` log in as ``username`` from now on."""
+        self._keys.setdefault(username, []).append(key)
+
+    def authorized_keys(self, username: str) -> Sequence[Key]:
+        """See ``IKeyStore.authorized_keys``."""
+        return tuple(self._keys.get(username, ()))

@@ -1,0 +1,350 @@
+"""SSH session channels: the smart server on ``exec``, a clean refusal for the rest.
+
+The avatar adapts to Conch's ``ISession``. ``RefusingSession`` turns down
+shells, ptys and any other command with one line on stderr and a non-zero
+exit status; ``SmartSession`` extends it to run the smart protocol in this
+process when the exec request is what ``brz`` sends over ``bzr+ssh://``.
+
+This module is the only place that sends an ``exit-status``: 0 after a
+normal end of a smart session, 75 (EX_TEMPFAIL, "try again") when the
+server closed it to drain, 1 for a refused request.
+
+Back-pressure runs both ways through the channel's windows. Outgoing: the
+smart protocol is the push producer of its ``ChannelTransport``, paused
+while the client's window is full (``SSHChannel.stopWriting``) and resumed
+when the client adds window. Incoming: while the protocol pauses its
+transport, the connection withholds window adjustments, so the client can
+send at most one window more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.conch.interfaces import ISession
+from twisted.conch.ssh import connection
+from twisted.conch.ssh.session import SSHSession, SSHSessionProcessProtocol
+from twisted.internet.error import ConnectionDone, ConnectionLost, ProcessDone, ProcessTerminated
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..server.caller import Caller
+from ..server.jail import Writable
+from ._access import Rights
+from ._command import parse_serve_command
+from ._exceptions import CommandRefused
+
+__all__ = [
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_TEMPFAIL",
+    "ChannelTransport",
+    "RefusingSession",
+    "SessionChannel",
+    "SmartSession",
+    "writable_for",
+]
+
+_log = Logger()
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_TEMPFAIL = 75
+
+# One window's worth of the client's data may be in flight: 1 MiB per
+# channel keeps uploads streaming without letting a paused session buffer
+# much.
+LOCAL_WINDOW_BYTES = 1024 * 1024
+LOCAL_MAX_PACKET = 32 * 1024
+
+NO_SHELL = "smartserve: no shell here; use a bzr+ssh:// URL with brz"
+NO_PTY = "smartserve: no terminal here"
+NO_COMMAND = "smartserve: no commands here; use a bzr+ssh:// URL with brz"
+NO_SUBSYSTEM = "smartserve: no subsystems here; use a bzr+ssh:// URL with brz"
+DRAINING = "smartserve: the server is restarting; try again"
+
+
+def writable_for(rights: Rights, allow_writes: bool) -> Writable:
+    """Return where a session may write, from the user's rights and the command.
+
+    Without ``--allow-writes`` the session is read-only whatever the rights.
+    """
+    if rights.read_only or not allow_writes:
+        return Writable.nowhere()
+    if "/" in rights.write_prefixes:
+        return Writable.everywhere()
+    return Writable.under(*rights.write_prefixes)
+
+
+class SessionChannel(SSHSession):
+    """A session channel whose in-process client can use the windows for flow control."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("localWindow", LOCAL_WINDOW_BYTES)
+        kwargs.setdefault("localMaxPacket", LOCAL_MAX_PACKET)
+        super().__init__(*args, **kwargs)
+        self.producer: IPushProducer | None = None
+        self.reading_paused = False
+        self._after_reply: list[Callable[[], None]] = []
+        self._when_flushed: Callable[[], None] | None = None
+
+    def after_reply(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the reply to the current channel request is sent.
+
+        Starting or refusing a session waits for the reply, so the client
+        never sees its request answered after data, exit status or close.
+        """
+        self._after_reply.append(action)
+
+    def request_answered(self) -> None:
+        """Called by the connection right after it answered a channel request."""
+        actions, self._after_reply = self._after_reply, []
+        for action in actions:
+            action()
+
+    def when_flushed(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once every byte written so far has left the channel."""
+        if not self.buf and not self.extBuf:
+            action()
+        else:
+            self._when_flushed = action
+
+    def addWindowBytes(self, data: int) -> None:
+        super().addWindowBytes(data)
+        if self._when_flushed is not None and not self.buf and not self.extBuf:
+            action, self._when_flushed = self._when_flushed, None
+            action()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.client is None or self.client.transport is None:
+            return  # nothing runs that would read it
+        super().dataReceived(data)
+
+    def request_pty_req(self, data: bytes) -> int:
+        _log.info("pty request refused")
+        return 0
+
+    def request_subsystem(self, data: bytes) -> int:
+        if self.client is not None:
+            return 0
+        _log.info("subsystem request refused")
+        self.client = SSHSessionProcessProtocol(self)
+        self._session.refuse(self.client, NO_SUBSYSTEM)
+        return 1
+
+    def stopWriting(self) -> None:
+        if self.producer is not None:
+            self.producer.pauseProducing()
+
+    def startWriting(self) -> None:
+        if self.producer is not None:
+            self.producer.resumeProducing()
+
+    def closeReceived(self) -> None:
+        # The client will not add window any more: what is still buffered
+        # can never be sent, and waiting for it would keep the channel open.
+        self.buf = b""
+        self.extBuf = []
+        self._when_flushed = None
+        super().closeReceived()
+
+    def end_with_status(self, exit_code: int) -> None:
+        """Send ``exit-status`` (after the buffered output) and close the channel."""
+        client = self.client
+        if client is None:
+            self.loseConnection()
+            return
+
+        def send_status() -> None:
+            reason = ProcessDone(0) if exit_code == 0 else ProcessTerminated(exitCode=exit_code)
+            client.processEnded(Failure(reason))
+
+        self.when_flushed(send_status)
+
+
+@implementer(ISession)
+class RefusingSession:
+    """A session that refuses everything: no pty, no shell, no command.
+
+    Each refusal is accepted at the SSH level and then answered with one
+    line on stderr and exit status 1, so the user sees why.
+    """
+
+    def __init__(self, avatar):
+        self.avatar = avatar
+
+    def getPty(self, term, windowSize, modes):
+        raise CommandRefused(NO_PTY)
+
+    def openShell(self, proto: SSHSessionProcessProtocol) -> None:
+        _log.info("{user} asked for a shell; refused", user=self.avatar.username)
+        self.refuse(proto, NO_SHELL)
+
+    def execCommand(self, proto: SSHSessionProcessProtocol, command: bytes) -> None:
+        _log.info(
+            "{user} asked to run {command!r}; refused", user=self.avatar.username, command=command
+        )
+        self.refuse(proto, NO_COMMAND)
+
+    def windowChanged(self, newWindowSize) -> None:
+        """Window sizes mean nothing without a terminal."""
+
+    def eofReceived(self) -> None:
+        """Nothing reads the client's input."""
+
+    def closed(self) -> None:
+        """Nothing to release."""
+
+    def refuse(self, proto: SSHSessionProcessProtocol, message: str, exit_code: int = EXIT_REFUSED):
+        """After the reply, write ``message`` on stderr and end with ``exit_code``."""
+        channel: SessionChannel = proto.session
+
+        def send() -> None:
+            channel.writeExtended(connection.EXTENDED_DATA_STDERR, message.encode("utf-8") + b"\n")
+            channel.end_with_status(exit_code)
+
+        channel.after_reply(send)
+
+
+@implementer(ITransport, IConsumer, IPushProducer)
+class ChannelTransport:
+    """The transport a smart protocol sees: writes go to the channel.
+
+    It is the consumer the protocol registers itself on as a streaming
+    producer, and a producer the protocol may pause to stop receiving.
+    """
+
+    def __init__(self, channel: SessionChannel, on_close: Callable[[], None]):
+        self.channel = channel
+        self.producer: IPushProducer | None = None
+        self.disconnecting = False
+        self._on_close = on_close
+
+    def write(self, data: bytes) -> None:
+        if not self.disconnecting and data:
+            self.channel.write(data)
+
+    def writeSequence(self, data) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        if not self.disconnecting:
+            self.disconnecting = True
+            self._on_close()
+
+    def getPeer(self):
+        return self.channel.getPeer()
+
+    def getHost(self):
+        return self.channel.getHost()
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None:
+        if not streaming:
+            raise ValueError("only streaming (push) producers are supported")
+        self.producer = producer
+        self.channel.producer = producer
+        if not self.channel.areWriting:
+            producer.pauseProducing()
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.channel.producer = None
+
+    def pauseProducing(self) -> None:
+        self.channel.reading_paused = True
+
+    def resumeProducing(self) -> None:
+        channel = self.channel
+        channel.reading_paused = False
+        missing = channel.localWindowSize - channel.localWindowLeft
+        if missing >= channel.localWindowSize // 2 and channel.conn is not None:
+            channel.conn.adjustWindow(channel, missing)
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
+
+
+class _Inbound:
+    """What the channel sees as its client's transport: input goes to the protocol."""
+
+    def __init__(self, protocol):
+        self.protocol = protocol
+
+    def write(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def loseConnection(self) -> None:
+        """The channel is closing; the protocol hears of it in ``closed``."""
+
+
+class SmartSession(RefusingSession):
+    """Runs the smart protocol for the exec request ``brz`` sends; refuses the rest."""
+
+    def __init__(self, avatar):
+        super().__init__(avatar)
+        self.protocol = None
+        self._transport: ChannelTransport | None = None
+        self._ended = False
+
+    def execCommand(self, proto: SSHSessionProcessProtocol, command: bytes) -> None:
+        user = self.avatar.username
+        try:
+            serve = parse_serve_command(command)
+        except CommandRefused as refused:
+            _log.info("{user} asked to run {command!r}; refused", user=user, command=command)
+            self.refuse(proto, str(refused))
+            return
+        if self.avatar.server.draining:
+            self.refuse(proto, DRAINING, EXIT_TEMPFAIL)
+            return
+        channel: SessionChannel = proto.session
+        rights = self.avatar.server.access.rights_for(user)
+        caller = Caller(user, self.avatar.peer, writable_for(rights, serve.allow_writes))
+        self.protocol = self.avatar.server.smart_factory.build_protocol(caller)
+        self._transport = ChannelTransport(channel, self._protocol_closed)
+        _log.info(
+            "{user} from {peer} started a smart session (read_only={read_only})",
+            user=user,
+            peer=caller.peer,
+            read_only=caller.read_only,
+        )
+
+        def start() -> None:
+            if channel.localClosed or channel.remoteClosed:
+                return
+            self.protocol.makeConnection(self._transport)
+            proto.makeConnection(_Inbound(self.protocol))
+
+        channel.after_reply(start)
+
+    def _protocol_closed(self) -> None:
+        """The protocol ended the session: say why with the exit status."""
+        drain = getattr(self.protocol, "closing_for_drain", False)
+        self._transport.channel.end_with_status(EXIT_TEMPFAIL if drain else EXIT_OK)
+
+    def eofReceived(self) -> None:
+        protocol = self.protocol
+        if protocol is None or self._transport.disconnecting:
+            return
+        eof = getattr(protocol, "eofReceived", None)
+        if eof is not None:
+            eof()
+        else:
+            self._transport.loseConnection()
+
+    def closed(self) -> None:
+        reason = ConnectionDone() if self._transport and self._transport.disconnecting else (
+            ConnectionLost("the SSH channel closed")
+        )
+        self._end_protocol(Failure(reason))
+
+    def _end_protocol(self, reason: Failure) -> None:
+        """Tell the protocol its connection is gone, once."""
+        if self.protocol is None or self._ended or self.protocol.transport is None:
+            return
+        self._ended = True
+        if self._transport is not None:
+            self._transport.disconnecting = True
+        self.protocol.connectionLost(reason)

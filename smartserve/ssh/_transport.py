@@ -1,0 +1,158 @@
+"""The SSH transport and user-auth service: modern algorithms, keys only, a grace time.
+
+Conch offers SHA-1 and CBC algorithms by default; we offer only these. The
+client's preference decides among them, so order matters little; fast ones
+come first.
+"""
+
+from __future__ import annotations
+
+from twisted.conch.ssh import transport, userauth
+from twisted.conch.ssh.common import getNS
+from twisted.cred.credentials import ISSHPrivateKey
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.logger import Logger
+
+__all__ = [
+    "CIPHERS",
+    "MACS",
+    "KEY_EXCHANGES",
+    "USER_SIGNATURE_ALGORITHMS",
+    "ServerTransport",
+    "UserAuthServer",
+    "host_signature_algorithms",
+]
+
+_log = Logger()
+
+CIPHERS = [
+    name
+    for name in (b"aes128-ctr", b"aes256-ctr", b"aes192-ctr")
+    if name in transport.SSHTransportBase.supportedCiphers
+]
+MACS = [b"hmac-sha2-256", b"hmac-sha2-512"]
+KEY_EXCHANGES = [
+    name
+    for name in (
+        b"curve25519-sha256",
+        b"curve25519-sha256@libssh.org",
+        b"mlkem768x25519-sha256",
+        b"ecdh-sha2-nistp256",
+        b"ecdh-sha2-nistp384",
+        b"ecdh-sha2-nistp521",
+        b"diffie-hellman-group-exchange-sha256",
+    )
+    if name in transport.SSHTransportBase.supportedKeyExchanges
+]
+# Signatures a client may log in with: no SHA-1 ``ssh-rsa``, no DSA.
+USER_SIGNATURE_ALGORITHMS = [
+    b"ssh-ed25519",
+    b"sk-ssh-ed25519@openssh.com",
+    b"ecdsa-sha2-nistp256",
+    b"ecdsa-sha2-nistp384",
+    b"ecdsa-sha2-nistp521",
+    b"sk-ecdsa-sha2-nistp256@openssh.com",
+    b"rsa-sha2-512",
+    b"rsa-sha2-256",
+]
+_REFUSED_HOST_SIGNATURES = frozenset({b"ssh-rsa", b"ssh-dss"})
+
+
+def host_signature_algorithms(offered: list[bytes]) -> list[bytes]:
+    """Return the host key signature algorithms to offer, SHA-1 and DSA removed."""
+    return [name for name in offered if name not in _REFUSED_HOST_SIGNATURES]
+
+
+class ServerTransport(transport.SSHServerTransport):
+    """An SSH server transport with a login grace time and a drain hook.
+
+    ``factory`` is the ``SSHServerFactory``: it counts connections that have
+    not logged in yet and gets told when this one logs in or goes away.
+    """
+
+    supportedCiphers = CIPHERS
+    supportedMACs = MACS
+    supportedKeyExchanges = KEY_EXCHANGES
+    supportedCompressions = [b"none"]
+
+    def __init__(self):
+        super().__init__()
+        self.authenticated = False
+        self.draining = False
+        self._grace_timer = None
+
+    def connectionMade(self) -> None:
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            setNoDelay(True)
+        super().connectionMade()
+        self.factory.connection_started(self)
+        grace = self.factory.login_grace_time
+        if grace:
+            self._grace_timer = self.factory.clock.callLater(grace, self._grace_expired)
+
+    def setService(self, service) -> None:
+        if service.name == b"ssh-connection" and not self.authenticated:
+            self.authenticated = True
+            self._cancel_grace()
+            self.factory.connection_authenticated(self)
+        super().setService(service)
+
+    def connectionLost(self, reason=None) -> None:
+        self._cancel_grace()
+        super().connectionLost(reason)
+        self.factory.connection_ended(self)
+
+    def sendExtInfo(self, extensions) -> None:
+        # Conch advertises its host key algorithms as the signatures it
+        # accepts from users; say what the user-auth service really takes.
+        extensions = [
+            (name, b",".join(USER_SIGNATURE_ALGORITHMS) if name == b"server-sig-algs" else value)
+            for name, value in extensions
+        ]
+        super().sendExtInfo(extensions)
+
+    def drain(self) -> None:
+        """Disconnect now if no session is open, else once the last one closes."""
+        self.draining = True
+        service = self.service
+        channels = getattr(service, "channels", None) if self.authenticated else None
+        if not channels:
+            self.disconnect_with(b"the server is restarting; try again")
+
+    def disconnect_with(self, message: bytes) -> None:
+        """Send an SSH disconnect with ``message`` and close the connection."""
+        if self.transport is not None and not self.transport.disconnecting:
+            self.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, message)
+
+    def _grace_expired(self) -> None:
+        self._grace_timer = None
+        _log.info("{peer} did not log in within the grace time", peer=str(self.transport.getPeer()))
+        self.disconnect_with(b"login grace time exceeded")
+
+    def _cancel_grace(self) -> None:
+        if self._grace_timer is not None and self._grace_timer.active():
+            self._grace_timer.cancel()
+        self._grace_timer = None
+
+
+class UserAuthServer(userauth.SSHUserAuthServer):
+    """The user-auth service: public keys only, never a SHA-1 or DSA signature.
+
+    The transport's grace timer bounds the whole login, so this service's
+    own timeout uses the same clock and length.
+    """
+
+    interfaceToMethod = {ISSHPrivateKey: b"publickey"}
+
+    def serviceStarted(self) -> None:
+        self.clock = self.transport.factory.clock
+        self.loginTimeout = self.transport.factory.login_grace_time or self.loginTimeout
+        super().serviceStarted()
+
+    def auth_publickey(self, packet: bytes):
+        algorithm = getNS(packet[1:])[0]
+        if algorithm not in USER_SIGNATURE_ALGORITHMS:
+            return defer.fail(UnauthorizedLogin(f"signature algorithm {algorithm!r} refused"))
+        return super().auth_publickey(packet)
