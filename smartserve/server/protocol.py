@@ -122,7 +122,7 @@ class SmartServerProtocol(Protocol):
             self.caller = Caller(self.caller.user, text, self.caller.writable)
         self.transport.registerProducer(self, True)
         self.factory.connection_made(self)
-        self._start_idle_timer()
+        self._update_idle_timer()
         if self._draining:
             self._close(for_drain=True)
 
@@ -163,13 +163,13 @@ class SmartServerProtocol(Protocol):
 
     def pauseProducing(self) -> None:
         self._producer_paused = True
-        self._start_idle_timer()
+        self._update_idle_timer()
 
     def resumeProducing(self) -> None:
         self._producer_paused = False
+        self._update_idle_timer()
         current = self._current
         if self.phase is Phase.RESPONSE and current is not None and current.stream is not None:
-            self._cancel_idle_timer()
             self._pull_stream(current)
 
     def stopProducing(self) -> None:
@@ -226,9 +226,9 @@ class SmartServerProtocol(Protocol):
         current = self._current
         if current is not None and self.phase is Phase.REQUEST:
             self._advance(current)
+        self._update_idle_timer()
 
     def _begin(self, request: Request) -> None:
-        self._cancel_idle_timer()
         record = RequestRecord(
             self.connection_id,
             self.caller.peer,
@@ -266,7 +266,6 @@ class SmartServerProtocol(Protocol):
             return
         if not current.finished:
             self.transport.resumeProducing()
-            self._start_idle_timer()
         if reply is not None:
             current.refusal = reply  # the rest of the request body is ignored
             if current.finished:
@@ -348,7 +347,6 @@ class SmartServerProtocol(Protocol):
             self._close(for_drain=False)
             return
         self.phase = Phase.IDLE
-        self._start_idle_timer()
         self._handle_events()
 
     # Closing.
@@ -375,13 +373,21 @@ class SmartServerProtocol(Protocol):
 
     # Idle timeout.
 
-    def _start_idle_timer(self) -> None:
+    def _waiting_on_peer(self) -> bool:
+        """True while nothing moves unless the peer sends or reads."""
+        if self.phase is Phase.IDLE:
+            return True
+        current = self._current
+        if self.phase is Phase.REQUEST:
+            return current is not None and not current.finished and not current.advancing
+        return self.phase is Phase.RESPONSE and self._producer_paused
+
+    def _update_idle_timer(self) -> None:
+        """Run the idle timer exactly while the connection waits on the peer."""
         timeout = self.factory.idle_timeout
-        if not timeout or self._closing:
-            return
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.reset(timeout)
-        else:
+        if not timeout or self._closing or not self._waiting_on_peer():
+            self._cancel_idle_timer()
+        elif self._idle_timer is None:
             self._idle_timer = self.factory.clock.callLater(timeout, self._idle_timed_out)
 
     def _restart_idle_timer(self) -> None:

@@ -1,0 +1,169 @@
+"""Bad input on a raw socket gets an error or a close, quickly, and harms no one else."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+
+from smartserve.protocol import BodyChunk, Connection, EndOfMessage, Request, Response, Role, MESSAGE_MARKER
+from smartserve.protocol import NEED_DATA
+
+from conftest import SmartserveProcess
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _connect(server) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.settimeout(10)
+    return sock
+
+
+def _read_until_closed(sock: socket.socket, limit: float = 10.0) -> bytes:
+    """Everything the server sends until it closes; fails if it does not close within ``limit``."""
+    received = b""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            return received
+        if not data:
+            return received
+        received += data
+    raise AssertionError(f"the server did not close the connection within {limit} s")
+
+
+def _hello_works(server) -> bool:
+    client = Connection(Role.CLIENT)
+    with _connect(server) as sock:
+        sock.sendall(client.send(Request((b"hello",))) + client.send(EndOfMessage()))
+        while True:
+            event = client.next_event()
+            if event is NEED_DATA:
+                client.receive_data(sock.recv(65536))
+                continue
+            return isinstance(event, Response) and event.args == (b"ok", b"2")
+
+
+@pytest.fixture
+def server(tmp_path):
+    process = SmartserveProcess(
+        tmp_path / "data", ["--bzr", "tcp:0:interface=127.0.0.1", "--idle-timeout", "1"]
+    ).start()
+    yield process
+    process.stop()
+
+
+def _v3_error(reply: bytes):
+    client = Connection(Role.CLIENT)
+    client.send(Request((b"anything",)))
+    client.receive_data(reply)
+    event = client.next_event()
+    assert isinstance(event, Response), reply
+    return event
+
+
+@pytest.mark.parametrize(
+    "payload, fragment",
+    [
+        (MESSAGE_MARKER + b"\xff\xff\xff\xff", b"exceeds the limit"),
+        (MESSAGE_MARKER + struct.pack(">L", 3) + b"xyz", b"not valid bencode"),
+        (MESSAGE_MARKER + struct.pack(">L", 2) + b"de" + b"X", b"expected arguments"),
+        (MESSAGE_MARKER + struct.pack(">L", 2) + b"de" + b"s" + struct.pack(">L", 3) + b"i1e", b"not a list"),
+    ],
+    ids=["huge-length-prefix", "invalid-bencode", "bad-part-kind", "args-not-a-list"],
+)
+def test_malformed_frame_gets_error_then_close(server, payload, fragment):
+    """A malformed v3 frame gets a v3 error response naming the problem, then the connection closes."""
+    with _connect(server) as sock:
+        sock.sendall(payload)
+        reply = _read_until_closed(sock)
+    event = _v3_error(reply)
+    assert event.success is False
+    assert fragment in event.args[1]
+    assert _hello_works(server)
+
+
+@pytest.mark.parametrize(
+    "payload, expected_start",
+    [
+        (b"hello\n", b"error\x01"),
+        (b"bzr request 2\nhello\n", b"bzr response 2\nfailed\nerror\x01"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"error\x01"),
+        (b"\x00\x01\x02garbage", b"error\x01"),
+    ],
+    ids=["v1", "v2", "http", "binary-garbage"],
+)
+def test_old_protocols_and_garbage_get_old_format_error(server, payload, expected_start):
+    """v1, v2 and non-protocol input get an error in the old line format and a close, never a hang."""
+    with _connect(server) as sock:
+        sock.sendall(payload)
+        reply = _read_until_closed(sock)
+    assert reply.startswith(expected_start), reply
+    assert b"version 3" in reply
+
+
+def test_truncated_message_then_close_leaves_server_serving(server):
+    """A client that sends half a request and vanishes does not disturb the server."""
+    client = Connection(Role.CLIENT)
+    data = client.send(Request((b"get", b"/x"))) + client.send(EndOfMessage())
+    with _connect(server) as sock:
+        sock.sendall(data[: len(data) // 2])
+    assert _hello_works(server)
+
+
+def test_never_ending_body_is_cut_by_idle_timeout_while_others_are_served(server):
+    """A request body that stops arriving is closed by the idle timeout; other clients are served meanwhile."""
+    client = Connection(Role.CLIENT)
+    with _connect(server) as sock:
+        sock.sendall(client.send(Request((b"put", b"/stuck", b""))) + client.send(BodyChunk(b"x" * 1000)))
+        started = time.monotonic()
+        assert _hello_works(server)
+        _read_until_closed(sock, limit=10)
+        elapsed = time.monotonic() - started
+    assert 0.5 < elapsed < 8
+    assert not (server.data / "branches" / "stuck").exists()
+    assert "idle for 1.0 s" in server.log()
+
+
+def test_unknown_verb_keeps_connection_usable(server):
+    """An unknown verb gets UnknownMethod, and the same connection then serves a hello."""
+    client = Connection(Role.CLIENT)
+    with _connect(server) as sock:
+        events = []
+        for verb in (b"No.such_verb", b"hello"):
+            sock.sendall(client.send(Request((verb,))) + client.send(EndOfMessage()))
+            while True:
+                event = client.next_event()
+                if event is NEED_DATA:
+                    client.receive_data(sock.recv(65536))
+                    continue
+                events.append(event)
+                if isinstance(event, EndOfMessage):
+                    client.start_next_cycle()
+                    break
+    assert events[0] == Response((b"UnknownMethod", b"No.such_verb"), False, events[0].headers)
+    assert events[2].args == (b"ok", b"2")
+
+
+def test_huge_length_prefix_is_not_buffered(server):
+    """A body part announced at 4 GiB is refused before the server buffers it."""
+    client = Connection(Role.CLIENT)
+    before = _rss_kib(server.process.pid)
+    with _connect(server) as sock:
+        sock.sendall(client.send(Request((b"put", b"/big", b""))) + b"b\xff\xff\xff\xf0" + b"x" * 65536)
+        _read_until_closed(sock)
+    assert _rss_kib(server.process.pid) - before < 20 * 1024
+    assert not (server.data / "branches" / "big").exists()
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
