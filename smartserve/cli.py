@@ -1,9 +1,73 @@
-"""The ``smartserve`` command."""
+"""The ``smartserve`` command: one function per subcommand, registered in ``COMMANDS``."""
 
+from __future__ import annotations
+
+import argparse
+import os
 import sys
+from typing import Callable, Dict, Optional, Sequence
+
+DEFAULT_CONTROL = os.path.join("smartserve-data", "control.sock")
 
 
-def main(argv=None) -> int:
+def _add_control_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--control", default=DEFAULT_CONTROL, help=f"the server's control socket [default: {DEFAULT_CONTROL}]"
+    )
+
+
+def _drain_parser(parser: argparse.ArgumentParser) -> None:
+    _add_control_option(parser)
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="seconds before busy connections are aborted [server default]"
+    )
+
+
+def _drain(args: argparse.Namespace) -> int:
+    from .control.commandline import run_drain
+
+    return run_drain(args.control, args.timeout)
+
+
+def _status_parser(parser: argparse.ArgumentParser) -> None:
+    _add_control_option(parser)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .control.commandline import run_status
+
+    return run_status(args.control, args.json)
+
+
+# name -> (help, add arguments, run)
+COMMANDS: Dict[str, tuple] = {
+    "drain": ("drain a running server: exit 0 once drained, 1 on timeout, 2 if no server answers", _drain_parser, _drain),
+    "status": ("print a running server's state once", _status_parser, _status),
+}
+
+
+def register(name: str, help_text: str, add_arguments: Callable, run: Callable) -> None:
+    """Add a subcommand."""
+    COMMANDS[name] = (help_text, add_arguments, run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="smartserve")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments, run) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_arguments(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``smartserve`` command; returns the exit status."""
-    print("smartserve: no subcommands yet", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

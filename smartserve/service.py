@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import os
+import signal
 
-from twisted.application import service, strports
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints
+from twisted.application import service
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from .control import client as control_client
+from .control.admin import admin_site
+from .control.server import Control, ControlFactory
+from .listeners import Listener, ListenerGroup
 from .server.backends.bzr import BzrBackend
 from .server.dispatcher import Dispatcher
+from .server.drain import DrainController
 from .server.jail import Writable
 from .server.protocol import SmartServerFactory
 
-__all__ = ["Options", "makeService"]
+__all__ = ["Options", "makeService", "SmartserveService"]
 
 log = Logger()
 
@@ -27,14 +32,27 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Serve Breezy branches over bzr+ssh:// and bzr://. With no options, "
-        "serves ./smartserve-data/branches over SSH on 127.0.0.1:5022."
+        "serves ./smartserve-data/branches over SSH on 127.0.0.1:5022, with "
+        "users' public keys in ./smartserve-data/keys/<user>.pub."
     )
     optParameters = [
         ["data", None, "smartserve-data", "Data folder: host key, keys, control socket (created if missing)."],
         ["root", None, None, "Folder of served branches [default: DATA/branches]."],
+        ["ssh", None, "tcp:5022:interface=127.0.0.1", "Endpoint for bzr+ssh:// ('none' turns SSH off)."],
+        ["keys", None, None, "Folder of users' keys, KEYS/<user>.pub [default: DATA/keys]."],
+        ["access", None, None, "Access file granting write prefixes or read-only rights (see doc/access.md)."],
+        ["host-key", None, None, "SSH host key file [default: DATA/ssh_host_ed25519_key, made if missing]."],
+        ["login-grace-time", None, 120.0, "Seconds an SSH client has to log in.", float],
+        ["max-unauthenticated", None, 50, "SSH connections allowed at once before login.", int],
+        ["max-sessions-per-user", None, 10, "Smart sessions one user may have open at once.", int],
         ["bzr", None, None, "Endpoint for bzr:// (e.g. tcp:4155:interface=127.0.0.1); off when not given."],
         ["idle-timeout", None, 300.0, "Seconds a connection may sit idle before it is closed (0: never).", float],
         ["threads", None, 16, "Worker threads that run requests.", int],
+        ["control", None, None, "Control socket path [default: DATA/control.sock]."],
+        ["takeover", None, None, "Take the listening sockets of the server on this control socket, then drain it."],
+        ["drain-timeout", None, 600.0, "Seconds a drain waits for busy connections before aborting them.", float],
+        ["drain-grace", None, 0.0, "Seconds between /health turning 503 and the listeners closing.", float],
+        ["admin", None, None, "Endpoint of the admin HTTP server (/health); off when not given."],
     ]
     optFlags = [
         ["bzr-allow-writes", None, "Let bzr:// clients (who are anonymous) write; read-only otherwise."],
@@ -45,10 +63,122 @@ class Options(usage.Options):
         if self["root"] is None:
             self["root"] = os.path.join(self["data"], "branches")
         self["root"] = os.path.abspath(self["root"])
-        if self["idle-timeout"] < 0:
-            raise usage.UsageError("--idle-timeout must be 0 or more")
-        if self["threads"] < 1:
-            raise usage.UsageError("--threads must be at least 1")
+        if self["keys"] is None:
+            self["keys"] = os.path.join(self["data"], "keys")
+        if self["control"] is None:
+            self["control"] = os.path.join(self["data"], "control.sock")
+        if self["ssh"] in ("none", "off", ""):
+            self["ssh"] = None
+        for name in ("idle-timeout", "drain-timeout", "drain-grace", "login-grace-time"):
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} must be 0 or more")
+        for name in ("threads", "max-unauthenticated", "max-sessions-per-user"):
+            if self[name] < 1:
+                raise usage.UsageError(f"--{name} must be at least 1")
+        if not (self["ssh"] or self["bzr"]):
+            raise usage.UsageError("nothing to serve: give --ssh or --bzr")
+
+
+class SmartserveService(service.MultiService):
+    """The whole server: listeners, control socket, drain on stop and on SIGHUP.
+
+    Stopping it (SIGTERM, SIGINT, twistd's stop) drains first; its Deferred
+    fires once the last connection has closed or the drain deadline passed.
+    """
+
+    def __init__(self, reactor, options, control: Control, listeners: ListenerGroup):
+        super().__init__()
+        self.reactor = reactor
+        self.options = options
+        self.control = control
+        self.listeners = listeners
+        self.control_factory = ControlFactory(control)
+        self.control_listener = Listener(
+            "control", f"unix:{options['control']}:mode=600:lockfile=0", self.control_factory, reactor
+        )
+        self._previous_sighup = None
+        self._exiting = False
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        self.control.controller.when_drained().addCallback(self._drained)
+        defer.ensureDeferred(self._start()).addErrback(self._failed_to_start)
+
+    def _drained(self, state) -> None:
+        # Let the answers to WaitDrained be written first, then close the
+        # control connections (which flushes them), then exit.
+        self.reactor.callLater(0, self._exit_after_drain)
+
+    def _exit_after_drain(self) -> None:
+        def stop(_):
+            if not self._exiting and self.reactor.running:
+                self._exiting = True
+                self.reactor.stop()
+
+        self.control_factory.close_connections().addCallback(stop)
+
+    async def _start(self) -> None:
+        path = self.options["control"]
+        takeover = self.options["takeover"]
+        old = None
+        adopted = {}
+        if takeover:
+            try:
+                old = await control_client.connect(self.reactor, takeover)
+                adopted = await control_client.take_over(old)
+            except control_client.NoServer as exc:
+                log.warn("Nothing to take over ({error}); listening afresh", error=str(exc))
+                old = None
+        elif os.path.exists(path):
+            try:
+                other = await control_client.connect(self.reactor, path, timeout=2)
+            except control_client.NoServer:
+                os.unlink(path)  # left behind by a server that is gone
+            else:
+                other.transport.loseConnection()
+                raise RuntimeError(f"another server answers on {path}; use --takeover {path} to replace it")
+        await self.listeners.listen_all(adopted)
+        if os.path.exists(path):
+            os.unlink(path)
+        await self.control_listener.listen()
+        self.control.socket_listener = self.control_listener
+        if old is not None:
+            state = await control_client.drain(old, self.options["drain-timeout"])
+            log.info("Took over {names}; the old server is {state}", names=sorted(adopted), state=state)
+            old.transport.loseConnection()
+
+    def _failed_to_start(self, failure) -> None:
+        log.critical("smartserve could not start: {error}", error=failure.getErrorMessage(), failure=failure)
+        self._exiting = True
+        # twistd has no exit status of its own: leave with 1 once shut down.
+        self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
+
+    def _sighup(self, signum, frame) -> None:
+        self.reactor.callFromThread(self._drain_then_exit)
+
+    def _drain_then_exit(self) -> None:
+        log.info("SIGHUP: draining, then exiting")
+        self.control.drain()
+
+    def stopService(self):
+        self._exiting = True
+        if self._previous_sighup is not None:
+            signal.signal(signal.SIGHUP, self._previous_sighup)
+        d = self.control.drain()
+
+        def drained(_):
+            return defer.gatherResults(
+                [self.control_listener.stop_listening(), self.listeners.stop(all_listeners=True)]
+            )
+
+        d.addCallback(drained)
+        d.addCallback(lambda _: service.MultiService.stopService(self))
+        return d
 
 
 class _ThreadPoolService(service.Service):
@@ -66,25 +196,50 @@ class _ThreadPoolService(service.Service):
         self.pool.stop()
 
 
-def makeService(options: Options) -> service.MultiService:
-    """Build the service tree: worker pool, then the listeners."""
-    from twisted.internet import reactor
-
+def makeService(options: Options, reactor=None) -> SmartserveService:
+    """Build the service tree from ``options``."""
+    if reactor is None:
+        from twisted.internet import reactor
     for folder in (options["data"], options["root"]):
         os.makedirs(folder, exist_ok=True)
-    top = service.MultiService()
     pool = ThreadPool(minthreads=1, maxthreads=options["threads"], name="smartserve-worker")
-    _ThreadPoolService(pool).setServiceParent(top)
     backend = BzrBackend(options["root"], pool, reactor)
-    factory = SmartServerFactory(
+    smart_factory = SmartServerFactory(
         Dispatcher(backend),
+        clock=reactor,
         idle_timeout=options["idle-timeout"],
         tcp_writable=Writable.everywhere() if options["bzr-allow-writes"] else Writable.nowhere(),
     )
-    top.smart_factory = factory
+    controller = DrainController(reactor, grace=options["drain-grace"], default_timeout=options["drain-timeout"])
+    listeners = ListenerGroup()
+    factories = [smart_factory]
+    if options["ssh"]:
+        from .ssh import make_ssh_factory
+
+        ssh_factory = make_ssh_factory(
+            smart_factory=smart_factory,
+            data_dir=options["data"],
+            host_key_paths=[options["host-key"]] if options["host-key"] else [],
+            keys_dir=options["keys"],
+            access_file=options["access"],
+            login_grace_time=options["login-grace-time"],
+            max_unauthenticated=options["max-unauthenticated"],
+            max_sessions_per_user=options["max-sessions-per-user"],
+            idle_timeout=options["idle-timeout"],
+            clock=reactor,
+        )
+        listeners.add(Listener("ssh", options["ssh"], ssh_factory, reactor))
+        controller.add_drainable(ssh_factory)
     if options["bzr"]:
-        endpoint = endpoints.serverFromString(reactor, options["bzr"])
-        listener = StreamServerEndpointService(endpoint, factory)
-        listener.setName("bzr")
-        listener.setServiceParent(top)
+        listeners.add(Listener("bzr", options["bzr"], smart_factory, reactor))
+    controller.add_drainable(smart_factory)
+    if options["admin"]:
+        # /health keeps answering 503 through a drain, unless the listeners
+        # were handed over: then the new process answers it.
+        listeners.add(Listener("admin", options["admin"], admin_site(controller), reactor, stops_on_drain=False))
+    control = Control(controller, listeners, factories)
+    controller.add_listener_stopper(lambda: listeners.stop(all_listeners=control.handed_over))
+    top = SmartserveService(reactor, options, control, listeners)
+    _ThreadPoolService(pool).setServiceParent(top)
+    top.smart_factory = smart_factory
     return top

@@ -2,7 +2,7 @@
 
 from zope.interface import Attribute, Interface
 
-__all__ = ["IBackend", "IRequestRun", "IBodyStream"]
+__all__ = ["IBackend", "IRequestRun", "IBodyStream", "IDrainable"]
 
 
 class IBackend(Interface):
@@ -52,3 +52,23 @@ class IBodyStream(Interface):
         """Stop early and release the stream's resources."""
 
     description = Attribute("A short text for logs, such as the verb.")
+
+
+class IDrainable(Interface):
+    """A set of connections that can be drained: closed once their work is done."""
+
+    open_connections = Attribute("How many connections are open now.")
+    busy_connections = Attribute("How many connections are running a request now.")
+
+    def drain():
+        """Close idle connections now and busy ones after their current response.
+
+        From now on no request that has not begun is started, and new
+        connections are closed as soon as they are made.
+        """
+
+    def wait_closed():
+        """Return a Deferred that fires once no connection is open."""
+
+    def abort():
+        """Abort every connection still open; return how many there were."""

@@ -24,6 +24,7 @@ started.
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 from typing import List, Optional
@@ -54,6 +55,7 @@ from ..protocol import (
 from .accesslog import RequestRecord
 from .caller import Caller
 from .dispatcher import Dispatcher, Refusal
+from .interfaces import IDrainable
 from .jail import Writable
 from .reply import Reply, StreamFailure
 
@@ -182,6 +184,13 @@ class SmartServerProtocol(Protocol):
         self._draining = True
         if self.phase is Phase.IDLE and self.transport is not None:
             self._close(for_drain=True)
+
+    def abort(self) -> None:
+        """Drop the connection now, whatever it is doing."""
+        self._closing = True
+        self._cancel_idle_timer()
+        abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
+        abort()
 
     @property
     def busy(self) -> bool:
@@ -407,11 +416,10 @@ class SmartServerProtocol(Protocol):
             peer=self.caller.peer,
             timeout=self.factory.idle_timeout,
         )
-        self._closing = True
-        abort = getattr(self.transport, "abortConnection", self.transport.loseConnection)
-        abort()
+        self.abort()
 
 
+@implementer(IDrainable)
 class SmartServerFactory(Factory):
     """Builds a ``SmartServerProtocol`` per connection and keeps track of them.
 
@@ -439,6 +447,7 @@ class SmartServerFactory(Factory):
         self.limits = limits or DEFAULT_LIMITS
         self.tcp_writable = tcp_writable
         self.connections: set = set()
+        self.requests_by_class: collections.Counter = collections.Counter()
         self._ids = itertools.count(1)
         self._draining = False
         self._all_closed: List[defer.Deferred] = []
@@ -467,6 +476,22 @@ class SmartServerFactory(Factory):
 
     def request_finished(self, protocol: SmartServerProtocol, record: RequestRecord) -> None:
         """Called after each request's last response byte was written."""
+        self.requests_by_class[record.verb_class] += 1
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.connections)
+
+    @property
+    def busy_connections(self) -> int:
+        return sum(1 for protocol in self.connections if protocol.busy)
+
+    def abort(self) -> int:
+        """Abort every open connection; returns how many."""
+        protocols = list(self.connections)
+        for protocol in protocols:
+            protocol.abort()
+        return len(protocols)
 
     def drain(self) -> defer.Deferred:
         """Drain every connection; fires once none is left."""

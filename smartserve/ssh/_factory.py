@@ -149,6 +149,16 @@ class SSHServerFactory(factory.SSHFactory):
         self._all_closed.append(d)
         return d
 
+    @property
+    def open_connections(self) -> int:
+        """SSH connections open now, logged in or not."""
+        return len(self.connections)
+
+    @property
+    def busy_connections(self) -> int:
+        """Always 0: busy sessions are counted by the smart factory."""
+        return 0
+
     def abort(self) -> int:
         """Drop every remaining connection at once; return how many there were."""
         remaining = list(self.connections)

@@ -1,0 +1,122 @@
+"""``smartserve drain`` and ``smartserve status``: the control socket for people and deploy scripts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TextIO
+
+from twisted.internet import defer, task
+
+from . import client
+
+__all__ = ["run_drain", "run_status", "EXIT_DRAINED", "EXIT_TIMED_OUT", "EXIT_NO_SERVER", "EXIT_LOST"]
+
+EXIT_DRAINED = 0
+EXIT_TIMED_OUT = 1
+EXIT_NO_SERVER = 2
+EXIT_LOST = 3
+
+POLL_SECONDS = 0.25
+
+
+def _progress_line(status: dict) -> str:
+    return f"{status['state']}: {status['connections']} connections open, {status['busy']} busy"
+
+
+async def drain(reactor, path: str, timeout: float | None, out: TextIO) -> int:
+    """Drain the server on ``path`` showing progress; returns the exit status."""
+    try:
+        protocol = await client.connect(reactor, path)
+    except client.NoServer as exc:
+        print(f"smartserve drain: {exc} (is the server running?)", file=sys.stderr)
+        return EXIT_NO_SERVER
+    done = defer.ensureDeferred(client.wait_drained(protocol))
+    finished = []
+
+    def note_finished(result):
+        finished.append(True)
+        return result
+
+    done.addBoth(note_finished)
+    try:
+        await client.drain(protocol, timeout)
+        interactive = out.isatty()
+        shown = None
+        while not finished:
+            try:
+                status = await client.status(protocol)
+            except Exception:
+                break
+            line = _progress_line(status)
+            if line != shown:
+                if interactive:
+                    out.write("\r\x1b[K" + line)
+                else:
+                    out.write(line + "\n")
+                out.flush()
+                shown = line
+            if finished:
+                break
+            await task.deferLater(reactor, POLL_SECONDS, lambda: None)
+        result = await done
+    except Exception as exc:
+        print(f"\nsmartserve drain: lost contact with the server: {exc}", file=sys.stderr)
+        return EXIT_LOST
+    finally:
+        if protocol.transport is not None:
+            protocol.transport.loseConnection()
+    if out.isatty():
+        out.write("\n")
+    if result["aborted"]:
+        print(
+            f"smartserve drain: timed out: aborted {result['aborted']} connections still busy at the deadline",
+            file=sys.stderr,
+        )
+        return EXIT_TIMED_OUT
+    out.write("drained\n")
+    return EXIT_DRAINED
+
+
+async def status(reactor, path: str, as_json: bool, out: TextIO) -> int:
+    """Print the server's status once; returns the exit status."""
+    try:
+        protocol = await client.connect(reactor, path)
+    except client.NoServer as exc:
+        print(f"smartserve status: {exc} (is the server running?)", file=sys.stderr)
+        return EXIT_NO_SERVER
+    try:
+        answer = await client.status(protocol)
+    finally:
+        protocol.transport.loseConnection()
+    if as_json:
+        out.write(json.dumps(answer, sort_keys=True) + "\n")
+    else:
+        out.write(f"pid {answer['pid']}: {_progress_line(answer)}, {answer['aborted']} aborted\n")
+        for entry in answer["requests"]:
+            out.write(f"  {entry['verb_class']:8} {entry['count']} requests\n")
+    return 0
+
+
+def _react(coroutine_function, *args) -> int:
+    codes = []
+
+    async def main(reactor):
+        codes.append(await coroutine_function(reactor, *args))
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+    except SystemExit as exit:
+        if exit.code not in (0, None):
+            raise
+    return codes[0] if codes else EXIT_LOST
+
+
+def run_drain(path: str, timeout: float | None, out: TextIO = sys.stdout) -> int:
+    """Blocking entry point of ``smartserve drain``."""
+    return _react(drain, path, timeout, out)
+
+
+def run_status(path: str, as_json: bool, out: TextIO = sys.stdout) -> int:
+    """Blocking entry point of ``smartserve status``."""
+    return _react(status, path, as_json, out)

@@ -1,0 +1,57 @@
+"""The AMP commands spoken on the control socket."""
+
+from twisted.protocols import amp
+
+__all__ = ["Status", "Drain", "WaitDrained", "TakeOver", "ListenerDescriptor", "NotServing"]
+
+
+class NotServing(Exception):
+    """The server has already started draining and cannot hand its listeners over."""
+
+
+class Status(amp.Command):
+    """Where the server stands: drain state, connections, requests per verb class."""
+
+    arguments = []
+    response = [
+        (b"pid", amp.Integer()),
+        (b"state", amp.Unicode()),
+        (b"connections", amp.Integer()),
+        (b"busy", amp.Integer()),
+        (b"aborted", amp.Integer()),
+        (b"requests", amp.AmpList([(b"verb_class", amp.Unicode()), (b"count", amp.Integer())])),
+    ]
+
+
+class Drain(amp.Command):
+    """Start draining (or shorten the deadline of a drain in progress); answers at once."""
+
+    arguments = [(b"timeout", amp.Float(optional=True))]
+    response = [(b"state", amp.Unicode())]
+
+
+class WaitDrained(amp.Command):
+    """Answer once the server is drained: how many connections the deadline aborted."""
+
+    arguments = []
+    response = [(b"state", amp.Unicode()), (b"aborted", amp.Integer())]
+
+
+class TakeOver(amp.Command):
+    """Hand every listening socket to the caller, by file-descriptor passing.
+
+    The caller gets one descriptor per listener, in the order of ``names``,
+    and should then start serving on them and send ``Drain``.
+    """
+
+    arguments = []
+    response = [(b"names", amp.ListOf(amp.Unicode())), (b"families", amp.ListOf(amp.Integer()))]
+    errors = {NotServing: b"NOT_SERVING"}
+
+
+class ListenerDescriptor(amp.Command):
+    """One listening socket's descriptor, by index into ``TakeOver``'s names."""
+
+    arguments = [(b"index", amp.Integer())]
+    response = [(b"descriptor", amp.Descriptor())]
+    errors = {NotServing: b"NOT_SERVING"}

@@ -1,0 +1,145 @@
+"""The server side of the control socket: a UNIX socket speaking AMP."""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from ..listeners import ListenerGroup
+from ..server.drain import DrainController, DrainState
+from .commands import Drain, ListenerDescriptor, NotServing, Status, TakeOver, WaitDrained
+
+__all__ = ["Control", "ControlProtocol", "ControlFactory"]
+
+log = Logger()
+
+
+class Control:
+    """The running server as the control socket sees it."""
+
+    def __init__(self, controller: DrainController, listeners: ListenerGroup, factories: List):
+        self.controller = controller
+        self.listeners = listeners
+        self.factories = factories
+        self.handed_over = False
+        self.socket_listener = None  # the control socket's own Listener, once listening
+
+    def status(self) -> dict:
+        """The answer to ``Status``."""
+        requests = {}
+        for factory in self.factories:
+            for verb_class, count in factory.requests_by_class.items():
+                requests[verb_class] = requests.get(verb_class, 0) + count
+        return {
+            "pid": os.getpid(),
+            "state": self.controller.state.value,
+            "connections": self.controller.open_connections,
+            "busy": self.controller.busy_connections,
+            "aborted": self.controller.aborted,
+            "requests": [{"verb_class": k, "count": v} for k, v in sorted(requests.items())],
+        }
+
+    def drain(self, timeout=None) -> defer.Deferred:
+        """Start draining; fires once drained."""
+        return self.controller.drain(timeout)
+
+    def handover(self) -> list:
+        """``(name, descriptor, family)`` of every listener, for a process taking over."""
+        if self.controller.state is not DrainState.SERVING:
+            raise NotServing("the server is draining and no longer hands over its listeners")
+        self.handed_over = True
+        return self.listeners.handover()
+
+    def release_socket(self) -> defer.Deferred:
+        """Stop listening on the control socket path, so the new process can bind it.
+
+        Connections already open, such as the one of the process taking
+        over, stay open. Fires once the path is gone.
+        """
+        if self.socket_listener is None:
+            return defer.succeed(None)
+        return self.socket_listener.stop_listening()
+
+
+class ControlProtocol(amp.AMP):
+    """Answers the control commands for one connection to the control socket."""
+
+    def __init__(self, control: Control):
+        super().__init__()
+        self.control = control
+        self._handover = None
+
+    @Status.responder
+    def status(self):
+        return self.control.status()
+
+    @Drain.responder
+    def drain(self, timeout=None):
+        log.info("Drain requested on the control socket (timeout {timeout})", timeout=timeout)
+        self.control.drain(timeout)
+        return {"state": self.control.controller.state.value}
+
+    @WaitDrained.responder
+    def wait_drained(self):
+        controller = self.control.controller
+        return controller.when_drained().addCallback(
+            lambda state: {"state": state.value, "aborted": controller.aborted}
+        )
+
+    @TakeOver.responder
+    def take_over(self):
+        handover = self._handover = self.control.handover()
+        log.info("Handing listeners {names} over to another process", names=[name for name, _, _ in handover])
+        answer = {
+            "names": [name for name, _, _ in handover],
+            "families": [family for _, _, family in handover],
+        }
+        return self.control.release_socket().addCallback(lambda _: answer)
+
+    @ListenerDescriptor.responder
+    def listener_descriptor(self, index):
+        if self._handover is None or not 0 <= index < len(self._handover):
+            raise NotServing("no such listener: send TakeOver first")
+        return {"descriptor": self._handover[index][1]}
+
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.factory.connections.add(self)
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self.factory.connections.discard(self)
+        if not self.factory.connections:
+            waiting, self.factory.all_closed = self.factory.all_closed, []
+            for d in waiting:
+                d.callback(None)
+
+
+class ControlFactory(Factory):
+    """Builds a ``ControlProtocol`` per connection to the control socket."""
+
+    def __init__(self, control: Control):
+        self.control = control
+        self.connections: set = set()
+        self.all_closed: list = []
+
+    def buildProtocol(self, addr):
+        protocol = ControlProtocol(self.control)
+        protocol.factory = self
+        return protocol
+
+    def close_connections(self) -> defer.Deferred:
+        """Close every control connection once its answers are written; fires when all are gone."""
+        if not self.connections:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self.all_closed.append(d)
+        for protocol in list(self.connections):
+            protocol.transport.loseConnection()
+        return d

@@ -1,0 +1,137 @@
+"""The server's listening sockets, which can be handed to another process.
+
+Each ``Listener`` listens on a Twisted endpoint description, or adopts a
+socket received from the process it replaces. A ``haproxy:`` description
+keeps its PROXY-protocol wrapping when adopted, so the real client address
+is still what the logs show.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Dict, List, Optional
+
+from twisted.internet import defer, endpoints
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
+from zope.interface import implementer
+
+__all__ = ["Listener", "ListenerGroup"]
+
+log = Logger()
+
+
+@implementer(IStreamServerEndpoint)
+class _AdoptedEndpoint:
+    """An endpoint that listens on an already-bound socket received from elsewhere."""
+
+    def __init__(self, reactor, descriptor: int, family: int):
+        self._reactor = reactor
+        self._descriptor = descriptor
+        self._family = family
+
+    def listen(self, factory):
+        try:
+            port = self._reactor.adoptStreamPort(self._descriptor, self._family, factory)
+        finally:
+            os.close(self._descriptor)
+        return defer.succeed(port)
+
+
+def _family_of(port) -> int:
+    host = port.getHost()
+    if isinstance(host, IPv6Address):
+        return socket.AF_INET6
+    if isinstance(host, IPv4Address):
+        return socket.AF_INET
+    if isinstance(host, UNIXAddress):
+        return socket.AF_UNIX
+    raise ValueError(f"cannot hand over a listener on {host!r}")
+
+
+class Listener:
+    """One named listening socket serving ``factory``."""
+
+    def __init__(self, name: str, description: str, factory, reactor, *, stops_on_drain: bool = True):
+        self.name = name
+        self.description = description
+        self.factory = factory
+        self.stops_on_drain = stops_on_drain
+        self._reactor = reactor
+        self.port = None
+
+    def listen(self, adopt: Optional[tuple] = None) -> defer.Deferred:
+        """Start listening; ``adopt`` is ``(descriptor, family)`` of a socket to take over."""
+        if adopt is None:
+            endpoint = endpoints.serverFromString(self._reactor, self.description)
+        else:
+            endpoint = _AdoptedEndpoint(self._reactor, *adopt)
+            if self.description.startswith("haproxy:"):
+                endpoint = proxyEndpoint(endpoint)
+        d = endpoint.listen(self.factory)
+
+        def listening(port):
+            self.port = port
+            log.info(
+                "{name} listening on {address}{adopted}",
+                name=self.name,
+                address=port.getHost(),
+                adopted=" (taken over)" if adopt else "",
+            )
+            return port
+
+        return d.addCallback(listening)
+
+    def stop_listening(self) -> defer.Deferred:
+        """Stop accepting connections; those already accepted are untouched."""
+        port, self.port = self.port, None
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening)
+
+    def handover(self) -> tuple:
+        """``(descriptor, family)`` of the listening socket, for another process.
+
+        From now on stopping this listener only closes our descriptor: the
+        socket stays open and listening in the process it was handed to.
+        """
+        family = _family_of(self.port)
+        # Twisted shuts a listening socket down before closing it, which
+        # would stop it in every process that holds it.
+        self.port._shouldShutdown = False
+        return self.port.fileno(), family
+
+
+class ListenerGroup:
+    """The server's listeners, by name."""
+
+    def __init__(self):
+        self.listeners: Dict[str, Listener] = {}
+
+    def add(self, listener: Listener) -> None:
+        """Add a listener; names are unique."""
+        if listener.name in self.listeners:
+            raise ValueError(f"two listeners named {listener.name!r}")
+        self.listeners[listener.name] = listener
+
+    def listen_all(self, adopted: Optional[Dict[str, tuple]] = None) -> defer.Deferred:
+        """Start every listener, adopting the sockets in ``adopted`` by name."""
+        adopted = adopted or {}
+        started = [listener.listen(adopted.get(name)) for name, listener in self.listeners.items()]
+        for name, (descriptor, _) in adopted.items():
+            if name not in self.listeners:
+                log.warn("Closing handed-over listener {name}: not configured here", name=name)
+                os.close(descriptor)
+        return defer.gatherResults(started, consumeErrors=True)
+
+    def stop(self, *, all_listeners: bool = False) -> defer.Deferred:
+        """Stop the listeners that close on a drain, or every one of them."""
+        chosen = [l for l in self.listeners.values() if all_listeners or l.stops_on_drain]
+        return defer.gatherResults([l.stop_listening() for l in chosen])
+
+    def handover(self) -> List[tuple]:
+        """``(name, descriptor, family)`` for every listening socket."""
+        return [(name, *listener.handover()) for name, listener in self.listeners.items() if listener.port]
