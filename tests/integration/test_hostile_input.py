@@ -167,3 +167,35 @@ def _rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def _call(server, *args):
+    """One request on a fresh connection; returns the response and its body."""
+    client = Connection(Role.CLIENT)
+    body = b""
+    with _connect(server) as sock:
+        sock.sendall(client.send(Request(args)) + client.send(EndOfMessage()))
+        response = None
+        while True:
+            event = client.next_event()
+            if event is NEED_DATA:
+                client.receive_data(sock.recv(65536))
+            elif isinstance(event, Response):
+                response = event
+            elif isinstance(event, BodyChunk):
+                body += event.data
+            elif isinstance(event, EndOfMessage):
+                return response, body
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/../../../../etc/passwd", "../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/escape/passwd"],
+    ids=["dotdot-absolute", "dotdot-relative", "percent-escaped", "symlink-out"],
+)
+def test_paths_escaping_the_root_never_read_outside(server, path):
+    """Paths that climb out of the served root, or symlinks pointing out, get an error, never the file."""
+    (server.data / "branches" / "escape").symlink_to("/etc")
+    response, body = _call(server, b"get", path.encode())
+    assert b"root:" not in body
+    assert response.success is False, response
