@@ -238,7 +238,13 @@ class Server:
                 self.process.wait()
 
 
-def start_smartserve(data: Path, *, ssh_keys: Optional[Path] = None) -> Server:
+def _has_option(name: str) -> bool:
+    from smartserve.service import Options
+
+    return any(spec[0] == name for spec in Options.optParameters)
+
+
+def start_smartserve(data: Path, *, ssh_keys: Optional[Path] = None, extra: Iterable[str] = ()) -> Server:
     """``twistd smartserve`` serving ``data``/branches over bzr:// (and SSH if keys given).
 
     Both listen on ports chosen by the kernel; they are read back from the
@@ -258,21 +264,30 @@ def start_smartserve(data: Path, *, ssh_keys: Optional[Path] = None) -> Server:
     ]
     if ssh_keys is not None:
         argv += ["--ssh=tcp:0:interface=127.0.0.1", f"--keys={ssh_keys}"]
+    elif _has_option("ssh"):
+        argv += ["--ssh=none"]
+    argv += list(extra)
     data.mkdir(parents=True, exist_ok=True)
     log.write_text("")
     process = subprocess.Popen(argv, cwd=data, env=brz_env(data / "home"), stdin=subprocess.DEVNULL)
     server = Server("smartserve", argv, process, log=log)
+    wanted = {"bzr", "ssh"} if ssh_keys is not None else {"bzr"}
 
     def ports():
         server.check_alive()
-        found = {}
-        for factory, port in re.findall(r"\] (\S+) starting on (\d+)", log.read_text()):
-            found["bzr" if factory == "SmartServerFactory" else "ssh"] = int(port)
-        wanted = {"bzr", "ssh"} if ssh_keys is not None else {"bzr"}
+        found = _listening_ports(log.read_text())
         return found if wanted <= set(found) else None
 
     server.ports = wait_for(ports, "smartserve to listen")
     return server
+
+
+def _listening_ports(text: str) -> dict:
+    """Listener name to port, from twistd's log."""
+    found = {name: int(port) for name, port in re.findall(r"\] (\w+) listening on .*?port=(\d+)", text)}
+    for factory, port in re.findall(r"\] (\S+) starting on (\d+)", text):
+        found.setdefault("bzr" if factory == "SmartServerFactory" else "ssh", int(port))
+    return found
 
 
 def start_brz_serve(root: Path, home: Path) -> Server:
@@ -299,6 +314,129 @@ def start_brz_serve(root: Path, home: Path) -> Server:
         return accepts(port)
 
     wait_for(listening, "brz serve to listen")
+    return server
+
+
+# SSH -------------------------------------------------------------------
+
+
+@dataclass
+class SSHClient:
+    """A key pair and an ``ssh`` wrapper that uses it, for Breezy and for us.
+
+    OpenSSH reads its files from the passwd home, not ``$HOME``, so the
+    wrapper passes a config file naming the key and known_hosts; putting
+    ``bin`` first on ``PATH`` makes ``brz`` (``BRZ_SSH=openssh``) use it.
+    """
+
+    folder: Path
+
+    @property
+    def key(self) -> Path:
+        return self.folder / "id_ed25519"
+
+    @property
+    def bin(self) -> Path:
+        return self.folder / "bin"
+
+    @property
+    def ssh(self) -> Path:
+        return self.bin / "ssh"
+
+    @property
+    def public_key(self) -> str:
+        return (self.folder / "id_ed25519.pub").read_text().strip()
+
+    def env(self, home: Path) -> dict:
+        """``brz_env`` plus what makes ``brz`` reach the servers with this key."""
+        env = brz_env(home, BRZ_SSH="openssh")
+        env["PATH"] = f"{self.bin}{os.pathsep}{env['PATH']}"
+        return env
+
+    def trust(self, port: int) -> None:
+        """Add the host key of the server on 127.0.0.1:``port`` to known_hosts."""
+        found = subprocess.run(
+            ["ssh-keyscan", "-p", str(port), "-t", "ed25519", "127.0.0.1"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        with open(self.folder / "known_hosts", "ab") as out:
+            out.write(found)
+
+
+def ssh_client(folder: Path) -> SSHClient:
+    """A new ed25519 key and ``ssh`` wrapper in ``folder``."""
+    client = SSHClient(folder)
+    client.bin.mkdir(parents=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f", str(client.key)], check=True
+    )
+    (folder / "known_hosts").write_text("")
+    (folder / "ssh_config").write_text(
+        "Host *\n"
+        f"  IdentityFile {client.key}\n"
+        "  IdentitiesOnly yes\n"
+        f"  UserKnownHostsFile {folder / 'known_hosts'}\n"
+        "  StrictHostKeyChecking yes\n"
+        "  BatchMode yes\n"
+        "  LogLevel ERROR\n"
+    )
+    client.ssh.write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {folder / "ssh_config"} "$@"\n')
+    client.ssh.chmod(0o755)
+    return client
+
+
+def start_sshd(folder: Path, client: SSHClient, home: Path) -> Server:
+    """OpenSSH ``sshd`` on 127.0.0.1 whose only use of the key runs ``brz serve --inet``.
+
+    It runs as root with its own host key and authorized_keys; the key's
+    forced command is what ``bzr+ssh://`` users of a plain OpenSSH host
+    get. ``brz`` runs with ``home`` as its home so it reads no user config.
+    """
+    folder.mkdir(parents=True)
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+    host_key = folder / "ssh_host_ed25519_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
+    home.mkdir(parents=True, exist_ok=True)
+    command = f"{BIN / 'brz'} serve --inet --directory=/ --allow-writes"
+    environment = ",".join(
+        f'environment="{name}={value}"'
+        for name, value in (("HOME", home), ("BRZ_HOME", home), ("BRZ_LOG", home / "brz.log"))
+    )
+    (folder / "authorized_keys").write_text(
+        f'command="{command}",{environment},no-port-forwarding,no-X11-forwarding,'
+        f"no-agent-forwarding,no-pty {client.public_key}\n"
+    )
+    port = free_port()
+    config = folder / "sshd_config"
+    config.write_text(
+        f"Port {port}\n"
+        "ListenAddress 127.0.0.1\n"
+        f"HostKey {host_key}\n"
+        f"PidFile {folder / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {folder / 'authorized_keys'}\n"
+        "UsePAM no\n"
+        "StrictModes no\n"
+        "PermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\n"
+        "PermitUserEnvironment yes\n"
+        "MaxStartups 200\n"
+        "PrintMotd no\n"
+        "UseDNS no\n"
+        "LogLevel ERROR\n"
+    )
+    argv = ["/usr/sbin/sshd", "-D", "-e", "-f", str(config)]
+    log = folder / "sshd.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    server = Server("sshd + brz serve --inet", argv, process, {"ssh": port}, log)
+
+    def listening():
+        server.check_alive()
+        return accepts(port)
+
+    wait_for(listening, "sshd to listen")
     return server
 
 
@@ -398,7 +536,11 @@ def median(samples: Iterable[float]) -> float:
 
 @dataclass
 class Row:
-    """One line of a results table: smartserve's and the reference's figure."""
+    """One line of a results table: smartserve's and the reference's figure.
+
+    ``goal`` bounds the ratio ours / reference; ``absolute_goal`` bounds
+    our figure itself. ``lower_is_better`` says which way either bound goes.
+    """
 
     figure: str
     ours: float
@@ -406,22 +548,30 @@ class Row:
     goal: Optional[float] = None
     lower_is_better: bool = True
     unit_format: str = "{:,.1f}"
+    absolute_goal: Optional[float] = None
 
     @property
     def ratio(self) -> float:
         return self.ours / self.reference
 
+    def _met(self, value: float, bound: float) -> bool:
+        return value <= bound if self.lower_is_better else value >= bound
+
     @property
     def verdict(self) -> str:
-        if self.goal is None:
-            return ""
-        met = self.ratio <= self.goal if self.lower_is_better else self.ratio >= self.goal
-        return "met" if met else "MISSED"
+        if self.goal is not None:
+            return "met" if self._met(self.ratio, self.goal) else "MISSED"
+        if self.absolute_goal is not None:
+            return "met" if self._met(self.ours, self.absolute_goal) else "MISSED"
+        return ""
 
     def goal_text(self) -> str:
-        if self.goal is None:
-            return "-"
-        return f"{'≤' if self.lower_is_better else '≥'} {self.goal:.2f}×"
+        sign = "≤" if self.lower_is_better else "≥"
+        if self.goal is not None:
+            return f"{sign} {self.goal:.2f}×"
+        if self.absolute_goal is not None:
+            return f"{'<' if self.lower_is_better else '>'} {self.unit_format.format(self.absolute_goal)}"
+        return "-"
 
 
 def print_table(rows: List[Row], ours: str = "smartserve", reference: str = "reference") -> None:
