@@ -139,18 +139,21 @@ class DrainController:
 
     def _all_closed(self) -> None:
         if self.state is DrainState.DRAINING:
+            self._move(_Input.ALL_CLOSED)
             self._finish(_Input.ALL_CLOSED)
 
     def _deadline_passed(self) -> None:
         self._deadline_call = None
         if self.state is not DrainState.DRAINING:
             return
+        # Move first: an abort may close every connection at once, and that
+        # must not count as the drain completing on its own.
+        self._move(_Input.DEADLINE)
         self.aborted = sum(drainable.abort() for drainable in self._drainables)
         log.warn("Drain deadline passed: aborted {aborted} connections", aborted=self.aborted)
         self._finish(_Input.DEADLINE)
 
     def _finish(self, reason: _Input) -> None:
-        self._move(reason)
         if self._deadline_call is not None and self._deadline_call.active():
             self._deadline_call.cancel()
         self._deadline_call = None
