@@ -23,7 +23,7 @@ Then, for every operation that touches a path:
    ``TransportNotPossible("readonly transport")``, which Breezy's smart
    server sends as ``ReadOnlyError``.  Nothing has been touched by then.
 2. ``os.path.realpath`` of the local path must lie inside the real root;
-   otherwise ``PermissionDenied(path, "outside the served root")``.  This
+   otherwise ``OutsideRoot``, a ``PermissionDenied``.  This
    refuses file and directory symlinks that leave the root at any depth,
    including dangling ones (a put through one would create a file outside).
    Symlinks that stay inside the root work normally.  Deleting or renaming
@@ -81,10 +81,23 @@ from breezy import errors, urlutils
 from breezy.transport import Transport, register_transport
 from breezy.transport.local import LocalTransport
 
-__all__ = ["Writable", "backing_transport", "OUTSIDE_ROOT"]
+__all__ = ["Writable", "backing_transport", "OutsideRoot"]
 
-OUTSIDE_ROOT = "outside the served root"
-"""The reason given in ``PermissionDenied`` for a path resolving outside the root."""
+
+class OutsideRoot(errors.PermissionDenied):
+    """A path resolves, through a symlink, to somewhere outside the served root.
+
+    Breezy's smart server sends it as ``PermissionDenied``.  ``extra`` is
+    kept free of the ": " that ``PathError`` adds, because the client adds
+    its own when it rebuilds the error.
+    """
+
+    _fmt = 'Permission denied: "%(path)s": %(extra)s'
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.extra = "outside the served root"
+
 
 _READONLY = "readonly transport"
 _SCHEME = "smartserve-jail-"
@@ -171,12 +184,12 @@ class _Root:
         self._inside = self.real.rstrip("/") + "/"
 
     def check(self, segments: Segments) -> None:
-        """Raise PermissionDenied unless the path resolves inside the root."""
+        """Raise OutsideRoot unless the path resolves inside the root."""
         if not segments:
             return
         real = os.path.realpath(self._inside + "/".join(segments))
         if real != self.real and not real.startswith(self._inside):
-            raise errors.PermissionDenied(_client_path(segments), OUTSIDE_ROOT)
+            raise OutsideRoot(_client_path(segments))
 
 
 @functools.lru_cache(maxsize=64)
@@ -325,7 +338,7 @@ class JailTransport(Transport):
             relpath = queue.pop(0)
             try:
                 st = self.stat(relpath)
-            except errors.PermissionDenied:
+            except OutsideRoot:
                 continue
             if S_ISDIR(st.st_mode):
                 for i, name in enumerate(self.list_dir(relpath)):

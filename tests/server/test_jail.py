@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from io import BytesIO
 
 import pytest
 from breezy import errors
 from breezy.bzr.smart import request as smart_request
+from breezy.bzr.smart.server import SmartTCPServer
 from breezy.controldir import ControlDir
 from breezy.transport import NoSuchFile, get_transport
 
-from smartserve.server.jail import OUTSIDE_ROOT, Writable, backing_transport
+from smartserve.server.jail import OutsideRoot, Writable, backing_transport
 
 SECRET = b"outside the root"
 
@@ -112,20 +115,20 @@ def test_backing_transport_symlink_out_refused_for_reads(layout, relpath):
         transport.lock_read,
         lambda p: list(transport.readv(p, [(0, 3)])),
     ):
-        with pytest.raises(errors.PermissionDenied) as raised:
+        with pytest.raises(OutsideRoot) as raised:
             read(relpath)
-        assert OUTSIDE_ROOT in raised.value.extra
+        assert isinstance(raised.value, errors.PermissionDenied)
 
 
 def test_backing_transport_symlink_dir_out_refused_for_listing_and_clone(layout):
     """Listing or cloning into a directory symlink that leaves the root is refused."""
     root, _ = layout
     transport = backing_transport(root, Writable.everywhere())
-    with pytest.raises(errors.PermissionDenied):
+    with pytest.raises(OutsideRoot):
         transport.list_dir("dir-out")
-    with pytest.raises(errors.PermissionDenied):
+    with pytest.raises(OutsideRoot):
         transport.clone("dir-out")
-    with pytest.raises(errors.PermissionDenied):
+    with pytest.raises(OutsideRoot):
         transport.clone("~alice/deep").list_dir("up-out")
 
 
@@ -147,7 +150,7 @@ def test_backing_transport_symlink_out_refused_for_writes(layout, tmp_path):
         lambda: transport.open_write_stream("dangling-out"),
     ]
     for attempt in attempts:
-        with pytest.raises(errors.PermissionDenied):
+        with pytest.raises(OutsideRoot):
             attempt()
     assert snapshot(tmp_path) == before
     assert not (outside / "new-file").exists()
@@ -379,7 +382,7 @@ def test_backing_transport_request_handler_translates_refusals(layout, tmp_path)
     assert escape.args == (
         b"PermissionDenied",
         b"/file-out",
-        b": " + OUTSIDE_ROOT.encode(),
+        b"outside the served root",
     )
     before = snapshot(tmp_path)
     refused = run_request(transport, (b"put", b"/~bob/x", b""), body=b"data")
@@ -412,3 +415,62 @@ def test_backing_transport_is_cheap(tmp_path):
     for _ in range(count):
         backing_transport(tmp_path, Writable.under("/~alice/"))
     assert (time.perf_counter() - started) / count < 0.0002
+
+
+BRZ = os.path.join(os.path.dirname(sys.executable), "brz")
+
+
+@pytest.fixture
+def smart_server():
+    """Serve a jailed transport with Breezy's own TCP smart server on 127.0.0.1; yield a starter."""
+    servers = []
+
+    def start(transport):
+        server = SmartTCPServer(transport, client_timeout=30)
+        server.start_server("127.0.0.1", 0)
+        server.start_background_thread()
+        servers.append(server)
+        return f"bzr://127.0.0.1:{server.port}"
+
+    yield start
+    for server in servers:
+        server.stop_background_thread()
+
+
+def run_brz(*args, cwd):
+    """Run the real ``brz`` command line; return the finished process."""
+    return subprocess.run(
+        [BRZ, *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.skipif(not os.path.exists(BRZ), reason="no brz command line")
+def test_backing_transport_real_brz_push_and_branch(tmp_path, smart_server):
+    """A real brz client pushes into its own namespace, is refused elsewhere, and cannot branch through an escaping symlink."""
+    root = tmp_path / "root"
+    (root / "~bob").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    make_branch(tmp_path / "outside" / "hidden")
+    (root / "dir-out").symlink_to(tmp_path / "outside")
+    revid = make_branch(tmp_path / "src")
+    url = smart_server(backing_transport(root, Writable.under("/~alice/")))
+
+    pushed = run_brz(
+        "push", "--create-prefix", "-d", "src", url + "/~alice/trunk", cwd=tmp_path
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    branch = ControlDir.open(str(root / "~alice" / "trunk")).open_branch()
+    assert branch.last_revision() == revid
+
+    for target in ("/~bob/trunk", "/~alice/../~bob/trunk", "/~alice/%2e%2e/~bob/t"):
+        refused = run_brz("push", "-d", "src", url + target, cwd=tmp_path)
+        assert refused.returncode == 3
+        assert "readonly transport" in refused.stderr
+    assert os.listdir(root / "~bob") == []
+
+    escaped = run_brz("branch", url + "/dir-out/hidden", "copy", cwd=tmp_path)
+    assert escaped.returncode == 3
+    assert 'Permission denied: "/dir-out/hidden": outside the served root' in (
+        escaped.stderr
+    )
+    assert not (tmp_path / "copy").exists()
