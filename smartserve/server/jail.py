@@ -235,7 +235,9 @@ def _open_url(url: str) -> JailTransport:
     if not sep or caller is None:
         raise errors.PathError(url, "not a served location")
     raw_path, parameters = urlutils.split_segment_parameters(path)
-    transport = JailTransport(caller, _normalise(urlutils.unescape(raw_path)))
+    segments = _normalise(urlutils.unescape(raw_path))
+    caller.root.check(segments)
+    transport = JailTransport(caller, segments)
     for name, value in parameters.items():
         transport.set_segment_parameter(name, value)
     return transport

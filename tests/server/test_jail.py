@@ -9,7 +9,7 @@ import time
 from io import BytesIO
 
 import pytest
-from breezy import errors
+from breezy import errors, urlutils
 from breezy.bzr.smart import request as smart_request
 from breezy.bzr.smart.server import SmartTCPServer
 from breezy.controldir import ControlDir
@@ -272,6 +272,35 @@ def test_backing_transport_unknown_url_refused():
     """A jail URL whose caller is unknown does not open."""
     with pytest.raises(errors.PathError):
         get_transport("smartserve-jail-0123456789abcdef:///")
+
+
+def test_backing_transport_nul_in_path_refused(tmp_path):
+    """A path holding an escaped NUL byte is an invalid URL, not an operating-system error."""
+    transport = backing_transport(tmp_path, Writable.everywhere())
+    with pytest.raises(urlutils.InvalidURL):
+        transport.get_bytes("a%00b")
+
+
+def test_backing_transport_url_through_symlink_out_refused(layout):
+    """Reopening a URL that resolves outside the root through a symlink is refused."""
+    root, _ = layout
+    transport = backing_transport(root, Writable.everywhere())
+    with pytest.raises(OutsideRoot):
+        get_transport(transport.abspath("dir-out"))
+
+
+def test_backing_transport_callers_are_independent(tmp_path):
+    """Two callers on one root keep their own rights, also when their URLs are reopened."""
+    (tmp_path / "~alice").mkdir()
+    alice = backing_transport(tmp_path, Writable.under("/~alice/"))
+    reader = backing_transport(tmp_path, Writable.nowhere())
+    assert alice.base != reader.base
+    get_transport(alice.base).put_bytes("~alice/a", b"a")
+    reopened = get_transport(reader.base)
+    assert reopened.is_readonly()
+    with pytest.raises(errors.TransportNotPossible):
+        reopened.put_bytes("~alice/b", b"b")
+    assert os.listdir(tmp_path / "~alice") == ["a"]
 
 
 def test_backing_transport_read_only_caller(layout, tmp_path):
