@@ -143,14 +143,17 @@ class Writable:
 
         Each prefix is an absolute client path such as ``"/~alice/"``; the
         directory itself is included (so ``/~alice`` may be created) but
-        ``/~alicex`` is not.  Raises ValueError for a relative prefix or one
-        containing ``..``.
+        ``/~alicex`` is not.  ``under("/")`` equals ``everywhere()`` and
+        ``under()`` equals ``nowhere()``.  Raises ValueError for a relative
+        prefix or one containing ``..``.
         """
         normalised = []
         for prefix in prefixes:
             if not prefix.startswith("/") or ".." in prefix.split("/"):
                 raise ValueError(f"not an absolute client path: {prefix!r}")
             segments = _normalise(prefix)
+            if not segments:
+                return cls.everywhere()
             if segments not in normalised:
                 normalised.append(segments)
         return cls(tuple(normalised))

@@ -363,6 +363,8 @@ def test_writable_prefix_matching():
     assert Writable.everywhere().allows("/anything")
     assert not Writable.nowhere().allows("/anything")
     assert Writable.under() == Writable.nowhere()
+    assert Writable.under("/team/", "/") == Writable.everywhere()
+    assert Writable.under("/a/", "/a") == Writable.under("/a")
     with pytest.raises(ValueError):
         Writable.under("~alice")
     with pytest.raises(ValueError):
