@@ -105,6 +105,14 @@ _SCHEME = "smartserve-jail-"
 Segments = Tuple[str, ...]
 
 
+def _unescape(relpath: str) -> str:
+    """Unescape a relative URL once; raises InvalidURL for bad UTF-8 or a NUL byte."""
+    path = urlutils.unescape(relpath)
+    if "\0" in path:
+        raise urlutils.InvalidURL(relpath, "NUL in path")
+    return path
+
+
 def _normalise(path: str, start: Segments = ()) -> Segments:
     """Resolve an unescaped POSIX path against ``start``; ``..`` stops at the root."""
     parts = [] if path.startswith("/") else list(start)
@@ -238,7 +246,7 @@ def _open_url(url: str) -> JailTransport:
     if not sep or caller is None:
         raise errors.PathError(url, "not a served location")
     raw_path, parameters = urlutils.split_segment_parameters(path)
-    segments = _normalise(urlutils.unescape(raw_path))
+    segments = _normalise(_unescape(raw_path))
     caller.root.check(segments)
     transport = JailTransport(caller, segments)
     for name, value in parameters.items():
@@ -262,10 +270,7 @@ class JailTransport(Transport):
         super().__init__(caller.url_prefix + path.rstrip("/") + "/")
 
     def _segments(self, relpath: Optional[str]) -> Segments:
-        path = urlutils.unescape(relpath or ".")
-        if "\0" in path:
-            raise urlutils.InvalidURL(relpath, "NUL in path")
-        return _normalise(path, self._segments_here)
+        return _normalise(_unescape(relpath or "."), self._segments_here)
 
     def _resolve(self, relpath: Optional[str], *, write: bool = False) -> Segments:
         """Normalise ``relpath`` and apply the write and symlink checks."""
