@@ -15,6 +15,7 @@ from .control import client as control_client
 from .control.admin import admin_site
 from .control.server import Control, ControlFactory
 from .listeners import Listener, ListenerGroup
+from .metrics import ServerMetrics
 from .server.backends.bzr import BzrBackend
 from .server.dispatcher import Dispatcher
 from .server.drain import DrainController
@@ -52,7 +53,7 @@ class Options(usage.Options):
         ["takeover", None, None, "Take the listening sockets of the server on this control socket, then drain it."],
         ["drain-timeout", None, 600.0, "Seconds a drain waits for busy connections before aborting them.", float],
         ["drain-grace", None, 0.0, "Seconds between /health turning 503 and the listeners closing.", float],
-        ["admin", None, None, "Endpoint of the admin HTTP server (/health); off when not given."],
+        ["admin", None, None, "Endpoint of the admin HTTP server (/health, /metrics); off when not given."],
     ]
     optFlags = [
         ["bzr-allow-writes", None, "Let bzr:// clients (who are anonymous) write; read-only otherwise."],
@@ -204,13 +205,17 @@ def makeService(options: Options, reactor=None) -> SmartserveService:
         os.makedirs(folder, exist_ok=True)
     pool = ThreadPool(minthreads=1, maxthreads=options["threads"], name="smartserve-worker")
     backend = BzrBackend(options["root"], pool, reactor)
+    metrics = ServerMetrics()
     smart_factory = SmartServerFactory(
         Dispatcher(backend),
         clock=reactor,
         idle_timeout=options["idle-timeout"],
         tcp_writable=Writable.everywhere() if options["bzr-allow-writes"] else Writable.nowhere(),
+        metrics=metrics,
     )
     controller = DrainController(reactor, grace=options["drain-grace"], default_timeout=options["drain-timeout"])
+    metrics.watch_connections("smart", smart_factory)
+    metrics.watch_drain(controller)
     listeners = ListenerGroup()
     factories = [smart_factory]
     if options["ssh"]:
@@ -229,6 +234,7 @@ def makeService(options: Options, reactor=None) -> SmartserveService:
             clock=reactor,
         )
         listeners.add(Listener("ssh", options["ssh"], ssh_factory, reactor))
+        metrics.watch_connections("ssh", ssh_factory)
         controller.add_drainable(ssh_factory)
     if options["bzr"]:
         listeners.add(Listener("bzr", options["bzr"], smart_factory, reactor))
@@ -236,10 +242,11 @@ def makeService(options: Options, reactor=None) -> SmartserveService:
     if options["admin"]:
         # /health keeps answering 503 through a drain, unless the listeners
         # were handed over: then the new process answers it.
-        listeners.add(Listener("admin", options["admin"], admin_site(controller), reactor, stops_on_drain=False))
+        listeners.add(Listener("admin", options["admin"], admin_site(controller, metrics), reactor, stops_on_drain=False))
     control = Control(controller, listeners, factories)
     controller.add_listener_stopper(lambda: listeners.stop(all_listeners=control.handed_over))
     top = SmartserveService(reactor, options, control, listeners)
     _ThreadPoolService(pool).setServiceParent(top)
     top.smart_factory = smart_factory
+    top.metrics = metrics
     return top

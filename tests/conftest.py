@@ -17,6 +17,7 @@ BRZ = str(VENV_BIN / "brz")
 TWISTD = str(VENV_BIN / "twistd")
 
 _LISTENING = re.compile(r"SmartServerFactory starting on (\d+)")
+_ADMIN_LISTENING = re.compile(r"admin listening on .*port=(\d+)")
 _ACCESS = re.compile(r"\[smartserve\.access#info\] (\S+) (\S+) (\S+) (\S+) (\S+) ")
 
 
@@ -89,6 +90,7 @@ class SmartserveProcess:
         self.args = [TWISTD, "-n", "--pidfile=", f"--logfile={self.log_path}", "smartserve", "--data", str(data), *extra_args]
         self.process = None
         self.port = None
+        self.admin_port = None
 
     def start(self, timeout: float = 30) -> "SmartserveProcess":
         """Start the server and wait until it listens."""
@@ -102,6 +104,9 @@ class SmartserveProcess:
             return match and int(match.group(1))
 
         self.port = wait_for(listening, timeout, "smartserve to listen")
+        if "--admin" in self.args:
+            admin = lambda: (match := _ADMIN_LISTENING.search(self.log())) and int(match.group(1))
+            self.admin_port = wait_for(admin, timeout, "the admin endpoint to listen")
         return self
 
     @property

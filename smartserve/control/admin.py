@@ -1,10 +1,13 @@
-"""The admin HTTP endpoint: ``/health`` for load balancers."""
+"""The admin HTTP endpoint: ``/health`` for load balancers, ``/metrics`` for Prometheus."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from ..metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from ..server.drain import DrainController, DrainState
 
 __all__ = ["admin_site"]
@@ -30,6 +33,21 @@ class HealthResource(Resource):
     render_HEAD = render_GET
 
 
+class MetricsResource(Resource):
+    """Every server metric in the Prometheus text format."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: ServerMetrics):
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return self._metrics.render()
+
+
 class _QuietSite(Site):
     """A site that does not log every request: health checks come every second."""
 
@@ -37,10 +55,12 @@ class _QuietSite(Site):
         pass
 
 
-def admin_site(controller: DrainController) -> Site:
-    """The admin web site for ``controller``."""
+def admin_site(controller: DrainController, metrics: Optional[ServerMetrics] = None) -> Site:
+    """The admin web site for ``controller``, with ``/metrics`` when ``metrics`` is given."""
     root = Resource()
     root.putChild(b"health", HealthResource(controller))
+    if metrics is not None:
+        root.putChild(b"metrics", MetricsResource(metrics))
     site = _QuietSite(root)
     site.noisy = False
     return site

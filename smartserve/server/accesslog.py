@@ -26,13 +26,20 @@ class RequestRecord:
     bytes_in: int = 0
     bytes_out: int = 0
     outcome: str = "ok"
+    finished: Optional[float] = None
     verb_class: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.verb_class = classify(self.verb).value
 
+    @property
+    def duration(self) -> Optional[float]:
+        """Seconds from the request's first byte to its end, once emitted."""
+        return None if self.finished is None else self.finished - self.started
+
     def emit(self, finished: float) -> None:
         """Log the finished request."""
+        self.finished = finished
         access_log.info(
             "{peer} {user} {verb} {verb_class} {outcome} {duration_ms:.2f}ms "
             "in={bytes_in} out={bytes_out} conn={connection_id}",

@@ -158,6 +158,7 @@ class SmartServerProtocol(Protocol):
                 current.run.abort()
             current.record.outcome = "aborted"
             current.record.emit(self.factory.clock.seconds())
+            self.factory.request_aborted(self, current.record)
         self.phase = Phase.CLOSED
         self.factory.connection_lost(self)
 
@@ -425,7 +426,9 @@ class SmartServerFactory(Factory):
 
     Over bzr:// (TCP) there is no user: callers get ``tcp_writable`` rights,
     read-only unless the operator allows writes. SSH sessions call
-    ``build_protocol`` with the authenticated caller.
+    ``build_protocol`` with the authenticated caller. ``metrics``, a
+    ``smartserve.metrics.ServerMetrics``, counts every finished or aborted
+    request when given.
     """
 
     protocol = SmartServerProtocol
@@ -438,10 +441,12 @@ class SmartServerFactory(Factory):
         idle_timeout: float = 300.0,
         limits: Optional[Limits] = None,
         tcp_writable: Writable = Writable.nowhere(),
+        metrics=None,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
         self.dispatcher = dispatcher
+        self.metrics = metrics
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.limits = limits or DEFAULT_LIMITS
@@ -477,6 +482,13 @@ class SmartServerFactory(Factory):
     def request_finished(self, protocol: SmartServerProtocol, record: RequestRecord) -> None:
         """Called after each request's last response byte was written."""
         self.requests_by_class[record.verb_class] += 1
+        if self.metrics is not None:
+            self.metrics.request_finished(record)
+
+    def request_aborted(self, protocol: SmartServerProtocol, record: RequestRecord) -> None:
+        """Called when a connection is lost while one of its requests is running."""
+        if self.metrics is not None:
+            self.metrics.request_finished(record)
 
     @property
     def open_connections(self) -> int:
