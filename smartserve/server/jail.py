@@ -19,7 +19,8 @@ Then, for every operation that touches a path:
 
 1. A write (put, append, mkdir, rmdir, delete, rename, move, copy target,
    open_write_stream, lock_write, delete_tree, copy_tree) to a path that is
-   not at or below a writable prefix raises
+   not at or below a writable prefix raises (an atomic put also needs the
+   parent writable, as its temporary file is written there)
    ``TransportNotPossible("readonly transport")``, which Breezy's smart
    server sends as ``ReadOnlyError``.  Nothing has been touched by then.
 2. ``os.path.realpath`` of the local path must lie inside the real root;
@@ -30,8 +31,9 @@ Then, for every operation that touches a path:
    a symlink that points outside is refused too, although it would not
    leave the root: the check is on the resolved path, always.
 3. The operation runs on the shared ``LocalTransport`` of the root with the
-   normalised path.  Path errors are re-raised with the client path, so
-   clients never learn where the root lives on the server's disk.
+   normalised path.  Path and operating-system errors are re-raised with
+   the client path, so clients never learn where the root lives on the
+   server's disk.
 
 Operator symlinks that stay inside the root are trusted: the write check
 uses the client path, not the resolved one.  Clients cannot create
@@ -272,10 +274,19 @@ class JailTransport(Transport):
     def _segments(self, relpath: Optional[str]) -> Segments:
         return _normalise(_unescape(relpath or "."), self._segments_here)
 
-    def _resolve(self, relpath: Optional[str], *, write: bool = False) -> Segments:
-        """Normalise ``relpath`` and apply the write and symlink checks."""
+    def _resolve(
+        self, relpath: Optional[str], *, write: bool = False, sibling: bool = False
+    ) -> Segments:
+        """Normalise ``relpath`` and apply the write and symlink checks.
+
+        ``sibling`` is for atomic puts, which write a temporary file beside
+        the target: the parent directory must be writable too.
+        """
         segments = self._segments(relpath)
-        if write and not self._caller.writable.allows_segments(segments):
+        writable = self._caller.writable
+        if write and not writable.allows_segments(segments):
+            raise errors.TransportNotPossible(_READONLY)
+        if sibling and not writable.allows_segments(segments[:-1]):
             raise errors.TransportNotPossible(_READONLY)
         self._caller.root.check(segments)
         return segments
@@ -291,6 +302,11 @@ class JailTransport(Transport):
             e.path = _client_path(segments)
             e.extra = ""
             raise
+        except OSError as e:
+            # Errors LocalTransport leaves untranslated (EISDIR on put, ENOSPC...).
+            path = _client_path(segments)
+            self._translate_error(e, path, raise_generic=False)
+            raise errors.TransportError(f"{path}: {e.strerror}") from None
 
     # Locations
 
@@ -364,11 +380,12 @@ class JailTransport(Transport):
 
     def put_file(self, relpath, f, mode=None):
         """See Transport.put_file."""
-        return self._local("put_file", self._resolve(relpath, write=True), f, mode)
+        segments = self._resolve(relpath, write=True, sibling=True)
+        return self._local("put_file", segments, f, mode)
 
     def put_bytes(self, relpath, raw_bytes, mode=None):
         """See Transport.put_bytes."""
-        segments = self._resolve(relpath, write=True)
+        segments = self._resolve(relpath, write=True, sibling=True)
         return self._local("put_bytes", segments, raw_bytes, mode)
 
     def _put_non_atomic(self, method, relpath, data, mode, create_parent_dir, dir_mode):
@@ -432,8 +449,8 @@ class JailTransport(Transport):
         """See Transport.lock_write."""
         return self._local("lock_write", self._resolve(relpath, write=True))
 
-    def _two_paths(self, method, rel_from, rel_to, *, source_write=True):
-        source = self._resolve(rel_from, write=source_write)
+    def _two_paths(self, method, rel_from, rel_to):
+        source = self._resolve(rel_from, write=True)
         target = self._resolve(rel_to, write=True)
         to_local = urlutils.escape("/".join(target)) or "."
         return self._local(method, source, to_local)
@@ -447,8 +464,14 @@ class JailTransport(Transport):
         return self._two_paths("move", rel_from, rel_to)
 
     def copy(self, rel_from, rel_to):
-        """See Transport.copy; the target must be writable."""
-        return self._two_paths("copy", rel_from, rel_to, source_write=False)
+        """See Transport.copy: a checked get and put.
+
+        LocalTransport's copy would copy into ``rel_to`` when it is a
+        directory, following a symlink found there.
+        """
+        self._resolve(rel_from)
+        self._resolve(rel_to, write=True, sibling=True)
+        return super().copy(rel_from, rel_to)
 
     def delete_tree(self, relpath):
         """See Transport.delete_tree; refused before anything is deleted."""

@@ -9,6 +9,8 @@ import time
 from io import BytesIO
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from breezy import errors, urlutils
 from breezy.bzr.smart import request as smart_request
 from breezy.bzr.smart.server import SmartTCPServer
@@ -274,6 +276,28 @@ def test_backing_transport_unknown_url_refused():
         get_transport("smartserve-jail-0123456789abcdef:///")
 
 
+def test_backing_transport_atomic_put_needs_writable_parent(tmp_path):
+    """An atomic put of the prefix itself is refused, as its temporary file would land outside the prefix."""
+    (tmp_path / "~alice").mkdir()
+    transport = backing_transport(tmp_path, Writable.under("/~alice/"))
+    before = snapshot(tmp_path)
+    with pytest.raises(errors.TransportNotPossible):
+        transport.put_bytes("/~alice", b"x")
+    with pytest.raises(errors.TransportNotPossible):
+        transport.copy("/~alice/../other", "/~alice")
+    assert snapshot(tmp_path) == before
+
+
+def test_backing_transport_copy_onto_directory_does_not_follow_links(layout):
+    """Copying onto a directory fails rather than writing through a symlink inside it."""
+    root, outside = layout
+    (root / "~alice" / "public").symlink_to(outside / "secret")
+    transport = backing_transport(root, Writable.everywhere())
+    with pytest.raises((errors.PathError, errors.TransportError)):
+        transport.copy("public", "~alice")
+    assert (outside / "secret").read_bytes() == SECRET
+
+
 def test_backing_transport_nul_in_path_refused(tmp_path):
     """A path holding an escaped NUL byte is an invalid URL, not an operating-system error."""
     transport = backing_transport(tmp_path, Writable.everywhere())
@@ -505,3 +529,51 @@ def test_backing_transport_real_brz_push_and_branch(tmp_path, smart_server):
         escaped.stderr
     )
     assert not (tmp_path / "copy").exists()
+
+
+PATH_PIECES = [
+    "..", ".", "", "%2e%2e", "%2E%2e", "%2f", "%2F", "~alice", "~alicex", "~bob",
+    "file-out", "dir-out", "dangling-out", "deep", "up-out", "secret", "new",
+]
+
+
+@given(
+    pieces=st.lists(st.sampled_from(PATH_PIECES), min_size=1, max_size=8),
+    absolute=st.booleans(),
+    start=st.sampled_from([".", "~alice", "~alice/deep", "~bob"]),
+)
+@settings(max_examples=300, deadline=None)
+def test_backing_transport_no_path_escapes(tmp_path_factory, pieces, absolute, start):
+    """No combination of dot-dot, escapes and symlinks reads the secret or writes outside the caller's prefix."""
+    base = tmp_path_factory.mktemp("fuzz")
+    root = base / "root"
+    outside = base / "outside"
+    (root / "~alice" / "deep").mkdir(parents=True)
+    (root / "~bob").mkdir()
+    outside.mkdir()
+    (outside / "secret").write_bytes(SECRET)
+    (root / "file-out").symlink_to(outside / "secret")
+    (root / "dir-out").symlink_to(outside)
+    (root / "dangling-out").symlink_to(outside / "new")
+    (root / "~alice" / "deep" / "up-out").symlink_to("../../../outside")
+    before = snapshot(base)
+    relpath = ("/" if absolute else "") + "/".join(pieces)
+    transport = backing_transport(root, Writable.under("/~alice/")).clone(start)
+    try:
+        assert transport.get_bytes(relpath) != SECRET
+    except (errors.PathError, errors.TransportError):
+        pass
+    try:
+        transport.put_bytes(relpath, b"written")
+    except (errors.PathError, errors.TransportError):
+        # LocalTransport leaves its temporary file behind when the final
+        # rename fails; it must still be in the caller's namespace.
+        for leftover in set(snapshot(base)) - set(before):
+            assert leftover.startswith(str(root / "~alice") + os.sep)
+            os.remove(leftover)
+        assert snapshot(base) == before
+    else:
+        changed = set(snapshot(base)) - set(before)
+        assert len(changed) == 1
+        (written,) = changed
+        assert written.startswith(str(root / "~alice") + os.sep)
