@@ -1,0 +1,200 @@
+"""Fixtures for drain and deploy tests: named server processes, the CLI, a connection loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+from conftest import VENV_BIN, SmartserveProcess, wait_for
+from smartserve.testing import RawClient
+
+SMARTSERVE = str(VENV_BIN / "smartserve")
+
+_LISTENER = re.compile(r"\[smartserve\.listeners#info\] (\w+) listening on IPv4Address\(.*?port=(\d+)\)")
+_CONTROL_READY = "[smartserve.listeners#info] control listening on"
+_ACCESS_LINE = re.compile(
+    r"\[smartserve\.access#info\] (?P<peer>\S+) (?P<user>\S+) (?P<verb>\S+) (?P<verb_class>\S+) "
+    r"(?P<outcome>\S+) \S+ in=\d+ out=\d+ conn=(?P<conn>\d+)"
+)
+
+
+class ServerProcess(SmartserveProcess):
+    """A smartserve process with its own log name, which several processes may share a data folder with.
+
+    ``listening`` maps listener names (bzr, ssh, admin) to their TCP ports
+    once ``start`` returns.
+    """
+
+    def __init__(self, data: Path, extra_args=(), *, name: str = "server"):
+        super().__init__(data, extra_args)
+        self.name = name
+        self.log_path = data.parent / f"{name}.log"
+        self.args = [f"--logfile={self.log_path}" if a.startswith("--logfile=") else a for a in self.args]
+        self.listening: Dict[str, int] = {}
+
+    def start(self, timeout: float = 30) -> "ServerProcess":
+        """Start the server and wait until its control socket listens (the last step of starting)."""
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+        def ready():
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.name} exited early: {self.process.stderr.read().decode()}\n{self.log()}")
+            return _CONTROL_READY in self.log()
+
+        wait_for(ready, timeout, f"{self.name} to listen")
+        self.listening = {name: int(port) for name, port in _LISTENER.findall(self.log())}
+        self.port = self.listening.get("bzr")
+        return self
+
+    @property
+    def control(self) -> Path:
+        """The control socket's path."""
+        return self.data / "control.sock"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        """Wait for the process to exit on its own; returns its exit status."""
+        return self.process.wait(timeout=timeout)
+
+    def access_records(self) -> List[dict]:
+        """One dict (peer, user, verb, verb_class, outcome, conn) per request served so far."""
+        return [match.groupdict() for match in _ACCESS_LINE.finditer(self.log())]
+
+
+def run_smartserve(*args, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the ``smartserve`` command and return the finished process."""
+    return subprocess.run(
+        [SMARTSERVE, *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Attempt:
+    """One connection made by ``ConnectionLoop``: when, from which port, and how it ended."""
+
+    started: float
+    source_port: int
+    outcome: str
+
+
+class ConnectionLoop(threading.Thread):
+    """Makes new connections to ``port``, one ``hello`` round trip each, until stopped.
+
+    Outcomes are ``ok``, ``refused``, ``reset`` (the connection ended before
+    the response did) or ``error: ...``. At most ``limit`` connections are
+    made, ``pace`` seconds apart at least.
+    """
+
+    def __init__(self, port: int, *, limit: int = 3000, pace: float = 0.005):
+        super().__init__(daemon=True)
+        self.port = port
+        self.limit = limit
+        self.pace = pace
+        self.attempts: List[Attempt] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set() and len(self.attempts) < self.limit:
+            self.attempts.append(self._one())
+            self._stop_event.wait(self.pace)
+
+    def _one(self) -> Attempt:
+        started = time.monotonic()
+        source_port = 0
+        try:
+            client = RawClient.connect("127.0.0.1", self.port, timeout=10)
+        except ConnectionRefusedError:
+            return Attempt(started, source_port, "refused")
+        try:
+            source_port = client.sock.getsockname()[1]
+            reply = client.call(b"hello")
+            outcome = "ok" if reply.args == (b"ok", b"2") else f"error: {reply.args!r}"
+        except (ConnectionError, OSError) as exc:
+            outcome = "reset" if isinstance(exc, ConnectionError) or exc.errno == errno.EPIPE else f"error: {exc!r}"
+        finally:
+            client.close()
+        return Attempt(started, source_port, outcome)
+
+    def wait_for_attempts(self, count: int, timeout: float = 30) -> None:
+        """Block until at least ``count`` connections were made."""
+        wait_for(lambda: len(self.attempts) >= count, timeout, f"{count} connections")
+
+    def stop(self) -> List[Attempt]:
+        """Stop making connections and return every attempt."""
+        self._stop_event.set()
+        self.join(timeout=30)
+        return self.attempts
+
+    @staticmethod
+    def failures(attempts: List[Attempt]) -> List[Attempt]:
+        """The attempts that did not get their answer."""
+        return [attempt for attempt in attempts if attempt.outcome != "ok"]
+
+
+@pytest.fixture
+def connection_loop():
+    """Start ``ConnectionLoop``s with ``connection_loop(port)``; each is stopped at the end."""
+    loops = []
+
+    def start(port: int, **options) -> ConnectionLoop:
+        loop = ConnectionLoop(port, **options)
+        loop.start()
+        loops.append(loop)
+        return loop
+
+    yield start
+    for loop in loops:
+        loop.stop()
+
+
+def build_big_branch(path: Path, revisions: int, file_size: int) -> None:
+    """Create a 2a branch at ``path`` with ``revisions`` commits that each rewrite a file of ``file_size`` random bytes."""
+    script = textwrap.dedent(
+        f"""
+        import os
+        import breezy
+        from breezy import controldir
+        from breezy.bzr import bzrdir  # registers the default format
+        breezy.initialize()
+        tree = controldir.ControlDir.create_standalone_workingtree({str(path)!r})
+        with tree.lock_write():
+            for number in range({revisions}):
+                for index in range(4):
+                    with open(os.path.join({str(path)!r}, f"file{{index}}"), "wb") as f:
+                        f.write(os.urandom({file_size} // 4))
+                if number == 0:
+                    tree.smart_add([{str(path)!r}])
+                tree.commit(f"revision {{number}}", committer="Test <test@example.com>")
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def big_branch(tmp_path_factory) -> Path:
+    """A local branch that takes about a second to branch over bzr:// (built once per session)."""
+    path = tmp_path_factory.mktemp("big") / "big"
+    build_big_branch(path, revisions=12, file_size=2 * 1024 * 1024)
+    return path
