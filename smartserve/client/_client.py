@@ -1,0 +1,302 @@
+"""The client: calls, the probe before each write, and the resend rule.
+
+Theory of operation
+-------------------
+
+A call takes a slot from the pool and asks it for a connection. Before
+writing, it probes that connection (``SmartClientProtocol.closed_reason``):
+if the server has already closed it, even if the EOF is still unread in the
+socket, the connection is dropped and a new one made. That costs nothing:
+no byte was written, so it is neither a failure nor a resend.
+
+If the connection fails while the request is on it, the protocol reports
+how far the request got (a ``TransportFailure`` subclass). Whether to send
+it again is asked in exactly one place, ``smartserve.verbs.may_resend``,
+from the verb's class, that failure point, the SSH drain signal and whether
+the body can be sent again. Only then do the limits apply: resending
+switched off, ``max_resends``, the call's deadline and the retry budget
+shared by all calls. A request that is not resent although it may have run
+(sent in full, verb not ``read``, no drain signal) fails with
+``OutcomeUnknown`` naming the verb; otherwise the phase exception itself is
+raised, since the server did not apply the request.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from ..protocol import DEFAULT_LIMITS, Limits
+from ..verbs import FailurePoint, VerbClass, classify, may_resend
+from ._endpoints import Target, connector_for_endpoint, parse_url, tcp_endpoint
+from ._exceptions import (
+    ClientError,
+    DeadlineExceeded,
+    OutcomeUnknown,
+    RemoteError,
+    RequestNotSent,
+    TransportFailure,
+)
+from ._policy import RetryBudget, RetryPolicy
+from ._pool import Pool
+from ._protocol import Outgoing, Reply
+
+__all__ = ["SmartClient", "ClientStats"]
+
+_PROBE_TURNS = 2  # reactor turns to let unread input arrive before writing
+
+
+@dataclass
+class ClientStats:
+    """Counters over a client's life, for logs, metrics and tests."""
+
+    calls: int = 0
+    probe_reconnects: int = 0
+    connect_failures: int = 0
+    resends: int = 0
+    outcome_unknown: int = 0
+
+
+class SmartClient:
+    """A smart protocol client that reconnects and resends only what is safe.
+
+    ``connect`` is a function returning a Deferred that fires with a
+    connected ``SmartClientProtocol`` (``SmartClient.from_url`` builds it
+    from a URL). ``pool_size`` connections at most are used at once.
+    ``clock`` defaults to the reactor; ``jitter`` returns a float in [0, 1)
+    for the backoff.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        connect: Callable[[], Deferred],
+        *,
+        policy: RetryPolicy = RetryPolicy(),
+        pool_size: int = 1,
+        clock=None,
+        jitter: Callable[[], float] = random.random,
+        target: Optional[Target] = None,
+        name: str = "smartserve",
+    ):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.policy = policy
+        self.target = target
+        self.stats = ClientStats()
+        self.budget = RetryBudget(policy.budget_tokens, policy.budget_ratio)
+        self._clock = clock
+        self._pool = Pool(connect, clock, policy, jitter, pool_size, name)
+        self._closed = False
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        reactor=None,
+        policy: RetryPolicy = RetryPolicy(),
+        pool_size: int = 1,
+        limits: Limits = DEFAULT_LIMITS,
+        ssh=None,
+        **kwargs,
+    ) -> "SmartClient":
+        """A client for ``bzr://host[:port]/path`` or ``bzr+ssh://[user@]host[:port]/path``.
+
+        ``ssh`` is an ``SSHOptions`` for ``bzr+ssh://`` URLs (keys, agent,
+        known_hosts, remote command). Raises ``ValueError`` for an
+        unsupported URL.
+        """
+        if reactor is None:
+            from twisted.internet import reactor
+        target = parse_url(url)
+        if target.scheme == "bzr":
+            endpoint = tcp_endpoint(reactor, target, policy.connect_timeout)
+        else:
+            from ._ssh import SSHOptions, ssh_endpoint
+
+            endpoint = ssh_endpoint(reactor, target, ssh or SSHOptions())
+        connect = connector_for_endpoint(endpoint, kwargs.get("clock", reactor), limits)
+        kwargs.setdefault("clock", reactor)
+        return cls(connect, policy=policy, pool_size=pool_size, target=target, name=url, **kwargs)
+
+    def remote_path(self, relpath: str = "") -> bytes:
+        """The VFS path argument for ``relpath`` below the URL's path."""
+        if self.target is None:
+            return ("/" + relpath.lstrip("/")).encode("utf-8")
+        return self.target.remote_path(relpath)
+
+    def call(
+        self,
+        verb: bytes,
+        *args: Any,
+        body: Optional[bytes] = None,
+        body_stream: Optional[Iterable[bytes]] = None,
+        on_chunk: Optional[Callable[[bytes], object]] = None,
+        headers: Optional[Mapping[bytes, Any]] = None,
+    ) -> Deferred:
+        """Call ``verb`` with ``args``; the Deferred fires with a ``Reply``.
+
+        ``body`` sends bytes as the request body, ``body_stream`` sends one
+        part per item (see ``Outgoing`` for replayable streams), and
+        ``on_chunk`` receives the response body part by part (the reply's
+        ``body`` is then None). A streamed response is resent after a loss
+        only if no part reached ``on_chunk`` yet.
+
+        Fails with a ``RemoteError`` subclass when the server answers with
+        an error, ``OutcomeUnknown`` when the request may have run and may
+        not be resent, a ``TransportFailure`` subclass when the request
+        surely did not run and could not be sent again, ``DeadlineExceeded``
+        when the deadline passed before any attempt was on the wire, and
+        ``ClientClosed`` after ``close``.
+        """
+        outgoing = Outgoing(verb, args, body=body, body_stream=body_stream, on_chunk=on_chunk, headers=headers)
+        return Deferred.fromCoroutine(self._call(outgoing))
+
+    def close(self) -> None:
+        """Close all connections; later calls fail with ``ClientClosed``."""
+        self._closed = True
+        self._pool.stop()
+
+    def _remaining(self, deadline_at: float) -> float:
+        return deadline_at - self._clock.seconds()
+
+    async def _bounded(self, waiting: Deferred, seconds: float, verb: bytes, last_error) -> Any:
+        if seconds <= 0:
+            waiting.cancel()
+            raise DeadlineExceeded(verb, self.policy.deadline, last_error)
+        waiting.addTimeout(seconds, self._clock)
+        try:
+            return await waiting
+        except DeferredTimeout:
+            raise DeadlineExceeded(verb, self.policy.deadline, last_error) from None
+
+    async def _call(self, outgoing: Outgoing) -> Reply:
+        self.stats.calls += 1
+        verb = outgoing.verb
+        deadline_at = self._clock.seconds() + self.policy.deadline
+        entry = await self._bounded(self._pool.acquire(), self._remaining(deadline_at), verb, None)
+        try:
+            return await self._attempts(outgoing, entry, deadline_at)
+        finally:
+            self._pool.release(entry)
+
+    async def _attempts(self, outgoing: Outgoing, entry, deadline_at: float) -> Reply:
+        verb = outgoing.verb
+        resends = 0
+        connect_failures = 0
+        last_error: Optional[Exception] = None
+        while True:
+            try:
+                protocol = await self._bounded(
+                    entry.slot.connection(), self._remaining(deadline_at), verb, last_error
+                )
+            except (ClientError, CancelledError):
+                raise
+            except Exception as exc:
+                connect_failures += 1
+                self.stats.connect_failures += 1
+                self.budget.record_failure()
+                last_error = exc
+                if connect_failures >= self.policy.max_connect_attempts or not self.budget.allows_retry():
+                    raise RequestNotSent(verb, f"could not connect ({connect_failures} attempts): {exc}") from exc
+                continue
+            entry.protocol = protocol
+            reason = await self._probe(protocol)
+            if reason is not None:
+                self.stats.probe_reconnects += 1
+                self._log.info(
+                    "reconnecting before {verb}: {reason}",
+                    verb=verb.decode("utf-8", "replace"),
+                    reason=reason,
+                    event_kind="reconnect",
+                )
+                entry.slot.discard(reason)
+                continue
+            timeout = self.policy.request_timeout
+            remaining = self._remaining(deadline_at)
+            timeout = remaining if timeout is None else min(timeout, remaining)
+            try:
+                reply = await protocol.send_request(outgoing, timeout=timeout)
+            except RemoteError:
+                entry.slot.request_succeeded()
+                self.budget.record_success()
+                raise
+            except TransportFailure as failure:
+                if failure.drain_signal:
+                    entry.slot.discard(failure.reason)
+                else:
+                    entry.slot.request_failed(failure.reason)
+                    self.budget.record_failure()
+                why_not = self._why_not_resend(outgoing, failure, resends, deadline_at)
+                if why_not is not None:
+                    raise self._final_error(outgoing, failure, why_not) from failure
+                resends += 1
+                self.stats.resends += 1
+                self._log.info(
+                    "resending {verb} ({verb_class}), lost {point}: {reason}",
+                    verb=verb.decode("utf-8", "replace"),
+                    verb_class=classify(verb).value,
+                    point=failure.point.value,
+                    reason=failure.reason,
+                    drain_signal=failure.drain_signal,
+                    resend=resends,
+                    event_kind="resend",
+                )
+                continue
+            entry.slot.request_succeeded()
+            self.budget.record_success()
+            return reply
+
+    async def _probe(self, protocol) -> Optional[str]:
+        reason = protocol.closed_reason()
+        turns = 0
+        while reason is None and turns < _PROBE_TURNS and protocol.has_unread_input():
+            # An SSH channel close may be waiting in the socket; let the
+            # reactor read it before deciding.
+            await deferLater(self._clock, 0)
+            turns += 1
+            reason = protocol.closed_reason()
+        return reason
+
+    def _why_not_resend(self, outgoing: Outgoing, failure: TransportFailure, resends: int, deadline_at: float) -> Optional[str]:
+        """None if the failed request may go out again, else why not."""
+        verb_class = classify(outgoing.verb)
+        point = failure.point
+        if not may_resend(verb_class, point, drain_signal=failure.drain_signal, body_replayable=outgoing.body_replayable):
+            if not outgoing.body_replayable:
+                return "its one-shot body stream was already read"
+            return f"a {verb_class.value} verb is not resent {point.value}"
+        if point is FailurePoint.DURING_RESPONSE and not outgoing.response_replayable:
+            return "part of the response body already went to on_chunk"
+        if not self.policy.resend and point is not FailurePoint.BEFORE_WRITE:
+            return "resending is switched off"
+        if resends >= self.policy.max_resends:
+            return f"already resent {resends} time(s)"
+        if self._remaining(deadline_at) <= 0:
+            return "the call's deadline passed"
+        if not self.budget.allows_retry():
+            return "the retry budget is exhausted"
+        return None
+
+    def _final_error(self, outgoing: Outgoing, failure: TransportFailure, why_not: str) -> Exception:
+        may_have_run = failure.point in (FailurePoint.AFTER_WRITE, FailurePoint.DURING_RESPONSE) and not failure.drain_signal
+        if may_have_run and classify(outgoing.verb) is not VerbClass.READ:
+            self.stats.outcome_unknown += 1
+            self._log.warn(
+                "outcome of {verb} unknown: {reason} {point}; not resent: {why_not}",
+                verb=outgoing.verb.decode("utf-8", "replace"),
+                reason=failure.reason,
+                point=failure.point.value,
+                why_not=why_not,
+                event_kind="outcome_unknown",
+            )
+            return OutcomeUnknown(outgoing.verb, failure, why_not)
+        failure.why_not_resent = why_not
+        return failure

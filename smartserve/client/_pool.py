@@ -1,0 +1,129 @@
+"""Up to N connections, each carrying one request at a time."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Deque, List, Optional
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from ._lifecycle import ConnectionSlot, make_slot
+from ._policy import RetryPolicy
+from ._protocol import Outgoing, SmartClientProtocol
+
+__all__ = ["Pool", "PoolEntry"]
+
+
+@dataclass(eq=False)
+class PoolEntry:
+    """One slot of the pool, and the connection it last handed out."""
+
+    slot: ConnectionSlot
+    protocol: Optional[SmartClientProtocol] = None
+    keepalive_call: object = None
+
+    @property
+    def has_live_connection(self) -> bool:
+        """Whether its last connection is still open."""
+        return self.protocol is not None and not self.protocol.closed.called
+
+
+class Pool:
+    """Hands out slots to calls: at most ``size`` at once, live connections first.
+
+    With ``policy.keepalive_interval`` set, a connection left idle that long
+    is sent a ``hello``; if no answer comes within the interval (or
+    ``request_timeout`` when that is set), the connection is dropped, so the
+    next call connects afresh instead of writing into a dead one.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        connect: Callable[[], Deferred],
+        clock,
+        policy: RetryPolicy,
+        jitter: Callable[[], float],
+        size: int = 1,
+        name: str = "smartserve",
+    ):
+        if size < 1:
+            raise ValueError("a pool needs at least one connection")
+        self._clock = clock
+        self._policy = policy
+        self._entries: List[PoolEntry] = [
+            PoolEntry(make_slot(connect, clock, policy, jitter, f"{name}#{index}"))
+            for index in range(size)
+        ]
+        self._free: List[PoolEntry] = list(self._entries)
+        self._waiting: Deque[Deferred] = deque()
+        self.size = size
+
+    @property
+    def in_use(self) -> int:
+        """How many slots calls hold now."""
+        return self.size - len(self._free)
+
+    def acquire(self) -> Deferred:
+        """A free slot, as soon as there is one; cancelling gives up the wait."""
+        if self._free:
+            return succeed(self._take())
+        waiter: Deferred = Deferred(lambda d: self._waiting.remove(d) if d in self._waiting else None)
+        self._waiting.append(waiter)
+        return waiter
+
+    def release(self, entry: PoolEntry) -> None:
+        """Give ``entry`` back; the longest waiting call gets it."""
+        if self._waiting:
+            self._waiting.popleft().callback(entry)
+            return
+        self._free.append(entry)
+        self._schedule_keepalive(entry)
+
+    def stop(self) -> None:
+        """Close every connection and make no more."""
+        for entry in self._entries:
+            self._cancel_keepalive(entry)
+            entry.slot.stop()
+
+    def _take(self) -> PoolEntry:
+        live = [entry for entry in self._free if entry.has_live_connection]
+        entry = live[-1] if live else self._free[-1]
+        self._free.remove(entry)
+        self._cancel_keepalive(entry)
+        return entry
+
+    def _cancel_keepalive(self, entry: PoolEntry) -> None:
+        call, entry.keepalive_call = entry.keepalive_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _schedule_keepalive(self, entry: PoolEntry) -> None:
+        interval = self._policy.keepalive_interval
+        if interval is None or not entry.has_live_connection:
+            return
+        entry.keepalive_call = self._clock.callLater(interval, self._keepalive, entry)
+
+    def _keepalive(self, entry: PoolEntry) -> None:
+        entry.keepalive_call = None
+        if entry not in self._free or not entry.has_live_connection:
+            return
+        protocol = entry.protocol
+        if protocol.closed_reason() is not None or protocol.busy:
+            return
+        self._free.remove(entry)
+        timeout = self._policy.request_timeout or self._policy.keepalive_interval
+        answer = protocol.send_request(Outgoing(b"hello"), timeout=timeout)
+
+        def answered(reply) -> None:
+            self._log.debug("keepalive hello answered {args!r}", args=reply.args)
+
+        def failed(failure) -> None:
+            self._log.info("keepalive failed, dropping the connection: {reason}", reason=failure.getErrorMessage())
+            entry.slot.discard(f"keepalive failed: {failure.getErrorMessage()}")
+
+        answer.addCallbacks(answered, failed)
+        answer.addBoth(lambda _: self.release(entry))

@@ -1,0 +1,428 @@
+"""One client connection: a Twisted protocol that drives the v3 codec.
+
+``SmartClientProtocol`` carries one request at a time. It only moves bytes
+between the transport and ``smartserve.protocol.Connection`` and turns the
+codec's events into the call's result; what to do when a connection fails
+is decided by the engine in ``_client``.
+
+A failed request is reported as the ``TransportFailure`` subclass for how
+far it got, read off the codec: nothing sent (``RequestNotSent``), part of
+the request sent (``RequestTransmissionFailed``), all of it sent and no
+response byte received (``ResponseNeverReceived``), or part of the response
+received (``ResponseFailed``).
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Tuple, Union
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..protocol import (
+    NEED_DATA,
+    PAUSED,
+    BodyChunk,
+    BodyError,
+    Connection,
+    ConnectionClosed,
+    EndOfMessage,
+    Limits,
+    DEFAULT_LIMITS,
+    ProtocolError,
+    Request,
+    Response,
+    Role,
+    State,
+)
+from ..verbs import FailurePoint
+from ._exceptions import remote_error, transport_failure
+
+__all__ = ["SmartClientProtocol", "Reply", "Outgoing", "DRAIN_EXIT_STATUS"]
+
+DRAIN_EXIT_STATUS = 75
+"""SSH exit status (EX_TEMPFAIL) of a server that closed because it drains."""
+
+BodyStream = Union[Iterable[bytes], Callable[[], Iterable[bytes]], Any]
+
+
+class Reply(NamedTuple):
+    """A successful response: its arguments and its body.
+
+    ``body`` is the whole body as bytes, or None when the body was handed
+    chunk by chunk to the call's ``on_chunk`` callback.
+    """
+
+    args: Tuple[Any, ...]
+    body: Optional[bytes]
+
+
+class Outgoing:
+    """One request as the caller described it, sendable more than once.
+
+    ``body`` is bytes sent as one part. ``body_stream`` is sent as a part per
+    item: a callable returning a fresh iterable (replayable: it is called
+    again for each attempt), or an iterable or async iterable (one-shot: once
+    an item has been taken, the request cannot be sent again). An async
+    iterable must await only Deferreds. ``on_chunk`` receives the response
+    body part by part instead of collecting it.
+    """
+
+    def __init__(
+        self,
+        verb: bytes,
+        args: Tuple[Any, ...] = (),
+        *,
+        body: Optional[bytes] = None,
+        body_stream: Optional[BodyStream] = None,
+        on_chunk: Optional[Callable[[bytes], object]] = None,
+        headers: Optional[Mapping[bytes, Any]] = None,
+    ):
+        if body is not None and body_stream is not None:
+            raise TypeError("give body or body_stream, not both")
+        self.verb = verb
+        self.args = tuple(args)
+        self.body = body
+        self.body_stream = body_stream
+        self.on_chunk = on_chunk
+        self.headers = dict(headers or {})
+        self.stream_consumed = False
+        self.chunks_delivered = 0
+
+    @property
+    def body_replayable(self) -> bool:
+        """Whether the body can be sent again in full."""
+        return self.body_stream is None or callable(self.body_stream) or not self.stream_consumed
+
+    @property
+    def response_replayable(self) -> bool:
+        """Whether a lost response can be asked for again without the caller seeing it twice."""
+        return self.chunks_delivered == 0
+
+    def open_stream(self):
+        """The body stream's items for one attempt."""
+        self.stream_consumed = True
+        stream = self.body_stream
+        return stream() if callable(stream) else stream
+
+
+def _socket_of(transport) -> Optional[socket.socket]:
+    """The socket under a TCP transport or an SSH channel, if there is one."""
+    for candidate in (transport, getattr(getattr(getattr(transport, "conn", None), "transport", None), "transport", None)):
+        get_handle = getattr(candidate, "getHandle", None)
+        if get_handle is not None:
+            handle = get_handle()
+            if isinstance(handle, socket.socket):
+                return handle
+    return None
+
+
+@implementer(IPushProducer)
+class SmartClientProtocol(Protocol):
+    """The client end of one smart protocol connection.
+
+    ``closed`` fires with the loss reason (a ``Failure``) when the
+    connection is gone. ``drain_signal`` is True once the server closed it
+    with exit status 75.
+    """
+
+    _log = Logger()
+
+    def __init__(self, clock, limits: Limits = DEFAULT_LIMITS):
+        self._clock = clock
+        self._codec = Connection(Role.CLIENT, limits)
+        self._pending: Optional[Deferred] = None
+        self._outgoing: Optional[Outgoing] = None
+        self._response: Optional[Response] = None
+        self._body_parts: list = []
+        self._body_error: Optional[tuple] = None
+        self._received_in_cycle = False
+        self._timeout_call = None
+        self._paused: Optional[Deferred] = None
+        self._abort_reason: Optional[str] = None
+        self._lost = False
+        self._reusable = True
+        self.drain_signal = False
+        self.closed: Deferred = Deferred()
+
+    def connectionMade(self) -> None:
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        else:
+            sock = _socket_of(self.transport)
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request is in progress on this connection."""
+        return self._pending is not None
+
+    def closed_reason(self) -> Optional[str]:
+        """Why this connection cannot take a new request, or None if it can.
+
+        Looks at what has already been delivered (a lost connection, an EOF
+        fed to the codec, the SSH peer's channel close) and at a TCP socket's
+        own queue, where a FIN may wait that the reactor has not read yet.
+        """
+        if self._lost:
+            return "connection already closed"
+        if self._codec.their_eof:
+            return "server sent EOF"
+        if getattr(self.transport, "remoteClosed", False):
+            return "server closed the channel"
+        if not self._reusable or self._codec.our_state is not State.IDLE:
+            return "connection not reusable"
+        if self._codec.their_state is not State.IDLE or self._codec.trailing_data:
+            return "server sent bytes outside a response"
+        sock = getattr(self.transport, "getHandle", None) and _socket_of(self.transport)
+        if sock is not None:
+            try:
+                peeked = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError as exc:
+                return f"socket error: {exc}"
+            return "server sent EOF (not yet read)" if peeked == b"" else "server sent bytes outside a response"
+        return None
+
+    def has_unread_input(self) -> bool:
+        """Whether the socket under an SSH channel has bytes the reactor has not read."""
+        sock = _socket_of(self.transport)
+        if sock is None or getattr(self.transport, "getHandle", None) is not None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
+
+    def send_request(self, outgoing: Outgoing, timeout: Optional[float] = None) -> Deferred:
+        """Send ``outgoing`` and return a Deferred that fires with its ``Reply``.
+
+        The Deferred fails with a ``RemoteError`` for an error response,
+        a ``TransportFailure`` subclass if the connection is lost first, or
+        the exception a body stream or ``on_chunk`` raised. Raises
+        ``RuntimeError`` if a request is already in progress.
+        """
+        if self._pending is not None:
+            raise RuntimeError("one request at a time per connection")
+        self._pending = Deferred()
+        result = self._pending
+        self._outgoing = outgoing
+        self._response = None
+        self._body_parts = []
+        self._body_error = None
+        self._received_in_cycle = False
+        self._abort_reason = None
+        if timeout is not None:
+            self._timeout_call = self._clock.callLater(timeout, self._time_out, timeout)
+        if self._lost:
+            self._fail_pending(Failure(ConnectionError("connection already closed")))
+            return result
+        try:
+            self._write(Request((outgoing.verb,) + outgoing.args, outgoing.headers))
+            if outgoing.body_stream is not None:
+                Deferred.fromCoroutine(self._write_stream(outgoing)).addErrback(self._stream_failed)
+            else:
+                if outgoing.body is not None:
+                    self._write(BodyChunk(outgoing.body))
+                self._write(EndOfMessage())
+        except ProtocolError as exc:
+            self.abort(f"cannot encode request: {exc}", exc)
+        return result
+
+    def abort(self, reason: str, error: Optional[BaseException] = None) -> None:
+        """Drop the connection at once; a request in progress fails with ``reason``.
+
+        ``error``, when given, is what the request fails with instead of a
+        ``TransportFailure``.
+        """
+        if self._abort_reason is None:
+            self._abort_reason = reason
+            self._abort_error = error
+        self._reusable = False
+        if self._lost:
+            return
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+            return
+        ssh_socket_transport = getattr(getattr(getattr(self.transport, "conn", None), "transport", None), "transport", None)
+        if ssh_socket_transport is not None:
+            ssh_socket_transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    def close(self) -> None:
+        """Close the connection once what was written has been sent."""
+        self._reusable = False
+        if not self._lost:
+            self.transport.loseConnection()
+
+    def _write(self, event) -> None:
+        self.transport.write(self._codec.send(event))
+
+    async def _write_stream(self, outgoing: Outgoing) -> None:
+        self.transport.registerProducer(self, True)
+        try:
+            items = outgoing.open_stream()
+            if hasattr(items, "__aiter__"):
+                async for item in items:
+                    if not await self._ready_to_write():
+                        return
+                    self._write(BodyChunk(item))
+            else:
+                for item in items:
+                    if not await self._ready_to_write():
+                        return
+                    self._write(BodyChunk(item))
+            if not self._lost and self._pending is not None:
+                self._write(EndOfMessage())
+        finally:
+            if not self._lost:
+                self.transport.unregisterProducer()
+
+    async def _ready_to_write(self) -> bool:
+        while self._paused is not None and not self._lost:
+            await self._paused
+        return not self._lost and self._pending is not None and self._codec.our_state is State.BODY
+
+    def _stream_failed(self, failure: Failure) -> None:
+        self.abort(f"request body stream failed: {failure.value!r}", failure.value)
+
+    def pauseProducing(self) -> None:
+        if self._paused is None:
+            self._paused = Deferred()
+
+    def resumeProducing(self) -> None:
+        paused, self._paused = self._paused, None
+        if paused is not None:
+            paused.callback(None)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()
+
+    def _time_out(self, timeout: float) -> None:
+        self._timeout_call = None
+        self.abort(f"no response within {timeout:g} s")
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._pending is not None:
+            self._received_in_cycle = True
+        try:
+            self._codec.receive_data(data)
+        except ProtocolError as exc:
+            self.abort(f"protocol error: {exc}")
+            return
+        self._process_events()
+
+    def _process_events(self) -> None:
+        while not self._lost or self._pending is not None:
+            try:
+                event = self._codec.next_event()
+            except ProtocolError as exc:
+                self.abort(f"protocol error: {exc}")
+                return
+            if event is NEED_DATA or event is PAUSED or isinstance(event, ConnectionClosed):
+                return
+            if self._pending is None:
+                self.abort("server sent a response to no request")
+                return
+            if isinstance(event, Response):
+                self._response = event
+            elif isinstance(event, BodyChunk):
+                self._take_chunk(event.data)
+            elif isinstance(event, BodyError):
+                self._body_error = event.args
+            elif isinstance(event, EndOfMessage):
+                self._finish()
+
+    def _take_chunk(self, data: bytes) -> None:
+        outgoing = self._outgoing
+        if outgoing.on_chunk is not None and self._response.success and self._body_error is None:
+            outgoing.chunks_delivered += 1
+            try:
+                outgoing.on_chunk(data)
+            except Exception as exc:
+                self.abort(f"on_chunk raised {exc!r}", exc)
+        else:
+            self._body_parts.append(data)
+
+    def _finish(self) -> None:
+        if self._codec.our_state is State.DONE:
+            self._codec.start_next_cycle()
+        else:
+            # The server answered before the whole request was sent.
+            self._reusable = False
+            self.close()
+        pending, outgoing, response = self._pending, self._outgoing, self._response
+        self._clear_request()
+        body = b"".join(self._body_parts)
+        self._body_parts = []
+        if response.success and self._body_error is None:
+            has_body = outgoing.on_chunk is None
+            pending.callback(Reply(tuple(response.args), body if has_body else None))
+        else:
+            pending.errback(remote_error(outgoing.verb, tuple(self._body_error or response.args), body))
+
+    def _clear_request(self) -> None:
+        self._pending = None
+        self._outgoing = None
+        if self._timeout_call is not None and self._timeout_call.active():
+            self._timeout_call.cancel()
+        self._timeout_call = None
+
+    def failure_point(self) -> FailurePoint:
+        """How far the request in progress got, from what the codec sent and received."""
+        if self._received_in_cycle:
+            return FailurePoint.DURING_RESPONSE
+        state = self._codec.our_state
+        if state is State.IDLE:
+            return FailurePoint.BEFORE_WRITE
+        if state is State.DONE:
+            return FailurePoint.AFTER_WRITE
+        return FailurePoint.DURING_WRITE
+
+    def _fail_pending(self, reason: Failure) -> None:
+        pending, outgoing = self._pending, self._outgoing
+        point = self.failure_point()
+        self._codec.send_failed()
+        self._clear_request()
+        error = getattr(self, "_abort_error", None) if self._abort_reason else None
+        if error is not None:
+            pending.errback(error)
+            return
+        why = self._abort_reason or _describe(reason)
+        drain = self.drain_signal and point is not FailurePoint.DURING_RESPONSE
+        pending.errback(transport_failure(outgoing.verb, point, why, drain_signal=drain))
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._lost = True
+        self._reusable = False
+        value = reason.value if reason is not None else None
+        if isinstance(value, ProcessTerminated) and value.exitCode == DRAIN_EXIT_STATUS:
+            self.drain_signal = True
+        self.resumeProducing()
+        if self._pending is not None:
+            if not self._codec.their_eof:
+                self._codec.receive_data(b"")
+            self._fail_pending(reason)
+        self.closed.callback(reason)
+
+
+def _describe(reason: Optional[Failure]) -> str:
+    if reason is None:
+        return "connection lost"
+    value = reason.value
+    if isinstance(value, ProcessTerminated):
+        return f"server exited with status {value.exitCode}"
+    return str(value) or type(value).__name__

@@ -1,0 +1,272 @@
+"""Fixtures for the client tests: a real `brz serve` and a fault-injecting relay."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from twisted.internet import defer, protocol, reactor
+
+VENV_BIN = Path(sys.executable).parent
+BRZ = str(VENV_BIN / "brz")
+
+
+def brz_env(home: Path) -> dict:
+    """The environment for running `brz` with a private home folder."""
+    home.mkdir(parents=True, exist_ok=True)
+    return dict(
+        os.environ,
+        HOME=str(home),
+        BRZ_HOME=str(home),
+        BRZ_EMAIL="Test User <test@example.com>",
+        BRZ_LOG=str(home / "brz.log"),
+        BRZ_DISABLE_PLUGINS="launchpad",
+        PYTHONUNBUFFERED="1",
+    )
+
+
+class BrzServe:
+    """A real `brz serve --allow-writes` on 127.0.0.1, serving ``root``."""
+
+    def __init__(self, root: Path, home: Path):
+        self.root = root
+        self.env = brz_env(home)
+        self.process = None
+        self.port = None
+
+    def start(self, timeout: float = 30.0) -> "BrzServe":
+        """Start the server on a free port and wait until it accepts connections.
+
+        `brz serve` prints its port only when it exits (its output is
+        buffered), so the port is picked here.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process = subprocess.Popen(
+            [BRZ, "serve", "--listen=127.0.0.1", f"--port={self.port}", "--allow-writes", f"--directory={self.root}"],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"brz serve exited: {self.process.stderr.read()!r}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise AssertionError("brz serve did not start listening")
+
+    @property
+    def url(self) -> str:
+        """The bzr:// URL of the served root."""
+        return f"bzr://127.0.0.1:{self.port}/"
+
+    def brz(self, *args, cwd=None) -> str:
+        """Run `brz args` with the server's environment; return its output."""
+        proc = subprocess.run(
+            [BRZ, *map(str, args)], cwd=cwd, env=self.env, capture_output=True, text=True, timeout=120
+        )
+        if proc.returncode != 0:
+            raise AssertionError(f"brz {args} failed: {proc.stderr}")
+        return proc.stdout
+
+    def stop(self) -> None:
+        """Stop the server and wait for it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def brz_serve(tmp_path_factory):
+    """One `brz serve` for the whole session; tests work in their own subfolder."""
+    base = tmp_path_factory.mktemp("brz-serve")
+    server = BrzServe(base / "root", base / "home").start()
+    yield server
+    server.stop()
+
+
+_counter = iter(range(1_000_000))
+
+
+@pytest.fixture
+def workdir(brz_serve):
+    """A fresh folder under the served root: (its path on disk, its path on the server)."""
+    name = f"t{next(_counter)}"
+    path = brz_serve.root / name
+    path.mkdir()
+    return path, f"/{name}"
+
+
+class _RelayServerSide(protocol.Protocol):
+    """The relay's connection to the real server."""
+
+    def __init__(self, link):
+        self.link = link
+
+    def connectionMade(self):
+        self.link.server_connected(self)
+
+    def dataReceived(self, data):
+        self.link.from_server(data)
+
+    def connectionLost(self, reason):
+        self.link.server_lost()
+
+
+class _RelayLink(protocol.Protocol):
+    """One client connection through the relay, and its faults."""
+
+    def __init__(self, relay):
+        self.relay = relay
+        self.server = None
+        self.pending = []
+        self.to_server = 0
+        self.to_client = 0
+        self.cut = False
+
+    def connectionMade(self):
+        self.transport.setTcpNoDelay(True)
+        self.relay.links.append(self)
+        self.relay.connections += 1
+        factory = protocol.ClientFactory.forProtocol(lambda: _RelayServerSide(self))
+        reactor.connectTCP("127.0.0.1", self.relay.server_port, factory)
+
+    def server_connected(self, server):
+        self.server = server
+        server.transport.setTcpNoDelay(True)
+        if self.cut:
+            server.transport.loseConnection()
+            return
+        for data in self.pending:
+            self._forward(data, to_server=True)
+        self.pending = []
+
+    def dataReceived(self, data):
+        if self.server is None:
+            self.pending.append(data)
+        else:
+            self._forward(data, to_server=True)
+
+    def from_server(self, data):
+        self._forward(data, to_server=False)
+
+    def _forward(self, data, to_server):
+        relay = self.relay
+        if self.cut:
+            return
+        if relay.silent:
+            relay.swallowed += len(data)
+            return
+        sent = self.to_server if to_server else self.to_client
+        limit = relay.cut_client_to_server if to_server else relay.cut_server_to_client
+        if limit is not None and sent + len(data) >= limit:
+            data = data[: max(0, limit - sent)]
+            relay.cut_client_to_server = relay.cut_server_to_client = None
+            self._send(data, to_server)
+            self.cut_both()
+            relay.cuts += 1
+            return
+        self._send(data, to_server)
+
+    def _send(self, data, to_server):
+        if not data:
+            return
+        if to_server:
+            self.to_server += len(data)
+            self.server.transport.write(data)
+        else:
+            self.to_client += len(data)
+            self.transport.write(data)
+
+    def cut_both(self):
+        """Close both sides at once (abortive on the client side)."""
+        self.cut = True
+        self.transport.abortConnection()
+        if self.server is not None:
+            self.server.transport.loseConnection()
+
+    def server_lost(self):
+        if not self.cut:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        if self in self.relay.links:
+            self.relay.links.remove(self)
+        if self.server is not None and not self.cut:
+            self.server.transport.loseConnection()
+        self.relay._lost_waiters, waiters = [], self.relay._lost_waiters
+        for waiter in waiters:
+            waiter.callback(None)
+
+
+class FaultRelay(protocol.Factory):
+    """A TCP relay in front of a real server that breaks connections on command.
+
+    ``cut_client_to_server = N`` closes the next connection to forward
+    past its Nth byte towards the server (counted per connection), and
+    ``cut_server_to_client`` the same towards the client; each is used
+    once. ``silent`` stops forwarding without closing anything.
+    ``close_all()`` closes every open connection between requests.
+    """
+
+    def __init__(self, server_port: int):
+        self.server_port = server_port
+        self.links = []
+        self.connections = 0
+        self.cuts = 0
+        self.swallowed = 0
+        self.silent = False
+        self.cut_client_to_server = None
+        self.cut_server_to_client = None
+        self._lost_waiters = []
+        self.port = None
+
+    def buildProtocol(self, addr):
+        return _RelayLink(self)
+
+    def listen(self) -> "FaultRelay":
+        self.port = reactor.listenTCP(0, self, interface="127.0.0.1")
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"bzr://127.0.0.1:{self.port.getHost().port}/"
+
+    def close_all(self) -> defer.Deferred:
+        """Close every relayed connection; fires once the first close is seen."""
+        waiter = defer.Deferred()
+        self._lost_waiters.append(waiter)
+        for link in list(self.links):
+            link.transport.loseConnection()
+            if link.server is not None:
+                link.server.transport.loseConnection()
+        return waiter
+
+    def stop(self) -> defer.Deferred:
+        for link in list(self.links):
+            link.cut_both()
+        return defer.maybeDeferred(self.port.stopListening)
+
+
+@pytest.fixture
+def relay(brz_serve):
+    """A FaultRelay in front of the session's `brz serve`."""
+    relay = FaultRelay(brz_serve.port).listen()
+    yield relay
+    relay.stop()

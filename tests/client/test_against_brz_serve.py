@@ -1,0 +1,137 @@
+"""The client against a real `brz serve` over TCP."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from breezy.bzr.groupcompress_repo import RepositoryFormat2a
+from breezy.bzr.smart.repository import _byte_stream_to_stream
+
+from smartserve.client import FileExists, NoSuchFile, ReadError, RemoteError, SmartClient, UnknownMethod
+
+
+@pytest.fixture
+def client(brz_serve):
+    client = SmartClient.from_url(brz_serve.url)
+    yield client
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_call_hello_answers_protocol_version(client):
+    """`hello` answers ok and protocol version 2, as `brz serve` says it."""
+    reply = await client.call(b"hello")
+    assert reply.args == (b"ok", b"2")
+
+
+@pytest_twisted.ensureDeferred
+async def test_call_put_then_get_returns_the_bytes(client, workdir):
+    """Bytes written with `put` come back from `get` and are on disk."""
+    path, remote = workdir
+    data = bytes(range(256)) * 100
+    assert (await client.call(b"put", f"{remote}/file".encode(), b"", body=data)).args == (b"ok",)
+    reply = await client.call(b"get", f"{remote}/file".encode())
+    assert reply == (( b"ok",), data)
+    assert (path / "file").read_bytes() == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_call_put_with_body_stream_sends_every_part(client, workdir):
+    """A request body given as a stream of parts arrives whole."""
+    path, remote = workdir
+    parts = [b"first ", b"second ", b"third"]
+    await client.call(b"put", f"{remote}/streamed".encode(), b"", body_stream=lambda: iter(parts))
+    assert (path / "streamed").read_bytes() == b"".join(parts)
+
+
+@pytest_twisted.ensureDeferred
+async def test_call_append_adds_bytes_and_reports_offset(client, workdir):
+    """`append` adds at the end and answers the offset it wrote at."""
+    path, remote = workdir
+    (path / "log").write_bytes(b"12345")
+    reply = await client.call(b"append", f"{remote}/log".encode(), b"", body=b"678")
+    assert reply.args == (b"appended", b"5")
+    assert (path / "log").read_bytes() == b"12345678"
+
+
+@pytest_twisted.ensureDeferred
+async def test_call_readv_returns_requested_ranges(client, workdir):
+    """`readv` returns the concatenated ranges asked for in its body."""
+    path, remote = workdir
+    (path / "data").write_bytes(b"0123456789abcdef")
+    reply = await client.call(b"readv", f"{remote}/data".encode(), body=b"0,3\n10,4")
+    assert reply == ((b"readv",), b"012abcd")
+
+
+@pytest_twisted.ensureDeferred
+async def test_call_stat_has_list_dir_describe_files(client, workdir):
+    """`stat`, `has` and `list_dir` report what is on disk."""
+    path, remote = workdir
+    (path / "a").write_bytes(b"xyz")
+    (path / "b").write_bytes(b"")
+    stat = await client.call(b"stat", f"{remote}/a".encode())
+    assert stat.args[:2] == (b"stat", b"3")
+    assert (await client.call(b"has", f"{remote}/a".encode())).args == (b"yes",)
+    assert (await client.call(b"has", f"{remote}/zzz".encode())).args == (b"no",)
+    listing = await client.call(b"list_dir", remote.encode())
+    assert listing.args[0] == b"names" and sorted(listing.args[1:]) == [b"a", b"b"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_call_remote_errors_raise_classes_with_error_tuple(client, workdir):
+    """Error responses raise the matching RemoteError subclass carrying the tuple."""
+    path, remote = workdir
+    with pytest.raises(NoSuchFile) as missing:
+        await client.call(b"get", f"{remote}/missing".encode())
+    assert missing.value.error_args[0] == b"NoSuchFile"
+    assert missing.value.verb == b"get"
+    await client.call(b"mkdir", f"{remote}/dir".encode(), b"")
+    with pytest.raises(FileExists):
+        await client.call(b"mkdir", f"{remote}/dir".encode(), b"")
+    with pytest.raises(ReadError):
+        await client.call(b"get", f"{remote}/dir".encode())
+    with pytest.raises(UnknownMethod) as unknown:
+        await client.call(b"No.such_verb")
+    assert isinstance(unknown.value, RemoteError)
+    assert unknown.value.error_args == (b"UnknownMethod", b"No.such_verb")
+    assert (await client.call(b"hello")).args[0] == b"ok"
+
+
+@pytest.fixture
+def branch(brz_serve, workdir):
+    """A real 2a branch with three revisions under the served root."""
+    path, remote = workdir
+    tree = path / "branch"
+    brz_serve.brz("init", "-q", tree)
+    for number in range(3):
+        (tree / "file.txt").write_text(f"revision {number}\n")
+        if number == 0:
+            brz_serve.brz("add", "-q", cwd=tree)
+        brz_serve.brz("commit", "-q", "-m", f"revision {number}", cwd=tree)
+    return tree, remote + "/branch/"
+
+
+@pytest_twisted.ensureDeferred
+async def test_call_get_stream_streams_a_decodable_branch(client, branch, brz_serve):
+    """Repository.get_stream_1.19 of a real branch streams every revision brz reports."""
+    tree, remote = branch
+    chunks = []
+    reply = await client.call(
+        b"Repository.get_stream_1.19",
+        remote.encode(),
+        RepositoryFormat2a().network_name(),
+        body=b"everything",
+        on_chunk=chunks.append,
+    )
+    assert reply.args == (b"ok",) and reply.body is None
+    assert len(chunks) > 1
+    src_format, stream = _byte_stream_to_stream(iter(chunks))
+    assert src_format.network_name() == RepositoryFormat2a().network_name()
+    revisions = []
+    for kind, substream in stream:
+        for record in substream:
+            if kind == "revisions":
+                revisions.append(record.key)
+    assert len(revisions) == int(brz_serve.brz("revno", tree).strip()) == 3
+    last = await client.call(b"Branch.last_revision_info", remote.encode())
+    assert last.args[:2] == (b"ok", b"3")
