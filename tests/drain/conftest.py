@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import re
 import socket
 import subprocess
@@ -16,7 +17,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from conftest import VENV_BIN, SmartserveProcess, wait_for
+from support import VENV_BIN, SmartserveProcess, wait_for
 from smartserve.testing import RawClient
 
 SMARTSERVE = str(VENV_BIN / "smartserve")
@@ -81,6 +82,13 @@ def run_smartserve(*args, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [SMARTSERVE, *map(str, args)], capture_output=True, text=True, timeout=timeout
     )
+
+
+def server_status(server: ServerProcess) -> dict:
+    """The server's answer to `smartserve status --json`."""
+    done = run_smartserve("status", "--control", server.control, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 def free_port() -> int:

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import wait_for
+from support import wait_for
 
 from .conftest import ConnectionLoop, ServerProcess, free_port
 

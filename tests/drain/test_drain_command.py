@@ -1,0 +1,100 @@
+"""`smartserve drain` and `smartserve status` against a real server process."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from smartserve.testing import RawClient
+
+from .conftest import ServerProcess, run_smartserve
+
+pytestmark = pytest.mark.timeout(90)
+
+BIG = 48 * 1024 * 1024
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A server on bzr:// with one big file under its root."""
+    data = tmp_path / "data"
+    (data / "branches").mkdir(parents=True)
+    (data / "branches" / "big.bin").write_bytes(b"\xa5" * BIG)
+    process = ServerProcess(data, ["--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none"]).start()
+    yield process
+    process.stop()
+
+
+def stuck_client(port: int) -> RawClient:
+    """A client that asks for the big file and never reads the answer."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    client = RawClient(sock)
+    client.send_request([b"get", b"big.bin"])
+    return client
+
+
+def test_status_json_while_serving(server):
+    """`smartserve status --json` prints the serving state, the pid and the requests counted so far."""
+    client = RawClient.connect("127.0.0.1", server.port)
+    client.call(b"hello")
+    done = run_smartserve("status", "--control", server.control, "--json")
+    client.close()
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["state"] == "serving"
+    assert status["pid"] == server.pid
+    assert status["connections"] == 1
+    assert {"verb_class": "read", "count": 1} in status["requests"]
+
+
+def test_status_text_names_state(server):
+    """`smartserve status` prints one line with the pid and the state."""
+    done = run_smartserve("status", "--control", server.control)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"pid {server.pid}: serving: 0 connections open, 0 busy")
+
+
+def test_drain_command_drained_exits_0(server):
+    """With only idle connections, `smartserve drain` prints progress and 'drained', exits 0, and the server exits."""
+    client = RawClient.connect("127.0.0.1", server.port)
+    client.call(b"hello")
+    done = run_smartserve("drain", "--control", server.control)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "drained"
+    assert client.wait_closed() == b""
+    assert server.wait_exit(30) == 0
+
+
+def test_drain_command_timed_out_exits_1(server):
+    """With a request stuck at the deadline, `smartserve drain --timeout 1` says it timed out, exits 1, and the stuck connection is aborted."""
+    client = stuck_client(server.port)
+    try:
+        progress = run_smartserve("status", "--control", server.control, "--json")
+        assert json.loads(progress.stdout)["connections"] == 1
+        done = run_smartserve("drain", "--control", server.control, "--timeout", "1")
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "timed out: aborted 1 connections" in done.stderr
+        assert "draining: 1 connections open" in done.stdout
+        assert server.wait_exit(30) == 0
+        assert "Drain deadline passed: aborted 1 connections" in server.log()
+    finally:
+        client.close()
+
+
+def test_drain_command_no_server_exits_2(tmp_path):
+    """With nothing on the control socket, `smartserve drain` says so and exits 2."""
+    done = run_smartserve("drain", "--control", tmp_path / "nothing.sock")
+    assert done.returncode == 2
+    assert "no server answers" in done.stderr
+    assert done.stdout == ""
+
+
+def test_status_no_server_exits_2(tmp_path):
+    """With nothing on the control socket, `smartserve status` exits 2."""
+    done = run_smartserve("status", "--control", tmp_path / "nothing.sock")
+    assert done.returncode == 2
+    assert "no server answers" in done.stderr
