@@ -11,6 +11,7 @@ a real server process byte by byte.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -37,7 +38,7 @@ from .server.jail import Writable
 from .server.protocol import SmartServerFactory, SmartServerProtocol
 from .server.reply import Reply
 
-__all__ = ["MemoryBackend", "serve_in_memory", "RawClient", "RawReply"]
+__all__ = ["MemoryBackend", "serve_in_memory", "encode_request", "RawClient", "RawReply"]
 
 
 @implementer(IBackend)
@@ -172,14 +173,16 @@ class RawReply:
 
 
 class RawClient:
-    """A blocking smart protocol client on one socket, one request at a time.
+    """A blocking smart protocol client on one socket (or a pair of pipes), one request at a time.
 
     ``call`` returns the reply, or raises ``ConnectionError`` if the server
     closed the connection before the response ended.
     """
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: Optional[socket.socket], *, write=None, read=None):
         self.sock = sock
+        self._write = write or sock.sendall
+        self._read = read or sock.recv
         self._codec = Connection(Role.CLIENT)
         self._sent_one = False
 
@@ -190,6 +193,16 @@ class RawClient:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return cls(sock)
 
+    @classmethod
+    def over_pipes(cls, stdin, stdout) -> "RawClient":
+        """A client writing to the binary file ``stdin`` and reading ``stdout``, such as an ``ssh`` process's."""
+
+        def write(data: bytes) -> None:
+            stdin.write(data)
+            stdin.flush()
+
+        return cls(None, write=write, read=lambda size: os.read(stdout.fileno(), size))
+
     def send_request(self, args: Iterable, body: Optional[bytes] = None) -> None:
         """Write one request without waiting for its response."""
         if self._sent_one:
@@ -198,7 +211,7 @@ class RawClient:
         data = self._codec.send(Request(tuple(args)))
         if body is not None:
             data += self._codec.send(BodyChunk(body))
-        self.sock.sendall(data + self._codec.send(EndOfMessage()))
+        self._write(data + self._codec.send(EndOfMessage()))
 
     def read_reply(self) -> RawReply:
         """Read the response to the request written last."""
@@ -207,7 +220,7 @@ class RawClient:
         while True:
             event = self._codec.next_event()
             if event is NEED_DATA:
-                data = self.sock.recv(65536)
+                data = self._read(65536)
                 self._codec.receive_data(data)
                 continue
             if isinstance(event, Response):
@@ -230,11 +243,12 @@ class RawClient:
         """Block until the server closes the connection; returns what it sent meanwhile."""
         received = []
         while True:
-            data = self.sock.recv(65536)
+            data = self._read(65536)
             if not data:
                 return b"".join(received)
             received.append(data)
 
     def close(self) -> None:
-        """Close the socket."""
-        self.sock.close()
+        """Close the socket, if there is one."""
+        if self.sock is not None:
+            self.sock.close()

@@ -1,0 +1,91 @@
+"""Drain over SSH with the real OpenSSH client: an idle session ends with exit status 75."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+from smartserve.testing import RawClient
+
+from support import wait_for
+
+from .conftest import ServerProcess, server_status
+
+SSH = shutil.which("ssh")
+SSH_KEYGEN = shutil.which("ssh-keygen")
+
+pytestmark = [
+    pytest.mark.skipif(SSH is None or SSH_KEYGEN is None, reason="the OpenSSH client is not installed"),
+    pytest.mark.timeout(60),
+]
+
+EX_TEMPFAIL = 75
+SIZE = 8 * 1024 * 1024
+
+
+@pytest.fixture
+def ssh_server(tmp_path):
+    """A server on SSH only, on a free port, where the key ``tmp_path/id_ed25519`` logs in as alice."""
+    key = tmp_path / "id_ed25519"
+    subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", "alice", "-f", str(key)], check=True)
+    data = tmp_path / "data"
+    (data / "keys").mkdir(parents=True)
+    shutil.copy(key.with_suffix(".pub"), data / "keys" / "alice.pub")
+    server = ServerProcess(data, ["--ssh", "tcp:0:interface=127.0.0.1"]).start()
+    port = server.listening["ssh"]
+    host_key = (data / "ssh_host_ed25519_key.pub").read_text().split()
+    (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+    server.ssh_key = key
+    yield server
+    server.stop()
+
+
+def start_smart_session(server: ServerProcess) -> subprocess.Popen:
+    """Run ``bzr serve --inet`` through the real ssh, with its stdin and stdout as pipes."""
+    base = server.data.parent
+    argv = [
+        SSH, "-F", "/dev/null", "-i", str(server.ssh_key),
+        "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={base / 'known_hosts'}",
+        "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+        "-p", str(server.listening["ssh"]), "alice@127.0.0.1",
+        "bzr", "serve", "--inet", "--directory=/", "--allow-writes",
+    ]  # fmt: skip
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_ssh_idle_session_exits_75_on_drain(ssh_server):
+    """An idle bzr+ssh session is closed by a drain with exit status 75, and the server then exits."""
+    session = start_smart_session(ssh_server)
+    try:
+        client = RawClient.over_pipes(session.stdin, session.stdout)
+        assert client.call(b"hello").args == (b"ok", b"2")
+        ssh_server.process.send_signal(signal.SIGHUP)
+        assert session.wait(timeout=10) == EX_TEMPFAIL, session.stderr.read()
+    finally:
+        if session.poll() is None:
+            session.kill()
+        session.wait()
+    assert ssh_server.wait_exit(30) == 0
+
+
+def test_ssh_busy_session_finishes_then_exits_75(ssh_server):
+    """A session whose request is running when the drain starts gets its whole response, then exit status 75."""
+    (ssh_server.data / "branches" / "big.bin").write_bytes(b"\x5a" * SIZE)
+    session = start_smart_session(ssh_server)
+    try:
+        client = RawClient.over_pipes(session.stdin, session.stdout)
+        assert client.call(b"hello").args == (b"ok", b"2")
+        client.send_request([b"get", b"big.bin"])
+        # Unread, the response fills the pipe and the SSH window: the request stays busy.
+        wait_for(lambda: server_status(ssh_server)["busy"] == 1, 10, "the request to run")
+        ssh_server.process.send_signal(signal.SIGHUP)
+        reply = client.read_reply()
+        assert reply.body == b"\x5a" * SIZE
+        assert session.wait(timeout=10) == EX_TEMPFAIL, session.stderr.read()
+    finally:
+        if session.poll() is None:
+            session.kill()
+        session.wait()
