@@ -1,0 +1,244 @@
+"""A blocking smart-protocol client for the soak: one OpenSSH session, resends by the table.
+
+Each ``SoakClient`` talks v3 through a real ``ssh ... bzr serve --inet``
+process, reading and writing its pipes with smartserve's sans-IO codec.
+A new session starts with a ``hello`` so that a failure to connect is never
+mistaken for a request lost in flight. Before each request the session is
+probed: an EOF already waiting means the server closed it (a drain), so a
+new session is made and nothing is counted.
+
+When a session dies under a request, ``smartserve.verbs.may_resend``
+decides, from the verb's class, how far the request got and whether the
+server sent exit status 75 (it was draining and did not start the request),
+whether to send it again. A verb that may not be resent fails with
+``OutcomeUnknown``: the soak then neither counts it as acknowledged nor as
+lost.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import subprocess
+import time
+from typing import List, Optional, Tuple
+
+from smartserve.protocol import (
+    NEED_DATA,
+    PAUSED,
+    BodyChunk,
+    BodyError,
+    Connection,
+    ConnectionClosed,
+    EndOfMessage,
+    ProtocolError,
+    Request,
+    Response,
+    Role,
+)
+from smartserve.verbs import FailurePoint, classify, may_resend
+
+__all__ = ["SoakClient", "CallFailed", "OutcomeUnknown", "Lost", "DRAIN_EXIT_STATUS"]
+
+DRAIN_EXIT_STATUS = 75
+_SERVE = "bzr serve --inet --directory=/ --allow-writes"
+
+
+class CallFailed(Exception):
+    """A call that did not succeed; ``reason`` is a short word for the report."""
+
+    reason = "failed"
+
+
+class OutcomeUnknown(CallFailed):
+    """The request may have run, and its verb may not be sent again."""
+
+    reason = "outcome-unknown"
+
+
+class GaveUp(CallFailed):
+    """Resends or reconnects ran out before the call's deadline."""
+
+    reason = "gave-up"
+
+
+class Refused(CallFailed):
+    """The server answered with an error."""
+
+    reason = "error-reply"
+
+
+class Lost(Exception):
+    """The session ended under a request, at ``point``; ``drained`` if exit status was 75."""
+
+    def __init__(self, point: FailurePoint, drained: bool, why: str):
+        super().__init__(why)
+        self.point = point
+        self.drained = drained
+
+
+class _Session:
+    """One ``ssh`` process speaking the smart protocol on its pipes."""
+
+    def __init__(self, ssh_command: List[str], stderr):
+        self.process = subprocess.Popen(
+            [*ssh_command, _SERVE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, bufsize=0
+        )
+        self.codec = Connection(Role.CLIENT)
+        self._eof = False
+
+    def probe_closed(self) -> bool:
+        """True if the server has already closed the session (EOF waiting, or ssh gone)."""
+        if self.process.poll() is not None:
+            return True
+        readable, _, _ = select.select([self.process.stdout], [], [], 0)
+        return bool(readable)  # between requests, anything readable is an EOF
+
+    def call(self, args: Tuple, body: Optional[bytes], timeout: float) -> Tuple[Tuple, bytes, bool]:
+        """Send one request, return ``(args, body, success)``; raises ``Lost``."""
+        data = self.codec.send(Request(args))
+        if body is not None:
+            data += self.codec.send(BodyChunk(body))
+        data += self.codec.send(EndOfMessage())
+        try:
+            self.process.stdin.write(data)
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise Lost(FailurePoint.DURING_WRITE, False, "ssh gone while writing") from None
+        deadline = time.monotonic() + timeout
+        response = None
+        chunks = []
+        received_any = False
+        while True:
+            try:
+                event = self.codec.next_event()
+            except ProtocolError as exc:
+                raise Lost(FailurePoint.DURING_RESPONSE, False, f"protocol error: {exc}") from None
+            if event is NEED_DATA or event is PAUSED:
+                remaining = deadline - time.monotonic()
+                readable, _, _ = select.select([self.process.stdout], [], [], max(remaining, 0))
+                if not readable:
+                    raise Lost(FailurePoint.DURING_RESPONSE if received_any else FailurePoint.AFTER_WRITE,
+                               False, "no response before the deadline")
+                piece = os.read(self.process.stdout.fileno(), 65536)
+                if piece:
+                    received_any = True
+                    self.codec.receive_data(piece)
+                    continue
+                self.codec.receive_data(b"")
+                if not received_any:
+                    drained = self._exit_status() == DRAIN_EXIT_STATUS
+                    raise Lost(FailurePoint.AFTER_WRITE, drained, f"EOF before the response (exit {self._exit_status()})")
+                continue
+            kind = type(event)
+            if kind is Response:
+                response = event
+            elif kind is BodyChunk:
+                chunks.append(event.data)
+            elif kind is BodyError:
+                response = Response(event.args, success=False)
+            elif kind is EndOfMessage:
+                self.codec.start_next_cycle()
+                return response.args, b"".join(chunks), response.success
+            elif kind is ConnectionClosed:
+                raise Lost(FailurePoint.DURING_RESPONSE, False, "EOF in the middle of the response")
+
+    def _exit_status(self) -> Optional[int]:
+        try:
+            return self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for pipe in (self.process.stdout, self.process.stdin):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+
+class SoakClient:
+    """Calls through one session at a time, reconnecting and resending by the table.
+
+    ``stats`` counts reconnects after a probe, resends by reason, and new
+    sessions that failed their ``hello``.
+    """
+
+    def __init__(self, ssh_command: List[str], *, stderr=subprocess.DEVNULL, call_timeout: float = 60.0,
+                 max_resends: int = 6, rng: Optional[random.Random] = None):
+        self.ssh_command = ssh_command
+        self.stderr = stderr
+        self.call_timeout = call_timeout
+        self.max_resends = max_resends
+        self.rng = rng or random.Random()
+        self.session: Optional[_Session] = None
+        self.stats = {"probe_reconnects": 0, "connect_failures": 0, "resends": 0, "drain_resends": 0}
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+    def _connected(self, deadline: float) -> _Session:
+        attempt = 0
+        while True:
+            if self.session is not None and not self.session.probe_closed():
+                return self.session
+            if self.session is not None:
+                self.session.close()
+                self.session = None
+                self.stats["probe_reconnects"] += 1
+            session = _Session(self.ssh_command, self.stderr)
+            try:
+                session.call((b"hello",), None, timeout=max(deadline - time.monotonic(), 0.1))
+            except Lost:
+                session.close()
+                self.stats["connect_failures"] += 1
+                attempt += 1
+                delay = min(0.05 * 2 ** attempt, 1.0) * (0.5 + self.rng.random())
+                if time.monotonic() + delay > deadline:
+                    raise GaveUp("could not connect before the deadline") from None
+                time.sleep(delay)  # backoff between connection attempts
+                continue
+            self.session = session
+            return session
+
+    def call(self, args: Tuple, body: Optional[bytes] = None) -> Tuple[Tuple, bytes]:
+        """Run one request; return ``(args, body)`` of a successful reply.
+
+        Raises ``Refused`` for an error reply, ``OutcomeUnknown`` when the
+        request may have run and may not be resent, ``GaveUp`` otherwise.
+        """
+        verb_class = classify(args[0])
+        deadline = time.monotonic() + self.call_timeout
+        resends = 0
+        while True:
+            session = self._connected(deadline)
+            try:
+                reply, reply_body, success = session.call(args, body, max(deadline - time.monotonic(), 0.1))
+            except Lost as lost:
+                session.close()
+                self.session = None
+                if not may_resend(verb_class, lost.point, drain_signal=lost.drained):
+                    raise OutcomeUnknown(f"{args[0].decode()} lost {lost.point.name}: {lost}") from None
+                if resends >= self.max_resends or time.monotonic() > deadline:
+                    raise GaveUp(f"{args[0].decode()}: {resends} resends, last {lost}") from None
+                resends += 1
+                self.stats["resends"] += 1
+                if lost.drained:
+                    self.stats["drain_resends"] += 1
+                continue
+            if not success:
+                raise Refused(repr(reply))
+            return reply, reply_body
