@@ -113,15 +113,13 @@ class SmartServerProtocol(Protocol):
         self._producer_paused = False
         self._idle_timer = None
         self._pending_bytes_in = 0
+        self._peer_from_transport = False
 
     # Twisted callbacks.
 
     def connectionMade(self) -> None:
-        if not self.caller.peer:
-            peer = self.transport.getPeer()
-            host = getattr(peer, "host", None)
-            text = f"{host}:{peer.port}" if host is not None else str(peer)
-            self.caller = Caller(self.caller.user, text, self.caller.writable)
+        self._peer_from_transport = not self.caller.peer
+        self._update_peer()
         self.transport.registerProducer(self, True)
         self.factory.connection_made(self)
         self._update_idle_timer()
@@ -238,7 +236,23 @@ class SmartServerProtocol(Protocol):
             self._advance(current)
         self._update_idle_timer()
 
+    def _update_peer(self) -> None:
+        """Take the caller's address from the transport, when it was not given.
+
+        Behind a PROXY-protocol wrapper (``haproxy:`` endpoints) the real
+        client address is known only once the header has arrived, after
+        ``connectionMade``, so it is read again before each request.
+        """
+        if not self._peer_from_transport:
+            return
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", None)
+        text = f"{host}:{peer.port}" if host is not None else str(peer)
+        if text != self.caller.peer:
+            self.caller = Caller(self.caller.user, text, self.caller.writable)
+
     def _begin(self, request: Request) -> None:
+        self._update_peer()
         record = RequestRecord(
             self.connection_id,
             self.caller.peer,
