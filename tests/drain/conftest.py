@@ -79,8 +79,13 @@ class ServerProcess(SmartserveProcess):
 
 def run_smartserve(*args, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run the ``smartserve`` command and return the finished process."""
-    return subprocess.run(
-        [SMARTSERVE, *map(str, args)], capture_output=True, text=True, timeout=timeout
+    return subprocess.run([SMARTSERVE, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def start_smartserve_command(*args) -> subprocess.Popen:
+    """Start the ``smartserve`` command without waiting for it (text pipes for its output)."""
+    return subprocess.Popen(
+        [SMARTSERVE, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
