@@ -60,6 +60,7 @@ class ClientStats:
     connect_failures: int = 0
     resends: int = 0
     outcome_unknown: int = 0
+    keepalive_drops: int = 0
 
 
 class SmartClient:
@@ -92,7 +93,7 @@ class SmartClient:
         self.stats = ClientStats()
         self.budget = RetryBudget(policy.budget_tokens, policy.budget_ratio)
         self._clock = clock
-        self._pool = Pool(connect, clock, policy, jitter, pool_size, name)
+        self._pool = Pool(connect, clock, policy, jitter, pool_size, name, self.stats)
         self._closed = False
 
     @classmethod

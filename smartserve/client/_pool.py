@@ -49,6 +49,7 @@ class Pool:
         jitter: Callable[[], float],
         size: int = 1,
         name: str = "smartserve",
+        stats=None,
     ):
         if size < 1:
             raise ValueError("a pool needs at least one connection")
@@ -61,6 +62,7 @@ class Pool:
         self._free: List[PoolEntry] = list(self._entries)
         self._waiting: Deque[Deferred] = deque()
         self.size = size
+        self._stats = stats
 
     @property
     def in_use(self) -> int:
@@ -124,6 +126,8 @@ class Pool:
         def failed(failure) -> None:
             self._log.info("keepalive failed, dropping the connection: {reason}", reason=failure.getErrorMessage())
             entry.slot.discard(f"keepalive failed: {failure.getErrorMessage()}")
+            if self._stats is not None:
+                self._stats.keepalive_drops += 1
 
         answer.addCallbacks(answered, failed)
         answer.addBoth(lambda _: self.release(entry))

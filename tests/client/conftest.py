@@ -136,9 +136,8 @@ class _RelayLink(protocol.Protocol):
         self.relay = relay
         self.server = None
         self.pending = []
-        self.to_server = 0
-        self.to_client = 0
         self.cut = False
+        self.silent = False
 
     def connectionMade(self):
         self.transport.setTcpNoDelay(True)
@@ -170,34 +169,39 @@ class _RelayLink(protocol.Protocol):
         relay = self.relay
         if self.cut:
             return
-        if relay.silent:
+        if self.silent:
             relay.swallowed += len(data)
             return
-        sent = self.to_server if to_server else self.to_client
         limit = relay.cut_client_to_server if to_server else relay.cut_server_to_client
-        if limit is not None and sent + len(data) >= limit:
-            data = data[: max(0, limit - sent)]
+        if limit is not None and len(data) >= limit:
+            data = data[:limit]
             relay.cut_client_to_server = relay.cut_server_to_client = None
             self._send(data, to_server)
             self.cut_both()
             relay.cuts += 1
+            relay._cut_waiters, waiters = [], relay._cut_waiters
+            for waiter in waiters:
+                waiter.callback(None)
             return
         self._send(data, to_server)
 
     def _send(self, data, to_server):
         if not data:
             return
+        relay = self.relay
         if to_server:
-            self.to_server += len(data)
+            if relay.cut_client_to_server is not None:
+                relay.cut_client_to_server -= len(data)
             self.server.transport.write(data)
         else:
-            self.to_client += len(data)
+            if relay.cut_server_to_client is not None:
+                relay.cut_server_to_client -= len(data)
             self.transport.write(data)
 
     def cut_both(self):
-        """Close both sides at once (abortive on the client side)."""
+        """Close both sides once what was let through has been sent."""
         self.cut = True
-        self.transport.abortConnection()
+        self.transport.loseConnection()
         if self.server is not None:
             self.server.transport.loseConnection()
 
@@ -218,11 +222,12 @@ class _RelayLink(protocol.Protocol):
 class FaultRelay(protocol.Factory):
     """A TCP relay in front of a real server that breaks connections on command.
 
-    ``cut_client_to_server = N`` closes the next connection to forward
-    past its Nth byte towards the server (counted per connection), and
-    ``cut_server_to_client`` the same towards the client; each is used
-    once. ``silent`` stops forwarding without closing anything.
-    ``close_all()`` closes every open connection between requests.
+    ``cut_client_to_server = N`` lets N more bytes through towards the
+    server, then closes that connection on both sides;
+    ``cut_server_to_client`` does the same towards the client. Each is used
+    once. ``silence()`` makes the open connections stop forwarding without
+    closing anything. ``close_all()`` closes every open connection between
+    requests.
     """
 
     def __init__(self, server_port: int):
@@ -231,10 +236,10 @@ class FaultRelay(protocol.Factory):
         self.connections = 0
         self.cuts = 0
         self.swallowed = 0
-        self.silent = False
         self.cut_client_to_server = None
         self.cut_server_to_client = None
         self._lost_waiters = []
+        self._cut_waiters = []
         self.port = None
 
     def buildProtocol(self, addr):
@@ -247,6 +252,17 @@ class FaultRelay(protocol.Factory):
     @property
     def url(self) -> str:
         return f"bzr://127.0.0.1:{self.port.getHost().port}/"
+
+    def wait_for_cut(self) -> defer.Deferred:
+        """A Deferred that fires when the relay next cuts a connection."""
+        waiter = defer.Deferred()
+        self._cut_waiters.append(waiter)
+        return waiter
+
+    def silence(self) -> None:
+        """Stop forwarding on every open connection; new ones work normally."""
+        for link in self.links:
+            link.silent = True
 
     def close_all(self) -> defer.Deferred:
         """Close every relayed connection; fires once the first close is seen."""
