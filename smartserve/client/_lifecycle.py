@@ -146,6 +146,7 @@ def _build():
                 c._backoff_elapsed()
             else:
                 c._backoff_unneeded()
+            s.flush()
 
         return s.clock.callLater(delay, elapsed)
 

@@ -1,0 +1,386 @@
+"""The resend engine, backoff, budget, deadline and pool, driven by a fake clock.
+
+A ``FakeServer`` hands the client connections over in-memory transports and
+decodes what the client writes with the server side of the codec, so each
+test decides exactly when bytes arrive and when a connection dies.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionRefusedError, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from smartserve.client import (
+    DeadlineExceeded,
+    OutcomeUnknown,
+    Reply,
+    RequestNotSent,
+    ResponseNeverReceived,
+    RetryPolicy,
+    SmartClient,
+    SmartClientProtocol,
+    backoff_delay,
+    RetryBudget,
+)
+from smartserve.protocol import NEED_DATA, BodyChunk, Connection, EndOfMessage, Request, Response, Role
+
+
+class FakeTransport(StringTransport):
+    """A StringTransport whose close reaches the protocol at once."""
+
+    def loseConnection(self):
+        if not self.disconnecting:
+            super().loseConnection()
+            self.protocol.connectionLost(Failure(ConnectionAborted()))
+
+    abortConnection = loseConnection
+
+
+class FakeConnection:
+    """The server's view of one client connection."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.transport = FakeTransport()
+        self.protocol = SmartClientProtocol(clock)
+        self.transport.protocol = self.protocol
+        self.protocol.makeConnection(self.transport)
+        self.codec = Connection(Role.SERVER)
+        self._read = 0
+        self.events = []
+
+    def received(self) -> list:
+        """Every event the client has sent on this connection so far."""
+        data = self.transport.value()[self._read :]
+        self._read += len(data)
+        if data:
+            self.codec.receive_data(data)
+        while True:
+            event = self.codec.next_event()
+            if event is NEED_DATA or not isinstance(event, (Request, BodyChunk, EndOfMessage)):
+                break
+            self.events.append(event)
+        return self.events
+
+    def requests(self) -> list:
+        """The verbs of the complete requests received."""
+        events = self.received()
+        return [event.verb for event in events if isinstance(event, Request)]
+
+    def respond(self, *args, body: bytes = None, success: bool = True, cut_after: int = None) -> None:
+        """Send a whole response, or only its first ``cut_after`` bytes."""
+        self.received()
+        data = self.codec.send(Response(args, success))
+        if body is not None:
+            data += self.codec.send(BodyChunk(body))
+        data += self.codec.send(EndOfMessage())
+        self.codec.start_next_cycle()
+        self.protocol.dataReceived(data if cut_after is None else data[:cut_after])
+
+    def lose(self, exit_status: int = None) -> None:
+        """Close the connection, optionally as an SSH command exiting with ``exit_status``.
+
+        Timers due now (a zero backoff) run afterwards.
+        """
+        reason = ConnectionDone() if exit_status is None else ProcessTerminated(exitCode=exit_status)
+        self.transport.disconnecting = True
+        self.protocol.connectionLost(Failure(reason))
+        self.clock.advance(0)
+
+
+class FakeServer:
+    """Makes FakeConnections; ``refuse`` and ``hang`` script the next attempts."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.connections = []
+        self.attempt_times = []
+        self.script = []
+
+    def connect(self) -> Deferred:
+        self.attempt_times.append(self.clock.seconds())
+        action = self.script.pop(0) if self.script else "accept"
+        if action == "refuse":
+            return fail(ConnectionRefusedError())
+        if action == "hang":
+            return Deferred()
+        connection = FakeConnection(self.clock)
+        self.connections.append(connection)
+        return succeed(connection.protocol)
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def server(clock):
+    return FakeServer(clock)
+
+
+def make_client(server, clock, **policy):
+    policy.setdefault("backoff_initial", 0.0)
+    return SmartClient(server.connect, policy=RetryPolicy(**policy), clock=clock, jitter=lambda: 1.0)
+
+
+def outcome(deferred: Deferred) -> list:
+    """A list that receives the Deferred's result or Failure."""
+    results = []
+    deferred.addBoth(results.append)
+    return results
+
+
+def test_call_returns_reply_with_args_and_body(server, clock):
+    """A response's arguments and body come back as a Reply."""
+    client = make_client(server, clock)
+    result = outcome(client.call(b"get", b"/file"))
+    connection = server.connections[0]
+    assert connection.requests() == [b"get"]
+    connection.respond(b"ok", body=b"data")
+    assert result == [Reply((b"ok",), b"data")]
+
+
+VERBS = {
+    "read": b"get",
+    "idem": b"put",
+    "semi": b"Branch.lock_write",
+    "semivfs": b"mkdir",
+    "mutate": b"append",
+    "stream": b"Repository.insert_stream_1.19",
+}
+
+# DESIGN.md's table, written out: which classes are resent at each point.
+RESENT_AFTER_WRITE = {"read", "idem", "semi"}
+RESENT_DURING_RESPONSE = {"read", "idem"}
+
+
+def fail_at(connection, point):
+    if point == "after write":
+        connection.lose()
+    elif point == "during response":
+        connection.respond(b"ok", body=b"x" * 100, cut_after=40)
+        connection.lose()
+    elif point == "after write, drain signal":
+        connection.lose(exit_status=75)
+
+
+@pytest.mark.parametrize("verb_class", sorted(VERBS))
+@pytest.mark.parametrize("point", ["after write", "during response", "after write, drain signal"])
+def test_engine_resends_exactly_what_the_table_allows(server, clock, verb_class, point):
+    """Each verb class is resent, or fails with OutcomeUnknown naming the verb, as DESIGN.md's table says."""
+    verb = VERBS[verb_class]
+    client = make_client(server, clock)
+    result = outcome(client.call(verb, b"/path", body=b"body"))
+    first = server.connections[0]
+    assert first.requests() == [verb]
+    fail_at(first, point)
+    allowed = {
+        "after write": RESENT_AFTER_WRITE,
+        "during response": RESENT_DURING_RESPONSE,
+        "after write, drain signal": set(VERBS),
+    }[point]
+    if verb_class in allowed:
+        assert len(server.connections) == 2
+        second = server.connections[1]
+        assert second.requests() == [verb]
+        second.respond(b"ok")
+        assert result == [Reply((b"ok",), b"")]
+        assert client.stats.resends == 1
+    else:
+        assert len(server.connections) == 1
+        [failure] = result
+        assert failure.check(OutcomeUnknown)
+        assert failure.value.verb == verb
+        assert verb.decode() in str(failure.value)
+        assert client.stats.resends == 0
+
+
+async def _stalled_parts(release: Deferred):
+    yield b"first part"
+    await release
+    yield b"second part"
+
+
+@pytest.mark.parametrize("verb_class", sorted(VERBS))
+def test_engine_resends_any_verb_cut_during_write(server, clock, verb_class):
+    """A request lost while its body was still being written is resent whatever its verb."""
+    verb = VERBS[verb_class]
+    client = make_client(server, clock)
+    stalls = [Deferred(), succeed(None)]
+    result = outcome(client.call(verb, b"/path", body_stream=lambda: _stalled_parts(stalls.pop(0))))
+    first = server.connections[0]
+    assert [type(event) for event in first.received()] == [Request, BodyChunk]
+    first.lose()
+    second = server.connections[1]
+    assert second.requests() == [verb]
+    assert [event.data for event in second.received() if isinstance(event, BodyChunk)] == [b"first part", b"second part"]
+    second.respond(b"ok")
+    assert result == [Reply((b"ok",), b"")]
+
+
+def test_engine_does_not_resend_a_consumed_one_shot_stream(server, clock):
+    """A one-shot body stream cut during writing fails without a resend: the server ran nothing."""
+    from smartserve.client import RequestTransmissionFailed
+
+    client = make_client(server, clock)
+    result = outcome(client.call(b"put", b"/path", body_stream=_stalled_parts(Deferred())))
+    server.connections[0].received()
+    server.connections[0].lose()
+    [failure] = result
+    assert failure.check(RequestTransmissionFailed)
+    assert len(server.connections) == 1
+
+
+def test_engine_reconnects_after_idle_close_without_resend(server, clock):
+    """A connection the server closed between requests is replaced, costing no resend."""
+    client = make_client(server, clock)
+    outcome(client.call(b"hello"))
+    server.connections[0].respond(b"ok", b"2")
+    server.connections[0].lose()
+    result = outcome(client.call(b"append", b"/log", b"", body=b"x"))
+    assert server.connections[1].requests() == [b"append"]
+    server.connections[1].respond(b"appended", b"0")
+    assert result == [Reply((b"appended", b"0"), b"")]
+    assert client.stats.resends == 0
+
+
+def test_engine_probe_sees_eof_already_in_codec(server, clock):
+    """An EOF the codec has but the protocol did not act on yet makes the client reconnect first."""
+    client = make_client(server, clock)
+    outcome(client.call(b"hello"))
+    first = server.connections[0]
+    first.respond(b"ok", b"2")
+    first.protocol._codec.receive_data(b"")
+    result = outcome(client.call(b"append", b"/log", b"", body=b"x"))
+    assert first.requests() == [b"hello"]
+    assert server.connections[1].requests() == [b"append"]
+    server.connections[1].respond(b"appended", b"0")
+    assert result and result[0].args[0] == b"appended"
+    assert client.stats.probe_reconnects == 1
+    assert client.stats.resends == 0
+
+
+def test_engine_backs_off_with_growing_delays_between_connect_attempts(server, clock):
+    """Refused connections are retried after exponentially growing delays, then succeed."""
+    server.script = ["refuse", "refuse", "refuse"]
+    client = make_client(server, clock, backoff_initial=1.0, backoff_factor=2.0, backoff_max=3.0)
+    result = outcome(client.call(b"hello"))
+    clock.advance(1.0)
+    clock.advance(2.0)
+    clock.advance(3.0)
+    assert server.attempt_times == [0.0, 1.0, 3.0, 6.0]
+    server.connections[0].respond(b"ok", b"2")
+    assert result == [Reply((b"ok", b"2"), b"")]
+
+
+def test_engine_gives_up_after_max_connect_attempts(server, clock):
+    """A server that refuses every connection fails the call with RequestNotSent after the limit."""
+    server.script = ["refuse"] * 10
+    client = make_client(server, clock, max_connect_attempts=3, backoff_initial=0.5)
+    result = outcome(client.call(b"append", b"/log", b"", body=b"x"))
+    clock.pump([0.5, 1.0, 2.0])
+    [failure] = result
+    assert failure.check(RequestNotSent)
+    assert len(server.attempt_times) == 3
+
+
+def test_engine_deadline_bounds_a_hanging_connect(server, clock):
+    """A connection attempt that never completes fails the call at its deadline."""
+    server.script = ["hang"]
+    client = make_client(server, clock, deadline=5.0, connect_timeout=100.0)
+    result = outcome(client.call(b"get", b"/x"))
+    clock.advance(4.9)
+    assert result == []
+    clock.advance(0.2)
+    [failure] = result
+    assert failure.check(DeadlineExceeded)
+
+
+def test_engine_request_timeout_aborts_and_resends_a_read(server, clock):
+    """A request with no answer within request_timeout is abandoned and, being a read, resent."""
+    client = make_client(server, clock, request_timeout=2.0)
+    result = outcome(client.call(b"get", b"/x"))
+    clock.advance(2.0)
+    assert len(server.connections) == 2
+    server.connections[1].requests()
+    server.connections[1].respond(b"ok", body=b"x")
+    assert result == [Reply((b"ok",), b"x")]
+
+
+def test_engine_retry_budget_stops_resends_across_calls(server, clock):
+    """Once failures have used half the shared budget, failed calls are no longer resent."""
+    client = make_client(server, clock, budget_tokens=4.0, max_resends=10)
+    result = outcome(client.call(b"get", b"/x"))
+    server.connections[0].lose()
+    server.connections[1].lose()
+    [failure] = result
+    assert failure.check(ResponseNeverReceived)
+    assert failure.value.why_not_resent == "the retry budget is exhausted"
+    assert client.stats.resends == 1
+
+
+def test_engine_max_resends_bounds_one_call(server, clock):
+    """A call is resent at most max_resends times."""
+    client = make_client(server, clock, max_resends=2)
+    result = outcome(client.call(b"get", b"/x"))
+    for index in range(3):
+        server.connections[index].lose()
+    [failure] = result
+    assert failure.value.why_not_resent == "already resent 2 time(s)"
+    assert len(server.connections) == 3
+
+
+def test_engine_streamed_response_not_resent_after_chunks_delivered(server, clock):
+    """A read whose streamed body already reached on_chunk is not resent, so no chunk arrives twice."""
+    from smartserve.client import ResponseFailed
+
+    client = make_client(server, clock)
+    chunks = []
+    result = outcome(client.call(b"Repository.get_stream_1.19", b"/b/", b"fmt", on_chunk=chunks.append))
+    connection = server.connections[0]
+    connection.requests()
+    connection.protocol.dataReceived(
+        connection.codec.send(Response((b"ok",))) + connection.codec.send(BodyChunk(b"part"))
+    )
+    connection.lose()
+    [failure] = result
+    assert failure.check(ResponseFailed)
+    assert chunks == [b"part"]
+    assert len(server.connections) == 1
+
+
+def test_pool_runs_concurrent_calls_on_up_to_n_connections(server, clock):
+    """Three concurrent calls on a pool of two use two connections; the third waits its turn."""
+    client = SmartClient(server.connect, pool_size=2, clock=clock)
+    results = [outcome(client.call(b"get", f"/{index}".encode())) for index in range(3)]
+    assert len(server.connections) == 2
+    assert [connection.requests() for connection in server.connections] == [[b"get"], [b"get"]]
+    server.connections[0].respond(b"ok", body=b"0")
+    assert server.connections[0].requests() == [b"get", b"get"]
+    server.connections[1].respond(b"ok", body=b"1")
+    server.connections[0].respond(b"ok", body=b"2")
+    assert [result[0].body for result in results] == [b"0", b"1", b"2"]
+    assert len(server.connections) == 2
+
+
+def test_backoff_delay_is_full_jitter_under_a_capped_ceiling():
+    """The delay is the jitter fraction of an exponential ceiling capped at backoff_max."""
+    policy = RetryPolicy(backoff_initial=0.5, backoff_factor=2.0, backoff_max=3.0)
+    assert backoff_delay(0, policy) == 0.0
+    assert [backoff_delay(n, policy, lambda: 1.0) for n in (1, 2, 3, 4, 50)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert backoff_delay(3, policy, lambda: 0.25) == 0.5
+
+
+def test_retry_budget_refills_with_successes():
+    """Successes give tokens back until retries are allowed again."""
+    budget = RetryBudget(max_tokens=4, ratio=0.5)
+    budget.record_failure()
+    budget.record_failure()
+    assert not budget.allows_retry()
+    budget.record_success()
+    assert budget.allows_retry()
