@@ -1,0 +1,78 @@
+"""bin/rolling-restart replaces a running server while a connection loop runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from support import VENV_BIN, wait_for
+
+from .conftest import ConnectionLoop, ServerProcess, free_port, server_status
+
+pytestmark = pytest.mark.timeout(120)
+
+ROLLING_RESTART = Path(__file__).resolve().parents[2] / "bin" / "rolling-restart"
+
+
+def run_rolling_restart(*args) -> subprocess.CompletedProcess:
+    """Run bin/rolling-restart with the test environment's twistd and smartserve on PATH."""
+    env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    return subprocess.run(
+        [str(ROLLING_RESTART), *map(str, args)], capture_output=True, text=True, timeout=90, env=env
+    )
+
+
+def test_rolling_restart_replaces_server_without_losing_connections(tmp_path, connection_loop):
+    """rolling-restart starts a new server on the old one's sockets, waits for the old one to exit, and no connection fails."""
+    data = tmp_path / "data"
+    port = free_port()
+    options = ["--bzr", f"tcp:{port}:interface=127.0.0.1", "--ssh", "none"]
+    options_file = tmp_path / "smartserve.options"
+    options_file.write_text("# the server's options\n" + " ".join(options) + "\n")
+    old = ServerProcess(data, options, name="old").start()
+    new_pid = None
+    try:
+        loop = connection_loop(port)
+        loop.wait_for_attempts(30)
+        done = run_rolling_restart("--data", data, "--options-file", options_file, "--log", tmp_path / "new.log")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert old.process.poll() is not None
+        status = server_status(old)
+        new_pid = status["pid"]
+        assert new_pid != old.pid and status["state"] == "serving"
+        loop.wait_for_attempts(len(loop.attempts) + 30)
+        attempts = loop.stop()
+    finally:
+        old.stop()
+        if new_pid is not None:
+            os.kill(new_pid, signal.SIGTERM)
+            wait_for(lambda: not Path(f"/proc/{new_pid}").exists(), 30, "the new server to exit")
+    assert f"old server: pid {old.pid}" in done.stdout
+    assert f"old server (pid {old.pid}) drained and exited; pid {new_pid} serves" in done.stdout
+    assert ConnectionLoop.failures(attempts) == []
+    assert "(taken over)" in (tmp_path / "new.log").read_text()
+
+
+def test_rolling_restart_no_server_exits_2(tmp_path):
+    """With no server on the control socket, rolling-restart says so and exits 2 without starting one."""
+    done = run_rolling_restart("--data", tmp_path / "data", "--", "--bzr", "tcp:0", "--ssh", "none")
+    assert done.returncode == 2
+    assert "no server answers" in done.stderr
+    assert not (tmp_path / "data" / "smartserve.log").exists()
+
+
+def test_rolling_restart_bad_options_exits_3(tmp_path):
+    """When the new server cannot start (bad options), rolling-restart exits 3 and the old one keeps serving."""
+    data = tmp_path / "data"
+    old = ServerProcess(data, ["--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none"], name="old").start()
+    try:
+        done = run_rolling_restart("--data", data, "--", "--no-such-option")
+        assert done.returncode == 3, done.stdout + done.stderr
+        assert "the new server exited while starting" in done.stderr
+        assert server_status(old)["pid"] == old.pid
+    finally:
+        old.stop()
