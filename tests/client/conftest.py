@@ -286,3 +286,83 @@ def relay(brz_serve):
     relay = FaultRelay(brz_serve.port).listen()
     yield relay
     relay.stop()
+
+
+SSHD = "/usr/sbin/sshd"
+
+
+class OpenSSHServer:
+    """A real OpenSSH `sshd` on 127.0.0.1 whose `bzr` is the venv's `brz`."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.process = None
+        self.port = None
+
+    def start(self, timeout: float = 20.0) -> "OpenSSHServer":
+        base = self.base
+        (base / "bin").mkdir(parents=True)
+        home = base / "home"
+        home.mkdir()
+        wrapper = base / "bin" / "bzr"
+        wrapper.write_text(f'#!/bin/sh\nexec {BRZ} "$@"\n')
+        wrapper.chmod(0o755)
+        for name in ("host_key", "client_key", "other_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / name)], check=True)
+        (base / "authorized_keys").write_text((base / "client_key.pub").read_text())
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        (base / "sshd_config").write_text(
+            f"Port {self.port}\n"
+            "ListenAddress 127.0.0.1\n"
+            f"HostKey {base / 'host_key'}\n"
+            f"PidFile {base / 'sshd.pid'}\n"
+            f"AuthorizedKeysFile {base / 'authorized_keys'}\n"
+            "PermitRootLogin prohibit-password\n"
+            "PasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\n"
+            "UsePAM no\n"
+            "StrictModes no\n"
+            f"SetEnv PATH={base / 'bin'}:/usr/bin:/bin BRZ_HOME={home} BRZ_LOG={home / 'brz.log'} "
+            "BRZ_EMAIL=test@example.com\n"
+        )
+        os.makedirs("/run/sshd", exist_ok=True)
+        self.process = subprocess.Popen(
+            [SSHD, "-D", "-e", "-f", str(base / "sshd_config")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"sshd exited: {self.process.stderr.read()!r}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        host_key = (base / "host_key.pub").read_text().split()
+        self.known_hosts = base / "known_hosts"
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_key[0]} {host_key[1]}\n")
+        self.client_key = base / "client_key"
+        return self
+
+    def url(self, path: str = "/") -> str:
+        """The bzr+ssh:// URL of ``path`` on this server."""
+        return f"bzr+ssh://root@127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def openssh(tmp_path_factory):
+    """A running OpenSSH server, or a skip saying why there cannot be one."""
+    if os.geteuid() != 0:
+        pytest.skip("sshd needs root to run as a login server")
+    if not os.path.exists(SSHD):
+        pytest.skip("OpenSSH server is not installed (apt-get install openssh-server)")
+    server = OpenSSHServer(tmp_path_factory.mktemp("sshd")).start()
+    yield server
+    server.stop()

@@ -1,0 +1,128 @@
+"""The client over bzr+ssh:// against a real OpenSSH `sshd` running `brz serve --inet`."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from breezy.bzr.groupcompress_repo import RepositoryFormat2a
+from breezy.bzr.smart.repository import _byte_stream_to_stream
+
+from smartserve.client import HostKeyError, NoSuchFile, RetryPolicy, SmartClient
+from smartserve.client._ssh import SSHOptions
+
+FAST = RetryPolicy(backoff_initial=0.01, deadline=30.0)
+
+
+def ssh_client(openssh, **options) -> SmartClient:
+    options.setdefault("identity_files", [str(openssh.client_key)])
+    options.setdefault("known_hosts", str(openssh.known_hosts))
+    options.setdefault("use_agent", False)
+    return SmartClient.from_url(openssh.url(), policy=FAST, ssh=SSHOptions(**options))
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_vfs_verbs_against_brz_serve_behind_sshd(openssh, tmp_path):
+    """hello, put, append, get, readv, stat, has and list_dir work over bzr+ssh://."""
+    client = ssh_client(openssh)
+    try:
+        base = str(tmp_path)
+        assert (await client.call(b"hello")).args == (b"ok", b"2")
+        await client.call(b"put", f"{base}/file".encode(), b"", body=b"0123456789")
+        assert (await client.call(b"append", f"{base}/file".encode(), b"", body=b"ab")).args == (b"appended", b"10")
+        assert (await client.call(b"get", f"{base}/file".encode())).body == b"0123456789ab"
+        assert (await client.call(b"readv", f"{base}/file".encode(), body=b"1,2\n10,2")).body == b"12ab"
+        assert (await client.call(b"stat", f"{base}/file".encode())).args[:2] == (b"stat", b"12")
+        assert (await client.call(b"has", f"{base}/file".encode())).args == (b"yes",)
+        assert (await client.call(b"list_dir", base.encode())).args == (b"names", b"file")
+        with pytest.raises(NoSuchFile):
+            await client.call(b"get", f"{base}/missing".encode())
+        assert (tmp_path / "file").read_bytes() == b"0123456789ab"
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_get_stream_of_a_real_branch(openssh, brz_serve, tmp_path):
+    """Repository.get_stream_1.19 over bzr+ssh:// streams every revision of a real branch."""
+    tree = tmp_path / "branch"
+    brz_serve.brz("init", "-q", tree)
+    (tree / "a.txt").write_text("a\n")
+    brz_serve.brz("add", "-q", cwd=tree)
+    brz_serve.brz("commit", "-q", "-m", "one", cwd=tree)
+    client = ssh_client(openssh)
+    try:
+        chunks = []
+        reply = await client.call(
+            b"Repository.get_stream_1.19",
+            f"{tree}/".encode(),
+            RepositoryFormat2a().network_name(),
+            body=b"everything",
+            on_chunk=chunks.append,
+        )
+        assert reply.args == (b"ok",)
+        _, stream = _byte_stream_to_stream(iter(chunks))
+        revisions = [record.key for kind, substream in stream for record in substream if kind == "revisions"]
+        assert len(revisions) == 1
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_unknown_host_is_refused_unless_trusted_on_first_use(openssh, tmp_path):
+    """A host missing from known_hosts is a HostKeyError; trust on first use accepts and records it."""
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    client = ssh_client(openssh, known_hosts=str(known))
+    try:
+        with pytest.raises(HostKeyError) as raised:
+            await client.call(b"hello")
+        assert "not in" in str(raised.value)
+    finally:
+        client.close()
+    trusting = ssh_client(openssh, known_hosts=str(known), trust_on_first_use=True)
+    try:
+        assert (await trusting.call(b"hello")).args[0] == b"ok"
+    finally:
+        trusting.close()
+    assert known.read_text().strip()
+    again = ssh_client(openssh, known_hosts=str(known))
+    try:
+        assert (await again.call(b"hello")).args[0] == b"ok"
+    finally:
+        again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_changed_host_key_is_refused_even_with_trust_on_first_use(openssh, tmp_path):
+    """A known_hosts entry with another key fails with HostKeyError whatever the options."""
+    other = (openssh.base / "other_key.pub").read_text().split()
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{openssh.port} {other[0]} {other[1]}\n")
+    client = ssh_client(openssh, known_hosts=str(known), trust_on_first_use=True)
+    try:
+        with pytest.raises(HostKeyError) as raised:
+            await client.call(b"hello")
+        assert "does not match" in str(raised.value)
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_exit_status_75_resends_append_once(openssh, tmp_path):
+    """A server command that exits 75 without answering makes the client resend, even `append`, once."""
+    marker = tmp_path / "drained-once"
+    log = tmp_path / "log"
+    log.write_bytes(b"")
+    command = (
+        f"if [ -e {marker} ]; then exec bzr serve --inet --directory=/ --allow-writes; fi; "
+        f"touch {marker}; head -c 30 >/dev/null; exit 75"
+    )
+    client = ssh_client(openssh, remote_command=command)
+    try:
+        reply = await client.call(b"append", f"{log}".encode(), b"", body=b"once\n")
+        assert reply.args == (b"appended", b"0")
+        assert log.read_bytes() == b"once\n"
+        assert client.stats.resends == 1
+        assert client.stats.outcome_unknown == 0
+    finally:
+        client.close()
