@@ -40,10 +40,27 @@ def _status(args: argparse.Namespace) -> int:
     return run_status(args.control, args.json)
 
 
+def _call_parser(parser: argparse.ArgumentParser) -> None:
+    from .client._commandline import add_call_arguments
+
+    add_call_arguments(parser)
+
+
+def _call(args: argparse.Namespace) -> int:
+    from .client._commandline import run_call
+
+    return run_call(args)
+
+
 # name -> (help, add arguments, run)
 COMMANDS: Dict[str, tuple] = {
     "drain": ("drain a running server: exit 0 once drained, 1 on timeout, 2 if no server answers", _drain_parser, _drain),
     "status": ("print a running server's state once", _status_parser, _status),
+    "call": (
+        "call one verb on a smart server and print the answer: exit 0 ok, 1 remote error, 2 usage, 3 no answer",
+        _call_parser,
+        _call,
+    ),
 }
 
 

@@ -8,6 +8,7 @@ limits of a ``RetryPolicy``. ``BlockingClient`` wraps it for programs that
 do not run a reactor. See doc/client.md.
 """
 
+from ._blocking import BlockingClient
 from ._client import ClientStats, SmartClient
 from ._endpoints import BZR_PORT, SSH_PORT, Target, parse_url
 from ._exceptions import (
@@ -34,9 +35,13 @@ from ._exceptions import (
 )
 from ._policy import RetryBudget, RetryPolicy, backoff_delay
 from ._protocol import DRAIN_EXIT_STATUS, Outgoing, Reply, SmartClientProtocol
+from ._ssh import DEFAULT_REMOTE_COMMAND, SSHOptions
 
 __all__ = [
     "SmartClient",
+    "BlockingClient",
+    "SSHOptions",
+    "DEFAULT_REMOTE_COMMAND",
     "ClientStats",
     "SmartClientProtocol",
     "Outgoing",

@@ -1,0 +1,112 @@
+"""``smartserve call URL VERB [ARG ...]``: one request, for people.
+
+Prints the response tuple on the first line as Python bytes literals, then
+the body (if any) with non-printable bytes escaped as ``\\xNN``. Exit
+status: 0 the server answered with success, 1 it answered with an error
+(printed on stderr), 2 bad usage, 3 no answer: the connection failed, the
+outcome is unknown or the deadline passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+__all__ = ["add_call_arguments", "run_call", "escape_bytes", "EXIT_OK", "EXIT_REMOTE_ERROR", "EXIT_USAGE", "EXIT_NO_ANSWER"]
+
+EXIT_OK = 0
+EXIT_REMOTE_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NO_ANSWER = 3
+
+_PRINTABLE = frozenset(range(0x20, 0x7F)) | {0x0A, 0x09}
+
+
+def escape_bytes(data: bytes) -> str:
+    """``data`` as text: printable ASCII, newlines and tabs kept, backslash doubled, the rest ``\\xNN``."""
+    out = []
+    for byte in data:
+        if byte == 0x5C:
+            out.append("\\\\")
+        elif byte in _PRINTABLE:
+            out.append(chr(byte))
+        else:
+            out.append(f"\\x{byte:02x}")
+    return "".join(out)
+
+
+def add_call_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``smartserve call``."""
+    parser.add_argument("url", help="bzr://host[:port]/path or bzr+ssh://[user@]host[:port]/path")
+    parser.add_argument("verb", help="the verb to call, e.g. hello, get, Branch.last_revision_info")
+    parser.add_argument("args", nargs="*", help="the verb's arguments, sent as UTF-8 bytes")
+    body = parser.add_mutually_exclusive_group()
+    body.add_argument("--body", help="request body, as UTF-8 text")
+    body.add_argument("--body-file", help="request body read from a file ('-' for stdin)")
+    parser.add_argument("--raw", action="store_true", help="write the response body unescaped to stdout")
+    parser.add_argument("--timeout", type=float, default=30.0, help="overall deadline in seconds [default: 30]")
+    parser.add_argument("--no-resend", action="store_true", help="never send the request twice")
+    ssh = parser.add_argument_group("bzr+ssh:// options")
+    ssh.add_argument("-i", "--identity", action="append", default=[], help="private key file (repeatable)")
+    ssh.add_argument("--known-hosts", help="known_hosts file [default: ~/.ssh/known_hosts]")
+    ssh.add_argument("--trust-on-first-use", action="store_true", help="accept and record an unknown host key")
+    ssh.add_argument("--no-agent", action="store_true", help="do not use the ssh-agent")
+    ssh.add_argument("--remote-command", help="command run on the SSH server [default: bzr serve --inet ...]")
+
+
+def _read_body(args: argparse.Namespace) -> Optional[bytes]:
+    if args.body is not None:
+        return args.body.encode("utf-8")
+    if args.body_file == "-":
+        return sys.stdin.buffer.read()
+    if args.body_file is not None:
+        with open(args.body_file, "rb") as body_file:
+            return body_file.read()
+    return None
+
+
+def run_call(args: argparse.Namespace) -> int:
+    """Make the call described by ``args``; print the answer; return the exit status."""
+    from . import BlockingClient, ClientError, RemoteError, RetryPolicy, SSHOptions
+    from ._ssh import DEFAULT_REMOTE_COMMAND
+
+    try:
+        body = _read_body(args)
+    except OSError as exc:
+        print(f"smartserve call: cannot read the body: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    policy = RetryPolicy(deadline=args.timeout, resend=not args.no_resend)
+    ssh = SSHOptions(
+        identity_files=tuple(args.identity),
+        known_hosts=args.known_hosts,
+        trust_on_first_use=args.trust_on_first_use,
+        use_agent=not args.no_agent,
+        remote_command=args.remote_command or DEFAULT_REMOTE_COMMAND,
+    )
+    try:
+        client = BlockingClient(args.url, policy=policy, ssh=ssh)
+    except (ValueError, OSError) as exc:
+        print(f"smartserve call: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    verb = args.verb.encode("utf-8")
+    try:
+        reply = client.call(verb, *(arg.encode("utf-8") for arg in args.args), body=body)
+    except RemoteError as exc:
+        print(f"error: {exc.error_args!r}", file=sys.stderr)
+        if exc.body:
+            print(escape_bytes(exc.body), file=sys.stderr)
+        return EXIT_REMOTE_ERROR
+    except ClientError as exc:
+        print(f"smartserve call: {exc}", file=sys.stderr)
+        return EXIT_NO_ANSWER
+    finally:
+        client.close()
+    print(repr(tuple(reply.args)))
+    if reply.body:
+        if args.raw:
+            sys.stdout.flush()
+            sys.stdout.buffer.write(reply.body)
+        else:
+            print(escape_bytes(reply.body))
+    return EXIT_OK

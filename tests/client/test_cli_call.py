@@ -1,0 +1,90 @@
+"""`smartserve call` and the blocking facade, run as real processes against `brz serve`."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+
+from smartserve.client._commandline import escape_bytes
+
+
+def smartserve_call(*args, stdin=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "smartserve.cli", "call", *map(str, args)],
+        capture_output=True,
+        input=stdin,
+        timeout=60,
+    )
+
+
+def test_call_command_prints_tuple_and_escaped_body(brz_serve, workdir):
+    """A successful call prints the response tuple, then the body with binary bytes escaped, and exits 0."""
+    path, remote = workdir
+    (path / "blob").write_bytes(b"text\n\x00\xff\\end")
+    done = smartserve_call(brz_serve.url, "get", f"{remote}/blob")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == "(b'ok',)\ntext\n\\x00\\xff\\\\end\n"
+
+
+def test_call_command_sends_body_from_stdin(brz_serve, workdir):
+    """`--body-file -` sends standard input as the request body."""
+    path, remote = workdir
+    done = smartserve_call(brz_serve.url, "put", f"{remote}/new", "", "--body-file", "-", stdin=b"from stdin")
+    assert done.returncode == 0, done.stderr
+    assert (path / "new").read_bytes() == b"from stdin"
+
+
+def test_call_command_remote_error_exits_1(brz_serve, workdir):
+    """An error answer is printed on stderr with its tuple and the exit status is 1."""
+    path, remote = workdir
+    done = smartserve_call(brz_serve.url, "get", f"{remote}/missing")
+    assert done.returncode == 1
+    assert b"NoSuchFile" in done.stderr
+
+
+def test_call_command_bad_usage_exits_2():
+    """A missing verb or an unsupported URL scheme is a usage error: exit status 2."""
+    assert smartserve_call("bzr://127.0.0.1:1/").returncode == 2
+    done = smartserve_call("http://example.invalid/", "hello")
+    assert done.returncode == 2
+    assert b"unsupported URL scheme" in done.stderr
+
+
+def test_call_command_no_server_exits_3():
+    """A server that cannot be reached gives exit status 3 within the deadline."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    done = smartserve_call(f"bzr://127.0.0.1:{port}/", "hello", "--timeout", "3")
+    assert done.returncode == 3
+    assert b"could not connect" in done.stderr
+
+
+def test_blocking_client_serves_calls_from_several_threads(brz_serve, workdir):
+    """BlockingClient answers calls made from plain threads, sharing one pool."""
+    path, remote = workdir
+    (path / "f").write_bytes(b"abc")
+    script = textwrap.dedent(
+        f"""
+        import concurrent.futures
+        from smartserve.client import BlockingClient, NoSuchFile
+        with BlockingClient({brz_serve.url!r}, pool_size=2) as client:
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                bodies = list(pool.map(lambda _: client.call(b"get", b"{remote}/f").body, range(8)))
+            assert bodies == [b"abc"] * 8, bodies
+            try:
+                client.call(b"get", b"{remote}/nothing")
+            except NoSuchFile:
+                print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"ok\n"
+
+
+def test_escape_bytes_keeps_text_and_escapes_the_rest():
+    """Printable ASCII, newline and tab stay; a backslash is doubled; other bytes become \\xNN."""
+    assert escape_bytes(b"a\tb\n\\\x00\x7f\xe9") == "a\tb\n\\\\\\x00\\x7f\\xe9"
