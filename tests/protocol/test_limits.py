@@ -1,0 +1,83 @@
+"""Size limits are enforced as soon as a length prefix arrives."""
+
+import pytest
+from breezy import errors
+
+from smartserve.protocol import (
+    DEFAULT_LIMITS,
+    MESSAGE_MARKER,
+    NEED_DATA,
+    Connection,
+    LimitExceeded,
+    Limits,
+    Role,
+)
+from smartserve.protocol._wire import LENGTH
+
+from .helpers import breezy_read_response, prefixed, receive_all, receiver
+
+SMALL = Limits(max_headers_size=10, max_structure_size=20, max_body_part_size=30)
+REQUEST_HEAD = MESSAGE_MARKER + prefixed(b"de") + b"s" + prefixed(b"l3:gete")
+RESPONSE_HEAD = MESSAGE_MARKER + prefixed(b"de") + b"oSs" + prefixed(b"l2:oke")
+
+# (sender, bytes before the prefix, limit name, what the limit is called)
+PREFIXES = [
+    (Role.CLIENT, MESSAGE_MARKER, "max_headers_size", "headers"),
+    (Role.SERVER, MESSAGE_MARKER, "max_headers_size", "headers"),
+    (Role.CLIENT, MESSAGE_MARKER + prefixed(b"de") + b"s", "max_structure_size", "arguments"),
+    (Role.SERVER, MESSAGE_MARKER + prefixed(b"de") + b"oSs", "max_structure_size", "arguments"),
+    (Role.CLIENT, REQUEST_HEAD + b"b", "max_body_part_size", "body part"),
+    (Role.SERVER, RESPONSE_HEAD + b"b" + prefixed(b"x") + b"b", "max_body_part_size", "body part"),
+    (Role.SERVER, RESPONSE_HEAD + b"oEs", "max_structure_size", "error arguments"),
+]
+
+
+@pytest.mark.parametrize("role, before, limit, what", PREFIXES)
+def test_oversized_prefix_raises_before_payload(role, before, limit, what):
+    """A length over the limit raises once its 4 bytes are in, with no payload sent."""
+    maximum = getattr(SMALL, limit)
+    conn = receiver(role, limits=SMALL)
+    receive_all(conn, before)
+    conn.receive_data(LENGTH.pack(maximum + 1))
+    with pytest.raises(LimitExceeded) as caught:
+        conn.next_event()
+    assert (caught.value.limit, caught.value.size, caught.value.maximum) == (what, maximum + 1, maximum)
+    # Nothing past the prefix was ever fed, so nothing more can be buffered.
+    assert len(conn.trailing_data) <= len(before) + 4
+
+
+@pytest.mark.parametrize("role, before, limit, what", PREFIXES)
+def test_prefix_at_limit_waits_for_payload(role, before, limit, what):
+    """A length exactly at the limit is accepted and waits for its bytes."""
+    maximum = getattr(SMALL, limit)
+    conn = receiver(role, limits=SMALL)
+    receive_all(conn, before)
+    conn.receive_data(LENGTH.pack(maximum))
+    assert conn.next_event() is NEED_DATA
+
+
+def test_default_limits_refuse_a_4_gib_prefix():
+    """With default limits, a body part announcing 4 GiB is refused at once."""
+    conn = receiver(Role.CLIENT)
+    receive_all(conn, REQUEST_HEAD)
+    conn.receive_data(b"b\xff\xff\xff\xff")
+    with pytest.raises(LimitExceeded) as caught:
+        conn.next_event()
+    assert caught.value.maximum == DEFAULT_LIMITS.max_body_part_size
+
+
+def test_default_limits_hold_a_64_mib_body_part():
+    """The default body limit leaves room for a whole file sent as one part."""
+    assert DEFAULT_LIMITS.max_body_part_size >= 64 * 1024 * 1024
+
+
+def test_limit_exceeded_queues_v3_error_for_breezy():
+    """A server over a limit queues a v3 error reply that Breezy's client raises."""
+    server = Connection(Role.SERVER, limits=SMALL)
+    server.receive_data(MESSAGE_MARKER + LENGTH.pack(1000))
+    with pytest.raises(LimitExceeded):
+        server.next_event()
+    with pytest.raises(errors.ErrorFromSmartServer) as caught:
+        breezy_read_response(server.data_to_send()).read_response_tuple()
+    assert caught.value.error_tuple[0] == b"error"
+    assert b"headers of 1000 bytes" in caught.value.error_tuple[1]
