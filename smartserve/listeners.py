@@ -95,13 +95,16 @@ class Listener:
     def handover(self) -> tuple:
         """``(descriptor, family)`` of the listening socket, for another process.
 
-        From now on stopping this listener only closes our descriptor: the
-        socket stays open and listening in the process it was handed to.
+        From now on this process accepts no more connections on it, so that
+        none is accepted here only to be closed by the drain that follows;
+        stopping this listener only closes our descriptor: the socket stays
+        open and listening in the process it was handed to.
         """
         family = _family_of(self.port)
         # Twisted shuts a listening socket down before closing it, which
         # would stop it in every process that holds it.
         self.port._shouldShutdown = False
+        self.port.stopReading()
         return self.port.fileno(), family
 
 
