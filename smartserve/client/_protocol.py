@@ -147,6 +147,7 @@ class SmartClientProtocol(Protocol):
         self._timeout_call = None
         self._paused: Optional[Deferred] = None
         self._abort_reason: Optional[str] = None
+        self._abort_error: Optional[BaseException] = None
         self._lost = False
         self._reusable = True
         self.drain_signal = False
@@ -223,6 +224,7 @@ class SmartClientProtocol(Protocol):
         self._body_error = None
         self._received_in_cycle = False
         self._abort_reason = None
+        self._abort_error = None
         if timeout is not None:
             self._timeout_call = self._clock.callLater(timeout, self._time_out, timeout)
         if self._lost:
@@ -326,7 +328,7 @@ class SmartClientProtocol(Protocol):
         self._process_events()
 
     def _process_events(self) -> None:
-        while not self._lost or self._pending is not None:
+        while True:
             try:
                 event = self._codec.next_event()
             except ProtocolError as exc:
@@ -397,9 +399,8 @@ class SmartClientProtocol(Protocol):
         point = self.failure_point()
         self._codec.send_failed()
         self._clear_request()
-        error = getattr(self, "_abort_error", None) if self._abort_reason else None
-        if error is not None:
-            pending.errback(error)
+        if self._abort_error is not None:
+            pending.errback(self._abort_error)
             return
         why = self._abort_reason or _describe(reason)
         drain = self.drain_signal and point is not FailurePoint.DURING_RESPONSE
