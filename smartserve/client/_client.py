@@ -70,7 +70,9 @@ class SmartClient:
     connected ``SmartClientProtocol`` (``SmartClient.from_url`` builds it
     from a URL). ``pool_size`` connections at most are used at once.
     ``clock`` defaults to the reactor; ``jitter`` returns a float in [0, 1)
-    for the backoff.
+    for the backoff. ``metrics``, such as ``smartserve.metrics.ClientMetrics``,
+    is told of each reconnect (reason ``probe``, ``failure`` or ``drain``),
+    resend (verb class, failure point) and unknown outcome (verb class).
     """
 
     _log = Logger()
@@ -85,12 +87,14 @@ class SmartClient:
         jitter: Callable[[], float] = random.random,
         target: Optional[Target] = None,
         name: str = "smartserve",
+        metrics=None,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
         self.policy = policy
         self.target = target
         self.stats = ClientStats()
+        self.metrics = metrics
         self.budget = RetryBudget(policy.budget_tokens, policy.budget_ratio)
         self._clock = clock
         self._pool = Pool(connect, clock, policy, jitter, pool_size, name, self.stats)
@@ -219,6 +223,8 @@ class SmartClient:
                     event_kind="reconnect",
                 )
                 entry.slot.discard(reason)
+                if self.metrics is not None:
+                    self.metrics.reconnected("probe")
                 continue
             timeout = self.policy.request_timeout
             remaining = self._remaining(deadline_at)
@@ -235,11 +241,15 @@ class SmartClient:
                 else:
                     entry.slot.request_failed(failure.reason)
                     self.budget.record_failure()
+                if self.metrics is not None:
+                    self.metrics.reconnected("drain" if failure.drain_signal else "failure")
                 why_not = self._why_not_resend(outgoing, failure, resends, deadline_at)
                 if why_not is not None:
                     raise self._final_error(outgoing, failure, why_not) from failure
                 resends += 1
                 self.stats.resends += 1
+                if self.metrics is not None:
+                    self.metrics.resent(classify(verb), failure.point.value)
                 self._log.info(
                     "resending {verb} ({verb_class}), lost {point}: {reason}",
                     verb=verb.decode("utf-8", "replace"),
@@ -290,6 +300,8 @@ class SmartClient:
         may_have_run = failure.point in (FailurePoint.AFTER_WRITE, FailurePoint.DURING_RESPONSE) and not failure.drain_signal
         if may_have_run and classify(outgoing.verb) is not VerbClass.READ:
             self.stats.outcome_unknown += 1
+            if self.metrics is not None:
+                self.metrics.outcome_unknown(classify(outgoing.verb))
             self._log.warn(
                 "outcome of {verb} unknown: {reason} {point}; not resent: {why_not}",
                 verb=outgoing.verb.decode("utf-8", "replace"),

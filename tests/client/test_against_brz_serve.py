@@ -135,3 +135,19 @@ async def test_call_get_stream_streams_a_decodable_branch(client, branch, brz_se
     assert len(revisions) == int(brz_serve.brz("revno", tree).strip()) == 3
     last = await client.call(b"Branch.last_revision_info", remote.encode())
     assert last.args[:2] == (b"ok", b"3")
+
+
+@pytest_twisted.ensureDeferred
+async def test_pool_spreads_concurrent_calls_over_n_connections(relay, workdir):
+    """Nine concurrent calls on a pool of three use exactly three connections to the server."""
+    from twisted.internet.defer import gatherResults
+
+    path, remote = workdir
+    (path / "f").write_bytes(b"pooled")
+    client = SmartClient.from_url(relay.url, pool_size=3)
+    try:
+        replies = await gatherResults([client.call(b"get", f"{remote}/f".encode()) for _ in range(9)])
+    finally:
+        client.close()
+    assert [reply.body for reply in replies] == [b"pooled"] * 9
+    assert relay.connections == 3

@@ -384,3 +384,25 @@ def test_retry_budget_refills_with_successes():
     assert not budget.allows_retry()
     budget.record_success()
     assert budget.allows_retry()
+
+
+def test_engine_reports_reconnects_resends_and_unknown_outcomes_to_metrics(server, clock):
+    """ClientMetrics counts the probe reconnect, the resend and the unknown outcome the engine saw."""
+    from smartserve.metrics import ClientMetrics
+
+    metrics = ClientMetrics()
+    client = SmartClient(server.connect, policy=RetryPolicy(backoff_initial=0.0), clock=clock, metrics=metrics)
+    outcome(client.call(b"hello"))
+    server.connections[0].respond(b"ok", b"2")
+    server.connections[0].protocol._codec.receive_data(b"")
+    read = outcome(client.call(b"get", b"/x"))
+    server.connections[1].lose()
+    server.connections[2].respond(b"ok", body=b"x")
+    assert read == [Reply((b"ok",), b"x")]
+    appended = outcome(client.call(b"append", b"/x", b"", body=b"y"))
+    server.connections[2].lose()
+    assert appended[0].check(OutcomeUnknown)
+    text = metrics.render().decode()
+    assert 'smartserve_client_reconnects_total{reason="probe"} 1.0' in text
+    assert 'smartserve_client_resends_total{reason="after write",verb_class="read"} 1.0' in text
+    assert 'smartserve_client_outcome_unknown_total{verb_class="mutate"} 1.0' in text
