@@ -53,6 +53,7 @@ class Options(usage.Options):
         ["takeover", None, None, "Take the listening sockets of the server on this control socket, then drain it."],
         ["drain-timeout", None, 600.0, "Seconds a drain waits for busy connections before aborting them.", float],
         ["drain-grace", None, 0.0, "Seconds between /health turning 503 and the listeners closing.", float],
+        ["drain-linger", None, 0.0, "Seconds a draining server waits for another request on an idle connection.", float],
         ["admin", None, None, "Endpoint of the admin HTTP server (/health, /metrics); off when not given."],
     ]
     optFlags = [
@@ -70,7 +71,7 @@ class Options(usage.Options):
             self["control"] = os.path.join(self["data"], "control.sock")
         if self["ssh"] in ("none", "off", ""):
             self["ssh"] = None
-        for name in ("idle-timeout", "drain-timeout", "drain-grace", "login-grace-time"):
+        for name in ("idle-timeout", "drain-timeout", "drain-grace", "drain-linger", "login-grace-time"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must be 0 or more")
         for name in ("threads", "max-unauthenticated", "max-sessions-per-user"):
@@ -212,6 +213,7 @@ def makeService(options: Options, reactor=None) -> SmartserveService:
         idle_timeout=options["idle-timeout"],
         tcp_writable=Writable.everywhere() if options["bzr-allow-writes"] else Writable.nowhere(),
         metrics=metrics,
+        drain_linger=options["drain-linger"],
     )
     controller = DrainController(reactor, grace=options["drain-grace"], default_timeout=options["drain-timeout"])
     metrics.watch_connections("smart", smart_factory)

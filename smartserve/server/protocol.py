@@ -19,7 +19,11 @@ CLOSED
 
 A drain closes an IDLE connection at once and any other right after the
 last byte of its current response; a request that has not begun is never
-started.
+started. With a drain linger of L seconds, an IDLE connection is closed
+only once it has been idle for L seconds, and a request that begins before
+then is served: an unmodified ``brz`` sends the requests of one command
+back to back on one connection and cannot resend a streamed request (such
+as the ``insert_stream`` of a push) whose connection closed under it.
 """
 
 from __future__ import annotations
@@ -113,6 +117,8 @@ class SmartServerProtocol(Protocol):
         self._producer_paused = False
         self._idle_timer = None
         self._pending_bytes_in = 0
+        self._idle_since = 0.0
+        self._linger_call = None
         self._peer_from_transport = False
 
     # Twisted callbacks.
@@ -122,6 +128,7 @@ class SmartServerProtocol(Protocol):
         self._update_peer()
         self.transport.registerProducer(self, True)
         self.factory.connection_made(self)
+        self._idle_since = self.factory.clock.seconds()
         self._update_idle_timer()
         if self._draining:
             self._close(for_drain=True)
@@ -146,6 +153,7 @@ class SmartServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._cancel_idle_timer()
+        self._cancel_linger()
         self._closing = True
         current = self._current
         self._current = None
@@ -179,10 +187,30 @@ class SmartServerProtocol(Protocol):
     # Drain.
 
     def drain(self) -> None:
-        """Close now if idle, else right after the current response."""
+        """Close once idle (for the factory's drain linger), else right after the current response."""
         self._draining = True
         if self.phase is Phase.IDLE and self.transport is not None:
+            self._close_if_lingered()
+
+    def _close_if_lingered(self) -> bool:
+        """Close an idle draining connection once idle for the linger; True if closed."""
+        remaining = self._idle_since + self.factory.drain_linger - self.factory.clock.seconds()
+        if remaining <= 0:
             self._close(for_drain=True)
+            return True
+        if self._linger_call is None:
+            self._linger_call = self.factory.clock.callLater(remaining, self._linger_expired)
+        return False
+
+    def _linger_expired(self) -> None:
+        self._linger_call = None
+        if self.phase is Phase.IDLE:
+            self._close(for_drain=True)
+
+    def _cancel_linger(self) -> None:
+        if self._linger_call is not None and self._linger_call.active():
+            self._linger_call.cancel()
+        self._linger_call = None
 
     def abort(self) -> None:
         """Drop the connection now, whatever it is doing."""
@@ -206,8 +234,7 @@ class SmartServerProtocol(Protocol):
                 return
             if self.phase is Phase.RESPONSE:
                 return
-            if self.phase is Phase.IDLE and self._draining:
-                self._close(for_drain=True)
+            if self.phase is Phase.IDLE and self._draining and self._close_if_lingered():
                 return
             try:
                 event = self._codec.next_event()
@@ -264,6 +291,7 @@ class SmartServerProtocol(Protocol):
         self._pending_bytes_in = 0
         current = self._current = _CurrentRequest(record)
         self.phase = Phase.REQUEST
+        self._cancel_linger()
         try:
             current.run = self.factory.dispatcher.start(self.caller, request.args)
         except Refusal as refusal:
@@ -361,7 +389,7 @@ class SmartServerProtocol(Protocol):
         self._current = None
         self.requests_served += 1
         self.factory.request_finished(self, current.record)
-        if self._draining:
+        if self._draining and not self.factory.drain_linger:
             self._close(for_drain=True)
             return
         try:
@@ -371,6 +399,7 @@ class SmartServerProtocol(Protocol):
             self._close(for_drain=False)
             return
         self.phase = Phase.IDLE
+        self._idle_since = self.factory.clock.seconds()
         self._handle_events()
 
     # Closing.
@@ -393,6 +422,7 @@ class SmartServerProtocol(Protocol):
         self._closing = True
         self.closing_for_drain = for_drain
         self._cancel_idle_timer()
+        self._cancel_linger()
         self.transport.loseConnection()
 
     # Idle timeout.
@@ -442,7 +472,8 @@ class SmartServerFactory(Factory):
     read-only unless the operator allows writes. SSH sessions call
     ``build_protocol`` with the authenticated caller. ``metrics``, a
     ``smartserve.metrics.ServerMetrics``, counts every finished or aborted
-    request when given.
+    request when given. ``drain_linger`` is the seconds a draining server
+    waits for the next request on an idle connection before closing it.
     """
 
     protocol = SmartServerProtocol
@@ -456,11 +487,13 @@ class SmartServerFactory(Factory):
         limits: Optional[Limits] = None,
         tcp_writable: Writable = Writable.nowhere(),
         metrics=None,
+        drain_linger: float = 0.0,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
         self.dispatcher = dispatcher
         self.metrics = metrics
+        self.drain_linger = drain_linger
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.limits = limits or DEFAULT_LIMITS

@@ -1,0 +1,74 @@
+"""A draining server with a drain linger serves requests that follow at once, then closes."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+
+from smartserve.protocol import NEED_DATA, Connection, EndOfMessage, Request, Response, Role
+from smartserve.testing import MemoryBackend, encode_request, serve_in_memory
+
+
+def _answers(data: bytes) -> list:
+    """The response arguments in the bytes a server wrote, in order."""
+    codec = Connection(Role.CLIENT)
+    found = []
+    codec.send(Request((b"any",)))
+    codec.send(EndOfMessage())
+    codec.receive_data(data)
+    while (event := codec.next_event()) is not NEED_DATA:
+        if isinstance(event, Response):
+            found.append(event.args)
+        elif isinstance(event, EndOfMessage):
+            codec.start_next_cycle()
+            codec.send(Request((b"any",)))
+            codec.send(EndOfMessage())
+    return found
+
+
+def _lingering(linger: float):
+    clock = Clock()
+    factory, protocol, transport = serve_in_memory(MemoryBackend({b"f": b"data"}), clock=clock)
+    factory.drain_linger = linger
+    return clock, factory, protocol, transport
+
+
+def test_protocol_linger_serves_request_that_follows_drain():
+    """A request that arrives within the linger after a drain began is served, not refused."""
+    clock, factory, protocol, transport = _lingering(2.0)
+    protocol.dataReceived(encode_request([b"hello"]))
+    factory.drain()
+    clock.advance(1.5)
+    assert not transport.disconnecting
+    protocol.dataReceived(encode_request([b"get", b"f"]))
+    assert _answers(transport.value()) == [(b"ok", b"2"), (b"ok",)]
+    assert not transport.disconnecting
+
+
+def test_protocol_linger_closes_after_idle_for_linger():
+    """Once a draining connection has been idle for the linger, it closes, marked as closed for the drain."""
+    clock, factory, protocol, transport = _lingering(2.0)
+    factory.drain()
+    clock.advance(1.0)
+    protocol.dataReceived(encode_request([b"hello"]))
+    clock.advance(1.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting
+    assert protocol.closing_for_drain is True
+
+
+def test_protocol_linger_closes_long_idle_connection_at_once():
+    """A connection idle for longer than the linger when the drain starts closes at once."""
+    clock, factory, protocol, transport = _lingering(2.0)
+    clock.advance(5)
+    factory.drain()
+    assert transport.disconnecting
+
+
+def test_protocol_without_linger_serves_nothing_after_drain():
+    """With no linger an idle connection closes as the drain starts, and a request sent after it is not run."""
+    clock, factory, protocol, transport = _lingering(0.0)
+    factory.drain()
+    assert transport.disconnecting
+    protocol.dataReceived(encode_request([b"get", b"f"]))
+    assert transport.value() == b""
