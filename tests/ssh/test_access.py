@@ -1,0 +1,106 @@
+"""The access file and the write rights built from it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from smartserve.server.jail import Writable
+from smartserve.ssh import AccessFileError, AccessPolicy, Rights, parse_access
+from smartserve.ssh._session import writable_for
+
+EXAMPLE = """\
+# Release managers may also write to the shared trees.
+rm1     write /projects/release/ /shared   # prefixes end in '/' once parsed
+rm1     write /projects/docs/
+guest   read-only
+admin   write /
+*       read-only
+"""
+
+
+def test_parse_access_default_is_home_only():
+    """With no file, a user may write under /~user/ only."""
+    assert parse_access("").rights_for("alice") == Rights(False, ("/~alice/",))
+
+
+def test_parse_access_grants_extra_prefixes():
+    """``write`` lines add prefixes to the user's home, merged across lines."""
+    rules = parse_access(EXAMPLE)
+    assert rules.rights_for("rm1") == Rights(
+        False, ("/~rm1/", "/projects/release/", "/shared/", "/projects/docs/")
+    )
+
+
+def test_parse_access_read_only_and_default():
+    """``read-only`` takes every write away; ``*`` applies to users without a line."""
+    rules = parse_access(EXAMPLE)
+    assert rules.rights_for("guest") == Rights(True, ())
+    assert rules.rights_for("someone") == Rights(True, ())
+    assert rules.rights_for("admin") == Rights(False, ("/~admin/", "/"))
+
+
+@pytest.mark.parametrize(
+    "text, line, words",
+    [
+        ("alice write\n", 1, "needs at least one prefix"),
+        ("# ok\nalice frobnicate /x/\n", 2, "unknown keyword"),
+        ("\n\n../x write /a/\n", 3, "invalid user name"),
+        ("alice write relative/\n", 1, "must start with '/'"),
+        ("alice write /a/../b/\n", 1, "'..'"),
+        ("alice write /a//b/\n", 1, "empty"),
+        ("alice write /a%2e/\n", 1, "'%'"),
+        ("alice read-only /x/\n", 1, "takes no prefixes"),
+        ("alice read-only\nalice write /x/\n", 2, "both read-only and granted write"),
+        ("alice write /x/\nalice read-only\n", 2, "both read-only and granted write"),
+        ("alice\n", 1, "expected"),
+    ],
+)
+def test_parse_access_errors_name_the_line(text, line, words):
+    """Each mistake is reported with the file name and its line number."""
+    with pytest.raises(AccessFileError) as error:
+        parse_access(text, "access.conf")
+    assert error.value.line_number == line
+    assert str(error.value).startswith(f"access.conf:{line}: ")
+    assert words in str(error.value)
+
+
+def test_access_policy_reloads_changed_file(tmp_path):
+    """An edited access file applies to the next session without a restart."""
+    path = tmp_path / "access"
+    path.write_text("alice read-only\n")
+    policy = AccessPolicy(str(path))
+    assert policy.rights_for("alice").read_only
+    path.write_text("alice write /team/\n")
+    os.utime(path, ns=(1, 2))
+    assert policy.rights_for("alice") == Rights(False, ("/~alice/", "/team/"))
+
+
+def test_access_policy_keeps_last_rules_when_file_breaks(tmp_path):
+    """A file that turns invalid leaves the last valid rules in force."""
+    path = tmp_path / "access"
+    path.write_text("guest read-only\n")
+    policy = AccessPolicy(str(path))
+    path.write_text("guest write\n")
+    os.utime(path, ns=(1, 2))
+    assert policy.rights_for("guest").read_only
+
+
+def test_access_policy_invalid_file_fails_at_startup(tmp_path):
+    """An invalid access file stops the server from starting."""
+    path = tmp_path / "access"
+    path.write_text("guest sometimes\n")
+    with pytest.raises(AccessFileError):
+        AccessPolicy(str(path))
+
+
+def test_writable_for_maps_rights_and_command():
+    """Rights become jail write rights; a session without --allow-writes is read-only."""
+    home = Rights(False, ("/~alice/", "/team/"))
+    assert writable_for(home, allow_writes=True) == Writable.under("/~alice/", "/team/")
+    assert writable_for(home, allow_writes=False) == Writable.nowhere()
+    assert writable_for(Rights(True, ()), allow_writes=True) == Writable.nowhere()
+    assert writable_for(Rights(False, ("/~a/", "/")), allow_writes=True) == Writable.everywhere()
+    assert writable_for(home, allow_writes=True).allows("/~alice/trunk/.bzr/x")
+    assert not writable_for(home, allow_writes=True).allows("/~alicex/trunk")

@@ -1,0 +1,101 @@
+"""Host keys and the algorithms the server offers."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+
+import pytest
+from twisted.conch.ssh.keys import Key
+from twisted.internet.task import Clock
+from twisted.conch.ssh.common import getNS
+from twisted.internet.testing import StringTransport
+
+from smartserve.ssh import (
+    HostKeyError,
+    MemoryKeyStore,
+    PublicKeyChecker,
+    ensure_host_key,
+    fingerprint,
+    load_host_keys,
+    make_ssh_factory,
+)
+
+from .conftest import SSH_KEYGEN, make_user_key, needs_openssh
+
+
+def test_ensure_host_key_creates_private_ed25519_key(tmp_path):
+    """The first run makes an ed25519 key only its owner can read, and keeps it afterwards."""
+    path = ensure_host_key(str(tmp_path / "data"))
+    key = Key.fromFile(path)
+    assert key.type() == "Ed25519" and not key.isPublic()
+    assert stat.S_IMODE((tmp_path / "data" / "ssh_host_ed25519_key").stat().st_mode) == 0o600
+    assert ensure_host_key(str(tmp_path / "data")) == path
+    assert Key.fromFile(path) == key
+
+
+@needs_openssh
+def test_fingerprint_matches_ssh_keygen(tmp_path):
+    """The logged fingerprint is the one ``ssh-keygen -l`` shows users."""
+    path = ensure_host_key(str(tmp_path))
+    shown = subprocess.run(
+        [SSH_KEYGEN, "-l", "-E", "sha256", "-f", path + ".pub"], capture_output=True, text=True
+    ).stdout.split()[1]
+    assert fingerprint(Key.fromFile(path)) == shown
+
+
+def test_load_host_keys_refuses_public_and_missing_files(tmp_path):
+    """A public key or a missing file is not a host key."""
+    path = ensure_host_key(str(tmp_path))
+    with pytest.raises(HostKeyError):
+        load_host_keys([path + ".pub"])
+    with pytest.raises(HostKeyError):
+        load_host_keys([str(tmp_path / "missing")])
+    with pytest.raises(HostKeyError):
+        load_host_keys([])
+
+
+@needs_openssh
+def test_load_host_keys_accepts_rsa_and_ecdsa(tmp_path):
+    """Operators' existing RSA and ECDSA host keys load, keyed by type."""
+    rsa = make_user_key(tmp_path, "rsa", kind="rsa")
+    ecdsa = make_user_key(tmp_path, "ecdsa", kind="ecdsa")
+    keys = load_host_keys([str(rsa), str(ecdsa)])
+    assert set(keys) == {b"ssh-rsa", b"ecdsa-sha2-nistp256"}
+
+
+@needs_openssh
+def test_server_offers_only_modern_algorithms(tmp_path):
+    """The key exchange offer has no SHA-1, CBC, DSA or SHA-1 RSA signatures."""
+    rsa = make_user_key(tmp_path, "rsa", kind="rsa")
+    factory = make_ssh_factory(
+        smart_factory=None,
+        data_dir=str(tmp_path / "data"),
+        host_key_paths=[str(rsa), ensure_host_key(str(tmp_path / "data"))],
+        keys_dir=str(tmp_path / "keys"),
+        access_file=None,
+        checker=PublicKeyChecker(MemoryKeyStore()),
+        clock=Clock(),
+    )
+    factory.startFactory()
+    transport = factory.buildProtocol(None)
+    wire = StringTransport()
+    transport.makeConnection(wire)
+    offer = _kexinit_lists(wire.value())
+    transport.connectionLost(None)
+    kex, host_keys, ciphers, _, macs, _, compressions, _ = offer
+    assert set(host_keys) == {b"rsa-sha2-512", b"rsa-sha2-256", b"ssh-ed25519"}
+    assert b"curve25519-sha256" in kex
+    assert not [name for name in kex if name.endswith(b"sha1") or b"group1" in name]
+    assert ciphers[0] == b"aes128-ctr" and not [c for c in ciphers if not c.endswith(b"-ctr")]
+    assert set(macs) == {b"hmac-sha2-256", b"hmac-sha2-512"}
+    assert compressions == [b"none"]
+
+
+def _kexinit_lists(sent: bytes) -> list:
+    """Return the name-lists of the KEXINIT packet after the version line."""
+    packet = sent.split(b"\r\n", 1)[1]
+    payload = packet[5:]  # length, padding length
+    assert payload[0] == 20  # MSG_KEXINIT
+    lists = getNS(payload[17:], 8)[:8]
+    return [names.split(b",") if names else [] for names in lists]

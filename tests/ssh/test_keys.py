@@ -1,0 +1,141 @@
+"""Key stores and the public-key checker."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.conch.error import ValidPublicKey
+from twisted.conch.ssh.keys import Key
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import SSHPrivateKey
+from twisted.cred.error import UnauthorizedLogin
+from zope.interface.verify import verifyObject
+
+from smartserve.ssh import IKeyStore, KeyFolder, MemoryKeyStore, PublicKeyChecker, is_valid_username
+
+
+def _new_key() -> Key:
+    return Key(Ed25519PrivateKey.generate())
+
+
+def _public_line(key: Key, comment: str = "user@host") -> str:
+    return key.public().toString("OPENSSH").decode() + f" {comment}\n"
+
+
+def _credentials(user: bytes, key: Key, signed: bool = True, data: bytes = b"session data"):
+    blob = key.public().blob()
+    if not signed:
+        return SSHPrivateKey(user, b"ssh-ed25519", blob, None, None)
+    return SSHPrivateKey(user, b"ssh-ed25519", blob, data, key.sign(data))
+
+
+def test_key_folder_provides_ikeystore(tmp_path):
+    """The folder store implements the key store interface."""
+    assert verifyObject(IKeyStore, KeyFolder(str(tmp_path)))
+
+
+def test_memory_key_store_provides_ikeystore():
+    """The in-memory store implements the key store interface."""
+    assert verifyObject(IKeyStore, MemoryKeyStore())
+
+
+def test_key_folder_reads_every_key_of_a_user(tmp_path):
+    """All keys in ``<user>.pub`` are authorized; comments and blank lines are skipped."""
+    first, second = _new_key(), _new_key()
+    (tmp_path / "alice.pub").write_text(
+        "# alice's laptop and desktop\n\n" + _public_line(first) + _public_line(second)
+    )
+    keys = KeyFolder(str(tmp_path)).authorized_keys("alice")
+    assert keys == [first.public(), second.public()]
+
+
+def test_key_folder_skips_bad_lines(tmp_path):
+    """A malformed line costs only that line, not the user's other keys."""
+    good = _new_key()
+    (tmp_path / "alice.pub").write_text("not a key at all\n" + _public_line(good))
+    assert KeyFolder(str(tmp_path)).authorized_keys("alice") == [good.public()]
+
+
+def test_key_folder_unknown_user_has_no_keys(tmp_path):
+    """A user with no file has no keys."""
+    assert list(KeyFolder(str(tmp_path)).authorized_keys("nobody")) == []
+
+
+@pytest.mark.parametrize("name", ["../alice", "a/b", ".hidden", "-x", "", "a" * 65, "al ice"])
+def test_key_folder_invalid_user_names_have_no_keys(tmp_path, name):
+    """A user name that could escape the folder or hide a file finds nothing."""
+    (tmp_path / "alice.pub").write_text(_public_line(_new_key()))
+    (tmp_path / ".hidden.pub").write_text(_public_line(_new_key()))
+    assert not is_valid_username(name)
+    assert list(KeyFolder(str(tmp_path)).authorized_keys(name)) == []
+
+
+def test_key_folder_picks_up_changes(tmp_path):
+    """Keys added, replaced or removed while running are seen at the next lookup."""
+    store = KeyFolder(str(tmp_path))
+    path = tmp_path / "alice.pub"
+    old, new = _new_key(), _new_key()
+    path.write_text(_public_line(old))
+    assert store.authorized_keys("alice") == [old.public()]
+    path.write_text(_public_line(new) + _public_line(old))
+    os.utime(path, ns=(1, 2))  # a change even where the clock is coarse
+    assert store.authorized_keys("alice") == [new.public(), old.public()]
+    path.unlink()
+    assert list(store.authorized_keys("alice")) == []
+
+
+def test_key_folder_refuses_short_rsa_keys(tmp_path):
+    """RSA keys under 2048 bits are not authorized even if listed."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    short = Key(rsa.generate_private_key(public_exponent=65537, key_size=1024))
+    (tmp_path / "alice.pub").write_text(_public_line(short))
+    assert list(KeyFolder(str(tmp_path)).authorized_keys("alice")) == []
+
+
+def test_checker_provides_icredentialschecker():
+    """The checker implements twisted.cred's checker interface."""
+    assert verifyObject(ICredentialsChecker, PublicKeyChecker(MemoryKeyStore()))
+
+
+def test_checker_accepts_signed_authorized_key():
+    """A correctly signed request with the user's key logs in as that user."""
+    key = _new_key()
+    checker = PublicKeyChecker(MemoryKeyStore({"alice": [key.public()]}))
+    result = []
+    checker.requestAvatarId(_credentials(b"alice", key)).addCallback(result.append)
+    assert result == [b"alice"]
+
+
+def test_checker_invites_signature_only_for_authorized_key():
+    """An unsigned probe with the user's key is invited to sign; any other key is refused."""
+    key, stranger = _new_key(), _new_key()
+    checker = PublicKeyChecker(MemoryKeyStore({"alice": [key.public()]}))
+    failures = []
+    checker.requestAvatarId(_credentials(b"alice", key, signed=False)).addErrback(failures.append)
+    checker.requestAvatarId(_credentials(b"alice", stranger, signed=False)).addErrback(
+        failures.append
+    )
+    assert failures[0].check(ValidPublicKey)
+    assert failures[1].check(UnauthorizedLogin)
+
+
+def test_checker_refuses_key_of_another_user():
+    """Alice's key does not log in as bob."""
+    alice, bob = _new_key(), _new_key()
+    checker = PublicKeyChecker(MemoryKeyStore({"alice": [alice.public()], "bob": [bob.public()]}))
+    failures = []
+    checker.requestAvatarId(_credentials(b"bob", alice)).addErrback(failures.append)
+    assert failures and failures[0].check(UnauthorizedLogin)
+
+
+def test_checker_refuses_bad_signature():
+    """A signature by another key over the data is refused."""
+    key, other = _new_key(), _new_key()
+    checker = PublicKeyChecker(MemoryKeyStore({"alice": [key.public()]}))
+    forged = SSHPrivateKey(b"alice", b"ssh-ed25519", key.public().blob(), b"data", other.sign(b"data"))
+    failures = []
+    checker.requestAvatarId(forged).addErrback(failures.append)
+    assert failures and failures[0].check(UnauthorizedLogin)
