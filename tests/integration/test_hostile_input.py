@@ -11,8 +11,6 @@ import pytest
 from smartserve.protocol import BodyChunk, Connection, EndOfMessage, Request, Response, Role, MESSAGE_MARKER
 from smartserve.protocol import NEED_DATA
 
-from conftest import SmartserveProcess
-
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -50,12 +48,9 @@ def _hello_works(server) -> bool:
 
 
 @pytest.fixture
-def server(tmp_path):
-    process = SmartserveProcess(
-        tmp_path / "data", ["--bzr", "tcp:0:interface=127.0.0.1", "--idle-timeout", "1"]
-    ).start()
-    yield process
-    process.stop()
+def server(start_smartserve):
+    """A read-only bzr:// server whose connections time out after 1 s idle."""
+    return start_smartserve("--bzr", "tcp:0:interface=127.0.0.1", "--idle-timeout", "1", "--ssh", "none")
 
 
 def _v3_error(reply: bytes):
