@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Union
 
-from ._events import ConnectionClosed, Event, Request, Response
+from ._events import BodyChunk, ConnectionClosed, Event, Request, Response
 from ._exceptions import LocalProtocolError, ProtocolError, RemoteProtocolError, UnsupportedProtocolVersion
 from ._limits import DEFAULT_LIMITS, Limits
 from ._readers import MessageReader
 from ._receivebuffer import ReceiveBuffer
-from ._state import Role, State, next_state
-from ._writers import WRITERS, error_response
+from ._state import Role, State, transitions_for
+from ._writers import WRITERS, body_part_header, error_response
 
 __all__ = ["Connection", "NEED_DATA", "PAUSED"]
 
@@ -32,6 +32,15 @@ PAUSED = _Sentinel("PAUSED")
 """``next_event`` will return nothing more until ``start_next_cycle``."""
 
 
+_TRANSITIONS = {role: transitions_for(role) for role in Role}
+
+# Module-level names for the members, as an Enum attribute lookup is slow.
+_IDLE = State.IDLE
+_DONE = State.DONE
+_CLOSED = State.CLOSED
+_ERROR = State.ERROR
+
+
 def _other(role: Role) -> Role:
     return Role.SERVER if role is Role.CLIENT else Role.CLIENT
 
@@ -49,7 +58,10 @@ class Connection:
         self.our_role = our_role
         self.their_role = _other(our_role)
         self.limits = limits
-        self._states = {Role.CLIENT: State.IDLE, Role.SERVER: State.IDLE}
+        self._our_state = _IDLE
+        self._their_state = _IDLE
+        self._our_transitions = _TRANSITIONS[our_role]
+        self._their_transitions = _TRANSITIONS[self.their_role]
         self._buffer = ReceiveBuffer()
         self._reader = MessageReader(self.their_role, limits)
         self._their_eof = False
@@ -59,12 +71,12 @@ class Connection:
     @property
     def our_state(self) -> State:
         """The state of the messages we send."""
-        return self._states[self.our_role]
+        return self._our_state
 
     @property
     def their_state(self) -> State:
         """The state of the messages the peer sends."""
-        return self._states[self.their_role]
+        return self._their_state
 
     @property
     def their_eof(self) -> bool:
@@ -74,7 +86,7 @@ class Connection:
     @property
     def trailing_data(self) -> bytes:
         """Received bytes that no event has consumed yet."""
-        return self._buffer.slice(0, len(self._buffer))
+        return self._buffer.peek(len(self._buffer))
 
     def receive_data(self, data: bytes) -> None:
         """Add bytes received from the peer; ``b""`` means EOF.
@@ -96,25 +108,32 @@ class Connection:
         ``RemoteProtocolError`` if the peer broke the protocol; after that
         the connection is unusable.
         """
-        state = self.their_state
-        if state is State.ERROR:
-            raise RemoteProtocolError("cannot receive after a protocol error")
-        if state is State.CLOSED:
-            return ConnectionClosed()
-        if state is State.DONE:
+        state = self._their_state
+        if state is _DONE:
             if self._their_eof and not self._buffer:
                 return self._process_received(ConnectionClosed())
             return PAUSED
+        if state is _ERROR:
+            raise RemoteProtocolError("cannot receive after a protocol error")
+        if state is _CLOSED:
+            return ConnectionClosed()
         try:
             event = self._reader.read(self._buffer)
             if event is None:
                 if not self._their_eof:
                     return NEED_DATA
-                if self._reader.between_messages and not self._buffer and state is State.IDLE:
+                if self._reader.between_messages and not self._buffer and state is _IDLE:
                     event = ConnectionClosed()
                 else:
                     raise RemoteProtocolError("connection closed in the middle of a message")
-            return self._process_received(event)
+            event_type = type(event)
+            new_state = self._their_transitions[state].get(event_type)
+            if new_state is None or (event_type is Response and not self._request_in_cycle):
+                return self._process_received(event)
+            self._their_state = new_state
+            if event_type is Request:
+                self._request_in_cycle = True
+            return event
         except RemoteProtocolError as exc:
             self._fail_remote(exc)
             raise
@@ -125,27 +144,41 @@ class Connection:
         Raises ``LocalProtocolError`` if the protocol does not allow
         ``event`` now; the state is then unchanged.
         """
-        if self.our_state is State.ERROR:
-            raise LocalProtocolError("cannot send after a protocol error")
-        new_state = self._check(self.our_role, event)
-        data = WRITERS[type(event)](event)
-        self._advance(self.our_role, event, new_state)
+        event_type = type(event)
+        new_state = self._our_transitions[self._our_state].get(event_type)
+        if new_state is None or (event_type is Response and not self._request_in_cycle):
+            self._refuse(event_type)
+        data = WRITERS[event_type](event)
+        self._our_state = new_state
+        if event_type is Request:
+            self._request_in_cycle = True
         return data
+
+    def send_with_data_passthrough(self, event: Event) -> list:
+        """Like ``send``, but return a list of byte strings to write in order.
+
+        A ``BodyChunk``'s data is one of them, not copied, so large bodies
+        can be written without joining them to their part header.
+        """
+        if type(event) is BodyChunk:
+            self._our_state = self._check_ours(BodyChunk)
+            return [body_part_header(event.data), event.data]
+        return [self.send(event)]
 
     def send_failed(self) -> None:
         """Record that sending broke off mid-message; nothing more can be sent."""
-        self._states[self.our_role] = State.ERROR
+        self._our_state = _ERROR
 
     def start_next_cycle(self) -> None:
         """Reset both directions to IDLE after a complete request/response.
 
         Raises ``LocalProtocolError`` unless both messages are DONE.
         """
-        if self.our_state is not State.DONE or self.their_state is not State.DONE:
+        if self._our_state is not _DONE or self._their_state is not _DONE:
             raise LocalProtocolError(
                 f"not done: we are {self.our_state.name}, they are {self.their_state.name}"
             )
-        self._states[Role.CLIENT] = self._states[Role.SERVER] = State.IDLE
+        self._our_state = self._their_state = _IDLE
         self._reader.reset()
         self._request_in_cycle = False
 
@@ -154,29 +187,41 @@ class Connection:
         data, self._outgoing = self._outgoing, b""
         return data
 
-    def _check(self, sender: Role, event: Event) -> State:
-        error = LocalProtocolError if sender is self.our_role else RemoteProtocolError
-        state = self._states[sender]
-        new_state = next_state(sender, state, type(event))
-        if new_state is None:
-            raise error(f"{type(event).__name__} not allowed when the {sender.value} is {state.name}")
-        if type(event) is Response and not self._request_in_cycle:
-            raise error("a response must follow a request")
+    def _check_ours(self, event_type: type) -> State:
+        new_state = self._our_transitions[self._our_state].get(event_type)
+        if new_state is None or (event_type is Response and not self._request_in_cycle):
+            self._refuse(event_type)
         return new_state
 
-    def _advance(self, sender: Role, event: Event, new_state: State) -> None:
-        self._states[sender] = new_state
-        if type(event) is Request:
-            self._request_in_cycle = True
+    def _refuse(self, event_type: type) -> None:
+        state = self._our_state
+        if state is _ERROR:
+            raise LocalProtocolError("cannot send after a protocol error")
+        if event_type is Response and state is _IDLE:
+            raise LocalProtocolError("a response must follow a request")
+        raise LocalProtocolError(
+            f"{event_type.__name__} not allowed when the {self.our_role.value} is {state.name}"
+        )
 
     def _process_received(self, event: Event) -> Event:
-        self._advance(self.their_role, event, self._check(self.their_role, event))
+        event_type = type(event)
+        state = self._their_state
+        new_state = self._their_transitions[state].get(event_type)
+        if new_state is None:
+            raise RemoteProtocolError(
+                f"{event_type.__name__} not allowed when the {self.their_role.value} is {state.name}"
+            )
+        if event_type is Response and not self._request_in_cycle:
+            raise RemoteProtocolError("a response must follow a request")
+        self._their_state = new_state
+        if event_type is Request:
+            self._request_in_cycle = True
         return event
 
     def _fail_remote(self, exc: ProtocolError) -> None:
-        if self.our_role is Role.SERVER and self.our_state is State.IDLE:
+        if self.our_role is Role.SERVER and self._our_state is _IDLE:
             if isinstance(exc, UnsupportedProtocolVersion):
                 self._outgoing += exc.reply
             else:
                 self._outgoing += error_response(exc.error_args)
-        self._states[Role.CLIENT] = self._states[Role.SERVER] = State.ERROR
+        self._our_state = self._their_state = _ERROR

@@ -40,6 +40,7 @@ __all__ = ["MessageReader"]
 
 _MARKER_LEN = len(MESSAGE_MARKER)
 _unpack_length = LENGTH.unpack_from
+_END = EndOfMessage()
 
 
 class _Expect(enum.Enum):
@@ -55,26 +56,39 @@ class _Expect(enum.Enum):
     NOTHING = "nothing"
 
 
+# Module-level names for the members: looking up an Enum attribute costs
+# more than the rest of a small part's parsing.
+_MARKER = _Expect.MARKER
+_HEADERS = _Expect.HEADERS
+_STATUS = _Expect.STATUS
+_ARGS = _Expect.ARGS
+_BODY = _Expect.BODY
+_ERROR_ARGS = _Expect.ERROR_ARGS
+_END_PART = _Expect.END
+_NOTHING = _Expect.NOTHING
+
+
 class MessageReader:
     """Reads the messages sent by ``sender``, part by part."""
 
-    __slots__ = ("_sender", "_limits", "_expect", "_headers", "_success")
+    __slots__ = ("_sender", "_from_client", "_limits", "_expect", "_headers", "_success")
 
     def __init__(self, sender: Role, limits: Limits):
         self._sender = sender
+        self._from_client = sender is Role.CLIENT
         self._limits = limits
-        self._expect = _Expect.MARKER
+        self._expect = _MARKER
         self._headers: dict = {}
         self._success = True
 
     @property
     def between_messages(self) -> bool:
         """True when no part of a message has been consumed yet."""
-        return self._expect is _Expect.MARKER
+        return self._expect is _MARKER
 
     def reset(self) -> None:
         """Get ready for the next message."""
-        self._expect = _Expect.MARKER
+        self._expect = _MARKER
 
     def read(self, buf: ReceiveBuffer) -> Optional[Event]:
         """Consume parts from ``buf`` until one makes an event.
@@ -82,62 +96,126 @@ class MessageReader:
         Returns None when ``buf`` does not yet hold a whole part, and raises
         ``RemoteProtocolError`` for bytes the grammar does not allow.
         """
+        expect = self._expect
+        if expect is _BODY:
+            return self._read_body_part(buf)
+        if expect is _MARKER:
+            event = self._read_opening_in_place(buf)
+            if event is not None:
+                return event
         while True:
             expect = self._expect
-            if expect is _Expect.BODY:
+            if expect is _BODY:
                 return self._read_body_part(buf)
-            if expect is _Expect.MARKER:
+            if expect is _MARKER:
                 if not self._read_marker(buf):
                     return None
-            elif expect is _Expect.HEADERS:
+            elif expect is _HEADERS:
                 headers = self._read_structure(buf, self._limits.max_headers_size, "headers")
                 if headers is None:
                     return None
                 if not isinstance(headers, dict):
                     raise RemoteProtocolError(f"message headers are not a dict: {headers!r:.80}")
                 self._headers = headers
-                self._expect = _Expect.ARGS if self._sender is Role.CLIENT else _Expect.STATUS
-            elif expect is _Expect.STATUS:
+                self._expect = _ARGS if self._from_client else _STATUS
+            elif expect is _STATUS:
                 status = self._read_status(buf)
                 if status is None:
                     return None
                 self._success = status
-                self._expect = _Expect.ARGS
-            elif expect is _Expect.ARGS:
+                self._expect = _ARGS
+            elif expect is _ARGS:
                 return self._read_args(buf)
-            elif expect is _Expect.ERROR_ARGS:
+            elif expect is _ERROR_ARGS:
                 args = self._read_tagged_structure(buf, "error arguments")
                 if args is None:
                     return None
-                self._expect = _Expect.END
+                self._expect = _END_PART
                 return BodyError(_as_args(args, "error arguments"))
-            elif expect is _Expect.END:
+            elif expect is _END_PART:
                 if not buf:
                     return None
                 kind = buf.byte_at(0)
                 if kind != PART_END:
                     raise RemoteProtocolError(f"expected the end of the message, got part {bytes([kind])!r}")
                 buf.consume(1)
-                self._expect = _Expect.NOTHING
-                return EndOfMessage()
+                self._expect = _NOTHING
+                return _END
             else:
                 return None
 
+    def _read_opening_in_place(self, buf: ReceiveBuffer) -> Optional[Event]:
+        """Read a message's opening parts at once if the first chunk holds them.
+
+        A shortcut for the common case of a whole small message in one
+        chunk. It returns None, consuming nothing, for anything unusual
+        (a part cut short, over a limit, or malformed), and the part-by-part
+        path then gives the right answer or error.
+        """
+        data, pos = buf.contiguous()
+        size = len(data)
+        if not data.startswith(MESSAGE_MARKER, pos):
+            return None
+        start = pos
+        pos += _MARKER_LEN
+        if size < pos + 4:
+            return None
+        (length,) = _unpack_length(data, pos)
+        headers_at = pos + 4
+        pos = headers_at + length
+        if length > self._limits.max_headers_size or size < pos + 5:
+            return None
+        headers_end = pos
+        success = True
+        if not self._from_client:
+            if data[pos] != PART_STATUS:
+                return None
+            status = data[pos + 1]
+            if status == STATUS_ERROR:
+                success = False
+            elif status != STATUS_SUCCESS:
+                return None
+            pos += 2
+            if size < pos + 5:
+                return None
+        if data[pos] != PART_STRUCTURE:
+            return None
+        (length,) = _unpack_length(data, pos + 1)
+        end = pos + 5 + length
+        if length > self._limits.max_structure_size or size < end:
+            return None
+        try:
+            headers = bdecode_as_tuple(data[headers_at:headers_end])
+            args = bdecode_as_tuple(data[pos + 5 : end])
+        except Exception:
+            return None
+        if type(headers) is not dict or type(args) is not tuple:
+            return None
+        if self._from_client:
+            if not args or type(args[0]) is not bytes:
+                return None
+            event = Request(args, headers)
+        else:
+            event = Response(args, success, headers)
+        buf.consume(end - start)
+        self._headers = headers
+        self._success = success
+        self._expect = _BODY
+        return event
+
     def _read_marker(self, buf: ReceiveBuffer) -> bool:
-        available = len(buf)
-        if available >= _MARKER_LEN:
-            if buf.startswith(MESSAGE_MARKER):
-                buf.consume(_MARKER_LEN)
-                self._expect = _Expect.HEADERS
-                return True
-        elif MESSAGE_MARKER.startswith(buf.slice(0, available)):
+        if buf.startswith(MESSAGE_MARKER):
+            buf.consume(_MARKER_LEN)
+            self._expect = _HEADERS
+            return True
+        if len(buf) < _MARKER_LEN and MESSAGE_MARKER.startswith(buf.peek(_MARKER_LEN)):
             return False
         return self._reject_marker(buf)
 
     def _reject_marker(self, buf: ReceiveBuffer) -> bool:
         """Raise the error for a wrong marker, or wait for more of a v2 one."""
-        head = buf.slice(0, _MARKER_LEN)
-        if self._sender is Role.CLIENT:
+        head = buf.peek(_MARKER_LEN)
+        if self._from_client:
             if V2_REQUEST_MARKER.startswith(head[: len(V2_REQUEST_MARKER)]):
                 if len(head) < len(V2_REQUEST_MARKER):
                     return False
@@ -147,29 +225,32 @@ class MessageReader:
             raise RemoteProtocolError("the server answered in smart protocol version 2")
         raise RemoteProtocolError(f"not a version 3 message: {head!r}")
 
-    def _read_length_prefixed(self, buf: ReceiveBuffer, offset: int, maximum: int, what: str):
-        """Return ``(payload, part_length)`` or None if it is not all there."""
-        if len(buf) < offset + 4:
+    def _take_length_prefixed(
+        self, buf: ReceiveBuffer, offset: int, maximum: int, what: str
+    ) -> Optional[bytes]:
+        """Consume ``offset`` bytes, a length prefix and the payload it announces.
+
+        Returns the payload, or None (consuming nothing) if it is not all there.
+        """
+        available = len(buf)
+        if available < offset + 4:
             return None
-        (length,) = _unpack_length(buf.slice(offset, offset + 4))
+        length = buf.length_at(offset)
         if length > maximum:
             raise LimitExceeded(what, length, maximum)
-        end = offset + 4 + length
-        if len(buf) < end:
+        if available < offset + 4 + length:
             return None
-        return buf.slice(offset + 4, end), end
+        buf.consume(offset + 4)
+        return buf.take(length)
 
     def _read_structure(self, buf: ReceiveBuffer, maximum: int, what: str, offset: int = 0):
-        found = self._read_length_prefixed(buf, offset, maximum, what)
-        if found is None:
+        payload = self._take_length_prefixed(buf, offset, maximum, what)
+        if payload is None:
             return None
-        payload, end = found
         try:
-            value = bdecode_as_tuple(payload)
+            return bdecode_as_tuple(payload)
         except Exception as exc:
             raise RemoteProtocolError(f"{what} are not valid bencode: {exc}") from None
-        buf.consume(end)
-        return value
 
     def _read_tagged_structure(self, buf: ReceiveBuffer, what: str):
         if not buf:
@@ -180,14 +261,14 @@ class MessageReader:
         return self._read_structure(buf, self._limits.max_structure_size, what, offset=1)
 
     def _read_status(self, buf: ReceiveBuffer) -> Optional[bool]:
-        if len(buf) < 2:
-            if buf and buf.byte_at(0) != PART_STATUS:
-                raise RemoteProtocolError(f"expected a status, got part {buf.slice(0, 1)!r}")
+        if not buf:
             return None
         if buf.byte_at(0) != PART_STATUS:
-            raise RemoteProtocolError(f"expected a status, got part {buf.slice(0, 1)!r}")
+            raise RemoteProtocolError(f"expected a status, got part {buf.peek(1)!r}")
+        if len(buf) < 2:
+            return None
         status = buf.byte_at(1)
-        if status not in (STATUS_SUCCESS, STATUS_ERROR):
+        if status != STATUS_SUCCESS and status != STATUS_ERROR:
             raise RemoteProtocolError(f"bad status byte {bytes([status])!r}")
         buf.consume(2)
         return status == STATUS_SUCCESS
@@ -196,34 +277,46 @@ class MessageReader:
         args = self._read_tagged_structure(buf, "arguments")
         if args is None:
             return None
-        args = _as_args(args, "arguments")
-        self._expect = _Expect.BODY
-        if self._sender is Role.CLIENT:
-            if not args or not isinstance(args[0], bytes):
+        if type(args) is not tuple:
+            raise RemoteProtocolError(f"arguments are not a list: {args!r:.80}")
+        self._expect = _BODY
+        if self._from_client:
+            if not args or type(args[0]) is not bytes:
                 raise RemoteProtocolError(f"a request must start with a verb, got {args!r:.80}")
             return Request(args, self._headers)
         return Response(args, self._success, self._headers)
 
     def _read_body_part(self, buf: ReceiveBuffer) -> Optional[Event]:
+        data, pos = buf.contiguous()
+        if pos < len(data):
+            kind = data[pos]
+            if kind == PART_BYTES and pos + 5 <= len(data):
+                (length,) = _unpack_length(data, pos + 1)
+                end = pos + 5 + length
+                if end <= len(data) and length <= self._limits.max_body_part_size:
+                    buf.consume(end - pos)
+                    return BodyChunk(data[pos + 5 : end])
+            elif kind == PART_END:
+                buf.consume(1)
+                self._expect = _NOTHING
+                return _END
         if not buf:
             return None
         kind = buf.byte_at(0)
         if kind == PART_BYTES:
-            found = self._read_length_prefixed(buf, 1, self._limits.max_body_part_size, "body part")
-            if found is None:
+            data = self._take_length_prefixed(buf, 1, self._limits.max_body_part_size, "body part")
+            if data is None:
                 return None
-            data, end = found
-            buf.consume(end)
             return BodyChunk(data)
         if kind == PART_END:
             buf.consume(1)
-            self._expect = _Expect.NOTHING
-            return EndOfMessage()
+            self._expect = _NOTHING
+            return _END
         if kind == PART_STATUS:
             status = self._read_status(buf)
             if status is None:
                 return None
-            self._expect = _Expect.END if status else _Expect.ERROR_ARGS
+            self._expect = _END_PART if status else _ERROR_ARGS
             return self.read(buf)
         raise RemoteProtocolError(f"bad message part kind {bytes([kind])!r}")
 

@@ -31,7 +31,7 @@ from ._events import (
     Response,
 )
 
-__all__ = ["Role", "State", "TRANSITIONS", "OPENING_EVENT"]
+__all__ = ["Role", "State", "TRANSITIONS", "OPENING_EVENT", "next_state", "transitions_for"]
 
 
 class Role(enum.Enum):
@@ -39,6 +39,10 @@ class Role(enum.Enum):
 
     CLIENT = "client"
     SERVER = "server"
+
+    # Members are singletons, so identity is equality; Enum's own hash runs
+    # Python code on every dictionary lookup.
+    __hash__ = object.__hash__
 
 
 class State(enum.Enum):
@@ -50,6 +54,8 @@ class State(enum.Enum):
     DONE = "DONE"  # the message ended; waiting for start_next_cycle
     CLOSED = "CLOSED"  # the sender closed its side
     ERROR = "ERROR"  # a protocol error happened; nothing more is understood
+
+    __hash__ = object.__hash__
 
 
 OPENING_EVENT = {Role.CLIENT: Request, Role.SERVER: Response}
@@ -79,3 +85,16 @@ def next_state(sender: Role, state: State, event_type: type) -> State | None:
     if event_type is OPENING_EVENT[sender]:
         return row.get(_OPEN)
     return row.get(event_type)
+
+
+def transitions_for(sender: Role) -> dict:
+    """``TRANSITIONS`` for messages sent by ``sender``, keyed by event type.
+
+    The same table with the opening event spelled out, so that one lookup
+    per event answers ``next_state``.
+    """
+    opening = OPENING_EVENT[sender]
+    return {
+        state: {(opening if key == _OPEN else key): new for key, new in row.items()}
+        for state, row in TRANSITIONS.items()
+    }

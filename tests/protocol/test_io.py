@@ -152,3 +152,12 @@ def test_connection_pair_runs_several_cycles():
         pair.start_next_cycle()
         assert pair.client.their_state is pair.server.their_state is State.IDLE
 
+
+def test_send_with_data_passthrough_matches_send():
+    """The passthrough variant writes the same bytes and keeps body data uncopied."""
+    events = CASES[-2][1]
+    expected = send_all(sender(Role.SERVER), events)
+    conn = sender(Role.SERVER)
+    pieces = [conn.send_with_data_passthrough(event) for event in events]
+    assert b"".join(b"".join(piece) for piece in pieces) == expected
+    assert pieces[1][-1] is events[1].data
