@@ -11,6 +11,9 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..server.interfaces import IDrainable
 
 from ._access import AccessPolicy
 from ._avatar import SmartRealm
@@ -32,6 +35,7 @@ class _Refused(Protocol):
         self.transport.loseConnection()
 
 
+@implementer(IDrainable)
 class SSHServerFactory(factory.SSHFactory):
     """Builds SSH server connections that run the smart server in-process.
 
@@ -128,7 +132,17 @@ class SSHServerFactory(factory.SSHFactory):
         """Return how many sessions ``username`` has open."""
         return self._sessions[username]
 
-    # Drain.
+    # Drain (IDrainable).
+
+    @property
+    def open_connections(self) -> int:
+        """SSH connections open now, logged in or not."""
+        return len(self.connections)
+
+    @property
+    def busy_connections(self) -> int:
+        """SSH connections with at least one channel open."""
+        return sum(1 for transport in self.connections if transport.open_channels())
 
     def drain(self) -> defer.Deferred:
         """Stop taking connections and close each as soon as it has no session.

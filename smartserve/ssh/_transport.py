@@ -113,12 +113,16 @@ class ServerTransport(transport.SSHServerTransport):
         ]
         super().sendExtInfo(extensions)
 
+    def open_channels(self) -> int:
+        """How many channels are open on this connection."""
+        if not self.authenticated:
+            return 0
+        return len(getattr(self.service, "channels", ()))
+
     def drain(self) -> None:
-        """Disconnect now if no session is open, else once the last one closes."""
+        """Disconnect now if no channel is open, else once the last one closes."""
         self.draining = True
-        service = self.service
-        channels = getattr(service, "channels", None) if self.authenticated else None
-        if not channels:
+        if not self.open_channels():
             self.disconnect_with(b"the server is restarting; try again")
 
     def disconnect_with(self, message: bytes) -> None:

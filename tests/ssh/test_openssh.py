@@ -332,3 +332,14 @@ async def test_sessions_per_user_limit(tmp_path):
         assert await first.ended == 0
     finally:
         await server.stopped()
+
+
+def test_ssh_factory_provides_idrainable(ssh_server):
+    """The SSH factory is a drainable set of connections for the drain controller."""
+    from zope.interface.verify import verifyObject
+
+    from smartserve.server.interfaces import IDrainable
+
+    assert verifyObject(IDrainable, ssh_server.factory)
+    assert ssh_server.factory.open_connections == 0
+    assert ssh_server.factory.busy_connections == 0
