@@ -75,7 +75,7 @@ class BlockingClient:
         return self._in_reactor(self._client.call, verb, *args, **kwargs)
 
     def close(self) -> None:
-        """Close the client's connections; the reactor thread keeps running."""
+        """Close the client's connections and wait until they are; the reactor thread keeps running."""
         self._in_reactor(self._client.close)
 
     def __enter__(self) -> "BlockingClient":

@@ -98,7 +98,6 @@ class SmartClient:
         self.budget = RetryBudget(policy.budget_tokens, policy.budget_ratio)
         self._clock = clock
         self._pool = Pool(connect, clock, policy, jitter, pool_size, name, self.stats)
-        self._closed = False
 
     @classmethod
     def from_url(
@@ -164,10 +163,24 @@ class SmartClient:
         outgoing = Outgoing(verb, args, body=body, body_stream=body_stream, on_chunk=on_chunk, headers=headers)
         return Deferred.fromCoroutine(self._call(outgoing))
 
-    def close(self) -> None:
-        """Close all connections; later calls fail with ``ClientClosed``."""
-        self._closed = True
-        self._pool.stop()
+    def close(self, timeout: float = 5.0) -> Deferred:
+        """Close all connections; later calls fail with ``ClientClosed``.
+
+        The Deferred fires once every connection is closed; connections
+        still open after ``timeout`` seconds (an SSH server that does not
+        answer the channel close) are dropped.
+        """
+        closed = self._pool.stop()
+        if closed.called:
+            return closed
+        timer = self._clock.callLater(timeout, self._pool.abort_all, "client closed")
+
+        def done(result):
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return closed.addBoth(done)
 
     def _remaining(self, deadline_at: float) -> float:
         return deadline_at - self._clock.seconds()

@@ -128,7 +128,7 @@ def _build():
                 s.current = None
                 c._connection_lost()
 
-        protocol.closed.addBoth(lost)
+        protocol.when_closed().addCallback(lost)
         return protocol
 
     def back_off(c: ConnectionSlot, s: _Core, *args) -> IDelayedCall:

@@ -6,7 +6,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Deque, List, Optional
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 
 from ._lifecycle import ConnectionSlot, make_slot
@@ -27,7 +27,7 @@ class PoolEntry:
     @property
     def has_live_connection(self) -> bool:
         """Whether its last connection is still open."""
-        return self.protocol is not None and not self.protocol.closed.called
+        return self.protocol is not None and not self.protocol.is_closed
 
 
 class Pool:
@@ -85,11 +85,19 @@ class Pool:
         self._free.append(entry)
         self._schedule_keepalive(entry)
 
-    def stop(self) -> None:
-        """Close every connection and make no more."""
+    def stop(self) -> Deferred:
+        """Close every connection and make no more; fires once all are closed."""
+        closing = [entry.protocol.when_closed() for entry in self._entries if entry.has_live_connection]
         for entry in self._entries:
             self._cancel_keepalive(entry)
             entry.slot.stop()
+        return gatherResults(closing).addCallback(lambda _: None)
+
+    def abort_all(self, reason: str) -> None:
+        """Drop every open connection at once."""
+        for entry in self._entries:
+            if entry.has_live_connection:
+                entry.protocol.abort(reason)
 
     def _take(self) -> PoolEntry:
         live = [entry for entry in self._free if entry.has_live_connection]

@@ -18,7 +18,7 @@ import select
 import socket
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Tuple, Union
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
@@ -128,9 +128,8 @@ def _socket_of(transport) -> Optional[socket.socket]:
 class SmartClientProtocol(Protocol):
     """The client end of one smart protocol connection.
 
-    ``closed`` fires with the loss reason (a ``Failure``) when the
-    connection is gone. ``drain_signal`` is True once the server closed it
-    with exit status 75.
+    ``when_closed()`` fires once the connection is gone. ``drain_signal``
+    is True once the server closed it with exit status 75.
     """
 
     _log = Logger()
@@ -151,7 +150,7 @@ class SmartClientProtocol(Protocol):
         self._lost = False
         self._reusable = True
         self.drain_signal = False
-        self.closed: Deferred = Deferred()
+        self._close_waiters: list = []
 
     def connectionMade(self) -> None:
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -161,6 +160,19 @@ class SmartClientProtocol(Protocol):
             sock = _socket_of(self.transport)
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether the connection is gone."""
+        return self._lost
+
+    def when_closed(self) -> Deferred:
+        """A Deferred that fires with None once the connection is gone."""
+        if self._lost:
+            return succeed(None)
+        waiter: Deferred = Deferred()
+        self._close_waiters.append(waiter)
+        return waiter
 
     @property
     def busy(self) -> bool:
@@ -417,7 +429,9 @@ class SmartClientProtocol(Protocol):
             if not self._codec.their_eof:
                 self._codec.receive_data(b"")
             self._fail_pending(reason)
-        self.closed.callback(reason)
+        waiters, self._close_waiters = self._close_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
 
 def _describe(reason: Optional[Failure]) -> str:

@@ -366,3 +366,110 @@ def openssh(tmp_path_factory):
     server = OpenSSHServer(tmp_path_factory.mktemp("sshd")).start()
     yield server
     server.stop()
+
+
+TWISTD = str(VENV_BIN / "twistd")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_listening(process, port: int, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{what} exited with status {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"{what} did not listen on {port} within {timeout} s")
+
+
+class SmartserveServer:
+    """A `twistd smartserve` process serving bzr:// and bzr+ssh:// to one SSH user."""
+
+    def __init__(self, base: Path, user: str = "alice"):
+        self.base = base
+        self.data = base / "data"
+        self.root = self.data / "branches"
+        self.user = user
+        self.process = None
+
+    def start(self, timeout: float = 30.0) -> "SmartserveServer":
+        (self.data / "keys").mkdir(parents=True)
+        self.root.mkdir()
+        self.client_key = self.base / "client_key"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.client_key)], check=True)
+        (self.data / "keys" / f"{self.user}.pub").write_text((self.base / "client_key.pub").read_text())
+        self.bzr_port, self.ssh_port = _free_port(), _free_port()
+        self.log = self.base / "smartserve.log"
+        access = self.base / "access"
+        access.write_text(f"{self.user} write /\n")
+        self.process = subprocess.Popen(
+            [
+                TWISTD, "-n", "--pidfile=", f"--logfile={self.log}", "smartserve",
+                "--data", str(self.data),
+                "--bzr", f"tcp:{self.bzr_port}:interface=127.0.0.1", "--bzr-allow-writes",
+                "--ssh", f"tcp:{self.ssh_port}:interface=127.0.0.1",
+                "--access", str(access),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        _wait_listening(self.process, self.bzr_port, timeout, "smartserve (bzr://)")
+        _wait_listening(self.process, self.ssh_port, timeout, "smartserve (bzr+ssh://)")
+        host_key = (self.data / "ssh_host_ed25519_key.pub").read_text().split()
+        self.known_hosts = self.base / "known_hosts"
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.ssh_port} {host_key[0]} {host_key[1]}\n")
+        return self
+
+    @property
+    def bzr_url(self) -> str:
+        return f"bzr://127.0.0.1:{self.bzr_port}/"
+
+    @property
+    def ssh_url(self) -> str:
+        return f"bzr+ssh://{self.user}@127.0.0.1:{self.ssh_port}/"
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def smartserve_server(tmp_path_factory):
+    """A smartserve process for the tests of one module."""
+    server = SmartserveServer(tmp_path_factory.mktemp("smartserve")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sample_branch(brz_serve, tmp_path_factory):
+    """A real 2a branch with three revisions, made once; copy it where a test needs it."""
+    tree = tmp_path_factory.mktemp("sample") / "branch"
+    brz_serve.brz("init", "-q", tree)
+    for number in range(3):
+        (tree / "file.txt").write_text(f"revision {number}\n")
+        if number == 0:
+            brz_serve.brz("add", "-q", cwd=tree)
+        brz_serve.brz("commit", "-q", "-m", f"revision {number}", cwd=tree)
+    return tree
+
+
+def copy_branch(sample: Path, where: Path) -> Path:
+    """A copy of ``sample`` at ``where``."""
+    import shutil
+
+    shutil.copytree(sample, where, symlinks=True)
+    return where

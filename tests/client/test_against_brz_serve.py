@@ -7,6 +7,7 @@ import pytest_twisted
 from breezy.bzr.groupcompress_repo import RepositoryFormat2a
 from breezy.bzr.smart.repository import _byte_stream_to_stream
 
+from .conftest import copy_branch
 from smartserve.client import FileExists, NoSuchFile, ReadError, RemoteError, SmartClient, UnknownMethod
 
 
@@ -14,7 +15,7 @@ from smartserve.client import FileExists, NoSuchFile, ReadError, RemoteError, Sm
 def client(brz_serve):
     client = SmartClient.from_url(brz_serve.url)
     yield client
-    client.close()
+    pytest_twisted.blockon(client.close())
 
 
 @pytest_twisted.ensureDeferred
@@ -98,17 +99,10 @@ async def test_call_remote_errors_raise_classes_with_error_tuple(client, workdir
 
 
 @pytest.fixture
-def branch(brz_serve, workdir):
+def branch(sample_branch, workdir):
     """A real 2a branch with three revisions under the served root."""
     path, remote = workdir
-    tree = path / "branch"
-    brz_serve.brz("init", "-q", tree)
-    for number in range(3):
-        (tree / "file.txt").write_text(f"revision {number}\n")
-        if number == 0:
-            brz_serve.brz("add", "-q", cwd=tree)
-        brz_serve.brz("commit", "-q", "-m", f"revision {number}", cwd=tree)
-    return tree, remote + "/branch/"
+    return copy_branch(sample_branch, path / "branch"), remote + "/branch/"
 
 
 @pytest_twisted.ensureDeferred
@@ -148,6 +142,6 @@ async def test_pool_spreads_concurrent_calls_over_n_connections(relay, workdir):
     try:
         replies = await gatherResults([client.call(b"get", f"{remote}/f".encode()) for _ in range(9)])
     finally:
-        client.close()
+        await client.close()
     assert [reply.body for reply in replies] == [b"pooled"] * 9
     assert relay.connections == 3

@@ -32,7 +32,7 @@ def make_client(relay):
 
     yield make
     for client in clients:
-        client.close()
+        pytest_twisted.blockon(client.close())
 
 
 @pytest_twisted.ensureDeferred

@@ -7,6 +7,7 @@ import pytest_twisted
 from breezy.bzr.groupcompress_repo import RepositoryFormat2a
 from breezy.bzr.smart.repository import _byte_stream_to_stream
 
+from .conftest import copy_branch
 from smartserve.client import HostKeyError, NoSuchFile, RetryPolicy, SmartClient
 from smartserve.client._ssh import SSHOptions
 
@@ -38,17 +39,13 @@ async def test_ssh_vfs_verbs_against_brz_serve_behind_sshd(openssh, tmp_path):
             await client.call(b"get", f"{base}/missing".encode())
         assert (tmp_path / "file").read_bytes() == b"0123456789ab"
     finally:
-        client.close()
+        await client.close()
 
 
 @pytest_twisted.ensureDeferred
-async def test_ssh_get_stream_of_a_real_branch(openssh, brz_serve, tmp_path):
+async def test_ssh_get_stream_of_a_real_branch(openssh, sample_branch, tmp_path):
     """Repository.get_stream_1.19 over bzr+ssh:// streams every revision of a real branch."""
-    tree = tmp_path / "branch"
-    brz_serve.brz("init", "-q", tree)
-    (tree / "a.txt").write_text("a\n")
-    brz_serve.brz("add", "-q", cwd=tree)
-    brz_serve.brz("commit", "-q", "-m", "one", cwd=tree)
+    tree = copy_branch(sample_branch, tmp_path / "branch")
     client = ssh_client(openssh)
     try:
         chunks = []
@@ -62,9 +59,9 @@ async def test_ssh_get_stream_of_a_real_branch(openssh, brz_serve, tmp_path):
         assert reply.args == (b"ok",)
         _, stream = _byte_stream_to_stream(iter(chunks))
         revisions = [record.key for kind, substream in stream for record in substream if kind == "revisions"]
-        assert len(revisions) == 1
+        assert len(revisions) == 3
     finally:
-        client.close()
+        await client.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -78,18 +75,18 @@ async def test_ssh_unknown_host_is_refused_unless_trusted_on_first_use(openssh, 
             await client.call(b"hello")
         assert "not in" in str(raised.value)
     finally:
-        client.close()
+        await client.close()
     trusting = ssh_client(openssh, known_hosts=str(known), trust_on_first_use=True)
     try:
         assert (await trusting.call(b"hello")).args[0] == b"ok"
     finally:
-        trusting.close()
+        await trusting.close()
     assert known.read_text().strip()
     again = ssh_client(openssh, known_hosts=str(known))
     try:
         assert (await again.call(b"hello")).args[0] == b"ok"
     finally:
-        again.close()
+        await again.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -104,7 +101,7 @@ async def test_ssh_changed_host_key_is_refused_even_with_trust_on_first_use(open
             await client.call(b"hello")
         assert "does not match" in str(raised.value)
     finally:
-        client.close()
+        await client.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -125,4 +122,4 @@ async def test_ssh_exit_status_75_resends_append_once(openssh, tmp_path):
         assert client.stats.resends == 1
         assert client.stats.outcome_unknown == 0
     finally:
-        client.close()
+        await client.close()

@@ -1,0 +1,68 @@
+"""The client against smartserve itself, over bzr:// and bzr+ssh://."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from breezy.bzr.groupcompress_repo import RepositoryFormat2a
+from breezy.bzr.smart.repository import _byte_stream_to_stream
+
+from .conftest import copy_branch
+from smartserve.client import NoSuchFile, RetryPolicy, SmartClient, SSHOptions
+
+
+@pytest.fixture(params=["bzr", "bzr+ssh"])
+def client(request, smartserve_server):
+    if request.param == "bzr":
+        client = SmartClient.from_url(smartserve_server.bzr_url)
+    else:
+        client = SmartClient.from_url(
+            smartserve_server.ssh_url,
+            policy=RetryPolicy(deadline=30.0),
+            ssh=SSHOptions(
+                identity_files=[str(smartserve_server.client_key)],
+                known_hosts=str(smartserve_server.known_hosts),
+                use_agent=False,
+            ),
+        )
+    yield client
+    pytest_twisted.blockon(client.close())
+
+
+@pytest_twisted.ensureDeferred
+async def test_smartserve_vfs_verbs(client, smartserve_server, request):
+    """hello, put, append, get, readv, stat, has and list_dir work against smartserve."""
+    name = request.node.callspec.id.replace("+", "-")
+    folder = smartserve_server.root / name
+    folder.mkdir()
+    remote = f"/{name}"
+    assert (await client.call(b"hello")).args[0] == b"ok"
+    await client.call(b"put", f"{remote}/file".encode(), b"", body=b"0123456789")
+    assert (await client.call(b"append", f"{remote}/file".encode(), b"", body=b"ab")).args == (b"appended", b"10")
+    assert (await client.call(b"get", f"{remote}/file".encode())).body == b"0123456789ab"
+    assert (await client.call(b"readv", f"{remote}/file".encode(), body=b"1,2\n10,2")).body == b"12ab"
+    assert (await client.call(b"stat", f"{remote}/file".encode())).args[:2] == (b"stat", b"12")
+    assert (await client.call(b"has", f"{remote}/file".encode())).args == (b"yes",)
+    assert (await client.call(b"list_dir", remote.encode())).args == (b"names", b"file")
+    with pytest.raises(NoSuchFile):
+        await client.call(b"get", f"{remote}/missing".encode())
+    assert (folder / "file").read_bytes() == b"0123456789ab"
+
+
+@pytest_twisted.ensureDeferred
+async def test_smartserve_get_stream_of_a_real_branch(client, smartserve_server, sample_branch, request):
+    """Repository.get_stream_1.19 from smartserve streams every revision of a real branch."""
+    name = "branch-" + request.node.callspec.id.replace("+", "-")
+    copy_branch(sample_branch, smartserve_server.root / name)
+    chunks = []
+    reply = await client.call(
+        b"Repository.get_stream_1.19",
+        f"/{name}/".encode(),
+        RepositoryFormat2a().network_name(),
+        body=b"everything",
+        on_chunk=chunks.append,
+    )
+    assert reply.args == (b"ok",)
+    _, stream = _byte_stream_to_stream(iter(chunks))
+    revisions = [record.key for kind, substream in stream for record in substream if kind == "revisions"]
+    assert len(revisions) == 3
