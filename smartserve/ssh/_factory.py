@@ -9,7 +9,7 @@ from twisted.conch.ssh import factory
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
 from twisted.internet import defer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -88,8 +88,12 @@ class SSHServerFactory(factory.SSHFactory):
                 why="draining" if self.draining else "too many connections logging in",
             )
             return _Refused()
-        transport = super().buildProtocol(addr)
-        transport.supportedPublicKeys = host_signature_algorithms(transport.supportedPublicKeys)
+        # Conch's SSHFactory.buildProtocol only adds what we replace here: the
+        # host key algorithms, and a per-connection note about DH primes.
+        transport = Factory.buildProtocol(self, addr)
+        transport.supportedPublicKeys = host_signature_algorithms(
+            [name for key in self.privateKeys.values() for name in key.supportedSignatureAlgorithms()]
+        )
         return transport
 
     # Bookkeeping called by the transport and connection service.

@@ -2,7 +2,8 @@
 
 Conch offers SHA-1 and CBC algorithms by default; we offer only these. The
 client's preference decides among them, so order matters little; fast ones
-come first.
+come first. Finite-field Diffie-Hellman is left out altogether: every client
+that matters speaks curve25519 or ECDH, which are faster and need no moduli.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ KEY_EXCHANGES = [
         b"ecdh-sha2-nistp256",
         b"ecdh-sha2-nistp384",
         b"ecdh-sha2-nistp521",
-        b"diffie-hellman-group-exchange-sha256",
     )
     if name in transport.SSHTransportBase.supportedKeyExchanges
 ]

@@ -1,0 +1,89 @@
+"""Limits: login grace time, connections logging in at once, idle connections."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from smartserve.ssh import MemoryKeyStore, PublicKeyChecker, make_ssh_factory
+
+from .conftest import OpenSSHClient, SSHServerUnderTest, needs_openssh
+
+
+def _factory(tmp_path, clock, **limits):
+    return make_ssh_factory(
+        smart_factory=None,
+        data_dir=str(tmp_path),
+        host_key_paths=[],
+        keys_dir=str(tmp_path / "keys"),
+        access_file=None,
+        checker=PublicKeyChecker(MemoryKeyStore()),
+        clock=clock,
+        **limits,
+    )
+
+
+def _connect(factory, port: int):
+    transport = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
+    wire = StringTransport()
+    transport.makeConnection(wire)
+    return transport, wire
+
+
+def test_login_grace_time_disconnects_slow_client(tmp_path):
+    """A client that has not logged in when the grace time ends is disconnected."""
+    clock = Clock()
+    factory = _factory(tmp_path, clock, login_grace_time=30)
+    transport, wire = _connect(factory, 40000)
+    clock.advance(29)
+    assert not wire.disconnecting
+    clock.advance(1)
+    assert wire.disconnecting
+    assert b"login grace time exceeded" in wire.value()
+    transport.connectionLost(None)
+    assert factory.open_connections == 0
+
+
+def test_max_unauthenticated_refuses_extra_connections(tmp_path):
+    """Over the limit of connections logging in, a new one is closed at once; a slot frees on close."""
+    clock = Clock()
+    factory = _factory(tmp_path, clock, max_unauthenticated=2)
+    first, _ = _connect(factory, 40001)
+    _connect(factory, 40002)
+    _, refused = _connect(factory, 40003)
+    assert refused.disconnecting and refused.value() == b""
+    first.connectionLost(None)
+    _, accepted = _connect(factory, 40004)
+    assert not accepted.disconnecting
+    assert accepted.value().startswith(b"SSH-2.0-")
+
+
+def test_drain_closes_connections_still_logging_in(tmp_path):
+    """A drain closes connections that have not logged in, and refuses new ones."""
+    factory = _factory(tmp_path, Clock())
+    transport, wire = _connect(factory, 40005)
+    drained = factory.drain()
+    assert wire.disconnecting
+    transport.connectionLost(None)
+    assert drained.called
+    _, refused = _connect(factory, 40006)
+    assert refused.disconnecting
+
+
+@needs_openssh
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_idle_connection_without_session_closed(tmp_path):
+    """A logged-in connection with no session open is closed after the idle timeout."""
+    server = SSHServerUnderTest(tmp_path, idle_timeout=0.3)
+    try:
+        client = OpenSSHClient(tmp_path, server)
+        server.authorize("alice", client.key.with_suffix(".pub"))
+        out, err, code = await client.ssh("alice", options=["-N"])
+        assert code == 255
+        assert b"idle timeout" in err
+    finally:
+        await server.stopped()

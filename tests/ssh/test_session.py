@@ -1,0 +1,146 @@
+"""Session channels: flow control both ways, and the exit status after the last byte."""
+
+from __future__ import annotations
+
+import struct
+
+from twisted.conch.ssh import connection
+from twisted.conch.ssh.session import SSHSessionProcessProtocol
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from smartserve.ssh._connection import SmartConnection
+from smartserve.ssh._session import ChannelTransport, SessionChannel
+
+
+class _RecordingConnection:
+    """Stands in for an SSH connection service and records what the channel sends."""
+
+    def __init__(self):
+        self.log: list = []
+
+    def sendData(self, channel, data):
+        self.log.append(("data", data))
+
+    def sendExtendedData(self, channel, kind, data):
+        self.log.append(("stderr", data))
+
+    def sendRequest(self, channel, kind, data, wantReply=0):
+        self.log.append((kind.decode(), data))
+
+    def sendEOF(self, channel):
+        self.log.append(("eof", b""))
+
+    def sendClose(self, channel):
+        self.log.append(("close", b""))
+        channel.localClosed = True
+
+
+@implementer(IPushProducer)
+class _Producer:
+    """A push producer that remembers whether it was told to pause."""
+
+    def __init__(self):
+        self.paused = False
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+
+    def stopProducing(self):
+        pass
+
+
+def _channel(remote_window: int, conn) -> SessionChannel:
+    return SessionChannel(remoteWindow=remote_window, remoteMaxPacket=1024, conn=conn)
+
+
+def test_channel_transport_provides_interfaces():
+    """The transport a smart protocol sees is a transport, a consumer and a producer."""
+    transport = ChannelTransport(_channel(10, _RecordingConnection()), lambda: None)
+    assert verifyObject(ITransport, transport)
+    assert verifyObject(IConsumer, transport)
+    assert verifyObject(IPushProducer, transport)
+
+
+def test_channel_transport_pauses_producer_on_full_window():
+    """The producer pauses when the client's window is full and resumes when it grows."""
+    conn = _RecordingConnection()
+    channel = _channel(10, conn)
+    transport = ChannelTransport(channel, lambda: None)
+    producer = _Producer()
+    transport.registerProducer(producer, True)
+    transport.write(b"x" * 15)
+    assert producer.paused
+    assert conn.log == [("data", b"x" * 10)]
+    channel.addWindowBytes(100)
+    assert not producer.paused
+    assert conn.log == [("data", b"x" * 10), ("data", b"x" * 5)]
+
+
+def test_channel_transport_registering_on_full_window_pauses_at_once():
+    """A producer registered while the window is already full starts paused."""
+    channel = _channel(1, _RecordingConnection())
+    transport = ChannelTransport(channel, lambda: None)
+    transport.write(b"xy")
+    producer = _Producer()
+    transport.registerProducer(producer, True)
+    assert producer.paused
+
+
+class _PacketRecorder:
+    """Stands in for the SSH transport under a connection service."""
+
+    def __init__(self):
+        self.packets: list = []
+
+    def sendPacket(self, kind, payload):
+        self.packets.append((kind, payload))
+
+
+def test_paused_reader_withholds_window():
+    """While the protocol pauses reading, the client gets no more window; on resume it does."""
+    conn = SmartConnection()
+    conn.transport = _PacketRecorder()
+    channel = SessionChannel(conn=conn)
+    conn.channelsToRemoteChannel[channel] = 7
+    transport = ChannelTransport(channel, lambda: None)
+    transport.pauseProducing()
+    used = channel.localWindowSize * 3 // 4
+    channel.localWindowLeft -= used
+    conn.adjustWindow(channel, used)
+    assert conn.transport.packets == []
+    transport.resumeProducing()
+    assert conn.transport.packets == [
+        (connection.MSG_CHANNEL_WINDOW_ADJUST, struct.pack(">2L", 7, used))
+    ]
+    assert channel.localWindowLeft == channel.localWindowSize
+
+
+def test_exit_status_follows_buffered_output():
+    """The exit status and close are sent only after every buffered byte has left."""
+    conn = _RecordingConnection()
+    channel = _channel(10, conn)
+    channel.client = SSHSessionProcessProtocol(channel)
+    channel.write(b"y" * 15)
+    channel.end_with_status(75)
+    assert [entry[0] for entry in conn.log] == ["data"]
+    channel.addWindowBytes(100)
+    assert conn.log == [
+        ("data", b"y" * 10),
+        ("data", b"y" * 5),
+        ("exit-status", struct.pack(">L", 75)),
+        ("close", b""),
+    ]
+
+
+def test_close_from_client_drops_unsendable_output():
+    """When the client closes the channel, output it will never take is dropped, not waited for."""
+    conn = _RecordingConnection()
+    channel = _channel(10, conn)
+    channel.write(b"z" * 15)
+    channel.closeReceived()
+    assert conn.log[-1] == ("close", b"")
