@@ -186,6 +186,8 @@ class SmartClient:
         return deadline_at - self._clock.seconds()
 
     async def _bounded(self, waiting: Deferred, seconds: float, verb: bytes, last_error) -> Any:
+        if waiting.called:
+            return await waiting
         if seconds <= 0:
             waiting.cancel()
             raise DeadlineExceeded(verb, self.policy.deadline, last_error)

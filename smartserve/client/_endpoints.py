@@ -7,7 +7,8 @@ from typing import Callable, Optional
 from urllib.parse import quote, unquote, urlsplit
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 
 from ..protocol import DEFAULT_LIMITS, Limits
 from ._protocol import SmartClientProtocol
@@ -75,6 +76,10 @@ def connector_for_endpoint(
     return connect
 
 
-def tcp_endpoint(reactor, target: Target, timeout: float) -> HostnameEndpoint:
-    """The endpoint for a ``bzr://`` target."""
+def tcp_endpoint(reactor, target: Target, timeout: float):
+    """The endpoint for a ``bzr://`` target; an IP address needs no name lookup."""
+    if isIPAddress(target.host):
+        return TCP4ClientEndpoint(reactor, target.host, target.port, timeout=timeout)
+    if isIPv6Address(target.host):
+        return TCP6ClientEndpoint(reactor, target.host, target.port, timeout=timeout)
     return HostnameEndpoint(reactor, target.host.encode("idna"), target.port, timeout=timeout)
