@@ -12,6 +12,9 @@ __all__ = ["SmartConnection"]
 
 _log = Logger()
 
+# Seconds a connection that logs in during a drain has to open a channel.
+DRAIN_FIRST_CHANNEL_WINDOW = 5.0
+
 
 class SmartConnection(connection.SSHConnection):
     """An SSH connection service that enforces the per-connection policies.
@@ -20,8 +23,9 @@ class SmartConnection(connection.SSHConnection):
       refused as administratively prohibited.
     - With no channel open for the idle timeout, the connection is closed
       (the smart protocol times out its own idle sessions).
-    - When the transport is draining, no channel opens, and the connection
-      is closed as its last channel closes.
+    - When the transport is draining, the connection is closed as its last
+      channel closes; one that logged in during the drain has a few seconds
+      to open its first channel.
     - A channel whose reader is paused gets no window adjustment until it
       resumes.
     """
@@ -50,10 +54,6 @@ class SmartConnection(connection.SSHConnection):
         super().serviceStopped()
 
     def getChannel(self, channelType, windowSize, maxPacket, data):
-        if self.transport.draining:
-            raise error.ConchError(
-                "the server is restarting; try again", connection.OPEN_ADMINISTRATIVELY_PROHIBITED
-            )
         counted = channelType == b"session"
         if counted and not self._server.session_opening(self._username):
             raise error.ConchError(
@@ -97,6 +97,8 @@ class SmartConnection(connection.SSHConnection):
 
     def _start_idle_timer(self) -> None:
         timeout = self._server.idle_timeout
+        if self.transport.draining:
+            timeout = min(timeout or DRAIN_FIRST_CHANNEL_WINDOW, DRAIN_FIRST_CHANNEL_WINDOW)
         if not timeout or self._stopped:
             return
         self._cancel_idle_timer()

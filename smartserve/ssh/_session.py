@@ -63,7 +63,6 @@ NO_SHELL = "smartserve: no shell here; use a bzr+ssh:// URL with brz"
 NO_PTY = "smartserve: no terminal here"
 NO_COMMAND = "smartserve: no commands here; use a bzr+ssh:// URL with brz"
 NO_SUBSYSTEM = "smartserve: no subsystems here; use a bzr+ssh:// URL with brz"
-DRAINING = "smartserve: the server is restarting; try again"
 
 
 def writable_for(rights: Rights, allow_writes: bool) -> Writable:
@@ -295,9 +294,6 @@ class SmartSession(RefusingSession):
         except CommandRefused as refused:
             _log.info("{user} asked to run {command!r}; refused", user=user, command=command)
             self.refuse(proto, str(refused))
-            return
-        if self.avatar.server.draining:
-            self.refuse(proto, DRAINING, EXIT_TEMPFAIL)
             return
         channel: SessionChannel = proto.session
         rights = self.avatar.server.access.rights_for(user)

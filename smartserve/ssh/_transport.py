@@ -120,9 +120,14 @@ class ServerTransport(transport.SSHServerTransport):
         return len(getattr(self.service, "channels", ()))
 
     def drain(self) -> None:
-        """Disconnect now if no channel is open, else once the last one closes."""
+        """Disconnect once no channel is open: now, or when the last one closes.
+
+        A connection still logging in is left to finish (the grace time
+        bounds it): its session then meets the draining smart server, which
+        answers or ends it with exit status 75, instead of a cut handshake.
+        """
         self.draining = True
-        if not self.open_channels():
+        if self.authenticated and not self.open_channels():
             self.disconnect_with(b"the server is restarting; try again")
 
     def disconnect_with(self, message: bytes) -> None:

@@ -61,16 +61,19 @@ def test_max_unauthenticated_refuses_extra_connections(tmp_path):
     assert accepted.value().startswith(b"SSH-2.0-")
 
 
-def test_drain_closes_connections_still_logging_in(tmp_path):
-    """A drain closes connections that have not logged in, and refuses new ones."""
-    factory = _factory(tmp_path, Clock())
+def test_drain_lets_login_finish_but_refuses_new_connections(tmp_path):
+    """A drain leaves a connection that is logging in to its grace time, and refuses new ones."""
+    clock = Clock()
+    factory = _factory(tmp_path, clock, login_grace_time=30)
     transport, wire = _connect(factory, 40005)
     drained = factory.drain()
+    assert not wire.disconnecting and not drained.called
+    _, refused = _connect(factory, 40006)
+    assert refused.disconnecting
+    clock.advance(30)
     assert wire.disconnecting
     transport.connectionLost(None)
     assert drained.called
-    _, refused = _connect(factory, 40006)
-    assert refused.disconnecting
 
 
 @needs_openssh
