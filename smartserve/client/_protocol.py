@@ -330,8 +330,10 @@ class SmartClientProtocol(Protocol):
         self.abort(f"no response within {timeout:g} s")
 
     def dataReceived(self, data: bytes) -> None:
-        if self._pending is not None:
-            self._received_in_cycle = True
+        if self._pending is None:
+            self.abort("server sent bytes outside a response")
+            return
+        self._received_in_cycle = True
         try:
             self._codec.receive_data(data)
         except ProtocolError as exc:

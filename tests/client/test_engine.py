@@ -406,3 +406,107 @@ def test_engine_reports_reconnects_resends_and_unknown_outcomes_to_metrics(serve
     assert 'smartserve_client_reconnects_total{reason="probe"} 1.0' in text
     assert 'smartserve_client_resends_total{reason="after write",verb_class="read"} 1.0' in text
     assert 'smartserve_client_outcome_unknown_total{verb_class="mutate"} 1.0' in text
+
+
+def test_engine_makes_no_connection_attempts_when_no_call_waits(server, clock):
+    """After a call gave up on a dead server, time passing makes no further connection attempts."""
+    server.script = ["refuse"] * 20
+    client = make_client(server, clock, max_connect_attempts=2, backoff_initial=1.0)
+    result = outcome(client.call(b"hello"))
+    clock.advance(1.0)
+    assert result[0].check(RequestNotSent)
+    attempts = len(server.attempt_times)
+    for _ in range(10):
+        clock.advance(10.0)
+    assert len(server.attempt_times) == attempts == 2
+
+
+def test_engine_close_fails_waiting_calls_and_later_calls(server, clock):
+    """close() fails a call waiting to reconnect and every later call with ClientClosed."""
+    from smartserve.client import ClientClosed
+
+    server.script = ["refuse"]
+    client = make_client(server, clock, backoff_initial=5.0)
+    waiting = outcome(client.call(b"hello"))
+    closed = outcome(client.close())
+    assert waiting[0].check(ClientClosed)
+    assert closed == [None]
+    later = outcome(client.call(b"hello"))
+    assert later[0].check(ClientClosed)
+
+
+def test_protocol_body_error_in_stream_raises_remote_error(server, clock):
+    """An error in the middle of a response body raises RemoteError with the error's tuple."""
+    from smartserve.client import RemoteError
+    from smartserve.protocol import BodyError
+
+    client = make_client(server, clock)
+    result = outcome(client.call(b"Repository.get_stream_1.19", b"/b/", b"fmt"))
+    connection = server.connections[0]
+    connection.received()
+    codec = connection.codec
+    data = codec.send(Response((b"ok",))) + codec.send(BodyChunk(b"part"))
+    data += codec.send(BodyError((b"error", b"disk on fire"))) + codec.send(EndOfMessage())
+    connection.protocol.dataReceived(data)
+    [failure] = result
+    assert failure.check(RemoteError)
+    assert failure.value.error_args == (b"error", b"disk on fire")
+
+
+def test_protocol_garbage_from_server_fails_the_read_and_resends(server, clock):
+    """Bytes that break the protocol drop the connection; a read is then resent on a new one."""
+    client = make_client(server, clock)
+    result = outcome(client.call(b"get", b"/x"))
+    server.connections[0].received()
+    server.connections[0].protocol.dataReceived(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    clock.advance(0)
+    server.connections[1].respond(b"ok", body=b"fine")
+    assert result == [Reply((b"ok",), b"fine")]
+    assert client.stats.resends == 1
+
+
+def test_protocol_unsolicited_bytes_make_the_probe_reconnect(server, clock):
+    """A server that sends bytes between requests has its connection replaced before the next write."""
+    client = make_client(server, clock)
+    outcome(client.call(b"hello"))
+    first = server.connections[0]
+    first.respond(b"ok", b"2")
+    first.protocol.dataReceived(b"bzr message 3 (bzr 1.6)\n")
+    clock.advance(0)
+    result = outcome(client.call(b"get", b"/x"))
+    assert len(server.connections) == 2
+    server.connections[1].respond(b"ok", body=b"y")
+    assert result == [Reply((b"ok",), b"y")]
+    assert client.stats.resends == 0
+
+
+def test_ssh_endpoint_provides_the_endpoint_interface(tmp_path):
+    """The bzr+ssh:// endpoint is a real IStreamClientEndpoint."""
+    from twisted.internet.interfaces import IStreamClientEndpoint
+    from twisted.internet.testing import MemoryReactorClock
+    from zope.interface.verify import verifyObject
+
+    from smartserve.client import SSHOptions, parse_url
+    from smartserve.client._ssh import ssh_endpoint
+
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    endpoint = ssh_endpoint(
+        MemoryReactorClock(), parse_url("bzr+ssh://me@example.com/x"), SSHOptions(known_hosts=str(known), use_agent=False)
+    )
+    assert verifyObject(IStreamClientEndpoint, endpoint)
+
+
+def test_parse_url_reads_scheme_user_host_port_and_path():
+    """URLs give their parts, with the default ports of each scheme."""
+    from smartserve.client import parse_url
+
+    target = parse_url("bzr+ssh://joe@host.example:2222/srv/my%20branch")
+    assert (target.scheme, target.user, target.host, target.port, target.path) == (
+        "bzr+ssh", "joe", "host.example", 2222, "/srv/my branch",
+    )
+    assert parse_url("bzr://host/").port == 4155
+    assert parse_url("bzr+ssh://host/").port == 22
+    assert target.remote_path(".bzr/branch-format") == b"/srv/my%20branch/.bzr/branch-format"
+    with pytest.raises(ValueError):
+        parse_url("http://host/")
