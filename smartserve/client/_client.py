@@ -27,7 +27,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
@@ -186,16 +186,25 @@ class SmartClient:
         return deadline_at - self._clock.seconds()
 
     async def _bounded(self, waiting: Deferred, seconds: float, verb: bytes, last_error) -> Any:
+        """Wait for ``waiting``, raising ``DeadlineExceeded`` after ``seconds``."""
         if waiting.called:
             return await waiting
-        if seconds <= 0:
+        expired = []
+
+        def expire() -> None:
+            expired.append(True)
             waiting.cancel()
-            raise DeadlineExceeded(verb, self.policy.deadline, last_error)
-        waiting.addTimeout(seconds, self._clock)
+
+        timer = self._clock.callLater(max(0.0, seconds), expire)
         try:
             return await waiting
-        except DeferredTimeout:
-            raise DeadlineExceeded(verb, self.policy.deadline, last_error) from None
+        except CancelledError:
+            if expired:
+                raise DeadlineExceeded(verb, self.policy.deadline, last_error) from None
+            raise
+        finally:
+            if timer.active():
+                timer.cancel()
 
     async def _call(self, outgoing: Outgoing) -> Reply:
         self.stats.calls += 1

@@ -510,3 +510,16 @@ def test_parse_url_reads_scheme_user_host_port_and_path():
     assert target.remote_path(".bzr/branch-format") == b"/srv/my%20branch/.bzr/branch-format"
     with pytest.raises(ValueError):
         parse_url("http://host/")
+
+
+def test_engine_retries_after_a_connect_timeout(server, clock):
+    """A connection attempt that times out counts as a failed attempt and is retried, not a deadline."""
+    server.script = ["hang"]
+    client = make_client(server, clock, connect_timeout=2.0, deadline=60.0)
+    result = outcome(client.call(b"hello"))
+    clock.advance(2.0)
+    clock.advance(0)
+    assert len(server.attempt_times) == 2
+    server.connections[0].respond(b"ok", b"2")
+    assert result == [Reply((b"ok", b"2"), b"")]
+    assert client.stats.connect_failures == 1
