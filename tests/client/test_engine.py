@@ -523,3 +523,22 @@ def test_engine_retries_after_a_connect_timeout(server, clock):
     server.connections[0].respond(b"ok", b"2")
     assert result == [Reply((b"ok", b"2"), b"")]
     assert client.stats.connect_failures == 1
+
+
+def test_protocol_sees_unread_bytes_under_an_ssh_channel(clock):
+    """Bytes waiting in the socket under an SSH channel are noticed before the reactor reads them."""
+    import socket
+    from types import SimpleNamespace
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        tcp = SimpleNamespace(getHandle=lambda: ours)
+        channel = StringTransport()
+        channel.conn = SimpleNamespace(transport=SimpleNamespace(transport=tcp))
+        protocol = SmartClientProtocol(clock)
+        protocol.makeConnection(channel)
+        assert not protocol.has_unread_input()
+        theirs.sendall(b"channel close")
+        assert protocol.has_unread_input()
+        channel.remoteClosed = True
+        assert protocol.closed_reason() == "server closed the channel"
