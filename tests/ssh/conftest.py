@@ -125,12 +125,9 @@ class OpenSSHClient:
         """The bzr+ssh:// URL of ``path`` under the served root, as ``user``."""
         return f"bzr+ssh://{user}@127.0.0.1:{self.server.port_number}/{path}"
 
-    def ssh(self, user: str, *args: str, options=(), key: Path | None = None):
-        """Run ``ssh user@server args`` with only ``key`` (default: the client's).
-
-        Returns a Deferred firing with (stdout, stderr, exit code).
-        """
-        argv = [
+    def argv(self, user: str, *args: str, options=(), key: Path | None = None) -> list:
+        """The arguments (after ``ssh``) that log in as ``user`` with only ``key``."""
+        return [
             "-F", "/dev/null",
             "-i", str(key or self.key),
             "-o", "IdentitiesOnly=yes",
@@ -143,7 +140,15 @@ class OpenSSHClient:
             f"{user}@127.0.0.1",
             *args,
         ]  # fmt: skip
-        return getProcessOutputAndValue(SSH, argv, env=self.env)
+
+    def ssh(self, user: str, *args: str, options=(), key: Path | None = None):
+        """Run ``ssh user@server args`` with only ``key`` (default: the client's).
+
+        Returns a Deferred firing with (stdout, stderr, exit code).
+        """
+        return getProcessOutputAndValue(
+            SSH, self.argv(user, *args, options=options, key=key), env=self.env
+        )
 
     def brz(self, *args, cwd: Path | None = None):
         """Run ``brz args``; a Deferred firing with (stdout, stderr, exit code)."""
