@@ -97,6 +97,9 @@ class ReceiveBuffer:
         if start < head_size:
             self._start = start
             self._size -= count
+        elif start == head_size and not self._tail:
+            self._head = b""
+            self._start = self._size = 0
         else:
             self.take(count)
 
