@@ -30,6 +30,41 @@ def brz_env(home: Path) -> dict:
     )
 
 
+TWISTD = str(VENV_BIN / "twistd")
+
+
+def _free_port() -> int:
+    """A port nothing listens on now, for a server that cannot pick its own."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_listening(process, port: int, timeout: float, what: str) -> None:
+    """Poll until ``port`` accepts connections; fail if ``process`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{what} exited with status {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"{what} did not listen on {port} within {timeout} s")
+
+
+def _stop(process) -> None:
+    """Terminate ``process`` and wait for it, killing it if it lingers."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class BrzServe:
     """A real `brz serve --allow-writes` on 127.0.0.1, serving ``root``."""
 
@@ -46,26 +81,15 @@ class BrzServe:
         buffered), so the port is picked here.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = _free_port()
         self.process = subprocess.Popen(
             [BRZ, "serve", "--listen=127.0.0.1", f"--port={self.port}", "--allow-writes", f"--directory={self.root}"],
             env=self.env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"brz serve exited: {self.process.stderr.read()!r}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise AssertionError("brz serve did not start listening")
+        _wait_listening(self.process, self.port, timeout, "brz serve")
+        return self
 
     @property
     def url(self) -> str:
@@ -83,13 +107,7 @@ class BrzServe:
 
     def stop(self) -> None:
         """Stop the server and wait for it."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        _stop(self.process)
 
 
 @pytest.fixture(scope="session")
@@ -310,9 +328,7 @@ class OpenSSHServer:
         for name in ("host_key", "client_key", "other_key"):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / name)], check=True)
         (base / "authorized_keys").write_text((base / "client_key.pub").read_text())
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = _free_port()
         (base / "sshd_config").write_text(
             f"Port {self.port}\n"
             "ListenAddress 127.0.0.1\n"
@@ -331,15 +347,7 @@ class OpenSSHServer:
         self.process = subprocess.Popen(
             [SSHD, "-D", "-e", "-f", str(base / "sshd_config")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"sshd exited: {self.process.stderr.read()!r}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        _wait_listening(self.process, self.port, timeout, "sshd")
         host_key = (base / "host_key.pub").read_text().split()
         self.known_hosts = base / "known_hosts"
         self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_key[0]} {host_key[1]}\n")
@@ -351,9 +359,7 @@ class OpenSSHServer:
         return f"bzr+ssh://root@127.0.0.1:{self.port}{path}"
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
+        _stop(self.process)
 
 
 @pytest.fixture(scope="session")
@@ -366,28 +372,6 @@ def openssh(tmp_path_factory):
     server = OpenSSHServer(tmp_path_factory.mktemp("sshd")).start()
     yield server
     server.stop()
-
-
-TWISTD = str(VENV_BIN / "twistd")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_listening(process, port: int, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"{what} exited with status {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"{what} did not listen on {port} within {timeout} s")
 
 
 class SmartserveServer:
@@ -437,13 +421,7 @@ class SmartserveServer:
         return f"bzr+ssh://{self.user}@127.0.0.1:{self.ssh_port}/"
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        _stop(self.process)
 
 
 @pytest.fixture(scope="module")
@@ -473,3 +451,27 @@ def copy_branch(sample: Path, where: Path) -> Path:
 
     shutil.copytree(sample, where, symlinks=True)
     return where
+
+
+async def streamed_revisions(client, branch_path: bytes) -> list:
+    """The revision keys in a ``Repository.get_stream_1.19`` of everything in ``branch_path``.
+
+    Checks that the reply is ok and that the stream decodes as Breezy's own
+    client decodes it.
+    """
+    from breezy.bzr.groupcompress_repo import RepositoryFormat2a
+    from breezy.bzr.smart.repository import _byte_stream_to_stream
+
+    chunks = []
+    reply = await client.call(
+        b"Repository.get_stream_1.19",
+        branch_path,
+        RepositoryFormat2a().network_name(),
+        body=b"everything",
+        on_chunk=chunks.append,
+    )
+    assert reply.args == (b"ok",) and reply.body is None
+    assert len(chunks) > 1
+    source_format, stream = _byte_stream_to_stream(iter(chunks))
+    assert source_format.network_name() == RepositoryFormat2a().network_name()
+    return [record.key for kind, substream in stream for record in substream if kind == "revisions"]

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from breezy.bzr.groupcompress_repo import RepositoryFormat2a
-from breezy.bzr.smart.repository import _byte_stream_to_stream
 
-from .conftest import copy_branch
 from smartserve.client import FileExists, NoSuchFile, ReadError, RemoteError, SmartClient, UnknownMethod
+
+from .conftest import copy_branch, streamed_revisions
 
 
 @pytest.fixture
@@ -109,23 +108,7 @@ def branch(sample_branch, workdir):
 async def test_call_get_stream_streams_a_decodable_branch(client, branch, brz_serve):
     """Repository.get_stream_1.19 of a real branch streams every revision brz reports."""
     tree, remote = branch
-    chunks = []
-    reply = await client.call(
-        b"Repository.get_stream_1.19",
-        remote.encode(),
-        RepositoryFormat2a().network_name(),
-        body=b"everything",
-        on_chunk=chunks.append,
-    )
-    assert reply.args == (b"ok",) and reply.body is None
-    assert len(chunks) > 1
-    src_format, stream = _byte_stream_to_stream(iter(chunks))
-    assert src_format.network_name() == RepositoryFormat2a().network_name()
-    revisions = []
-    for kind, substream in stream:
-        for record in substream:
-            if kind == "revisions":
-                revisions.append(record.key)
+    revisions = await streamed_revisions(client, remote.encode())
     assert len(revisions) == int(brz_serve.brz("revno", tree).strip()) == 3
     last = await client.call(b"Branch.last_revision_info", remote.encode())
     assert last.args[:2] == (b"ok", b"3")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from breezy.bzr.groupcompress_repo import RepositoryFormat2a
-from breezy.bzr.smart.repository import _byte_stream_to_stream
 
-from .conftest import copy_branch
 from smartserve.client import NoSuchFile, RetryPolicy, SmartClient, SSHOptions
+
+from .conftest import copy_branch, streamed_revisions
 
 
 @pytest.fixture(params=["bzr", "bzr+ssh"])
@@ -54,15 +53,4 @@ async def test_smartserve_get_stream_of_a_real_branch(client, smartserve_server,
     """Repository.get_stream_1.19 from smartserve streams every revision of a real branch."""
     name = "branch-" + request.node.callspec.id.replace("+", "-")
     copy_branch(sample_branch, smartserve_server.root / name)
-    chunks = []
-    reply = await client.call(
-        b"Repository.get_stream_1.19",
-        f"/{name}/".encode(),
-        RepositoryFormat2a().network_name(),
-        body=b"everything",
-        on_chunk=chunks.append,
-    )
-    assert reply.args == (b"ok",)
-    _, stream = _byte_stream_to_stream(iter(chunks))
-    revisions = [record.key for kind, substream in stream for record in substream if kind == "revisions"]
-    assert len(revisions) == 3
+    assert len(await streamed_revisions(client, f"/{name}/".encode())) == 3

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from breezy.bzr.groupcompress_repo import RepositoryFormat2a
-from breezy.bzr.smart.repository import _byte_stream_to_stream
 
-from .conftest import copy_branch
-from smartserve.client import HostKeyError, NoSuchFile, RetryPolicy, SmartClient
-from smartserve.client._ssh import SSHOptions
+from smartserve.client import HostKeyError, NoSuchFile, RetryPolicy, SmartClient, SSHOptions
+
+from .conftest import copy_branch, streamed_revisions
 
 FAST = RetryPolicy(backoff_initial=0.01, deadline=30.0)
 
@@ -48,18 +46,7 @@ async def test_ssh_get_stream_of_a_real_branch(openssh, sample_branch, tmp_path)
     tree = copy_branch(sample_branch, tmp_path / "branch")
     client = ssh_client(openssh)
     try:
-        chunks = []
-        reply = await client.call(
-            b"Repository.get_stream_1.19",
-            f"{tree}/".encode(),
-            RepositoryFormat2a().network_name(),
-            body=b"everything",
-            on_chunk=chunks.append,
-        )
-        assert reply.args == (b"ok",)
-        _, stream = _byte_stream_to_stream(iter(chunks))
-        revisions = [record.key for kind, substream in stream for record in substream if kind == "revisions"]
-        assert len(revisions) == 3
+        assert len(await streamed_revisions(client, f"{tree}/".encode())) == 3
     finally:
         await client.close()
 
