@@ -62,19 +62,19 @@ class ConnectionSlot(Protocol):
         """Close the connection and make no more."""
 
     def _connection_made(self, protocol: SmartClientProtocol) -> None:
-        "A connection attempt succeeded."
+        """A connection attempt succeeded."""
 
     def _connection_failed(self, failure: Failure) -> None:
-        "A connection attempt failed."
+        """A connection attempt failed."""
 
     def _connection_lost(self) -> None:
-        "The current connection closed."
+        """The current connection closed."""
 
     def _backoff_elapsed(self) -> None:
-        "The wait after a failure is over and a call waits for a connection."
+        """The wait after a failure is over and a call waits for a connection."""
 
     def _backoff_unneeded(self) -> None:
-        "The wait after a failure is over and nobody waits."
+        """The wait after a failure is over and nobody waits."""
 
 
 @dataclass
@@ -236,7 +236,7 @@ _MACHINE = _build()
 
 
 class _Slot:
-    """The machine's public inputs; waiters fire after each transition."""
+    """The machine's public inputs (see ``ConnectionSlot``); waiters fire after each transition."""
 
     def __init__(self, machine: ConnectionSlot, core: _Core):
         self._machine = machine
@@ -272,7 +272,7 @@ def make_slot(
     policy: RetryPolicy,
     jitter: Callable[[], float],
     name: str = "connection",
-) -> ConnectionSlot:
+) -> "_Slot":
     """A new slot in state Idle that makes connections with ``connect()``."""
     core = _Core(connect, clock, policy, jitter, name)
     return _Slot(_MACHINE(core), core)
