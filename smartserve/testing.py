@@ -38,7 +38,7 @@ from .server.jail import Writable
 from .server.protocol import SmartServerFactory, SmartServerProtocol
 from .server.reply import Reply
 
-__all__ = ["MemoryBackend", "serve_in_memory", "encode_request", "RawClient", "RawReply"]
+__all__ = ["MemoryBackend", "serve_in_memory", "encode_request", "response_args", "RawClient", "RawReply"]
 
 
 @implementer(IBackend)
@@ -158,6 +158,26 @@ def encode_request(args: Iterable, body: Optional[bytes] = None) -> bytes:
     if body is not None:
         data += codec.send(BodyChunk(body))
     return data + codec.send(EndOfMessage())
+
+
+def response_args(data: bytes) -> List[Tuple]:
+    """The arguments of every response in ``data``, bytes a server wrote, in order."""
+    codec = Connection(Role.CLIENT)
+    found = []
+    while True:
+        codec.send(Request((b"any",)))
+        codec.send(EndOfMessage())
+        if data:
+            codec.receive_data(data)
+            data = b""
+        while (event := codec.next_event()) is not NEED_DATA:
+            if isinstance(event, Response):
+                found.append(event.args)
+            elif isinstance(event, EndOfMessage):
+                break
+        if event is NEED_DATA:
+            return found
+        codec.start_next_cycle()
 
 
 class RawReply:

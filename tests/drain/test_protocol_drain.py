@@ -6,29 +6,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface.verify import verifyObject
 
-from smartserve.protocol import NEED_DATA, Connection, EndOfMessage, Request, Response, Role
 from smartserve.server.interfaces import IBackend, IDrainable
 from smartserve.server.protocol import Phase
-from smartserve.testing import MemoryBackend, encode_request, serve_in_memory
-
-
-def responses(data: bytes) -> list:
-    """The response arguments found in the bytes a server wrote, in order."""
-    codec = Connection(Role.CLIENT)
-    codec.send(Request((b"any",)))
-    codec.send(EndOfMessage())
-    codec.receive_data(data)
-    found = []
-    while True:
-        event = codec.next_event()
-        if event is NEED_DATA:
-            return found
-        if isinstance(event, Response):
-            found.append(event.args)
-        if isinstance(event, EndOfMessage):
-            codec.start_next_cycle()
-            codec.send(Request((b"any",)))
-            codec.send(EndOfMessage())
+from smartserve.testing import MemoryBackend, encode_request, response_args, serve_in_memory
 
 
 def test_memory_backend_provides_ibackend():
@@ -46,7 +26,7 @@ def test_protocol_idle_closes_at_once_on_drain():
     """An idle connection is closed as soon as the drain starts, marked as closed for the drain."""
     factory, protocol, transport = serve_in_memory(MemoryBackend())
     protocol.dataReceived(encode_request([b"hello"]))
-    assert responses(transport.value()) == [(b"ok", b"2")]
+    assert response_args(transport.value()) == [(b"ok", b"2")]
     assert not transport.disconnecting
     factory.drain()
     assert transport.disconnecting
@@ -64,7 +44,7 @@ def test_protocol_busy_finishes_response_then_closes():
     assert not transport.disconnecting
     assert factory.busy_connections == 1
     backend.release()
-    assert responses(transport.value()) == [(b"ok",)]
+    assert response_args(transport.value()) == [(b"ok",)]
     assert transport.value().endswith(b"x" * 1000 + b"e")
     assert transport.disconnecting
     assert protocol.closing_for_drain is True
@@ -81,7 +61,7 @@ def test_protocol_request_after_busy_one_never_runs():
     backend.release()
     assert backend.ran == [(b"get", b"file")]
     assert backend.files[b"file"] == b"before"
-    assert responses(transport.value()) == [(b"ok",)]
+    assert response_args(transport.value()) == [(b"ok",)]
     assert transport.disconnecting
 
 
@@ -117,7 +97,7 @@ def test_protocol_request_body_still_arriving_completes():
     factory.drain()
     protocol.dataReceived(data[60:])
     assert backend.files[b"file"] == b"0123456789" * 100
-    assert responses(transport.value()) == [(b"appended", b"0")]
+    assert response_args(transport.value()) == [(b"appended", b"0")]
     assert transport.disconnecting
 
 
