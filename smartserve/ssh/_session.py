@@ -209,17 +209,48 @@ class RefusingSession:
 
 @implementer(ITransport, IConsumer, IPushProducer)
 class ChannelTransport:
-    """The transport a smart protocol sees: writes go to the channel.
+    """The transport a smart protocol sees on a session channel.
 
-    It is the consumer the protocol registers itself on as a streaming
-    producer, and a producer the protocol may pause to stop receiving.
+    Writes go to the channel. It is the consumer the protocol registers
+    itself on as a streaming producer, and a producer the protocol may
+    pause: while paused, what the client already sent is held back (at most
+    one window, since no window is granted meanwhile) and delivered, then
+    the EOF if one came, on resume.
     """
 
     def __init__(self, channel: SessionChannel, on_close: Callable[[], None]):
         self.channel = channel
+        self.protocol = None
         self.producer: IPushProducer | None = None
         self.disconnecting = False
         self._on_close = on_close
+        self._held: list[bytes] = []
+        self._held_eof = False
+
+    def connect(self, protocol) -> None:
+        """Connect ``protocol`` to this transport."""
+        self.protocol = protocol
+        protocol.makeConnection(self)
+
+    def data_from_client(self, data: bytes) -> None:
+        """Deliver the client's bytes, or hold them while paused."""
+        if self.channel.reading_paused or self._held:
+            self._held.append(data)
+        elif not self.disconnecting:
+            self.protocol.dataReceived(data)
+
+    def eof_from_client(self) -> None:
+        """Deliver the client's EOF after anything held back."""
+        if self.channel.reading_paused or self._held:
+            self._held_eof = True
+            return
+        if self.disconnecting:
+            return
+        eof = getattr(self.protocol, "eofReceived", None)
+        if eof is not None:
+            eof()
+        else:
+            self.loseConnection()
 
     def write(self, data: bytes) -> None:
         if not self.disconnecting and data:
@@ -257,6 +288,15 @@ class ChannelTransport:
     def resumeProducing(self) -> None:
         channel = self.channel
         channel.reading_paused = False
+        while self._held and not channel.reading_paused:
+            data = self._held.pop(0)
+            if not self.disconnecting:
+                self.protocol.dataReceived(data)
+        if channel.reading_paused:
+            return
+        if self._held_eof:
+            self._held_eof = False
+            self.eof_from_client()
         missing = channel.localWindowSize - channel.localWindowLeft
         if missing >= channel.localWindowSize // 2 and channel.conn is not None:
             channel.conn.adjustWindow(channel, missing)
@@ -266,13 +306,13 @@ class ChannelTransport:
 
 
 class _Inbound:
-    """What the channel sees as its client's transport: input goes to the protocol."""
+    """What the channel sees as its client's transport: input goes to ours."""
 
-    def __init__(self, protocol):
-        self.protocol = protocol
+    def __init__(self, transport: ChannelTransport):
+        self.transport = transport
 
     def write(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)
+        self.transport.data_from_client(data)
 
     def loseConnection(self) -> None:
         """The channel is closing; the protocol hears of it in ``closed``."""
@@ -310,8 +350,8 @@ class SmartSession(RefusingSession):
         def start() -> None:
             if channel.localClosed or channel.remoteClosed:
                 return
-            self.protocol.makeConnection(self._transport)
-            proto.makeConnection(_Inbound(self.protocol))
+            self._transport.connect(self.protocol)
+            proto.makeConnection(_Inbound(self._transport))
 
         channel.after_reply(start)
 
@@ -321,14 +361,8 @@ class SmartSession(RefusingSession):
         self._transport.channel.end_with_status(EXIT_TEMPFAIL if drain else EXIT_OK)
 
     def eofReceived(self) -> None:
-        protocol = self.protocol
-        if protocol is None or self._transport.disconnecting:
-            return
-        eof = getattr(protocol, "eofReceived", None)
-        if eof is not None:
-            eof()
-        else:
-            self._transport.loseConnection()
+        if self._transport is not None and self._transport.protocol is not None:
+            self._transport.eof_from_client()
 
     def closed(self) -> None:
         reason = ConnectionDone() if self._transport and self._transport.disconnecting else (

@@ -144,3 +144,39 @@ def test_close_from_client_drops_unsendable_output():
     channel.write(b"z" * 15)
     channel.closeReceived()
     assert conn.log[-1] == ("close", b"")
+
+
+class _RecordingProtocol:
+    """A protocol that records what it is given, in order."""
+
+    def __init__(self):
+        self.events: list = []
+        self.transport = None
+
+    def makeConnection(self, transport):
+        self.transport = transport
+
+    def dataReceived(self, data):
+        self.events.append(("data", data))
+
+    def eofReceived(self):
+        self.events.append(("eof", b""))
+
+
+def test_paused_reader_gets_held_data_then_eof_on_resume():
+    """Input that arrives while the protocol is paused is delivered, in order and before EOF, on resume."""
+    conn = SmartConnection()
+    conn.transport = _PacketRecorder()
+    channel = SessionChannel(conn=conn)
+    conn.channelsToRemoteChannel[channel] = 1
+    transport = ChannelTransport(channel, lambda: None)
+    protocol = _RecordingProtocol()
+    transport.connect(protocol)
+    transport.data_from_client(b"a")
+    transport.pauseProducing()
+    transport.data_from_client(b"b")
+    transport.data_from_client(b"c")
+    transport.eof_from_client()
+    assert protocol.events == [("data", b"a")]
+    transport.resumeProducing()
+    assert protocol.events == [("data", b"a"), ("data", b"b"), ("data", b"c"), ("eof", b"")]
