@@ -238,6 +238,17 @@ class SmartClient:
                 continue
             entry.protocol = protocol
             reason = await self._probe(protocol)
+            if reason is not None and protocol.requests_sent == 0:
+                # Closed before it carried anything: a server that accepts
+                # and hangs up is failing, and gets the backoff.
+                connect_failures += 1
+                self.stats.connect_failures += 1
+                self.budget.record_failure()
+                last_error = ConnectionError(reason)
+                entry.slot.request_failed(reason)
+                if connect_failures >= self.policy.max_connect_attempts or not self.budget.allows_retry():
+                    raise RequestNotSent(verb, f"could not connect ({connect_failures} attempts): {reason}")
+                continue
             if reason is not None:
                 self.stats.probe_reconnects += 1
                 self._log.info(

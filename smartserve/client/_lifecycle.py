@@ -14,8 +14,9 @@ another. Its states::
     any state --stop()--> Stopped
 
 A connection the server closed while idle (or that the probe found closed)
-goes back to Idle with no penalty. A connection attempt or a request that
-failed moves to Waiting, which reconnects after ``backoff_delay`` for the
+goes back to Idle with no penalty, unless it closed before carrying any
+request: a server that accepts and hangs up is failing. That, a failed
+connection attempt and a failed request move to Waiting, which reconnects after ``backoff_delay`` for the
 number of failures in a row, and only if a call is waiting for it. Callers
 waiting for a connection see each failed attempt, so that the engine can
 count it against its limits. Time comes from the injected clock.
@@ -69,6 +70,9 @@ class ConnectionSlot(Protocol):
 
     def _connection_lost(self) -> None:
         """The current connection closed."""
+
+    def _connection_refused(self) -> None:
+        """The current connection closed before it carried a request."""
 
     def _backoff_elapsed(self) -> None:
         """The wait after a failure is over and a call waits for a connection."""
@@ -126,7 +130,10 @@ def _build():
         def lost(reason):
             if s.current is protocol:
                 s.current = None
-                c._connection_lost()
+                if protocol.requests_sent:
+                    c._connection_lost()
+                else:
+                    c._connection_refused()
 
         protocol.when_closed().addCallback(lost)
         return protocol
@@ -204,6 +211,9 @@ def _build():
         protocol.abort(reason)
 
     Connected.upon(ConnectionSlot._connection_lost).to(Idle).returns(None)
+    Connected.upon(ConnectionSlot._connection_refused).to(Waiting).returns(None)
+    for state in (Idle, Connecting, Waiting, Stopped):
+        state.upon(ConnectionSlot._connection_refused).loop().returns(None)
 
     @pep614(Connecting.upon(ConnectionSlot.stop).to(Stopped))
     def stop_connecting(c: ConnectionSlot, s: _Core, attempt: Deferred) -> None:

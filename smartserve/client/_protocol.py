@@ -130,6 +130,7 @@ class SmartClientProtocol(Protocol):
 
     ``when_closed()`` fires once the connection is gone. ``drain_signal``
     is True once the server closed it with exit status 75.
+    ``requests_sent`` counts the requests started on it.
     """
 
     _log = Logger()
@@ -151,6 +152,7 @@ class SmartClientProtocol(Protocol):
         self._reusable = True
         self.drain_signal = False
         self._close_waiters: list = []
+        self.requests_sent = 0
 
     def connectionMade(self) -> None:
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -229,6 +231,7 @@ class SmartClientProtocol(Protocol):
         if self._pending is not None:
             raise RuntimeError("one request at a time per connection")
         self._pending = Deferred()
+        self.requests_sent += 1
         result = self._pending
         self._outgoing = outgoing
         self._response = None

@@ -542,3 +542,24 @@ def test_protocol_sees_unread_bytes_under_an_ssh_channel(clock):
         assert protocol.has_unread_input()
         channel.remoteClosed = True
         assert protocol.closed_reason() == "server closed the channel"
+
+
+def test_engine_backs_off_from_a_server_that_hangs_up_at_once(server, clock):
+    """Connections closed before carrying any request count as failures with backoff, not free reconnects."""
+    original = server.connect
+
+    def connect_and_hang_up():
+        connected = original()
+        server.connections[-1].transport.disconnecting = True
+        server.connections[-1].protocol.connectionLost(Failure(ConnectionDone()))
+        return connected
+
+    server.connect = connect_and_hang_up
+    client = make_client(server, clock, backoff_initial=1.0, max_connect_attempts=3)
+    result = outcome(client.call(b"hello"))
+    assert len(server.attempt_times) == 1
+    clock.pump([1.0, 2.0])
+    [failure] = result
+    assert failure.check(RequestNotSent)
+    assert server.attempt_times == [0.0, 1.0, 3.0]
+    assert client.stats.probe_reconnects == 0
