@@ -19,11 +19,12 @@ CLOSED
 
 A drain closes an IDLE connection at once and any other right after the
 last byte of its current response; a request that has not begun is never
-started. With a drain linger of L seconds, an IDLE connection is closed
-only once it has been idle for L seconds, and a request that begins before
-then is served: an unmodified ``brz`` sends the requests of one command
-back to back on one connection and cannot resend a streamed request (such
-as the ``insert_stream`` of a push) whose connection closed under it.
+started. With a drain linger of L seconds, requests that begin within L
+seconds of the drain are still served: an IDLE connection closes once it
+has been idle for L seconds, or at once if L seconds have passed since the
+drain began. An unmodified ``brz`` sends the requests of one command back
+to back on one connection and cannot resend a streamed request (such as
+the ``insert_stream`` of a push) whose connection closed under it.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ class SmartServerProtocol(Protocol):
         self._idle_timer = None
         self._pending_bytes_in = 0
         self._idle_since = 0.0
+        self._drain_started = None
         self._linger_call = None
         self._peer_from_transport = False
 
@@ -189,12 +191,15 @@ class SmartServerProtocol(Protocol):
     def drain(self) -> None:
         """Close once idle (for the factory's drain linger), else right after the current response."""
         self._draining = True
+        if self._drain_started is None:
+            self._drain_started = self.factory.clock.seconds()
         if self.phase is Phase.IDLE and self.transport is not None:
             self._close_if_lingered()
 
     def _close_if_lingered(self) -> bool:
-        """Close an idle draining connection once idle for the linger; True if closed."""
-        remaining = self._idle_since + self.factory.drain_linger - self.factory.clock.seconds()
+        """Close an idle draining connection once the linger is over; True if closed."""
+        since = min(self._idle_since, self._drain_started)
+        remaining = since + self.factory.drain_linger - self.factory.clock.seconds()
         if remaining <= 0:
             self._close(for_drain=True)
             return True

@@ -45,16 +45,27 @@ def test_protocol_linger_serves_request_that_follows_drain():
 
 
 def test_protocol_linger_closes_after_idle_for_linger():
-    """Once a draining connection has been idle for the linger, it closes, marked as closed for the drain."""
+    """A draining connection idle since before the drain closes once idle for the linger, marked as closed for the drain."""
     clock, factory, protocol, transport = _lingering(2.0)
-    factory.drain()
-    clock.advance(1.0)
     protocol.dataReceived(encode_request([b"hello"]))
-    clock.advance(1.9)
+    clock.advance(0.5)
+    factory.drain()
+    clock.advance(1.4)
     assert not transport.disconnecting
     clock.advance(0.2)
     assert transport.disconnecting
     assert protocol.closing_for_drain is True
+
+
+def test_protocol_linger_ends_for_busy_client():
+    """A client that keeps sending requests is closed at its first idle moment once the linger after the drain is over."""
+    clock, factory, protocol, transport = _lingering(2.0)
+    factory.drain()
+    for _ in range(5):
+        clock.advance(0.6)
+        protocol.dataReceived(encode_request([b"hello"]))
+    assert transport.disconnecting
+    assert len(_answers(transport.value())) == 3
 
 
 def test_protocol_linger_closes_long_idle_connection_at_once():
