@@ -141,13 +141,16 @@ class SessionChannel(SSHSession):
         if self.producer is not None:
             self.producer.resumeProducing()
 
+    def channelOpen(self, specificData: bytes) -> None:
+        """Nothing to do until the exec request; sessions are logged when they start."""
+
     def closeReceived(self) -> None:
         # The client will not add window any more: what is still buffered
         # can never be sent, and waiting for it would keep the channel open.
         self.buf = b""
         self.extBuf = []
         self._when_flushed = None
-        super().closeReceived()
+        self.loseConnection()
 
     def end_with_status(self, exit_code: int) -> None:
         """Send ``exit-status`` (after the buffered output) and close the channel."""
@@ -365,9 +368,16 @@ class SmartSession(RefusingSession):
             self._transport.eof_from_client()
 
     def closed(self) -> None:
-        reason = ConnectionDone() if self._transport and self._transport.disconnecting else (
-            ConnectionLost("the SSH channel closed")
+        if self.protocol is None:
+            return
+        ended_by_server = self._transport.disconnecting
+        _log.info(
+            "smart session of {user} ended by the {side}",
+            user=self.avatar.username,
+            side="server" if ended_by_server else "client",
+            drain=getattr(self.protocol, "closing_for_drain", False),
         )
+        reason = ConnectionDone() if ended_by_server else ConnectionLost("the SSH channel closed")
         self._end_protocol(Failure(reason))
 
     def _end_protocol(self, reason: Failure) -> None:

@@ -104,6 +104,16 @@ class ServerTransport(transport.SSHServerTransport):
         super().connectionLost(reason)
         self.factory.connection_ended(self)
 
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        # A client saying goodbye (OpenSSH sends "disconnected by user") is
+        # the normal end of a connection, not an error.
+        level = _log.debug if reasonCode == transport.DISCONNECT_BY_APPLICATION else _log.info
+        level(
+            "SSH client disconnected: code {code}, {description}",
+            code=reasonCode,
+            description=description.decode("utf-8", "replace"),
+        )
+
     def sendExtInfo(self, extensions) -> None:
         # Conch advertises its host key algorithms as the signatures it
         # accepts from users; say what the user-auth service really takes.
