@@ -197,7 +197,7 @@ class Connection:
         state = self._our_state
         if state is _ERROR:
             raise LocalProtocolError("cannot send after a protocol error")
-        if event_type is Response and state is _IDLE:
+        if self._our_transitions[state].get(event_type) is not None:
             raise LocalProtocolError("a response must follow a request")
         raise LocalProtocolError(
             f"{event_type.__name__} not allowed when the {self.our_role.value} is {state.name}"

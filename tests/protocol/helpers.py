@@ -74,17 +74,20 @@ class ConnectionPair:
     """A client and a server connection wired to each other in memory."""
 
     def __init__(self, **kwargs) -> None:
-        self.conn = {Role.CLIENT: Connection(Role.CLIENT, **kwargs), Role.SERVER: Connection(Role.SERVER, **kwargs)}
+        self.conn = {role: Connection(role, **kwargs) for role in Role}
 
     @property
     def client(self) -> Connection:
+        """The client end."""
         return self.conn[Role.CLIENT]
 
     @property
     def server(self) -> Connection:
+        """The server end."""
         return self.conn[Role.SERVER]
 
     def other(self, role: Role) -> Role:
+        """The role at the other end from ``role``."""
         return Role.SERVER if role is Role.CLIENT else Role.CLIENT
 
     def send(self, role: Role, events, expect="match") -> bytes:

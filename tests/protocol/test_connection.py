@@ -184,6 +184,22 @@ def test_send_out_of_order_is_local_error_and_keeps_state(role, before, event):
     assert (conn.our_state, conn.their_state) == states
 
 
+@pytest.mark.parametrize("role, before, event", OUT_OF_ORDER)
+def test_send_with_data_passthrough_out_of_order_is_local_error(role, before, event):
+    """The passthrough variant refuses the same events and changes nothing either."""
+    conn = _after(role, before)
+    states = (conn.our_state, conn.their_state)
+    with pytest.raises(LocalProtocolError):
+        conn.send_with_data_passthrough(event)
+    assert (conn.our_state, conn.their_state) == states
+
+
+def test_client_sending_response_is_told_the_state():
+    """A client trying to send a response is told what its state allows."""
+    with pytest.raises(LocalProtocolError, match="Response not allowed when the client is IDLE"):
+        Connection(Role.CLIENT).send(Response((b"ok",)))
+
+
 def test_server_response_before_request_is_local_error():
     """A server may not open a response before it has received a request."""
     server = Connection(Role.SERVER)
