@@ -206,7 +206,7 @@ async def test_silent_connection_times_out_and_read_is_resent(make_client, relay
     """A connection that stops forwarding is abandoned after the request timeout; a read is resent."""
     path, remote = workdir
     (path / "data").write_bytes(b"abc")
-    client = make_client(RetryPolicy(request_timeout=0.3, backoff_initial=0.01, deadline=10.0))
+    client = make_client(RetryPolicy(request_timeout=1.0, backoff_initial=0.01, deadline=10.0))
     await client.call(b"hello")
     relay.silence()
     reply = await client.call(b"get", f"{remote}/data".encode())
@@ -220,7 +220,7 @@ async def test_silent_connection_append_is_outcome_unknown(make_client, relay, w
     """An `append` that gets no answer before the timeout is OutcomeUnknown, never resent."""
     path, remote = workdir
     (path / "log").write_bytes(b"")
-    client = make_client(RetryPolicy(request_timeout=0.3, backoff_initial=0.01, deadline=10.0))
+    client = make_client(RetryPolicy(request_timeout=1.0, backoff_initial=0.01, deadline=10.0))
     await client.call(b"hello")
     relay.silence()
     with pytest.raises(OutcomeUnknown) as raised:
@@ -233,7 +233,7 @@ async def test_silent_connection_append_is_outcome_unknown(make_client, relay, w
 async def test_keepalive_drops_a_silently_dead_connection(make_client, relay, workdir):
     """An idle connection that stopped forwarding is dropped by the keepalive, so the next call needs no resend."""
     path, remote = workdir
-    client = make_client(RetryPolicy(keepalive_interval=0.2, backoff_initial=0.01, deadline=10.0))
+    client = make_client(RetryPolicy(keepalive_interval=0.5, backoff_initial=0.01, deadline=10.0))
     await client.call(b"hello")
     relay.silence()
     await _wait_until(lambda: client.stats.keepalive_drops == 1)
