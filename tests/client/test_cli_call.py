@@ -88,3 +88,31 @@ def test_blocking_client_serves_calls_from_several_threads(brz_serve, workdir):
 def test_escape_bytes_keeps_text_and_escapes_the_rest():
     """Printable ASCII, newline and tab stay; a backslash is doubled; other bytes become \\xNN."""
     assert escape_bytes(b"a\tb\n\\\x00\x7f\xe9") == "a\tb\n\\\\\\x00\\x7f\\xe9"
+
+
+def test_call_command_raw_writes_body_bytes_unescaped(brz_serve, workdir):
+    """`--raw` writes the response body byte for byte after the tuple line."""
+    path, remote = workdir
+    data = bytes(range(256))
+    (path / "raw").write_bytes(data)
+    done = smartserve_call(brz_serve.url, "get", f"{remote}/raw", "--raw")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"(b'ok',)\n" + data
+
+
+def test_call_command_over_ssh_uses_key_and_known_hosts(openssh, tmp_path):
+    """Over bzr+ssh:// the key and known_hosts options reach the SSH connection."""
+    (tmp_path / "f").write_bytes(b"over ssh")
+    done = smartserve_call(
+        openssh.url(), "get", f"{tmp_path}/f",
+        "-i", openssh.client_key, "--known-hosts", openssh.known_hosts, "--no-agent",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"(b'ok',)\nover ssh\n"
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    refused = smartserve_call(
+        openssh.url(), "hello", "-i", openssh.client_key, "--known-hosts", empty, "--no-agent"
+    )
+    assert refused.returncode == 3
+    assert b"not in" in refused.stderr
