@@ -233,6 +233,13 @@ class SmartClient:
                 self.stats.connect_failures += 1
                 self.budget.record_failure()
                 last_error = exc
+                self._log.info(
+                    "connection attempt {attempt} for {verb} failed: {reason}",
+                    verb=verb.decode("utf-8", "replace"),
+                    attempt=connect_failures,
+                    reason=str(exc) or type(exc).__name__,
+                    event_kind="connect_failed",
+                )
                 if connect_failures >= self.policy.max_connect_attempts or not self.budget.allows_retry():
                     raise RequestNotSent(verb, f"could not connect ({connect_failures} attempts): {exc}") from exc
                 continue

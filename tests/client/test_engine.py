@@ -563,3 +563,22 @@ def test_engine_backs_off_from_a_server_that_hangs_up_at_once(server, clock):
     assert failure.check(RequestNotSent)
     assert server.attempt_times == [0.0, 1.0, 3.0]
     assert client.stats.probe_reconnects == 0
+
+
+def test_engine_logs_each_resend_with_verb_and_reason(server, clock):
+    """A resend is logged as a structured event naming the verb, its class, the point and the reason."""
+    from twisted.logger import globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        client = make_client(server, clock)
+        outcome(client.call(b"get", b"/x"))
+        server.connections[0].lose()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [resend] = [event for event in events if event.get("event_kind") == "resend"]
+    assert resend["verb"] == "get"
+    assert resend["verb_class"] == "read"
+    assert resend["point"] == "after write"
+    assert resend["reason"]
