@@ -21,7 +21,7 @@ from smartserve.protocol import (
 
 from .helpers import breezy_decode, receive_all, receiver, send_all, sender
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 SMALL = Limits(max_headers_size=64, max_structure_size=64, max_body_part_size=64)
 # The most a connection may hold unparsed: one whole part of the largest
