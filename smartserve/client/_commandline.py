@@ -86,7 +86,7 @@ def run_call(args: argparse.Namespace) -> int:
     )
     try:
         client = BlockingClient(args.url, policy=policy, ssh=ssh)
-    except (ValueError, OSError) as exc:
+    except Exception as exc:  # a bad URL, a missing or unreadable key file
         print(f"smartserve call: {exc}", file=sys.stderr)
         return EXIT_USAGE
     verb = args.verb.encode("utf-8")
