@@ -14,7 +14,7 @@ smart protocol is the push producer of its ``ChannelTransport``, paused
 while the client's window is full (``SSHChannel.stopWriting``) and resumed
 when the client adds window. Incoming: while the protocol pauses its
 transport, the connection withholds window adjustments, so the client can
-send at most one window more.
+send at most one window more, and what arrives is held until it resumes.
 """
 
 from __future__ import annotations
