@@ -242,3 +242,50 @@ class SoakClient:
             if not success:
                 raise Refused(repr(reply))
             return reply, reply_body
+
+
+class NotRun(CallFailed):
+    """The client says the request surely did not run, and it could not be sent again."""
+
+    reason = "not-run"
+
+
+class LibraryClient:
+    """The same ``call`` as ``SoakClient``, made by ``smartserve.client.BlockingClient`` over its own SSH.
+
+    ``metrics`` is a ``smartserve.metrics.ClientMetrics`` that the client
+    feeds with its reconnects and resends.
+    """
+
+    def __init__(self, url: str, identity_file: str, known_hosts: str, metrics, *, call_timeout: float = 60.0):
+        from smartserve.client import BlockingClient, RetryPolicy
+        from smartserve.client import SSHOptions
+
+        policy = RetryPolicy(max_resends=6, max_connect_attempts=12, backoff_max=1.0, deadline=call_timeout)
+        ssh = SSHOptions(identity_files=[identity_file], use_agent=False, known_hosts=known_hosts)
+        self._client = BlockingClient(url, policy=policy, ssh=ssh, metrics=metrics)
+        self.stats = self._client.client.stats
+
+    def call(self, args: Tuple, body: Optional[bytes] = None) -> Tuple[Tuple, bytes]:
+        """Run one request; raise a ``CallFailed`` subclass named after the client's error."""
+        from smartserve.client import DeadlineExceeded, RemoteError, TransportFailure
+        from smartserve.client import OutcomeUnknown as ClientOutcomeUnknown
+
+        try:
+            reply = self._client.call(args[0], *args[1:], body=body)
+        except ClientOutcomeUnknown as exc:
+            raise OutcomeUnknown(str(exc)) from None
+        except RemoteError as exc:
+            raise Refused(str(exc)) from None
+        except TransportFailure as exc:
+            raise NotRun(f"{type(exc).__name__}: {exc}") from None
+        except DeadlineExceeded as exc:
+            raise GaveUp(str(exc)) from None
+        except Exception as exc:
+            failure = CallFailed(f"{type(exc).__name__}: {exc}")
+            failure.reason = type(exc).__name__
+            raise failure from None
+        return reply.args, reply.body or b""
+
+    def close(self) -> None:
+        self._client.close()
