@@ -104,3 +104,20 @@ def test_writable_for_maps_rights_and_command():
     assert writable_for(Rights(False, ("/~a/", "/")), allow_writes=True) == Writable.everywhere()
     assert writable_for(home, allow_writes=True).allows("/~alice/trunk/.bzr/x")
     assert not writable_for(home, allow_writes=True).allows("/~alicex/trunk")
+
+
+def test_access_doc_example_parses_as_described():
+    """The example in doc/access.md is a valid access file meaning what the text says."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "doc" / "access.md").read_text()
+    example_block = doc.split("Example:\n\n", 1)[1].split("\n\n", 1)[0]
+    rules = parse_access("\n".join(line[4:] for line in example_block.splitlines()))
+    assert rules.rights_for("rm1").write_prefixes == (
+        "/~rm1/",
+        "/projects/release/",
+        "/projects/docs/",
+    )
+    assert rules.rights_for("robot").read_only
+    assert writable_for(rules.rights_for("admin"), allow_writes=True) == Writable.everywhere()
+    assert rules.rights_for("anyone").read_only
