@@ -6,7 +6,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import SmartserveProcess
+from support import SmartserveProcess
 
 
 def _scrape(port: int) -> dict:
@@ -29,7 +29,10 @@ def test_metrics_endpoint_counts_real_brz_requests(tmp_path, brz):
     """After a real push and branch over bzr://, /metrics shows their requests, bytes and the serving state."""
     server = SmartserveProcess(
         tmp_path / "data",
-        ["--bzr", "tcp:0:interface=127.0.0.1", "--bzr-allow-writes", "--admin", "tcp:0:interface=127.0.0.1"],
+        [
+            "--bzr", "tcp:0:interface=127.0.0.1", "--bzr-allow-writes",
+            "--ssh", "tcp:0:interface=127.0.0.1", "--admin", "tcp:0:interface=127.0.0.1",
+        ],
     ).start()
     try:
         before = _scrape(server.admin_port)
@@ -48,5 +51,6 @@ def test_metrics_endpoint_counts_real_brz_requests(tmp_path, brz):
     assert _total(after, "smartserve_received_bytes_total") > 1000
     assert _total(after, "smartserve_sent_bytes_total") > 1000
     assert ("smartserve_open_connections", (("kind", "smart"),)) in after
+    assert after[("smartserve_open_connections", (("kind", "ssh"),))] == 0
     assert _total(after, "smartserve_drain_state", smartserve_drain_state="serving") == 1
     assert _total(after, "smartserve_drains_started_total") == 0
