@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from twisted.internet.defer import gatherResults
+from twisted.logger import globalLogPublisher
 
 from .conftest import BRZ, OpenSSHClient, SSHServerUnderTest, needs_openssh
 
@@ -58,14 +59,31 @@ def alice(ssh_client):
     return ssh_client
 
 
+@pytest.fixture
+def access_log():
+    """The access log events (verb, user) emitted while the test runs."""
+    events = []
+
+    def observe(event):
+        if event.get("log_namespace") == "smartserve.access":
+            events.append((event["verb"], event["user"]))
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
 @pytest_twisted.ensureDeferred
-async def test_brz_push_and_branch_roundtrip(alice, tmp_path):
-    """A 20-revision branch pushed into a shared repository in ~alice comes back identical."""
+async def test_brz_push_and_branch_roundtrip(alice, tmp_path, access_log):
+    """A 20-revision branch pushed into a shared repository in ~alice comes back identical, by smart verbs."""
     local = _make_branch(alice, tmp_path / "local", 20)
     await _ok(alice.brz("init-shared-repo", alice.url("alice", "~alice/repo")))
     await _ok(alice.brz("init", alice.url("alice", "~alice/repo/trunk")))
     await _ok(alice.brz("push", alice.url("alice", "~alice/repo/trunk"), cwd=local))
     await _ok(alice.brz("branch", alice.url("alice", "~alice/repo/trunk"), tmp_path / "copy"))
+    verbs = [verb for verb, user in access_log if user == "alice"]
+    assert "Repository.insert_stream_1.19" in verbs and "Repository.get_stream_1.19" in verbs
+    assert sum(verb in ("get", "readv") for verb in verbs) <= 2, verbs
     assert _revno(await _ok(alice.brz("revno", alice.url("alice", "~alice/repo/trunk")))) == 20
     assert _revno(await _ok(alice.brz("revno", tmp_path / "copy"))) == 20
     local_log = await _ok(alice.brz("log", "--line", cwd=local))
