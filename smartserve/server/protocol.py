@@ -71,6 +71,9 @@ log = Logger()
 # Response headers as Breezy's own server sends them.
 _HEADERS = {b"Software version": breezy.__version__.encode("ascii")}
 
+# Responses smaller than this are written as one string: one copy is cheaper than a list.
+_JOIN_BELOW = 64 * 1024
+
 # How much of a response stream one worker-pool call produces.
 STREAM_SLICE_BYTES = 256 * 1024
 
@@ -345,12 +348,15 @@ class SmartServerProtocol(Protocol):
         head = self._codec.send(Response(reply.args, reply.success, _HEADERS))
         if reply.stream is not None:
             current.stream = reply.stream
-            self._write(current, head)
+            self._write(current, [head])
             self._pull_stream(current)
             return
         if reply.body is not None:
-            head += self._codec.send(BodyChunk(reply.body))
-        self._write(current, head + self._codec.send(EndOfMessage()))
+            parts = [head, *self._codec.send_with_data_passthrough(BodyChunk(reply.body))]
+        else:
+            parts = [head]
+        parts.append(self._codec.send(EndOfMessage()))
+        self._write(current, parts)
         self._response_done(current)
 
     def _pull_stream(self, current: _CurrentRequest) -> None:
@@ -372,10 +378,10 @@ class SmartServerProtocol(Protocol):
                 current.record.outcome = "stream-error"
                 ended = True
                 break
-            parts.append(self._codec.send(BodyChunk(item)))
+            parts.extend(self._codec.send_with_data_passthrough(BodyChunk(item)))
         if ended:
             parts.append(self._codec.send(EndOfMessage()))
-        self._write(current, b"".join(parts))
+        self._write(current, parts)
         if ended:
             current.stream.close()
             self._response_done(current)
@@ -385,9 +391,14 @@ class SmartServerProtocol(Protocol):
     def _stream_failed(self, failure: Failure, current: _CurrentRequest) -> None:
         self._stream_pulled([StreamFailure((b"error", b"InternalError", b"the server failed"))], current)
 
-    def _write(self, current: _CurrentRequest, data: bytes) -> None:
-        current.record.bytes_out += len(data)
-        self.transport.write(data)
+    def _write(self, current: _CurrentRequest, parts: list) -> None:
+        size = sum(map(len, parts))
+        current.record.bytes_out += size
+        if size < _JOIN_BELOW:
+            self.transport.write(b"".join(parts))
+        else:
+            # Large bodies go out without being copied into one string.
+            self.transport.writeSequence(parts)
 
     def _response_done(self, current: _CurrentRequest) -> None:
         current.record.emit(self.factory.clock.seconds())
