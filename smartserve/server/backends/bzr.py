@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Iterator, List, Optional
 
+from twisted.internet import task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -144,11 +145,46 @@ class _Aborted:
 _ABORTED = _Aborted()
 
 
+# A body up to this size is written in one piece; a larger one (a ``get``
+# of a big file) goes out slice by slice with back-pressure, as streams do,
+# so a slow connection never has the whole body queued in its buffers.
+LARGE_BODY_BYTES = 1024 * 1024
+
+
 def _reply_from(response, backend: BzrBackend) -> Reply:
-    stream = None
+    body, stream = response.body, None
     if response.body_stream is not None:
         stream = _BzrBodyStream(iter(response.body_stream), backend)
-    return Reply(tuple(response.args), response.is_successful(), response.body, stream)
+    elif body is not None and len(body) > LARGE_BODY_BYTES:
+        body, stream = None, _SlicedBody(body, backend._reactor)
+    return Reply(tuple(response.args), response.is_successful(), body, stream)
+
+
+@implementer(IBodyStream)
+class _SlicedBody:
+    """A body already in memory, handed out in slices as the connection drains.
+
+    On the wire it is a run of body parts, which clients join exactly as
+    they join one part. Each slice arrives on a later reactor turn, like a
+    slice pulled from the worker pool, so a transport that resumes its
+    producer from inside a write never sees a write nested in its own.
+    """
+
+    def __init__(self, body: bytes, reactor):
+        self._body = memoryview(body)
+        self._offset = 0
+        self._reactor = reactor
+        self.description = "body"
+
+    def pull(self, max_bytes: int):
+        start = self._offset
+        self._offset = min(start + max_bytes, len(self._body))
+        piece = [self._body[start : self._offset].tobytes()] if self._offset > start else []
+        return task.deferLater(self._reactor, 0, lambda: piece)
+
+    def close(self) -> None:
+        self._body = memoryview(b"")
+        self._offset = 0
 
 
 @implementer(IBodyStream)
