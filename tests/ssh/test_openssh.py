@@ -315,3 +315,30 @@ def test_ssh_factory_provides_idrainable(ssh_server):
     assert verifyObject(IDrainable, ssh_server.factory)
     assert ssh_server.factory.open_connections == 0
     assert ssh_server.factory.busy_connections == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_rsa_user_key_with_sha1_signature_refused(ssh_client, tmp_path):
+    """An RSA key that may only sign with SHA-1 ``ssh-rsa`` does not log in."""
+    rsa_key = make_user_key(tmp_path / "erin", "id_rsa", kind="rsa")
+    ssh_client.server.authorize("erin", rsa_key.with_suffix(".pub"))
+    out, err, code = await ssh_client.ssh(
+        "erin", "ls", key=rsa_key, options=["-o", "PubkeyAcceptedAlgorithms=ssh-rsa"]
+    )
+    assert code == 255
+    assert b"Permission denied (publickey)" in err
+
+
+def test_user_auth_refuses_sha1_and_dsa_signatures():
+    """The user-auth service turns down ssh-rsa and ssh-dss signatures before any checker runs."""
+    from twisted.conch.ssh.common import NS
+    from twisted.cred.error import UnauthorizedLogin
+
+    from smartserve.ssh._transport import UserAuthServer
+
+    service = UserAuthServer()
+    for algorithm in (b"ssh-rsa", b"ssh-dss"):
+        failures = []
+        packet = b"\x01" + NS(algorithm) + NS(b"blob") + NS(b"signature")
+        service.auth_publickey(packet).addErrback(failures.append)
+        assert failures and failures[0].check(UnauthorizedLogin), algorithm
