@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from twisted.conch import error
-from twisted.conch.ssh import connection
+from twisted.conch.ssh import common, connection
 from twisted.logger import Logger
 
 __all__ = ["SmartConnection"]
@@ -19,8 +18,8 @@ DRAIN_FIRST_CHANNEL_WINDOW = 5.0
 class SmartConnection(connection.SSHConnection):
     """An SSH connection service that enforces the per-connection policies.
 
-    - Session channels count against the user's limit; over it, an open is
-      refused as administratively prohibited.
+    - Only session channels open, and they count against the user's limit;
+      over it, an open is refused as administratively prohibited.
     - With no channel open for the idle timeout, the connection is closed
       (the smart protocol times out its own idle sessions).
     - When the transport is draining, the connection is closed as its last
@@ -53,22 +52,40 @@ class SmartConnection(connection.SSHConnection):
         self._cancel_idle_timer()
         super().serviceStopped()
 
-    def getChannel(self, channelType, windowSize, maxPacket, data):
-        counted = channelType == b"session"
-        if counted and not self._server.session_opening(self._username):
-            raise error.ConchError(
-                "too many sessions for this user", connection.OPEN_ADMINISTRATIVELY_PROHIBITED
+    def ssh_CHANNEL_OPEN(self, packet: bytes) -> None:
+        # Refusals are routine (port forwarding, a user over the limit):
+        # answer them here, since Conch logs a traceback for each refusal
+        # raised from getChannel.
+        channel_type, rest = common.getNS(packet)
+        sender_channel = struct.unpack(">L", rest[:4])[0]
+        if channel_type != b"session":
+            _log.info(
+                "{user} asked for a {kind!r} channel; refused", user=self._username, kind=channel_type
             )
-        try:
-            channel = super().getChannel(channelType, windowSize, maxPacket, data)
-        except BaseException:
-            if counted:
-                self._server.session_closed(self._username)
-            raise
-        if counted:
-            self._counted.add(channel)
+            self._refuse_open(sender_channel, connection.OPEN_UNKNOWN_CHANNEL_TYPE, b"unknown channel")
+            return
+        if not self._server.session_opening(self._username):
+            self._refuse_open(
+                sender_channel,
+                connection.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                b"too many sessions for this user",
+            )
+            return
+        local_id = self.localChannelID
+        super().ssh_CHANNEL_OPEN(packet)
+        channel = self.channels.get(local_id)
+        if channel is None:
+            self._server.session_closed(self._username)
+            return
+        self._counted.add(channel)
         self._cancel_idle_timer()
-        return channel
+
+    def _refuse_open(self, sender_channel: int, reason: int, text: bytes) -> None:
+        """Answer a channel open request with a failure."""
+        self.transport.sendPacket(
+            connection.MSG_CHANNEL_OPEN_FAILURE,
+            struct.pack(">2L", sender_channel, reason) + common.NS(text) + common.NS(b""),
+        )
 
     def channelClosed(self, channel) -> None:
         super().channelClosed(channel)
