@@ -73,6 +73,12 @@ class SSHServerUnderTest:
         with open(self.keys / f"{user}.pub", "a") as keys_file:
             keys_file.write(public_key_path.read_text())
 
+    def client_for(self, user: str, base: Path) -> "OpenSSHClient":
+        """An OpenSSH client kept in ``base`` whose new key logs in as ``user``."""
+        client = OpenSSHClient(base, self)
+        self.authorize(user, client.key.with_suffix(".pub"))
+        return client
+
     async def stopped(self) -> None:
         """Stop listening, drop every connection and stop the worker pool."""
         await defer.maybeDeferred(self.port.stopListening)
@@ -168,6 +174,4 @@ def ssh_server(tmp_path):
 @pytest.fixture
 def ssh_client(tmp_path, ssh_server):
     """An OpenSSH client whose key logs in as ``alice``."""
-    client = OpenSSHClient(tmp_path, ssh_server)
-    ssh_server.authorize("alice", client.key.with_suffix(".pub"))
-    return client
+    return ssh_server.client_for("alice", tmp_path)

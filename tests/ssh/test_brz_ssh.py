@@ -190,10 +190,8 @@ async def test_brz_read_only_user_can_branch_but_not_write(tmp_path):
     """A read-only user branches, but push and a checkout commit are refused with nothing written."""
     server = SSHServerUnderTest(tmp_path / "s", access_text="guest read-only\n")
     try:
-        alice = OpenSSHClient(tmp_path / "alice", server)
-        server.authorize("alice", alice.key.with_suffix(".pub"))
-        guest = OpenSSHClient(tmp_path / "guest", server)
-        server.authorize("guest", guest.key.with_suffix(".pub"))
+        alice = server.client_for("alice", tmp_path / "alice")
+        guest = server.client_for("guest", tmp_path / "guest")
         (server.root / "~alice").mkdir()
         (server.root / "~guest").mkdir()
         local = _make_branch(alice, tmp_path / "local", 2)
@@ -219,8 +217,7 @@ async def test_brz_access_file_grants_extra_prefix(tmp_path):
     """A ``write`` line lets a user push under a shared prefix as well as their home."""
     server = SSHServerUnderTest(tmp_path / "s", access_text="alice write /team/\n")
     try:
-        alice = OpenSSHClient(tmp_path / "alice", server)
-        server.authorize("alice", alice.key.with_suffix(".pub"))
+        alice = server.client_for("alice", tmp_path / "alice")
         (server.root / "team").mkdir()
         local = _make_branch(alice, tmp_path / "local", 1)
         await _ok(alice.brz("push", alice.url("alice", "team/trunk"), cwd=local))

@@ -10,7 +10,7 @@ from twisted.internet.testing import StringTransport
 
 from smartserve.ssh import MemoryKeyStore, PublicKeyChecker, make_ssh_factory
 
-from .conftest import OpenSSHClient, SSHServerUnderTest, needs_openssh
+from .conftest import SSHServerUnderTest, needs_openssh
 
 
 def _factory(tmp_path, clock, **limits):
@@ -83,8 +83,7 @@ async def test_idle_connection_without_session_closed(tmp_path):
     """A logged-in connection with no session open is closed after the idle timeout."""
     server = SSHServerUnderTest(tmp_path, idle_timeout=0.3)
     try:
-        client = OpenSSHClient(tmp_path, server)
-        server.authorize("alice", client.key.with_suffix(".pub"))
+        client = server.client_for("alice", tmp_path)
         out, err, code = await client.ssh("alice", options=["-N"])
         assert code == 255
         assert b"idle timeout" in err

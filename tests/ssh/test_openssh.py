@@ -290,12 +290,11 @@ async def test_drain_disconnects_connection_without_session(ssh_client):
 @pytest_twisted.ensureDeferred
 async def test_sessions_per_user_limit(tmp_path):
     """A user over the session limit has the extra session refused; others are unaffected."""
-    from .conftest import OpenSSHClient, SSHServerUnderTest
+    from .conftest import SSHServerUnderTest
 
     server = SSHServerUnderTest(tmp_path, max_sessions_per_user=1)
     try:
-        client = OpenSSHClient(tmp_path, server)
-        server.authorize("alice", client.key.with_suffix(".pub"))
+        client = server.client_for("alice", tmp_path)
         first = _spawn_smart_client(client)
         await first.request(b"hello")
         out, err, code = await client.ssh("alice", SERVE)

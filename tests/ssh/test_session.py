@@ -101,13 +101,18 @@ class _PacketRecorder:
         self.packets.append((kind, payload))
 
 
-def test_paused_reader_withholds_window():
-    """While the protocol pauses reading, the client gets no more window; on resume it does."""
+def _channel_on_connection(remote_id: int) -> tuple:
+    """A session channel on a ``SmartConnection`` whose packets are recorded."""
     conn = SmartConnection()
     conn.transport = _PacketRecorder()
     channel = SessionChannel(conn=conn)
-    conn.channelsToRemoteChannel[channel] = 7
-    transport = ChannelTransport(channel, lambda: None)
+    conn.channelsToRemoteChannel[channel] = remote_id
+    return conn, channel, ChannelTransport(channel, lambda: None)
+
+
+def test_paused_reader_withholds_window():
+    """While the protocol pauses reading, the client gets no more window; on resume it does."""
+    conn, channel, transport = _channel_on_connection(7)
     transport.pauseProducing()
     used = channel.localWindowSize * 3 // 4
     channel.localWindowLeft -= used
@@ -165,11 +170,7 @@ class _RecordingProtocol:
 
 def test_paused_reader_gets_held_data_then_eof_on_resume():
     """Input that arrives while the protocol is paused is delivered, in order and before EOF, on resume."""
-    conn = SmartConnection()
-    conn.transport = _PacketRecorder()
-    channel = SessionChannel(conn=conn)
-    conn.channelsToRemoteChannel[channel] = 1
-    transport = ChannelTransport(channel, lambda: None)
+    _, _, transport = _channel_on_connection(1)
     protocol = _RecordingProtocol()
     transport.connect(protocol)
     transport.data_from_client(b"a")
