@@ -14,7 +14,6 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..server.interfaces import IDrainable
-
 from ._access import AccessPolicy
 from ._avatar import SmartRealm
 from ._checker import PublicKeyChecker
@@ -40,9 +39,11 @@ class SSHServerFactory(factory.SSHFactory):
     """Builds SSH server connections that run the smart server in-process.
 
     It keeps every live connection, so that ``drain`` can ask each to close:
-    those with no open session close at once, the others as soon as their
-    last session ends (the smart protocol ends a busy session right after
-    its current response, with exit status 75).
+    logged-in ones with no channel close at once, the others as soon as
+    their last channel closes (the draining smart protocol ends each session,
+    a busy one right after its current response, with exit status 75), and
+    connections still logging in once they are done or their grace time
+    runs out.
     """
 
     protocol = ServerTransport
@@ -149,7 +150,7 @@ class SSHServerFactory(factory.SSHFactory):
         return sum(1 for transport in self.connections if transport.open_channels())
 
     def drain(self) -> defer.Deferred:
-        """Stop taking connections and close each as soon as it has no session.
+        """Stop taking connections and close each as soon as it has no channel.
 
         Returns a Deferred that fires once no SSH connection is left. Drain
         the smart factory too: that is what ends the busy sessions.

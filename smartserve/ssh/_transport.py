@@ -83,9 +83,9 @@ class ServerTransport(transport.SSHServerTransport):
         self._grace_timer = None
 
     def connectionMade(self) -> None:
-        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
-        if setNoDelay is not None:
-            setNoDelay(True)
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)  # small replies must not wait for delayed ACKs
         super().connectionMade()
         self.factory.connection_started(self)
         grace = self.factory.login_grace_time
