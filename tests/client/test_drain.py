@@ -20,6 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
 
 from smartserve.client import RetryPolicy, SmartClient, SmartClientProtocol, SSHOptions
 
@@ -226,3 +227,53 @@ async def test_client_drained_during_calls_loses_and_repeats_nothing(takeover, s
     assert "get" in old_verbs and "get" in new_verbs
     assert (reader.stats.resends, writer.stats.resends) == (0, 0)
     assert sum(client.stats.outcome_unknown for client in clients) == 0
+
+
+@pytest.fixture
+def ssh_takeover(tmp_path):
+    """A Takeover serving bzr+ssh:// only, where ``client_key`` logs in as alice with write access."""
+    port = free_port()
+    client_key = tmp_path / "client_key"
+    subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", str(client_key)], check=True)
+    access = tmp_path / "access"
+    access.write_text("alice write /\n")
+    pair = Takeover(tmp_path, ["--ssh", f"tcp:{port}:interface=127.0.0.1", "--access", str(access)])
+    (pair.data / "keys").mkdir()
+    shutil.copy(client_key.with_suffix(".pub"), pair.data / "keys" / "alice.pub")
+    pair.start()
+    host_key = (pair.data / "ssh_host_ed25519_key.pub").read_text().split()
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+    pair.url = f"bzr+ssh://alice@127.0.0.1:{port}/"
+    pair.ssh = SSHOptions(identity_files=[str(client_key)], known_hosts=str(known_hosts), use_agent=False)
+    yield pair
+    pair.stop()
+
+
+@pytest.mark.skipif(SSH_KEYGEN is None, reason="ssh-keygen is not installed")
+@pytest_twisted.ensureDeferred
+async def test_client_append_written_to_drained_ssh_session_resent_once(ssh_takeover, monkeypatch):
+    """An append written to an SSH session the draining server closed with exit status 75 did not run there, and is resent and applied once."""
+    root = ssh_takeover.root
+    (root / "log").write_bytes(b"start\n")
+    resends = []
+    observer = lambda event: resends.append(event) if event.get("event_kind") == "resend" else None
+    globalLogPublisher.addObserver(observer)
+    client = SmartClient.from_url(ssh_takeover.url, ssh=ssh_takeover.ssh, policy=RetryPolicy(deadline=30.0))
+    try:
+        assert (await client.call(b"hello")).args == (b"ok", b"2")
+        ssh_takeover.take_over()
+        wait_for(lambda: "sending close" in ssh_takeover.old.log(), 30, "the old server to close the session")
+        # The exit status and channel close are unread; with the probe's wait for
+        # them switched off, the append goes out as if they had crossed it on the wire.
+        monkeypatch.setattr("smartserve.client._client._PROBE_TURNS", 0)
+        assert (await client.call(b"append", b"/log", b"", body=b"appended\n")).args == (b"appended", b"6")
+        assert ssh_takeover.old.wait_exit(30) == 0
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        await client.close()
+    assert (root / "log").read_bytes() == b"start\nappended\n"
+    assert (client.stats.resends, client.stats.probe_reconnects, client.stats.outcome_unknown) == (1, 0, 0)
+    assert [(event["verb"], event["point"], event["drain_signal"]) for event in resends] == [("append", "after write", True)]
+    assert ssh_takeover.verbs(ssh_takeover.old) == ["hello"]
+    assert ssh_takeover.verbs(ssh_takeover.new) == ["append"]
