@@ -253,12 +253,19 @@ class _Slot:
         self._core = core
 
     def connection(self) -> Deferred[SmartClientProtocol]:
+        core = self._core
+        if core.current is not None and not core.ready:
+            # Connected (the only state with a current connection) answers
+            # with it and changes nothing: skip the machine on the hot path.
+            return succeed(core.current)
         result = self._machine.connection()
-        self._core.flush()
+        core.flush()
         return result
 
     def request_succeeded(self) -> None:
-        self._machine.request_succeeded()
+        if self._core.failures:
+            # Otherwise a no-op in every state.
+            self._machine.request_succeeded()
 
     def request_failed(self, reason: str) -> None:
         self._machine.request_failed(reason)
