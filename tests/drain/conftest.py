@@ -166,6 +166,68 @@ class ConnectionLoop(threading.Thread):
         return [attempt for attempt in attempts if attempt.outcome != "ok"]
 
 
+class GatedRelay:
+    """A TCP relay on 127.0.0.1 to ``target_port`` that can hold a response in flight.
+
+    On the first connection, once ``hold_after`` bytes came from the server,
+    the relay stops reading from the server (so the server's writes back up
+    and its request stays busy) until ``release`` is called. Later
+    connections are relayed freely. ``holding`` is set once it holds.
+    """
+
+    def __init__(self, target_port: int, hold_after: int):
+        self.target_port = target_port
+        self.hold_after = hold_after
+        self.holding = threading.Event()
+        self._released = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: List[socket.socket] = []
+        self._first = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def release(self) -> None:
+        """Let the held response flow again."""
+        self._released.set()
+
+    def close(self) -> None:
+        """Stop relaying and close every socket."""
+        self._released.set()
+        for sock in [self._listener, *self._sockets]:
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.socket()
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            server.connect(("127.0.0.1", self.target_port))
+            self._sockets += [client, server]
+            gated, self._first = self._first, False
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, gated), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, destination: socket.socket, gated: bool) -> None:
+        relayed = 0
+        try:
+            while data := source.recv(65536):
+                destination.sendall(data)
+                relayed += len(data)
+                if gated and relayed >= self.hold_after and not self._released.is_set():
+                    self.holding.set()
+                    self._released.wait(120)
+        except OSError:
+            pass
+        for sock in (source, destination):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 @pytest.fixture
 def connection_loop():
     """Start ``ConnectionLoop``s with ``connection_loop(port)``; each is stopped at the end."""
@@ -207,7 +269,7 @@ def build_big_branch(path: Path, revisions: int, file_size: int) -> None:
 
 @pytest.fixture(scope="session")
 def big_branch(tmp_path_factory) -> Path:
-    """A local branch that takes about a second to branch over bzr:// (built once per session)."""
+    """A local branch of 6 revisions whose stream is about 12 MB (built once per session)."""
     path = tmp_path_factory.mktemp("big") / "big"
-    build_big_branch(path, revisions=12, file_size=2 * 1024 * 1024)
+    build_big_branch(path, revisions=6, file_size=2 * 1024 * 1024)
     return path

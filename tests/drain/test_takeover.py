@@ -2,44 +2,54 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
 
 from support import wait_for
 
-from .conftest import ConnectionLoop, ServerProcess, free_port
+from .conftest import ConnectionLoop, GatedRelay, ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
+_DRAINING = re.compile(r"Draining: (\d+) connections open, (\d+) busy")
+
 
 def test_takeover_long_branch_completes_and_no_connection_lost(tmp_path, brz, big_branch, connection_loop):
-    """A brz branch in flight during a takeover completes intact, the old process exits, and no new connection is refused or reset."""
+    """A brz branch whose stream is in flight during a takeover completes intact, the old process exits, and no new connection is refused or reset."""
     data = tmp_path / "data"
     shutil.copytree(big_branch, data / "branches" / "big")
     port = free_port()
     options = ["--bzr", f"tcp:{port}:interface=127.0.0.1", "--ssh", "none"]
     old = ServerProcess(data, options, name="old").start()
     new = ServerProcess(data, [*options, "--takeover", str(old.control)], name="new")
+    # brz goes through a relay that holds the stream once it has begun, so
+    # the old process is still writing it when the drain starts.
+    relay = GatedRelay(port, hold_after=1024 * 1024)
     try:
         loop = connection_loop(port)
         loop.wait_for_attempts(20)
-        branching = brz.popen("branch", "-q", f"bzr://127.0.0.1:{port}/big", tmp_path / "copy")
-        # The request just before the stream: brz is about to receive it from the old process.
-        wait_for(lambda: "Branch.get_config_file" in old.log(), 30, "brz to reach the stream")
+        branching = brz.popen("branch", "-q", f"bzr://127.0.0.1:{relay.port}/big", tmp_path / "copy")
+        wait_for(relay.holding.is_set, 60, "the stream to begin")
         new.start()
+        draining = wait_for(lambda: _DRAINING.search(old.log()), 30, "the old process to drain")
+        assert old.process.poll() is None
+        relay.release()
         assert old.wait_exit(60) == 0
         _, err = branching.communicate(timeout=60)
         served_before = len(new.access_records())
         wait_for(lambda: len(new.access_records()) >= served_before + 20, 30, "the new process to serve the loop")
         attempts = loop.stop()
     finally:
+        relay.close()
         old.stop()
         new.stop()
     assert branching.returncode == 0, err
+    assert int(draining.group(2)) >= 1, "brz's stream was not busy when the drain started"
     old_log = old.log()
-    assert old_log.index("Draining: ") < old_log.index("Repository.get_stream_1.19"), "the stream began after the drain"
-    assert "0 aborted" in old_log
+    assert old_log.index("Draining: ") < old_log.index("Repository.get_stream_1.19"), "the stream ended before the drain"
+    assert "Drained in" in old_log and "(all closed); 0 aborted" in old_log
     assert ConnectionLoop.failures(attempts) == []
     assert brz.run("revno", tmp_path / "copy").stdout == brz.run("revno", big_branch).stdout
     assert brz.run("log", "--line", tmp_path / "copy").stdout == brz.run("log", "--line", big_branch).stdout
