@@ -54,8 +54,14 @@ def machine() -> str:
         pass
     return (
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores, {cpu}; "
-        f"python {sys.version.split()[0]}, breezy {breezy.__version__}"
+        f"python {sys.version.split()[0]}, breezy {breezy.__version__}; {load()}"
     )
+
+
+def load() -> str:
+    """The machine's load averages: other work running beside the benchmark skews it."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.1f}, {five:.1f}, {fifteen:.1f}"
 
 
 def brz_env(home: Path, **extra: str) -> dict:
@@ -471,6 +477,30 @@ def pss_kib(pid: int) -> int:
         if line.startswith("Pss:"):
             return int(line.split()[1])
     raise KeyError("Pss")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and of its children it has waited for, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def alternating(servers: list, runs: int, figure: Callable) -> tuple[list, list]:
+    """Run ``figure(server)`` ``runs`` times per server, the servers taking turns.
+
+    Each server needs a ``pid``. Returns, per server, the figures and the
+    server CPU seconds each run cost: unlike wall time, CPU time barely
+    depends on what else the machine runs.
+    """
+    samples: list = [[] for _ in servers]
+    cpu: list = [[] for _ in servers]
+    for run in range(runs):
+        order = list(enumerate(servers))
+        for index, server in order if run % 2 == 0 else order[::-1]:
+            before = cpu_seconds(server.pid)
+            samples[index].append(figure(server))
+            cpu[index].append(cpu_seconds(server.pid) - before)
+    return samples, cpu
 
 
 def descendants(pid: int) -> List[int]:

@@ -62,6 +62,10 @@ class Target:
     user: str
     prefix: str  # where the served tree starts, as a client path
 
+    @property
+    def pid(self) -> int:
+        return self.server.pid
+
     def url(self, name: str) -> str:
         return f"bzr+ssh://{self.user}@127.0.0.1:{self.port}{self.prefix}/{name}"
 
@@ -264,18 +268,10 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             for server in servers:
                 server.stop()
+    print(f"at the end: {_common.load()}")
     print()
     _common.print_table(rows, reference="sshd + brz")
     _common.shutil.rmtree(work, ignore_errors=True)
-
-
-def _alternating(targets, runs, figure) -> list[list[float]]:
-    samples: list[list[float]] = [[] for _ in targets]
-    for run in range(runs):
-        order = list(enumerate(targets))
-        for index, target in order if run % 2 == 0 else order[::-1]:
-            samples[index].append(figure(target))
-    return samples
 
 
 def measure(client, targets: list[Target], args, work: Path) -> list[Row]:
@@ -290,12 +286,24 @@ def measure(client, targets: list[Target], args, work: Path) -> list[Row]:
     )
 
     env = client.env(work / "client-home")
-    connect = _alternating(targets, args.runs, connect_figure)
-    gets = _alternating(targets, args.runs, lambda target: small_get_figure(target, args.gets))
-    bulk = _alternating(targets, args.bulk_runs, bulk_figure)
+
+    def alternating(servers, runs, figure):
+        # sshd's children are counted in its CPU time once reaped: wait for that.
+        def settled(target):
+            result = figure(target)
+            _common.wait_for(lambda: not _common.descendants(target.pid), "the session's processes to end")
+            return result
+
+        return _common.alternating(servers, runs, settled)
+
+    connect, connect_cpu = alternating(targets, args.runs, connect_figure)
+    gets, gets_cpu = alternating(targets, args.runs, lambda target: small_get_figure(target, args.gets))
+    bulk, bulk_cpu = alternating(targets, args.bulk_runs, bulk_figure)
     for target in targets:
         _common.time_branch(target.url("branch"), env, work)
-    branch = _alternating(targets, args.runs, lambda target: _common.time_branch(target.url("branch"), env, work))
+    branch, branch_cpu = alternating(
+        targets, args.runs, lambda target: _common.time_branch(target.url("branch"), env, work)
+    )
     for index, target in enumerate(targets):
         print(
             f"{target.server.name}: connect (ms) {', '.join(f'{t:.0f}' for t in connect[index])}; "
@@ -304,6 +312,7 @@ def measure(client, targets: list[Target], args, work: Path) -> list[Row]:
             f"branch (s) {', '.join(f'{t:.3f}' for t in branch[index])}"
         )
     median = _common.median
+    per_get = args.gets + 2  # the timed gets, the warm-up get and the session's start
     return [
         Row("connect + hello (ms)", median(connect[0]), median(connect[1]), goal=0.2, unit_format="{:,.1f}"),
         Row(f"{args.gets} small gets, µs per call", median(gets[0]), median(gets[1]), goal=0.8, unit_format="{:,.0f}"),
@@ -322,6 +331,15 @@ def measure(client, targets: list[Target], args, work: Path) -> list[Row]:
             absolute_goal=200,
             unit_format="{:,.0f}",
         ),
+        Row("server CPU per connect + hello (ms)", median(connect_cpu[0]) * 1e3, median(connect_cpu[1]) * 1e3),
+        Row(
+            "server CPU per small get (µs)",
+            median(gets_cpu[0]) / per_get * 1e6,
+            median(gets_cpu[1]) / per_get * 1e6,
+            unit_format="{:,.0f}",
+        ),
+        Row("server CPU per 64 MiB get (ms)", median(bulk_cpu[0]) * 1e3, median(bulk_cpu[1]) * 1e3, unit_format="{:,.0f}"),
+        Row("server CPU per branch (ms)", median(branch_cpu[0]) * 1e3, median(branch_cpu[1]) * 1e3, unit_format="{:,.0f}"),
     ]
 
 

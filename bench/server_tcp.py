@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             for server in servers:
                 server.stop()
+    print(f"at the end: {_common.load()}")
     print()
     _common.print_table(rows, reference="brz serve")
     _common.shutil.rmtree(work, ignore_errors=True)
@@ -84,56 +85,48 @@ def main(argv: list[str] | None = None) -> None:
 def measure(servers, args, work: Path) -> list[Row]:
     """Run every figure on both servers; the first server is smartserve."""
     env = _common.brz_env(work / "client-home")
-    urls = {server.name: f"bzr://127.0.0.1:{server.ports['bzr']}/branch" for server in servers}
-    branch_times: dict = {server.name: [] for server in servers}
-    idle_rss, peak_rss = {}, {}
+    urls = {server.pid: f"bzr://127.0.0.1:{server.ports['bzr']}/branch" for server in servers}
+    idle_rss = []
     for server in servers:
-        idle_rss[server.name] = _common.rss_kib(server.pid)
+        idle_rss.append(_common.rss_kib(server.pid))
         _common.reset_peak_rss(server.pid)
-        _common.time_branch(urls[server.name], env, work)
-    for run in range(args.runs):
-        order = servers if run % 2 == 0 else servers[::-1]
-        for server in order:
-            branch_times[server.name].append(_common.time_branch(urls[server.name], env, work))
+        _common.time_branch(urls[server.pid], env, work)
+    branch, branch_cpu = _common.alternating(
+        servers, args.runs, lambda server: _common.time_branch(urls[server.pid], env, work)
+    )
+    peak_rss = []
     for server in servers:
         server.check_alive()
-        peak_rss[server.name] = _common.peak_rss_kib(server.pid)
-
-    get_times: dict = {server.name: [] for server in servers}
-    for run in range(args.runs):
-        order = servers if run % 2 == 0 else servers[::-1]
-        for server in order:
-            get_times[server.name].append(small_get_figure(server.ports["bzr"], args.gets))
-
-    ours, reference = (server.name for server in servers)
-    for server in servers:
-        name = server.name
+        peak_rss.append(_common.peak_rss_kib(server.pid))
+    gets, gets_cpu = _common.alternating(
+        servers, args.runs, lambda server: small_get_figure(server.ports["bzr"], args.gets)
+    )
+    for index, server in enumerate(servers):
         print(
-            f"{name}: branch runs (s) {', '.join(f'{t:.3f}' for t in branch_times[name])}; "
-            f"get runs (µs) {', '.join(f'{t:.0f}' for t in get_times[name])}; "
-            f"RSS idle {idle_rss[name] / 1024:.1f} MiB"
+            f"{server.name}: branch runs (s) {', '.join(f'{t:.3f}' for t in branch[index])}; "
+            f"get runs (µs) {', '.join(f'{t:.0f}' for t in gets[index])}; "
+            f"RSS idle {idle_rss[index] / 1024:.1f} MiB"
         )
+    median = _common.median
+    per_get = args.gets + 1
     return [
         Row(
             f"brz branch, {args.revisions} revisions (s)",
-            _common.median(branch_times[ours]),
-            _common.median(branch_times[reference]),
+            median(branch[0]),
+            median(branch[1]),
             goal=1.0,
             unit_format="{:.3f}",
         ),
+        Row(f"{args.gets} small gets, µs per call", median(gets[0]), median(gets[1]), goal=1.0, unit_format="{:,.0f}"),
+        Row("peak server RSS serving branch (MiB)", peak_rss[0] / 1024, peak_rss[1] / 1024),
+        Row("server RSS before (MiB)", idle_rss[0] / 1024, idle_rss[1] / 1024),
+        Row("server CPU per branch (ms)", median(branch_cpu[0]) * 1e3, median(branch_cpu[1]) * 1e3, unit_format="{:,.0f}"),
         Row(
-            f"{args.gets} small gets, µs per call",
-            _common.median(get_times[ours]),
-            _common.median(get_times[reference]),
-            goal=1.0,
+            "server CPU per small get (µs)",
+            median(gets_cpu[0]) / per_get * 1e6,
+            median(gets_cpu[1]) / per_get * 1e6,
             unit_format="{:,.0f}",
         ),
-        Row(
-            "peak server RSS serving branch (MiB)",
-            peak_rss[ours] / 1024,
-            peak_rss[reference] / 1024,
-        ),
-        Row("server RSS before (MiB)", idle_rss[ours] / 1024, idle_rss[reference] / 1024),
     ]
 
 
