@@ -39,6 +39,9 @@ defaults
     timeout connect 2s
     timeout client 30s
     timeout server 30s
+    # A check answered later than this marks the backend down; without it
+    # the limit is `inter` (100 ms), too tight on a busy test machine.
+    timeout check 2s
 
 frontend bzr
     bind 127.0.0.1:{front}
