@@ -245,7 +245,7 @@ def connection_loop():
 
 
 def build_big_branch(path: Path, revisions: int, file_size: int) -> None:
-    """Create a 2a branch at ``path`` with ``revisions`` commits that each rewrite a file of ``file_size`` random bytes."""
+    """Create a 2a branch at ``path`` with ``revisions`` commits, each rewriting four files of ``file_size`` random bytes in all."""
     script = textwrap.dedent(
         f"""
         import os
@@ -257,8 +257,8 @@ def build_big_branch(path: Path, revisions: int, file_size: int) -> None:
         with tree.lock_write():
             for number in range({revisions}):
                 for index in range(4):
-                    with open(os.path.join({str(path)!r}, f"file{{index}}"), "wb") as f:
-                        f.write(os.urandom({file_size} // 4))
+                    with open(os.path.join({str(path)!r}, f"file{{index}}"), "wb") as out:
+                        out.write(os.urandom({file_size} // 4))
                 if number == 0:
                     tree.smart_add([{str(path)!r}])
                 tree.commit(f"revision {{number}}", committer="Test <test@example.com>")
