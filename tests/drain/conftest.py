@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -226,6 +227,31 @@ class GatedRelay:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+SSH = shutil.which("ssh")
+SSH_KEYGEN = shutil.which("ssh-keygen")
+
+needs_openssh = pytest.mark.skipif(
+    SSH is None or SSH_KEYGEN is None, reason="the OpenSSH client is not installed"
+)
+
+
+def make_ssh_key(path: Path, comment: str = "test") -> Path:
+    """Create an unencrypted ed25519 key pair at ``path`` and ``path.pub``."""
+    subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)], check=True)
+    return path
+
+
+def ssh_serve_argv(key: Path, known_hosts: Path, port: int, user: str = "alice") -> List[str]:
+    """The real ``ssh`` running ``bzr serve --inet`` on 127.0.0.1:``port``, as bzr+ssh:// does."""
+    return [
+        SSH, "-F", "/dev/null", "-i", str(key),
+        "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={known_hosts}",
+        "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+        "-p", str(port), f"{user}@127.0.0.1",
+        "bzr", "serve", "--inet", "--directory=/", "--allow-writes",
+    ]  # fmt: skip
 
 
 @pytest.fixture

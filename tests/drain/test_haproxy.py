@@ -7,6 +7,7 @@ protocol v2 to backends listening on ``haproxy:`` endpoints.
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import socket
 import subprocess
@@ -19,13 +20,24 @@ import pytest
 
 from support import wait_for
 
-from .conftest import ConnectionLoop, ServerProcess, free_port, start_smartserve_command
+from smartserve.testing import RawClient
+
+from .conftest import (
+    Attempt,
+    ConnectionLoop,
+    ServerProcess,
+    free_port,
+    make_ssh_key,
+    needs_openssh,
+    ssh_serve_argv,
+    start_smartserve_command,
+)
 
 HAPROXY = shutil.which("haproxy") or (shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin"))
 
 pytestmark = [
     pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install haproxy)"),
-    pytest.mark.timeout(90),
+    pytest.mark.timeout(120),
 ]
 
 GRACE = 1.5
@@ -51,8 +63,8 @@ backend smartserve
     balance roundrobin
     option httpchk GET /health
     default-server inter 100ms fall 1 rise 1 send-proxy-v2
-    server a 127.0.0.1:{a_bzr} check port {a_admin}
-    server b 127.0.0.1:{b_bzr} check port {b_admin}
+    server a 127.0.0.1:{a_port} check port {a_admin}
+    server b 127.0.0.1:{b_port} check port {b_admin}
 """
 
 
@@ -97,36 +109,48 @@ def health(port: int) -> int:
         return error.code
 
 
-def backend(tmp_path: Path, name: str) -> ServerProcess:
+def backend(tmp_path: Path, name: str, *listen) -> ServerProcess:
+    """A backend listening as ``listen`` says, with /health, a drain grace and a short deadline."""
     options = [
-        "--bzr", "haproxy:tcp:0:interface=127.0.0.1", "--admin", "tcp:0:interface=127.0.0.1",
-        "--ssh", "none", "--drain-grace", str(GRACE), "--drain-timeout", "30",
+        *listen, "--admin", "tcp:0:interface=127.0.0.1",
+        "--drain-grace", str(GRACE), "--drain-timeout", "30",
     ]  # fmt: skip
     return ServerProcess(tmp_path / f"data-{name}", options, name=name).start()
 
 
+def ports_in(server: ServerProcess) -> set:
+    """The client ports in ``server``'s access log."""
+    return {int(record["peer"].rsplit(":", 1)[1]) for record in server.access_records()}
+
+
+def drain_behind_proxy(proxy: HAProxy, a: ServerProcess, loop: ConnectionLoop, settle: int) -> tuple:
+    """Drain backend a while ``loop`` runs; returns (health flipped, haproxy saw a down) times."""
+    loop.wait_for_attempts(settle)
+    draining = start_smartserve_command("drain", "--control", a.control)
+    wait_for(lambda: health(a.listening["admin"]) == 503, 20, "a's health to flip")
+    flipped = time.monotonic()
+    wait_for(lambda: proxy.server_states().get("a") == "DOWN", 10, "haproxy to mark a down")
+    down = time.monotonic()
+    out, err = draining.communicate(timeout=60)
+    assert draining.returncode == 0, out + err
+    assert a.wait_exit(30) == 0
+    loop.wait_for_attempts(len(loop.attempts) + settle)
+    return flipped, down
+
+
 def test_haproxy_drain_one_backend_loses_no_connection(tmp_path, connection_loop):
-    """Draining backend a behind haproxy: no connection fails, none lands on a after haproxy saw it down, logs show real client ports."""
-    a, b = backend(tmp_path, "a"), backend(tmp_path, "b")
+    """Draining backend a behind haproxy: no bzr:// connection fails, none reaches a after haproxy saw it down, logs show real client ports."""
+    listen = ["--bzr", "haproxy:tcp:0:interface=127.0.0.1", "--ssh", "none"]
+    a, b = backend(tmp_path, "a", *listen), backend(tmp_path, "b", *listen)
     proxy = HAProxy(
         tmp_path,
-        a_bzr=a.listening["bzr"], a_admin=a.listening["admin"],
-        b_bzr=b.listening["bzr"], b_admin=b.listening["admin"],
+        a_port=a.listening["bzr"], a_admin=a.listening["admin"],
+        b_port=b.listening["bzr"], b_admin=b.listening["admin"],
     )  # fmt: skip
     try:
         wait_for(lambda: proxy.server_states() == {"a": "UP", "b": "UP", "BACKEND": "UP"}, 20, "both backends UP")
         loop = connection_loop(proxy.front)
-        loop.wait_for_attempts(50)
-        draining = start_smartserve_command("drain", "--control", a.control)
-        wait_for(lambda: health(a.listening["admin"]) == 503, 20, "a's health to flip")
-        flipped = time.monotonic()
-        wait_for(lambda: proxy.server_states().get("a") == "DOWN", 10, "haproxy to mark a down")
-        down = time.monotonic()
-        out, err = draining.communicate(timeout=60)
-        assert draining.returncode == 0, out + err
-        assert a.wait_exit(30) == 0
-        count = len(loop.attempts)
-        loop.wait_for_attempts(count + 50)
+        flipped, down = drain_behind_proxy(proxy, a, loop, settle=50)
         attempts = loop.stop()
     finally:
         proxy_output = proxy.stop()
@@ -134,11 +158,85 @@ def test_haproxy_drain_one_backend_loses_no_connection(tmp_path, connection_loop
         b.stop()
     assert ConnectionLoop.failures(attempts) == [], proxy_output
     assert down - flipped < GRACE, "haproxy noticed the flip only after the listeners closed"
-    on_a = {int(record["peer"].rsplit(":", 1)[1]) for record in a.access_records()}
-    on_b = {int(record["peer"].rsplit(":", 1)[1]) for record in b.access_records()}
-    client_ports = {attempt.source_port for attempt in attempts}
+    on_a, on_b = ports_in(a), ports_in(b)
     assert on_a and on_b
-    assert on_a | on_b == client_ports, "the backends' logs do not show the clients' own addresses"
+    assert on_a | on_b == {attempt.source_port for attempt in attempts}, "the logs do not show the clients' own ports"
     assert all(record["peer"].startswith("127.0.0.1:") for record in a.access_records())
     late = {attempt.source_port for attempt in attempts if attempt.started > down}
     assert late and not late & on_a, "a connection reached a after haproxy marked it down"
+
+
+class SSHConnectionLoop(ConnectionLoop):
+    """Runs real ``ssh`` smart sessions through ``port``: one ``hello`` each, then a clean end."""
+
+    def __init__(self, port: int, key: Path, known_hosts: Path):
+        super().__init__(port, limit=200, pace=0)
+        self.argv = ssh_serve_argv(key, known_hosts, port)
+
+    def _one(self) -> Attempt:
+        started = time.monotonic()
+        session = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        source_port = 0
+        try:
+            client = RawClient.over_pipes(session.stdin, session.stdout)
+            reply = client.call(b"hello")
+            source_port = _source_port(session.pid, self.port)
+            session.stdin.close()
+            code = session.wait(timeout=20)
+            outcome = "ok" if reply.args == (b"ok", b"2") and code == 0 else f"error: exit {code}"
+        except (ConnectionError, OSError) as exc:
+            session.kill()
+            outcome = f"error: {exc!r}, exit {session.wait()}, {session.stderr.read()!r}"
+        return Attempt(started, source_port, outcome)
+
+
+def _source_port(pid: int, remote_port: int) -> int:
+    """The local port of process ``pid``'s TCP connection to ``remote_port``, from /proc."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[9] in inodes and fields[2].endswith(f":{remote_port:04X}"):
+            return int(fields[1].rsplit(":", 1)[1], 16)
+    return 0
+
+
+@needs_openssh
+def test_haproxy_drain_one_ssh_backend_loses_no_session(tmp_path):
+    """Draining backend a behind haproxy while real bzr+ssh sessions arrive: none fails, none reaches a after haproxy saw it down."""
+    key = make_ssh_key(tmp_path / "id_ed25519", "alice")
+    host_key = make_ssh_key(tmp_path / "host_key", "host")
+    for name in ("a", "b"):
+        (tmp_path / f"data-{name}" / "keys").mkdir(parents=True)
+        shutil.copy(key.with_suffix(".pub"), tmp_path / f"data-{name}" / "keys" / "alice.pub")
+    listen = ["--ssh", "haproxy:tcp:0:interface=127.0.0.1", "--host-key", str(host_key)]
+    a, b = backend(tmp_path, "a", *listen), backend(tmp_path, "b", *listen)
+    proxy = HAProxy(
+        tmp_path,
+        a_port=a.listening["ssh"], a_admin=a.listening["admin"],
+        b_port=b.listening["ssh"], b_admin=b.listening["admin"],
+    )  # fmt: skip
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{proxy.front} {host_key.with_suffix('.pub').read_text()}")
+    loop = SSHConnectionLoop(proxy.front, key, known_hosts)
+    try:
+        wait_for(lambda: proxy.server_states() == {"a": "UP", "b": "UP", "BACKEND": "UP"}, 20, "both backends UP")
+        loop.start()
+        flipped, down = drain_behind_proxy(proxy, a, loop, settle=5)
+    finally:
+        attempts = loop.stop()
+        proxy_output = proxy.stop()
+        a.stop()
+        b.stop()
+    assert ConnectionLoop.failures(attempts) == [], proxy_output
+    on_a, on_b = ports_in(a), ports_in(b)
+    assert on_a and on_b
+    assert on_a | on_b == {attempt.source_port for attempt in attempts}, "the logs do not show the clients' own ports"
+    late = {attempt.source_port for attempt in attempts if attempt.started > down}
+    assert late and not late & on_a, "a session reached a after haproxy marked it down"

@@ -12,15 +12,9 @@ from smartserve.testing import RawClient
 
 from support import wait_for
 
-from .conftest import ServerProcess, server_status
+from .conftest import ServerProcess, make_ssh_key, needs_openssh, server_status, ssh_serve_argv
 
-SSH = shutil.which("ssh")
-SSH_KEYGEN = shutil.which("ssh-keygen")
-
-pytestmark = [
-    pytest.mark.skipif(SSH is None or SSH_KEYGEN is None, reason="the OpenSSH client is not installed"),
-    pytest.mark.timeout(60),
-]
+pytestmark = [needs_openssh, pytest.mark.timeout(60)]
 
 EX_TEMPFAIL = 75
 SIZE = 8 * 1024 * 1024
@@ -29,8 +23,7 @@ SIZE = 8 * 1024 * 1024
 @pytest.fixture
 def ssh_server(tmp_path):
     """A server on SSH only, on a free port, where the key ``tmp_path/id_ed25519`` logs in as alice."""
-    key = tmp_path / "id_ed25519"
-    subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", "alice", "-f", str(key)], check=True)
+    key = make_ssh_key(tmp_path / "id_ed25519", "alice")
     data = tmp_path / "data"
     (data / "keys").mkdir(parents=True)
     shutil.copy(key.with_suffix(".pub"), data / "keys" / "alice.pub")
@@ -45,14 +38,7 @@ def ssh_server(tmp_path):
 
 def start_smart_session(server: ServerProcess) -> subprocess.Popen:
     """Run ``bzr serve --inet`` through the real ssh, with its stdin and stdout as pipes."""
-    base = server.data.parent
-    argv = [
-        SSH, "-F", "/dev/null", "-i", str(server.ssh_key),
-        "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={base / 'known_hosts'}",
-        "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
-        "-p", str(server.listening["ssh"]), "alice@127.0.0.1",
-        "bzr", "serve", "--inet", "--directory=/", "--allow-writes",
-    ]  # fmt: skip
+    argv = ssh_serve_argv(server.ssh_key, server.data.parent / "known_hosts", server.listening["ssh"])
     return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
