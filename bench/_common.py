@@ -244,12 +244,6 @@ class Server:
                 self.process.wait()
 
 
-def _has_option(name: str) -> bool:
-    from smartserve.service import Options
-
-    return any(spec[0] == name for spec in Options.optParameters)
-
-
 def start_smartserve(data: Path, *, ssh_keys: Optional[Path] = None, extra: Iterable[str] = ()) -> Server:
     """``twistd smartserve`` serving ``data``/branches over bzr:// (and SSH if keys given).
 
@@ -270,7 +264,7 @@ def start_smartserve(data: Path, *, ssh_keys: Optional[Path] = None, extra: Iter
     ]
     if ssh_keys is not None:
         argv += ["--ssh=tcp:0:interface=127.0.0.1", f"--keys={ssh_keys}"]
-    elif _has_option("ssh"):
+    else:
         argv += ["--ssh=none"]
     argv += list(extra)
     data.mkdir(parents=True, exist_ok=True)
