@@ -138,6 +138,17 @@ def drain_behind_proxy(proxy: HAProxy, a: ServerProcess, loop: ConnectionLoop, s
     return flipped, down
 
 
+def check_no_loss(attempts: list, a: ServerProcess, b: ServerProcess, down: float, proxy_output: str) -> None:
+    """Every attempt succeeded, each is in one backend's log under the client's own port, none reached a after ``down``."""
+    assert ConnectionLoop.failures(attempts) == [], proxy_output
+    on_a, on_b = ports_in(a), ports_in(b)
+    assert on_a and on_b
+    assert on_a | on_b == {attempt.source_port for attempt in attempts}, "the logs do not show the clients' own ports"
+    assert all(record["peer"].startswith("127.0.0.1:") for record in a.access_records() + b.access_records())
+    late = {attempt.source_port for attempt in attempts if attempt.started > down}
+    assert late and not late & on_a, "a connection reached a after haproxy marked it down"
+
+
 def test_haproxy_drain_one_backend_loses_no_connection(tmp_path, connection_loop):
     """Draining backend a behind haproxy: no bzr:// connection fails, none reaches a after haproxy saw it down, logs show real client ports."""
     listen = ["--bzr", "haproxy:tcp:0:interface=127.0.0.1", "--ssh", "none"]
@@ -156,14 +167,8 @@ def test_haproxy_drain_one_backend_loses_no_connection(tmp_path, connection_loop
         proxy_output = proxy.stop()
         a.stop()
         b.stop()
-    assert ConnectionLoop.failures(attempts) == [], proxy_output
     assert down - flipped < GRACE, "haproxy noticed the flip only after the listeners closed"
-    on_a, on_b = ports_in(a), ports_in(b)
-    assert on_a and on_b
-    assert on_a | on_b == {attempt.source_port for attempt in attempts}, "the logs do not show the clients' own ports"
-    assert all(record["peer"].startswith("127.0.0.1:") for record in a.access_records())
-    late = {attempt.source_port for attempt in attempts if attempt.started > down}
-    assert late and not late & on_a, "a connection reached a after haproxy marked it down"
+    check_no_loss(attempts, a, b, down, proxy_output)
 
 
 class SSHConnectionLoop(ConnectionLoop):
@@ -234,9 +239,4 @@ def test_haproxy_drain_one_ssh_backend_loses_no_session(tmp_path):
         proxy_output = proxy.stop()
         a.stop()
         b.stop()
-    assert ConnectionLoop.failures(attempts) == [], proxy_output
-    on_a, on_b = ports_in(a), ports_in(b)
-    assert on_a and on_b
-    assert on_a | on_b == {attempt.source_port for attempt in attempts}, "the logs do not show the clients' own ports"
-    late = {attempt.source_port for attempt in attempts if attempt.started > down}
-    assert late and not late & on_a, "a session reached a after haproxy marked it down"
+    check_no_loss(attempts, a, b, down, proxy_output)
