@@ -100,9 +100,13 @@ class Pool:
                 entry.protocol.abort(reason)
 
     def _take(self) -> PoolEntry:
-        live = [entry for entry in self._free if entry.has_live_connection]
-        entry = live[-1] if live else self._free[-1]
-        self._free.remove(entry)
+        free = self._free
+        for index in range(len(free) - 1, -1, -1):
+            if free[index].has_live_connection:
+                entry = free.pop(index)
+                break
+        else:
+            entry = free.pop()
         self._cancel_keepalive(entry)
         return entry
 

@@ -246,13 +246,15 @@ class SmartClientProtocol(Protocol):
             self._fail_pending(Failure(ConnectionError("connection already closed")))
             return result
         try:
-            self._write(Request((outgoing.verb,) + outgoing.args, outgoing.headers))
             if outgoing.body_stream is not None:
+                self._write(Request((outgoing.verb,) + outgoing.args, outgoing.headers))
                 Deferred.fromCoroutine(self._write_stream(outgoing)).addErrback(self._stream_failed)
             else:
+                codec = self._codec
+                head = codec.send(Request((outgoing.verb,) + outgoing.args, outgoing.headers))
                 if outgoing.body is not None:
-                    self._write(BodyChunk(outgoing.body))
-                self._write(EndOfMessage())
+                    head += codec.send(BodyChunk(outgoing.body))
+                self.transport.write(head + codec.send(EndOfMessage()))
         except ProtocolError as exc:
             self.abort(f"cannot encode request: {exc}", exc)
         return result
