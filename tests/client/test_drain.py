@@ -127,7 +127,9 @@ async def test_client_drained_between_calls_reconnects_without_resend(takeover, 
     ]  # fmt: skip
 
 
-async def small_calls(client: SmartClient, worker: int, stop: list, done_after_drain: Deferred, drained: list, failures: list) -> None:
+async def small_calls(
+    client: SmartClient, worker: int, stop: list, done_after_drain: Deferred, drained: list, failures: list
+) -> None:
     """Read, idem and semi calls in a loop until ``stop``; fires ``done_after_drain`` after two rounds past the drain."""
     rounds_after_drain = 0
     while not stop:
@@ -274,6 +276,8 @@ async def test_client_append_written_to_drained_ssh_session_resent_once(ssh_take
         await client.close()
     assert (root / "log").read_bytes() == b"start\nappended\n"
     assert (client.stats.resends, client.stats.probe_reconnects, client.stats.outcome_unknown) == (1, 0, 0)
-    assert [(event["verb"], event["point"], event["drain_signal"]) for event in resends] == [("append", "after write", True)]
+    assert [(event["verb"], event["point"], event["drain_signal"]) for event in resends] == [
+        ("append", "after write", True)
+    ]
     assert ssh_takeover.verbs(ssh_takeover.old) == ["hello"]
     assert ssh_takeover.verbs(ssh_takeover.new) == ["append"]
