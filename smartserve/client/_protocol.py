@@ -113,12 +113,20 @@ class Outgoing:
         return stream() if callable(stream) else stream
 
 
+def _ssh_socket_transport(transport):
+    """The TCP transport under an SSH channel, or None."""
+    return getattr(getattr(getattr(transport, "conn", None), "transport", None), "transport", None)
+
+
 def _socket_of(transport) -> Optional[socket.socket]:
-    """The socket under a TCP transport or an SSH channel, if there is one."""
-    for candidate in (transport, getattr(getattr(getattr(transport, "conn", None), "transport", None), "transport", None)):
+    """The socket under a TCP transport or an SSH channel, if there is one still open."""
+    for candidate in (transport, _ssh_socket_transport(transport)):
         get_handle = getattr(candidate, "getHandle", None)
         if get_handle is not None:
-            handle = get_handle()
+            try:
+                handle = get_handle()
+            except (AttributeError, OSError):
+                continue  # a transport whose socket is already closed
             if isinstance(handle, socket.socket):
                 return handle
     return None
@@ -194,6 +202,9 @@ class SmartClientProtocol(Protocol):
             return "server sent EOF"
         if getattr(self.transport, "remoteClosed", False):
             return "server closed the channel"
+        carrier = _ssh_socket_transport(self.transport)
+        if carrier is not None and (getattr(carrier, "disconnected", False) or not getattr(carrier, "connected", True)):
+            return "the SSH connection under the channel is gone"
         if not self._reusable or self._codec.our_state is not State.IDLE:
             return "connection not reusable"
         if self._codec.their_state is not State.IDLE or self._codec.trailing_data:

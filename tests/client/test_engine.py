@@ -544,6 +544,22 @@ def test_protocol_sees_unread_bytes_under_an_ssh_channel(clock):
         assert protocol.closed_reason() == "server closed the channel"
 
 
+def test_protocol_channel_over_a_dead_ssh_connection_is_closed(clock):
+    """A channel whose SSH connection died (a killed server) is reported closed, and probing it does not raise."""
+    from types import SimpleNamespace
+
+    def socket_already_closed():
+        raise AttributeError("'Client' object has no attribute 'socket'")
+
+    tcp = SimpleNamespace(getHandle=socket_already_closed, connected=0, disconnected=1)
+    channel = StringTransport()
+    channel.conn = SimpleNamespace(transport=SimpleNamespace(transport=tcp))
+    protocol = SmartClientProtocol(clock)
+    protocol.makeConnection(channel)
+    assert not protocol.has_unread_input()
+    assert protocol.closed_reason() == "the SSH connection under the channel is gone"
+
+
 def test_engine_backs_off_from_a_server_that_hangs_up_at_once(server, clock):
     """Connections closed before carrying any request count as failures with backoff, not free reconnects."""
     original = server.connect
