@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from twisted.web.pages import notFound
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -55,9 +56,16 @@ class _QuietSite(Site):
         pass
 
 
+class _AdminRoot(Resource):
+    """The admin site's root: its children, and a plain 404 for anything else."""
+
+    def getChild(self, path, request):
+        return notFound()
+
+
 def admin_site(controller: DrainController, metrics: Optional[ServerMetrics] = None) -> Site:
     """The admin web site for ``controller``, with ``/metrics`` when ``metrics`` is given."""
-    root = Resource()
+    root = _AdminRoot()
     root.putChild(b"health", HealthResource(controller))
     if metrics is not None:
         root.putChild(b"metrics", MetricsResource(metrics))
