@@ -40,17 +40,25 @@ class RequestRecord:
     def emit(self, finished: float) -> None:
         """Log the finished request."""
         self.finished = finished
+        user = self.user or "-"
+        verb = self.verb.decode("utf-8", "replace")
+        duration_ms = (finished - self.started) * 1000.0
+        # The line is rendered here, once, and passed as a format with no
+        # fields: text observers then skip parsing a format for every request.
+        line = (
+            f"{self.peer} {user} {verb} {self.verb_class} {self.outcome} {duration_ms:.2f}ms "
+            f"in={self.bytes_in} out={self.bytes_out} conn={self.connection_id}"
+        )
         access_log.info(
-            "{peer} {user} {verb} {verb_class} {outcome} {duration_ms:.2f}ms "
-            "in={bytes_in} out={bytes_out} conn={connection_id}",
+            line.replace("{", "{{").replace("}", "}}"),
             log_access=True,
             connection_id=self.connection_id,
             peer=self.peer,
-            user=self.user or "-",
-            verb=self.verb.decode("utf-8", "replace"),
+            user=user,
+            verb=verb,
             verb_class=self.verb_class,
             outcome=self.outcome,
-            duration_ms=(finished - self.started) * 1000.0,
+            duration_ms=duration_ms,
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
         )
