@@ -23,9 +23,46 @@ from twisted.logger import Logger
 
 from .interfaces import IDrainable
 
-__all__ = ["DrainState", "DrainController", "TRANSITIONS"]
+__all__ = ["DrainState", "DrainController", "OpenConnections", "TRANSITIONS"]
 
 log = Logger()
+
+
+class OpenConnections:
+    """The connections a factory has open, and the Deferreds waiting for none to be left."""
+
+    def __init__(self):
+        self._open: set = set()
+        self._waiting: List[defer.Deferred] = []
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def __iter__(self):
+        return iter(list(self._open))
+
+    def __contains__(self, connection) -> bool:
+        return connection in self._open
+
+    def add(self, connection) -> None:
+        """Count ``connection`` as open."""
+        self._open.add(connection)
+
+    def discard(self, connection) -> None:
+        """Count ``connection`` as gone; fire the waiters if it was the last."""
+        self._open.discard(connection)
+        if not self._open and self._waiting:
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.callback(None)
+
+    def wait_empty(self) -> defer.Deferred:
+        """A Deferred that fires once no connection is open."""
+        if not self._open:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiting.append(d)
+        return d
 
 
 class DrainState(enum.Enum):

@@ -60,6 +60,7 @@ from ..protocol import (
 from .accesslog import RequestRecord
 from .caller import Caller
 from .dispatcher import Dispatcher, Refusal
+from .drain import OpenConnections
 from .interfaces import IDrainable
 from .jail import Writable
 from .reply import Reply, StreamFailure
@@ -514,11 +515,10 @@ class SmartServerFactory(Factory):
         self.idle_timeout = idle_timeout
         self.limits = limits or DEFAULT_LIMITS
         self.tcp_writable = tcp_writable
-        self.connections: set = set()
+        self.connections = OpenConnections()
         self.requests_by_class: collections.Counter = collections.Counter()
         self._ids = itertools.count(1)
         self._draining = False
-        self._all_closed: List[defer.Deferred] = []
 
     def buildProtocol(self, addr) -> SmartServerProtocol:
         return self.build_protocol(Caller(None, "", self.tcp_writable))
@@ -537,10 +537,6 @@ class SmartServerFactory(Factory):
     def connection_lost(self, protocol: SmartServerProtocol) -> None:
         """Called by a protocol once its connection is gone."""
         self.connections.discard(protocol)
-        if not self.connections and self._all_closed:
-            waiting, self._all_closed = self._all_closed, []
-            for d in waiting:
-                d.callback(None)
 
     def request_finished(self, protocol: SmartServerProtocol, record: RequestRecord) -> None:
         """Called after each request's last response byte was written."""
@@ -571,14 +567,10 @@ class SmartServerFactory(Factory):
     def drain(self) -> defer.Deferred:
         """Drain every connection; fires once none is left."""
         self._draining = True
-        for protocol in list(self.connections):
+        for protocol in self.connections:
             protocol.drain()
         return self.wait_closed()
 
     def wait_closed(self) -> defer.Deferred:
         """A Deferred that fires once no connection is left."""
-        if not self.connections:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._all_closed.append(d)
-        return d
+        return self.connections.wait_empty()

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..server.interfaces import IDrainable
+from ..server.drain import OpenConnections
 from ._access import AccessPolicy
 from ._avatar import SmartRealm
 from ._checker import PublicKeyChecker
@@ -76,10 +77,9 @@ class SSHServerFactory(factory.SSHFactory):
         self.idle_timeout = idle_timeout
         self.clock = clock
         self.draining = False
-        self.connections: set[ServerTransport] = set()
+        self.connections = OpenConnections()
         self._unauthenticated: set[ServerTransport] = set()
         self._sessions: Counter[str] = Counter()
-        self._all_closed: list[defer.Deferred] = []
 
     def buildProtocol(self, addr):
         if self.draining or len(self._unauthenticated) >= self.max_unauthenticated:
@@ -112,12 +112,8 @@ class SSHServerFactory(factory.SSHFactory):
 
     def connection_ended(self, transport: ServerTransport) -> None:
         """A connection is gone."""
-        self.connections.discard(transport)
         self._unauthenticated.discard(transport)
-        if not self.connections and self._all_closed:
-            waiting, self._all_closed = self._all_closed, []
-            for d in waiting:
-                d.callback(None)
+        self.connections.discard(transport)
 
     def session_opening(self, username: str) -> bool:
         """Count a session for ``username``; False (not counted) if over the limit."""
@@ -139,16 +135,6 @@ class SSHServerFactory(factory.SSHFactory):
 
     # Drain (IDrainable).
 
-    @property
-    def open_connections(self) -> int:
-        """SSH connections open now, logged in or not."""
-        return len(self.connections)
-
-    @property
-    def busy_connections(self) -> int:
-        """SSH connections with at least one channel open."""
-        return sum(1 for transport in self.connections if transport.open_channels())
-
     def drain(self) -> defer.Deferred:
         """Stop taking connections and close each as soon as it has no channel.
 
@@ -156,17 +142,13 @@ class SSHServerFactory(factory.SSHFactory):
         the smart factory too: that is what ends the busy sessions.
         """
         self.draining = True
-        for transport in list(self.connections):
+        for transport in self.connections:
             transport.drain()
         return self.wait_closed()
 
     def wait_closed(self) -> defer.Deferred:
         """A Deferred that fires once no SSH connection is left."""
-        if not self.connections:
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._all_closed.append(d)
-        return d
+        return self.connections.wait_empty()
 
     @property
     def open_connections(self) -> int:
