@@ -4,25 +4,7 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
-from smartserve.protocol import NEED_DATA, Connection, EndOfMessage, Request, Response, Role
-from smartserve.testing import MemoryBackend, encode_request, serve_in_memory
-
-
-def _answers(data: bytes) -> list:
-    """The response arguments in the bytes a server wrote, in order."""
-    codec = Connection(Role.CLIENT)
-    found = []
-    codec.send(Request((b"any",)))
-    codec.send(EndOfMessage())
-    codec.receive_data(data)
-    while (event := codec.next_event()) is not NEED_DATA:
-        if isinstance(event, Response):
-            found.append(event.args)
-        elif isinstance(event, EndOfMessage):
-            codec.start_next_cycle()
-            codec.send(Request((b"any",)))
-            codec.send(EndOfMessage())
-    return found
+from smartserve.testing import MemoryBackend, encode_request, response_args, serve_in_memory
 
 
 def _lingering(linger: float):
@@ -40,7 +22,7 @@ def test_protocol_linger_serves_request_that_follows_drain():
     clock.advance(1.5)
     assert not transport.disconnecting
     protocol.dataReceived(encode_request([b"get", b"f"]))
-    assert _answers(transport.value()) == [(b"ok", b"2"), (b"ok",)]
+    assert response_args(transport.value()) == [(b"ok", b"2"), (b"ok",)]
     assert not transport.disconnecting
 
 
@@ -65,7 +47,7 @@ def test_protocol_linger_ends_for_busy_client():
         clock.advance(0.6)
         protocol.dataReceived(encode_request([b"hello"]))
     assert transport.disconnecting
-    assert len(_answers(transport.value())) == 3
+    assert len(response_args(transport.value())) == 3
 
 
 def test_protocol_linger_closes_long_idle_connection_at_once():
