@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,9 +19,34 @@ VENV_BIN = Path(sys.executable).parent
 BRZ = str(VENV_BIN / "brz")
 TWISTD = str(VENV_BIN / "twistd")
 
-_LISTENING = re.compile(r"SmartServerFactory starting on (\d+)")
-_ADMIN_LISTENING = re.compile(r"admin listening on .*port=(\d+)")
-_ACCESS = re.compile(r"\[smartserve\.access#info\] (\S+) (\S+) (\S+) (\S+) (\S+) ")
+_LISTENER = re.compile(r"\[smartserve\.listeners#info\] (\w+) listening on IPv4Address\(.*?port=(\d+)\)")
+# The control socket is the last thing a server starts listening on.
+_CONTROL_READY = "[smartserve.listeners#info] control listening on"
+_ACCESS = re.compile(
+    r"\[smartserve\.access#info\] (?P<peer>\S+) (?P<user>\S+) (?P<verb>\S+) (?P<verb_class>\S+) "
+    r"(?P<outcome>\S+) \S+ in=\d+ out=\d+ conn=(?P<conn>\d+)"
+)
+
+
+def brz_env(home: Path) -> dict:
+    """The environment for running `brz` with a private home folder (created if missing)."""
+    home.mkdir(parents=True, exist_ok=True)
+    return dict(
+        os.environ,
+        HOME=str(home),
+        BRZ_HOME=str(home),
+        BRZ_EMAIL="Test User <test@example.com>",
+        BRZ_LOG=str(home / "brz.log"),
+        BRZ_DISABLE_PLUGINS="launchpad",
+        PYTHONUNBUFFERED="1",
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.02):
@@ -40,15 +66,7 @@ class Brz:
 
     def __init__(self, home: Path):
         self.home = home
-        home.mkdir(parents=True, exist_ok=True)
-        self.env = dict(
-            os.environ,
-            HOME=str(home),
-            BRZ_HOME=str(home),
-            BRZ_EMAIL="Test User <test@example.com>",
-            BRZ_LOG=str(home / "brz.log"),
-            BRZ_DISABLE_PLUGINS="launchpad",
-        )
+        self.env = brz_env(home)
 
     def run(self, *args, cwd=None, check=True, timeout=120) -> subprocess.CompletedProcess:
         """Run ``brz args`` and return the finished process; raise on failure when ``check``."""
@@ -78,31 +96,36 @@ class Brz:
 
 
 class SmartserveProcess:
-    """A `twistd -n smartserve` process on a private data folder."""
+    """A `twistd -n smartserve` process on a private data folder.
+
+    ``listening`` maps listener names (bzr, ssh, admin) to their TCP ports
+    once ``start`` returns; ``port`` is the bzr:// one.
+    """
 
     def __init__(self, data: Path, extra_args=()):
         self.data = data
         self.log_path = data.parent / f"{data.name}.log"
         self.args = [TWISTD, "-n", "--pidfile=", f"--logfile={self.log_path}", "smartserve", "--data", str(data), *extra_args]
+        self.name = "smartserve"
         self.process = None
+        self.listening = {}
         self.port = None
         self.admin_port = None
 
     def start(self, timeout: float = 30) -> "SmartserveProcess":
-        """Start the server and wait until it listens."""
+        """Start the server and wait until every listener, the control socket last, listens."""
         self.data.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
-        def listening():
+        def ready():
             if self.process.poll() is not None:
-                raise AssertionError(f"smartserve exited early: {self.process.stderr.read().decode()}\n{self.log()}")
-            match = _LISTENING.search(self.log())
-            return match and int(match.group(1))
+                raise AssertionError(f"{self.name} exited early: {self.process.stderr.read().decode()}\n{self.log()}")
+            return _CONTROL_READY in self.log()
 
-        self.port = wait_for(listening, timeout, "smartserve to listen")
-        if "--admin" in self.args:
-            admin = lambda: (match := _ADMIN_LISTENING.search(self.log())) and int(match.group(1))
-            self.admin_port = wait_for(admin, timeout, "the admin endpoint to listen")
+        wait_for(ready, timeout, f"{self.name} to listen")
+        self.listening = {name: int(port) for name, port in _LISTENER.findall(self.log())}
+        self.port = self.listening.get("bzr")
+        self.admin_port = self.listening.get("admin")
         return self
 
     @property
@@ -117,9 +140,13 @@ class SmartserveProcess:
         except FileNotFoundError:
             return ""
 
+    def access_records(self) -> list:
+        """One dict (peer, user, verb, verb_class, outcome, conn) per request served so far."""
+        return [match.groupdict() for match in _ACCESS.finditer(self.log())]
+
     def access_log(self) -> list:
         """One (peer, user, verb, verb class, outcome) tuple per request served so far."""
-        return [match.groups() for match in _ACCESS.finditer(self.log())]
+        return [match.groups()[:5] for match in _ACCESS.finditer(self.log())]
 
     def stop(self) -> None:
         """Stop the server and wait for it to exit."""

@@ -5,39 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from twisted.internet import defer, protocol, reactor
 
-VENV_BIN = Path(sys.executable).parent
-BRZ = str(VENV_BIN / "brz")
-
-
-def brz_env(home: Path) -> dict:
-    """The environment for running `brz` with a private home folder."""
-    home.mkdir(parents=True, exist_ok=True)
-    return dict(
-        os.environ,
-        HOME=str(home),
-        BRZ_HOME=str(home),
-        BRZ_EMAIL="Test User <test@example.com>",
-        BRZ_LOG=str(home / "brz.log"),
-        BRZ_DISABLE_PLUGINS="launchpad",
-        PYTHONUNBUFFERED="1",
-    )
-
-
-TWISTD = str(VENV_BIN / "twistd")
-
-
-def _free_port() -> int:
-    """A port nothing listens on now, for a server that cannot pick its own."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from support import BRZ, TWISTD, brz_env, free_port
 
 
 def _wait_listening(process, port: int, timeout: float, what: str) -> None:
@@ -81,7 +55,7 @@ class BrzServe:
         buffered), so the port is picked here.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         self.process = subprocess.Popen(
             [BRZ, "serve", "--listen=127.0.0.1", f"--port={self.port}", "--allow-writes", f"--directory={self.root}"],
             env=self.env,
@@ -328,7 +302,7 @@ class OpenSSHServer:
         for name in ("host_key", "client_key", "other_key"):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / name)], check=True)
         (base / "authorized_keys").write_text((base / "client_key.pub").read_text())
-        self.port = _free_port()
+        self.port = free_port()
         (base / "sshd_config").write_text(
             f"Port {self.port}\n"
             "ListenAddress 127.0.0.1\n"
@@ -390,7 +364,7 @@ class SmartserveServer:
         self.client_key = self.base / "client_key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.client_key)], check=True)
         (self.data / "keys" / f"{self.user}.pub").write_text((self.base / "client_key.pub").read_text())
-        self.bzr_port, self.ssh_port = _free_port(), _free_port()
+        self.bzr_port, self.ssh_port = free_port(), free_port()
         self.log = self.base / "smartserve.log"
         access = self.base / "access"
         access.write_text(f"{self.user} write /\n")

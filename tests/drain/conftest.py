@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import re
 import shutil
 import socket
 import subprocess
@@ -14,51 +13,25 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import pytest
 
-from support import VENV_BIN, SmartserveProcess, wait_for
+from support import VENV_BIN, SmartserveProcess, free_port, wait_for
 from smartserve.testing import RawClient
 
 SMARTSERVE = str(VENV_BIN / "smartserve")
 
-_LISTENER = re.compile(r"\[smartserve\.listeners#info\] (\w+) listening on IPv4Address\(.*?port=(\d+)\)")
-_CONTROL_READY = "[smartserve.listeners#info] control listening on"
-_ACCESS_LINE = re.compile(
-    r"\[smartserve\.access#info\] (?P<peer>\S+) (?P<user>\S+) (?P<verb>\S+) (?P<verb_class>\S+) "
-    r"(?P<outcome>\S+) \S+ in=\d+ out=\d+ conn=(?P<conn>\d+)"
-)
 
 
 class ServerProcess(SmartserveProcess):
-    """A smartserve process with its own log name, which several processes may share a data folder with.
-
-    ``listening`` maps listener names (bzr, ssh, admin) to their TCP ports
-    once ``start`` returns.
-    """
+    """A smartserve process with its own log name, which several processes may share a data folder with."""
 
     def __init__(self, data: Path, extra_args=(), *, name: str = "server"):
         super().__init__(data, extra_args)
         self.name = name
         self.log_path = data.parent / f"{name}.log"
         self.args = [f"--logfile={self.log_path}" if a.startswith("--logfile=") else a for a in self.args]
-        self.listening: Dict[str, int] = {}
-
-    def start(self, timeout: float = 30) -> "ServerProcess":
-        """Start the server and wait until its control socket listens (the last step of starting)."""
-        self.data.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-        def ready():
-            if self.process.poll() is not None:
-                raise AssertionError(f"{self.name} exited early: {self.process.stderr.read().decode()}\n{self.log()}")
-            return _CONTROL_READY in self.log()
-
-        wait_for(ready, timeout, f"{self.name} to listen")
-        self.listening = {name: int(port) for name, port in _LISTENER.findall(self.log())}
-        self.port = self.listening.get("bzr")
-        return self
 
     @property
     def control(self) -> Path:
@@ -72,10 +45,6 @@ class ServerProcess(SmartserveProcess):
     def wait_exit(self, timeout: float = 30) -> int:
         """Wait for the process to exit on its own; returns its exit status."""
         return self.process.wait(timeout=timeout)
-
-    def access_records(self) -> List[dict]:
-        """One dict (peer, user, verb, verb_class, outcome, conn) per request served so far."""
-        return [match.groupdict() for match in _ACCESS_LINE.finditer(self.log())]
 
 
 def run_smartserve(*args, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -95,13 +64,6 @@ def server_status(server: ServerProcess) -> dict:
     done = run_smartserve("status", "--control", server.control, "--json")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclasses.dataclass

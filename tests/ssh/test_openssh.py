@@ -20,6 +20,8 @@ from smartserve.protocol import (
     Role,
 )
 
+from support import free_port
+
 from .conftest import SSH, make_user_key, needs_openssh
 
 pytestmark = [needs_openssh, pytest.mark.timeout(60)]
@@ -96,16 +98,10 @@ class _Collect(ProcessProtocol):
         self.ended.callback(reason.value.exitCode)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest_twisted.ensureDeferred
 async def test_local_port_forward_refused(ssh_client):
     """A connection through ``-L`` is refused by the server: the channel never opens."""
-    local_port = _free_port()
+    local_port = free_port()
     watcher = _Collect(watch_for=b"open failed")
     args = ssh_client.argv("alice", options=["-N", "-L", f"{local_port}:127.0.0.1:9"])
     process = reactor.spawnProcess(watcher, SSH, [SSH, *args], env=ssh_client.env)
