@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from twisted.internet import defer, protocol, reactor
 
-from support import BRZ, TWISTD, brz_env, free_port
+from support import BRZ, SmartserveProcess, brz_env, free_port
 
 
 def _wait_listening(process, port: int, timeout: float, what: str) -> None:
@@ -364,23 +364,18 @@ class SmartserveServer:
         self.client_key = self.base / "client_key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.client_key)], check=True)
         (self.data / "keys" / f"{self.user}.pub").write_text((self.base / "client_key.pub").read_text())
-        self.bzr_port, self.ssh_port = free_port(), free_port()
-        self.log = self.base / "smartserve.log"
         access = self.base / "access"
         access.write_text(f"{self.user} write /\n")
-        self.process = subprocess.Popen(
+        self.process = SmartserveProcess(
+            self.data,
             [
-                TWISTD, "-n", "--pidfile=", f"--logfile={self.log}", "smartserve",
-                "--data", str(self.data),
-                "--bzr", f"tcp:{self.bzr_port}:interface=127.0.0.1", "--bzr-allow-writes",
-                "--ssh", f"tcp:{self.ssh_port}:interface=127.0.0.1",
+                "--bzr", "tcp:0:interface=127.0.0.1", "--bzr-allow-writes",
+                "--ssh", "tcp:0:interface=127.0.0.1",
                 "--access", str(access),
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        _wait_listening(self.process, self.bzr_port, timeout, "smartserve (bzr://)")
-        _wait_listening(self.process, self.ssh_port, timeout, "smartserve (bzr+ssh://)")
+        ).start(timeout)  # fmt: skip
+        self.bzr_port = self.process.listening["bzr"]
+        self.ssh_port = self.process.listening["ssh"]
         host_key = (self.data / "ssh_host_ed25519_key.pub").read_text().split()
         self.known_hosts = self.base / "known_hosts"
         self.known_hosts.write_text(f"[127.0.0.1]:{self.ssh_port} {host_key[0]} {host_key[1]}\n")
@@ -395,7 +390,8 @@ class SmartserveServer:
         return f"bzr+ssh://{self.user}@127.0.0.1:{self.ssh_port}/"
 
     def stop(self) -> None:
-        _stop(self.process)
+        if self.process is not None:
+            self.process.stop()
 
 
 @pytest.fixture(scope="module")
