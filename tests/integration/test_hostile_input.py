@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from smartserve.protocol import BodyChunk, Connection, EndOfMessage, Request, Response, Role, MESSAGE_MARKER
-from smartserve.protocol import NEED_DATA
+from smartserve.protocol import MESSAGE_MARKER, BodyChunk, Connection, EndOfMessage, Request, Response, Role
+from smartserve.testing import RawClient
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,16 +35,17 @@ def _read_until_closed(sock: socket.socket, limit: float = 10.0) -> bytes:
     raise AssertionError(f"the server did not close the connection within {limit} s")
 
 
+def _call(server, *args):
+    """One request on a fresh connection; returns its reply."""
+    client = RawClient.connect("127.0.0.1", server.port)
+    try:
+        return client.call(*args)
+    finally:
+        client.close()
+
+
 def _hello_works(server) -> bool:
-    client = Connection(Role.CLIENT)
-    with _connect(server) as sock:
-        sock.sendall(client.send(Request((b"hello",))) + client.send(EndOfMessage()))
-        while True:
-            event = client.next_event()
-            if event is NEED_DATA:
-                client.receive_data(sock.recv(65536))
-                continue
-            return isinstance(event, Response) and event.args == (b"ok", b"2")
+    return _call(server, b"hello").args == (b"ok", b"2")
 
 
 @pytest.fixture
@@ -127,22 +128,14 @@ def test_never_ending_body_is_cut_by_idle_timeout_while_others_are_served(server
 
 def test_unknown_verb_keeps_connection_usable(server):
     """An unknown verb gets UnknownMethod, and the same connection then serves a hello."""
-    client = Connection(Role.CLIENT)
-    with _connect(server) as sock:
-        events = []
-        for verb in (b"No.such_verb", b"hello"):
-            sock.sendall(client.send(Request((verb,))) + client.send(EndOfMessage()))
-            while True:
-                event = client.next_event()
-                if event is NEED_DATA:
-                    client.receive_data(sock.recv(65536))
-                    continue
-                events.append(event)
-                if isinstance(event, EndOfMessage):
-                    client.start_next_cycle()
-                    break
-    assert events[0] == Response((b"UnknownMethod", b"No.such_verb"), False, events[0].headers)
-    assert events[2].args == (b"ok", b"2")
+    client = RawClient.connect("127.0.0.1", server.port)
+    try:
+        unknown = client.call(b"No.such_verb")
+        hello = client.call(b"hello")
+    finally:
+        client.close()
+    assert (unknown.args, unknown.success) == ((b"UnknownMethod", b"No.such_verb"), False)
+    assert hello.args == (b"ok", b"2")
 
 
 def test_huge_length_prefix_is_not_buffered(server):
@@ -164,25 +157,6 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def _call(server, *args):
-    """One request on a fresh connection; returns the response and its body."""
-    client = Connection(Role.CLIENT)
-    body = b""
-    with _connect(server) as sock:
-        sock.sendall(client.send(Request(args)) + client.send(EndOfMessage()))
-        response = None
-        while True:
-            event = client.next_event()
-            if event is NEED_DATA:
-                client.receive_data(sock.recv(65536))
-            elif isinstance(event, Response):
-                response = event
-            elif isinstance(event, BodyChunk):
-                body += event.data
-            elif isinstance(event, EndOfMessage):
-                return response, body
-
-
 @pytest.mark.parametrize(
     "path",
     ["/../../../../etc/passwd", "../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/escape/passwd"],
@@ -191,6 +165,6 @@ def _call(server, *args):
 def test_paths_escaping_the_root_never_read_outside(server, path):
     """Paths that climb out of the served root, or symlinks pointing out, get an error, never the file."""
     (server.data / "branches" / "escape").symlink_to("/etc")
-    response, body = _call(server, b"get", path.encode())
-    assert b"root:" not in body
-    assert response.success is False, response
+    reply = _call(server, b"get", path.encode())
+    assert b"root:" not in reply.body
+    assert reply.success is False, reply.args
