@@ -598,6 +598,14 @@ class Row:
         return "-"
 
 
+def report(rows, reference: str, work) -> None:
+    """Print the machine's load now and the results table, then remove the run's folder."""
+    print(f"at the end: {load()}")
+    print()
+    print_table(rows, reference=reference)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def print_table(rows: List[Row], ours: str = "smartserve", reference: str = "reference") -> None:
     """Print the figures side by side with ratio and goal, as text and as Markdown."""
     width = max(len(row.figure) for row in rows) + 2

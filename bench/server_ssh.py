@@ -268,10 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             for server in servers:
                 server.stop()
-    print(f"at the end: {_common.load()}")
-    print()
-    _common.print_table(rows, reference="sshd + brz")
-    _common.shutil.rmtree(work, ignore_errors=True)
+    _common.report(rows, "sshd + brz", work)
 
 
 def measure(client, targets: list[Target], args, work: Path) -> list[Row]:

@@ -76,10 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             for server in servers:
                 server.stop()
-    print(f"at the end: {_common.load()}")
-    print()
-    _common.print_table(rows, reference="brz serve")
-    _common.shutil.rmtree(work, ignore_errors=True)
+    _common.report(rows, "brz serve", work)
 
 
 def measure(servers, args, work: Path) -> list[Row]:
