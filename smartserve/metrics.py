@@ -96,12 +96,22 @@ class ServerMetrics:
         )
         self._scraped = _ScrapeTimeCollector()
         self.registry.register(self._scraped)
+        # Labelled children, looked up once: ``labels()`` validates and locks on every call.
+        self._request_counters = {}
+        self._duration_histograms = {}
 
     def request_finished(self, record) -> None:
         """Count one finished or aborted request, from its access-log ``RequestRecord``."""
-        self.requests.labels(record.verb_class, record.outcome).inc()
+        key = (record.verb_class, record.outcome)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = self.requests.labels(*key)
+        counter.inc()
         if record.duration is not None:
-            self.duration.labels(record.verb_class).observe(max(record.duration, 0.0))
+            histogram = self._duration_histograms.get(record.verb_class)
+            if histogram is None:
+                histogram = self._duration_histograms[record.verb_class] = self.duration.labels(record.verb_class)
+            histogram.observe(max(record.duration, 0.0))
         self.bytes_received.inc(record.bytes_in)
         self.bytes_sent.inc(record.bytes_out)
 

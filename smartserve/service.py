@@ -16,6 +16,7 @@ from .control.admin import admin_site
 from .control.server import Control, ControlFactory
 from .listeners import Listener, ListenerGroup
 from .metrics import ServerMetrics
+from .server.accesslog import AccessLogFile, access_logger
 from .server.backends.bzr import BzrBackend
 from .server.dispatcher import Dispatcher
 from .server.drain import DrainController
@@ -54,6 +55,7 @@ class Options(usage.Options):
         ["drain-timeout", None, 600.0, "Seconds a drain waits for busy connections before aborting them.", float],
         ["drain-grace", None, 0.0, "Seconds between /health turning 503 and the listeners closing.", float],
         ["drain-linger", None, 0.0, "Seconds a draining server waits for another request on an idle connection.", float],
+        ["access-log", None, None, "File of access lines, one per request [default: DATA/access.log]; '-': the twistd log."],
         ["admin", None, None, "Endpoint of the admin HTTP server (/health, /metrics); off when not given."],
     ]
     optFlags = [
@@ -67,6 +69,8 @@ class Options(usage.Options):
         self["root"] = os.path.abspath(self["root"])
         if self["keys"] is None:
             self["keys"] = os.path.join(self["data"], "keys")
+        if self["access-log"] is None:
+            self["access-log"] = os.path.join(self["data"], "access.log")
         if self["control"] is None:
             self["control"] = os.path.join(self["data"], "control.sock")
         if self["ssh"] in ("none", "off", ""):
@@ -207,6 +211,7 @@ def makeService(options: Options, reactor=None) -> SmartserveService:
     pool = ThreadPool(minthreads=1, maxthreads=options["threads"], name="smartserve-worker")
     backend = BzrBackend(options["root"], pool, reactor)
     metrics = ServerMetrics()
+    access_file = None if options["access-log"] == "-" else AccessLogFile(options["access-log"])
     smart_factory = SmartServerFactory(
         Dispatcher(backend),
         clock=reactor,
@@ -214,6 +219,7 @@ def makeService(options: Options, reactor=None) -> SmartserveService:
         tcp_writable=Writable.everywhere() if options["bzr-allow-writes"] else Writable.nowhere(),
         metrics=metrics,
         drain_linger=options["drain-linger"],
+        access_log=access_logger(access_file),
     )
     controller = DrainController(reactor, grace=options["drain-grace"], default_timeout=options["drain-timeout"])
     metrics.watch_connections("smart", smart_factory)

@@ -22,9 +22,12 @@ TWISTD = str(VENV_BIN / "twistd")
 _LISTENER = re.compile(r"\[smartserve\.listeners#info\] (\w+) listening on IPv4Address\(.*?port=(\d+)\)")
 # The control socket is the last thing a server starts listening on.
 _CONTROL_READY = "[smartserve.listeners#info] control listening on"
+# A line of DATA/access.log: a timestamp, then what RequestRecord.emit renders
+# (with the namespace between them when access lines go to the twistd log).
 _ACCESS = re.compile(
-    r"\[smartserve\.access#info\] (?P<peer>\S+) (?P<user>\S+) (?P<verb>\S+) (?P<verb_class>\S+) "
-    r"(?P<outcome>\S+) \S+ in=\d+ out=\d+ conn=(?P<conn>\d+)"
+    r"^\S+ (?:\[smartserve\.access#info\] )?(?P<peer>\S+) (?P<user>\S+) (?P<verb>\S+) (?P<verb_class>\S+) "
+    r"(?P<outcome>\S+) \S+ in=\d+ out=\d+ conn=(?P<conn>\d+)$",
+    re.MULTILINE,
 )
 
 
@@ -105,6 +108,7 @@ class SmartserveProcess:
     def __init__(self, data: Path, extra_args=()):
         self.data = data
         self.log_path = data.parent / f"{data.name}.log"
+        self.access_path = data / "access.log"
         self.args = [TWISTD, "-n", "--pidfile=", f"--logfile={self.log_path}", "smartserve", "--data", str(data), *extra_args]
         self.name = "smartserve"
         self.process = None
@@ -140,13 +144,20 @@ class SmartserveProcess:
         except FileNotFoundError:
             return ""
 
+    def access_lines(self) -> str:
+        """The server's access log file (by default ``DATA/access.log``) so far."""
+        try:
+            return self.access_path.read_text()
+        except FileNotFoundError:
+            return ""
+
     def access_records(self) -> list:
         """One dict (peer, user, verb, verb_class, outcome, conn) per request served so far."""
-        return [match.groupdict() for match in _ACCESS.finditer(self.log())]
+        return [match.groupdict() for match in _ACCESS.finditer(self.access_lines())]
 
     def access_log(self) -> list:
         """One (peer, user, verb, verb class, outcome) tuple per request served so far."""
-        return [match.groups()[:5] for match in _ACCESS.finditer(self.log())]
+        return [match.groups()[:5] for match in _ACCESS.finditer(self.access_lines())]
 
     def stop(self) -> None:
         """Stop the server and wait for it to exit."""

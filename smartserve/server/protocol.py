@@ -57,7 +57,7 @@ from ..protocol import (
     Response,
     Role,
 )
-from .accesslog import RequestRecord
+from .accesslog import DEFAULT_ACCESS_LOG, RequestRecord
 from .caller import Caller
 from .dispatcher import Dispatcher, Refusal
 from .drain import OpenConnections
@@ -169,7 +169,7 @@ class SmartServerProtocol(Protocol):
             elif current.run is not None:
                 current.run.abort()
             current.record.outcome = "aborted"
-            current.record.emit(self.factory.clock.seconds())
+            current.record.emit(self.factory.clock.seconds(), self.factory.access_log)
             self.factory.request_aborted(self, current.record)
         self.phase = Phase.CLOSED
         self.factory.connection_lost(self)
@@ -277,7 +277,8 @@ class SmartServerProtocol(Protocol):
 
         Behind a PROXY-protocol wrapper (``haproxy:`` endpoints) the real
         client address is known only once the header has arrived, after
-        ``connectionMade``, so it is read again before each request.
+        ``connectionMade``, so it is read again when the first request
+        begins; the header precedes every request byte, so it is final then.
         """
         if not self._peer_from_transport:
             return
@@ -288,7 +289,9 @@ class SmartServerProtocol(Protocol):
             self.caller = Caller(self.caller.user, text, self.caller.writable)
 
     def _begin(self, request: Request) -> None:
-        self._update_peer()
+        if self._peer_from_transport:
+            self._update_peer()
+            self._peer_from_transport = False
         record = RequestRecord(
             self.connection_id,
             self.caller.peer,
@@ -402,7 +405,7 @@ class SmartServerProtocol(Protocol):
             self.transport.writeSequence(parts)
 
     def _response_done(self, current: _CurrentRequest) -> None:
-        current.record.emit(self.factory.clock.seconds())
+        current.record.emit(self.factory.clock.seconds(), self.factory.access_log)
         self._current = None
         self.requests_served += 1
         self.factory.request_finished(self, current.record)
@@ -491,6 +494,8 @@ class SmartServerFactory(Factory):
     ``smartserve.metrics.ServerMetrics``, counts every finished or aborted
     request when given. ``drain_linger`` is the seconds a draining server
     waits for the next request on an idle connection before closing it.
+    ``access_log`` is the ``Logger`` that gets each request's access event
+    (the global log publisher unless given).
     """
 
     protocol = SmartServerProtocol
@@ -505,12 +510,14 @@ class SmartServerFactory(Factory):
         tcp_writable: Writable = Writable.nowhere(),
         metrics=None,
         drain_linger: float = 0.0,
+        access_log=DEFAULT_ACCESS_LOG,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
         self.dispatcher = dispatcher
         self.metrics = metrics
         self.drain_linger = drain_linger
+        self.access_log = access_log
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.limits = limits or DEFAULT_LIMITS

@@ -25,12 +25,17 @@ SMARTSERVE = str(VENV_BIN / "smartserve")
 
 
 class ServerProcess(SmartserveProcess):
-    """A smartserve process with its own log name, which several processes may share a data folder with."""
+    """A smartserve process with its own log and access log, which several processes may share a data folder with.
 
-    def __init__(self, data: Path, extra_args=(), *, name: str = "server"):
+    With ``access_log="-"`` the access lines go to its twistd log, in order with everything else it logs.
+    """
+
+    def __init__(self, data: Path, extra_args=(), *, name: str = "server", access_log: str = ""):
         super().__init__(data, extra_args)
         self.name = name
         self.log_path = data.parent / f"{name}.log"
+        self.access_path = self.log_path if access_log == "-" else data.parent / f"{name}-access.log"
+        self.args.append(f"--access-log={access_log or self.access_path}")
         self.args = [f"--logfile={self.log_path}" if a.startswith("--logfile=") else a for a in self.args]
 
     @property

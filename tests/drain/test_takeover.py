@@ -22,7 +22,7 @@ def test_takeover_long_branch_completes_and_no_connection_lost(tmp_path, brz, bi
     shutil.copytree(big_branch, data / "branches" / "big")
     port = free_port()
     options = ["--bzr", f"tcp:{port}:interface=127.0.0.1", "--ssh", "none"]
-    old = ServerProcess(data, options, name="old").start()
+    old = ServerProcess(data, options, name="old", access_log="-").start()
     new = ServerProcess(data, [*options, "--takeover", str(old.control)], name="new")
     # brz goes through a relay that holds the stream once it has begun, so
     # the old process is still writing it when the drain starts.

@@ -1,0 +1,78 @@
+"""Access events: one per request, written to a file of their own or to the twistd log."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+
+from smartserve.server.accesslog import AccessLogFile, access_logger
+from smartserve.testing import MemoryBackend, RawClient, encode_request, serve_in_memory
+from support import SmartserveProcess, wait_for
+
+_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} memory - (\S+) (\S+) (\S+) [\d.]+ms in=(\d+) out=(\d+) conn=1$"
+)
+
+
+def test_access_log_file_gets_one_line_per_request(tmp_path):
+    """Each request appends one timestamped line with its verb, class, outcome and byte counts; nothing reaches the global log."""
+    path = tmp_path / "access.log"
+    access_file = AccessLogFile(str(path))
+    seen_globally = []
+    globalLogPublisher.addObserver(seen_globally.append)
+    try:
+        factory, protocol, transport = serve_in_memory(MemoryBackend({b"f": b"data"}), clock=Clock())
+        factory.access_log = access_logger(access_file)
+        request = encode_request([b"get", b"f"])
+        protocol.dataReceived(request)
+        protocol.dataReceived(encode_request([b"append", b"f", b""], body=b"more"))
+        protocol.dataReceived(encode_request([b"get", b"missing"]))
+    finally:
+        globalLogPublisher.removeObserver(seen_globally.append)
+        access_file.close()
+    lines = path.read_text().splitlines()
+    parsed = [_LINE.match(line) for line in lines]
+    assert all(parsed), lines
+    assert [match.groups()[:3] for match in parsed] == [
+        ("get", "read", "ok"),
+        ("append", "mutate", "ok"),
+        ("get", "read", "NoSuchFile"),
+    ]
+    assert int(parsed[0].group(4)) == len(request)
+    assert sum(int(match.group(5)) for match in parsed) == len(transport.value())
+    assert not [event for event in seen_globally if event.get("log_access")]
+
+
+def test_access_log_file_appends_and_stamps_each_line_with_its_event_time(tmp_path):
+    """An existing file is appended to, and each line starts with its event's own time, not the time it was written."""
+    path = tmp_path / "access.log"
+    path.write_text("earlier line\n")
+    access_file = AccessLogFile(str(path))
+    when = time.mktime((2026, 1, 2, 3, 4, 5, 0, 0, -1))
+    access_file({"log_time": when, "access_line": "a line"})
+    access_file({"log_time": when + 1, "log_format": "plain {word}", "word": "event"})
+    access_file.close()
+    first, second, third = path.read_text().splitlines()
+    assert first == "earlier line"
+    assert second.startswith("2026-01-02T03:04:05") and second.endswith(" a line")
+    assert third.startswith("2026-01-02T03:04:06") and third.endswith(" plain event")
+
+
+def test_access_log_dash_sends_access_events_to_the_twistd_log(tmp_path):
+    """With --access-log=- each request is a line of the twistd log and no access file is made."""
+    server = SmartserveProcess(tmp_path / "data", ["--ssh=none", "--bzr=tcp:0:interface=127.0.0.1", "--access-log=-"])
+    server.start()
+    try:
+        client = RawClient.connect("127.0.0.1", server.port)
+        try:
+            assert client.call(b"hello").args == (b"ok", b"2")
+        finally:
+            client.close()
+        wait_for(lambda: "[smartserve.access#info] 127.0.0.1:" in server.log(), 10, "the access line in the twistd log")
+    finally:
+        server.stop()
+    assert " hello read ok " in server.log()
+    assert not (tmp_path / "data" / "access.log").exists()
