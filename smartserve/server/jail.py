@@ -23,8 +23,12 @@ Then, for every operation that touches a path:
    parent writable, as its temporary file is written there)
    ``TransportNotPossible("readonly transport")``, which Breezy's smart
    server sends as ``ReadOnlyError``.  Nothing has been touched by then.
-2. ``os.path.realpath`` of the local path must lie inside the real root;
-   otherwise ``OutsideRoot``, a ``PermissionDenied``.  This
+2. The local path must resolve inside the real root (each name below
+   the root is checked for being a symlink, and a path through one is
+   resolved with ``os.path.realpath``); otherwise ``OutsideRoot``, a
+   ``PermissionDenied``.  Directories found to be real directories are
+   remembered until the next request begins or a client renames or
+   deletes something.  This
    refuses file and directory symlinks that leave the root at any depth,
    including dangling ones (a put through one would create a file outside).
    Symlinks that stay inside the root work normally.  Deleting or renaming
@@ -76,7 +80,7 @@ import os
 import secrets
 import weakref
 from dataclasses import dataclass
-from stat import S_ISDIR
+from stat import S_ISDIR, S_ISLNK
 from typing import Optional, Tuple, Union
 
 from breezy import errors, urlutils
@@ -185,9 +189,16 @@ class Writable:
 
 
 class _Root:
-    """One served directory: its resolved path and the local transport shared by all callers."""
+    """One served directory: its resolved path and the local transport shared by all callers.
 
-    __slots__ = ("real", "local", "_inside")
+    ``check`` remembers the directories it found to be real directories
+    (not symlinks). The memory is dropped when a request begins
+    (``forget_checked``), so each request sees the operator's symlinks as
+    they are then, and whenever a client renames or deletes something in
+    the root, which could put another entry at a remembered path.
+    """
+
+    __slots__ = ("real", "local", "_inside", "_checked")
 
     def __init__(self, root: str) -> None:
         self.real = os.path.realpath(root)
@@ -195,14 +206,40 @@ class _Root:
             raise errors.NotADirectory(root)
         self.local = LocalTransport(urlutils.local_path_to_url(self.real))
         self._inside = self.real.rstrip("/") + "/"
+        self._checked: set = set()
+
+    def forget_checked(self) -> None:
+        """Forget every remembered directory (the set is replaced, so a check running meanwhile fills the old one)."""
+        self._checked = set()
 
     def check(self, segments: Segments) -> None:
-        """Raise OutsideRoot unless the path resolves inside the root."""
-        if not segments:
-            return
-        real = os.path.realpath(self._inside + "/".join(segments))
-        if real != self.real and not real.startswith(self._inside):
-            raise OutsideRoot(_client_path(segments))
+        """Raise OutsideRoot unless the path resolves inside the root.
+
+        The root itself is already resolved, so only the names below it are
+        looked at, one ``lstat`` each, starting below the deepest directory
+        already checked; a full ``realpath`` runs only when one of them is a
+        symlink. A missing name ends the walk: nothing below it exists, so
+        nothing below it can lead outside.
+        """
+        checked = self._checked
+        depth = len(segments)
+        start = depth
+        while start and segments[:start] not in checked:
+            start -= 1
+        path = "/".join((self.real, *segments[:start]))
+        for index in range(start, depth):
+            path = f"{path}/{segments[index]}"
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:
+                return
+            if S_ISDIR(mode):
+                checked.add(segments[: index + 1])
+            elif S_ISLNK(mode):
+                real = os.path.realpath(self._inside + "/".join(segments))
+                if real != self.real and not real.startswith(self._inside):
+                    raise OutsideRoot(_client_path(segments))
+                return
 
 
 @functools.lru_cache(maxsize=64)
@@ -307,6 +344,17 @@ class JailTransport(Transport):
             path = _client_path(segments)
             self._translate_error(e, path, raise_generic=False)
             raise errors.TransportError(f"{path}: {e.strerror}") from None
+
+    def _changing_names(self, method: str, segments: Segments, *args):
+        """Run a method that removes or moves a name, then forget the checked directories."""
+        try:
+            return self._local(method, segments, *args)
+        finally:
+            self._caller.root.forget_checked()
+
+    def forget_checked(self) -> None:
+        """Look at the file system afresh for the next checks; called as each request begins."""
+        self._caller.root.forget_checked()
 
     # Locations
 
@@ -439,11 +487,11 @@ class JailTransport(Transport):
 
     def rmdir(self, relpath):
         """See Transport.rmdir."""
-        return self._local("rmdir", self._resolve(relpath, write=True))
+        return self._changing_names("rmdir", self._resolve(relpath, write=True))
 
     def delete(self, relpath):
         """See Transport.delete."""
-        return self._local("delete", self._resolve(relpath, write=True))
+        return self._changing_names("delete", self._resolve(relpath, write=True))
 
     def lock_write(self, relpath):
         """See Transport.lock_write."""
@@ -453,7 +501,7 @@ class JailTransport(Transport):
         source = self._resolve(rel_from, write=True)
         target = self._resolve(rel_to, write=True)
         to_local = urlutils.escape("/".join(target)) or "."
-        return self._local(method, source, to_local)
+        return self._changing_names(method, source, to_local)
 
     def rename(self, rel_from, rel_to):
         """See Transport.rename; both paths must be writable."""
@@ -476,7 +524,10 @@ class JailTransport(Transport):
     def delete_tree(self, relpath):
         """See Transport.delete_tree; refused before anything is deleted."""
         self._resolve(relpath, write=True)
-        return super().delete_tree(relpath)
+        try:
+            return super().delete_tree(relpath)
+        finally:
+            self._caller.root.forget_checked()
 
     def copy_tree(self, from_relpath, to_relpath):
         """See Transport.copy_tree; refused before anything is copied."""

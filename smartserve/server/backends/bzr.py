@@ -105,6 +105,7 @@ class _BzrRequestRun:
     def _advance_in_thread(self, chunks: List[bytes], finished: bool) -> Optional[Reply]:
         handler = self._handler
         if handler is None:
+            self._transport.forget_checked()
             request = _registry()
             handler = self._handler = request.SmartServerRequestHandler(
                 self._transport, commands=request.request_handlers, root_client_path="/"
