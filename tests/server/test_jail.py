@@ -577,3 +577,31 @@ def test_backing_transport_no_path_escapes(tmp_path_factory, pieces, absolute, s
         assert len(changed) == 1
         (written,) = changed
         assert written.startswith(str(root / "~alice") + os.sep)
+
+
+def test_backing_transport_client_rename_forgets_checked_directories(layout):
+    """After a client moves a directory away and a relative symlink into its place, a path through it is checked afresh and refused."""
+    root, outside = layout
+    (root / "top").mkdir()
+    (root / "top" / "file").write_bytes(b"top file")
+    (root / "~alice" / "deep" / "rel").symlink_to("..")
+    transport = backing_transport(root, Writable.everywhere())
+    assert transport.get_bytes("top/file") == b"top file"
+    transport.rename("top", "top-old")
+    transport.rename("~alice/deep/rel", "top")
+    with pytest.raises(OutsideRoot):
+        transport.get_bytes("top/outside/secret")
+
+
+def test_backing_transport_operator_symlink_seen_by_next_request(layout):
+    """A directory the operator replaces with a symlink out of the root is refused from the next request on."""
+    root, outside = layout
+    (root / "top").mkdir()
+    (root / "top" / "file").write_bytes(b"top file")
+    transport = backing_transport(root, Writable.nowhere())
+    assert transport.get_bytes("top/file") == b"top file"
+    (root / "top").rename(root / "top-old")
+    (root / "top").symlink_to(outside)
+    transport.forget_checked()
+    with pytest.raises(OutsideRoot):
+        transport.get_bytes("top/secret")
