@@ -126,6 +126,8 @@ class SmartServerProtocol(Protocol):
         self._drain_started = None
         self._linger_call = None
         self._peer_from_transport = False
+        self._handling_events = False
+        self._handle_again = False
 
     # Twisted callbacks.
 
@@ -236,7 +238,25 @@ class SmartServerProtocol(Protocol):
     # Receiving.
 
     def _handle_events(self) -> None:
-        """Consume received events as far as the current phase allows."""
+        """Consume received events as far as the current phase allows.
+
+        A request answered at once ends inside this call and asks for the
+        next events again; this loop does that rather than a nested call,
+        so any number of pipelined requests is served with a flat stack.
+        """
+        if self._handling_events:
+            self._handle_again = True
+            return
+        self._handling_events = True
+        try:
+            self._handle_again = True
+            while self._handle_again:
+                self._handle_again = False
+                self._consume_events()
+        finally:
+            self._handling_events = False
+
+    def _consume_events(self) -> None:
         while not self._closing:
             current = self._current
             if current is not None and current.advancing:

@@ -1,0 +1,38 @@
+"""Requests a client sends back to back without waiting are all answered, in order."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+
+from smartserve.protocol import NEED_DATA, BodyChunk, Connection, EndOfMessage, Request, Role
+from smartserve.testing import MemoryBackend, encode_request, response_args, serve_in_memory
+
+
+def response_bodies(data: bytes) -> list:
+    """The body of every response in ``data``, in order."""
+    codec = Connection(Role.CLIENT)
+    codec.receive_data(data)
+    bodies = []
+    while True:
+        codec.send(Request((b"get",)))
+        codec.send(EndOfMessage())
+        parts = []
+        while (event := codec.next_event()) is not NEED_DATA and not isinstance(event, EndOfMessage):
+            if isinstance(event, BodyChunk):
+                parts.append(event.data)
+        if event is NEED_DATA:
+            return bodies
+        bodies.append(b"".join(parts))
+        codec.start_next_cycle()
+
+
+def test_protocol_answers_thousands_of_pipelined_requests_answered_at_once():
+    """5,000 requests in one read, each answered synchronously by the backend, get 5,000 responses in order (no recursion limit)."""
+    files = {f"f{index}".encode(): str(index).encode() for index in range(5000)}
+    factory, protocol, transport = serve_in_memory(MemoryBackend(files), clock=Clock())
+    protocol.dataReceived(b"".join(encode_request([b"get", name]) for name in files))
+    replies = response_args(transport.value())
+    assert replies == [(b"ok",)] * 5000
+    assert response_bodies(transport.value()) == list(files.values())
+    assert not transport.disconnecting
+    assert protocol.requests_served == 5000
