@@ -17,7 +17,7 @@ from .control.server import Control, ControlFactory
 from .listeners import Listener, ListenerGroup
 from .metrics import ServerMetrics
 from .server.accesslog import AccessLogFile, access_logger
-from .server.backends.bzr import BzrBackend
+from .server.backends.bzr import DEFAULT_INLINE_READ_BYTES, BzrBackend
 from .server.dispatcher import Dispatcher
 from .server.drain import DrainController
 from .server.jail import Writable
@@ -50,6 +50,10 @@ class Options(usage.Options):
         ["bzr", None, None, "Endpoint for bzr:// (e.g. tcp:4155:interface=127.0.0.1); off when not given."],
         ["idle-timeout", None, 300.0, "Seconds a connection may sit idle before it is closed (0: never).", float],
         ["threads", None, 16, "Worker threads that run requests.", int],
+        [
+            "inline-read-bytes", None, DEFAULT_INLINE_READ_BYTES,
+            "Reads of files up to this size run on the reactor thread (0: every request in the worker pool).", int,
+        ],
         ["control", None, None, "Control socket path [default: DATA/control.sock]."],
         ["takeover", None, None, "Take the listening sockets of the server on this control socket, then drain it."],
         ["drain-timeout", None, 600.0, "Seconds a drain waits for busy connections before aborting them.", float],
@@ -75,7 +79,7 @@ class Options(usage.Options):
             self["control"] = os.path.join(self["data"], "control.sock")
         if self["ssh"] in ("none", "off", ""):
             self["ssh"] = None
-        for name in ("idle-timeout", "drain-timeout", "drain-grace", "drain-linger", "login-grace-time"):
+        for name in ("idle-timeout", "drain-timeout", "drain-grace", "drain-linger", "login-grace-time", "inline-read-bytes"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must be 0 or more")
         for name in ("threads", "max-unauthenticated", "max-sessions-per-user"):
@@ -209,7 +213,7 @@ def makeService(options: Options, reactor=None) -> SmartserveService:
     for folder in (options["data"], options["root"]):
         os.makedirs(folder, exist_ok=True)
     pool = ThreadPool(minthreads=1, maxthreads=options["threads"], name="smartserve-worker")
-    backend = BzrBackend(options["root"], pool, reactor)
+    backend = BzrBackend(options["root"], pool, reactor, inline_read_bytes=options["inline-read-bytes"])
     metrics = ServerMetrics()
     access_file = None if options["access-log"] == "-" else AccessLogFile(options["access-log"])
     smart_factory = SmartServerFactory(

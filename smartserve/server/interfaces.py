@@ -23,7 +23,7 @@ class IRequestRun(Interface):
     """One request being executed by a backend."""
 
     def advance(chunks, finished):
-        """Run the request further, in the backend's worker pool.
+        """Run the request further, in the backend's worker pool (or at once, for a cheap request).
 
         The first call starts it. ``chunks`` are the request body chunks
         received since the previous call; ``finished`` is True once the

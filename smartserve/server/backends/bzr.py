@@ -4,8 +4,17 @@ Each request runs through ``breezy.bzr.smart.request.SmartServerRequestHandler``
 the object ``brz serve`` uses between its wire decoder and the request
 classes, so every verb behaves exactly as in ``brz serve``. Each step of a
 request (start, body chunks, end, each slice of a response stream) is one
-call into a bounded ``ThreadPool``, so the reactor never waits on disk, and
-response streams are pulled only as fast as the connection drains them.
+call into a bounded ``ThreadPool``, so the reactor never waits on the
+repository, and response streams are pulled only as fast as the connection
+drains them.
+
+The one exception is a request that reads a single small file: ``hello``,
+``has``, ``stat``, and ``get`` of a file of at most ``inline_read_bytes``.
+It runs on the reactor thread, as twisted.web serves static files and nginx
+reads them by default: handing it to a worker and back costs two thread
+wake-ups, more than the read itself from the page cache. Servers whose
+branches live on a network file system, where a read may take long, set
+``inline_read_bytes`` to 0 to send every request to the pool.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from __future__ import annotations
 import threading
 from typing import Iterator, List, Optional
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -55,13 +64,23 @@ def _registry():
     return request
 
 
+# Reads of at most this many bytes run on the reactor thread (see the module docstring).
+DEFAULT_INLINE_READ_BYTES = 64 * 1024
+
+# Verbs that read one path's metadata at most.
+_METADATA_VERBS = frozenset((b"hello", b"has", b"stat"))
+
+
 @implementer(IBackend)
 class BzrBackend:
     """Serves the branches under ``root`` with Breezy's request handlers."""
 
-    def __init__(self, root: str, threadpool: ThreadPool, reactor):
+    def __init__(
+        self, root: str, threadpool: ThreadPool, reactor, *, inline_read_bytes: int = DEFAULT_INLINE_READ_BYTES
+    ):
         configure_breezy()
         self.root = root
+        self.inline_read_bytes = inline_read_bytes
         self._pool = threadpool
         self._reactor = reactor
         self._verbs = frozenset(_registry().request_handlers.keys())
@@ -71,7 +90,25 @@ class BzrBackend:
         return verb in self._verbs
 
     def start(self, caller: Caller, args) -> "_BzrRequestRun":
-        return _BzrRequestRun(self, self._transport_for(caller.writable), args)
+        transport = self._transport_for(caller.writable)
+        # Each request sees the file system afresh (see jail.JailTransport.forget_checked).
+        transport.forget_checked()
+        return _BzrRequestRun(self, transport, args, inline=self._runs_inline(transport, args))
+
+    def _runs_inline(self, transport, args) -> bool:
+        """True for a request that reads one small file or one path's metadata."""
+        if not self.inline_read_bytes:
+            return False
+        verb = args[0]
+        if verb in _METADATA_VERBS:
+            return True
+        if verb != b"get" or len(args) != 2:
+            return False
+        try:
+            size = transport.stat(args[1].decode("utf-8")).st_size
+        except Exception:
+            return False  # Breezy's handler, in the pool, makes the error reply
+        return size <= self.inline_read_bytes
 
     def _transport_for(self, writable: Writable):
         transport = self._transports.get(writable)
@@ -88,14 +125,17 @@ class BzrBackend:
 class _BzrRequestRun:
     """One request, driven step by step through Breezy's request handler."""
 
-    def __init__(self, backend: BzrBackend, transport, args):
+    def __init__(self, backend: BzrBackend, transport, args, *, inline: bool = False):
         self._backend = backend
         self._transport = transport
         self._args = args
+        self._inline = inline
         self._handler = None
         self._reply: Optional[Reply] = None
 
     def advance(self, chunks: List[bytes], finished: bool):
+        if self._inline:
+            return defer.maybeDeferred(self._advance_in_thread, chunks, finished)
         return self._backend.run_in_pool(self._advance_in_thread, chunks, finished)
 
     def abort(self) -> None:
@@ -103,9 +143,9 @@ class _BzrRequestRun:
             self._backend.run_in_pool(self._abort_in_thread)
 
     def _advance_in_thread(self, chunks: List[bytes], finished: bool) -> Optional[Reply]:
+        """One step of the request, in a worker thread (or on the reactor thread, for an inline read)."""
         handler = self._handler
         if handler is None:
-            self._transport.forget_checked()
             request = _registry()
             handler = self._handler = request.SmartServerRequestHandler(
                 self._transport, commands=request.request_handlers, root_client_path="/"
