@@ -80,7 +80,7 @@ import os
 import secrets
 import weakref
 from dataclasses import dataclass
-from stat import S_ISDIR, S_ISLNK
+from stat import S_ISDIR, S_ISLNK, S_ISREG
 from typing import Optional, Tuple, Union
 
 from breezy import errors, urlutils
@@ -400,6 +400,15 @@ class JailTransport(Transport):
     def stat(self, relpath):
         """See Transport.stat."""
         return self._local("stat", self._resolve(relpath))
+
+    def file_size(self, relpath) -> Optional[int]:
+        """The size of the regular file at ``relpath``, or None if there is none the caller may read."""
+        try:
+            segments = self._resolve(relpath)
+            st = os.stat("/".join((self._caller.root.real, *segments)))
+        except (OSError, errors.BzrError):
+            return None
+        return st.st_size if S_ISREG(st.st_mode) else None
 
     def list_dir(self, relpath):
         """See Transport.list_dir."""

@@ -132,6 +132,10 @@ class SmartServerProtocol(Protocol):
     # Twisted callbacks.
 
     def connectionMade(self) -> None:
+        # One response is one write: send it at once, as brz serve does.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         self._peer_from_transport = not self.caller.peer
         self._update_peer()
         self.transport.registerProducer(self, True)
@@ -381,6 +385,7 @@ class SmartServerProtocol(Protocol):
             parts = [head]
         parts.append(self._codec.send(EndOfMessage()))
         self._write(current, parts)
+        self._send_now()
         self._response_done(current)
 
     def _pull_stream(self, current: _CurrentRequest) -> None:
@@ -423,6 +428,22 @@ class SmartServerProtocol(Protocol):
         else:
             # Large bodies go out without being copied into one string.
             self.transport.writeSequence(parts)
+
+    def _send_now(self) -> None:
+        """Hand a whole response to the socket now rather than on the reactor's next turn.
+
+        Twisted's TCP transport sends written bytes only on the next reactor
+        iteration (twisted/twisted#5303): a server answering one request at
+        a time would hold every response for a loop turn and two epoll
+        updates, a large part of a small request's latency. A TCP
+        transport's ``doWrite`` sends what the socket takes and leaves the
+        rest, and any error, to the reactor as usual. Other transports (SSH
+        channels) keep their own scheduling.
+        """
+        transport = self.transport
+        do_write = getattr(transport, "doWrite", None)
+        if do_write is not None and not self._producer_paused and not transport.disconnecting:
+            do_write()
 
     def _response_done(self, current: _CurrentRequest) -> None:
         current.record.emit(self.factory.clock.seconds(), self.factory.access_log)

@@ -174,3 +174,27 @@ def test_client_metrics_counts_reconnects_and_resends():
     assert value("smartserve_client_resends_total", {"verb_class": "idem", "reason": "after-write"}) == 1
     assert value("smartserve_client_resends_total", {"verb_class": "read", "reason": "drain"}) == 1
     assert value("smartserve_client_outcome_unknown_total", {"verb_class": "mutate"}) == 1
+
+
+def test_server_metrics_duration_buckets_are_cumulative_and_inclusive():
+    """A duration equal to a bucket's bound counts in that bucket, every bucket counts all shorter ones, and +Inf counts all."""
+    from smartserve.server.accesslog import RequestRecord
+
+    metrics = ServerMetrics()
+    for seconds in (0.0004, 0.0005, 0.2, 500.0):
+        record = RequestRecord(1, "peer", None, b"get", 0.0)
+        record.finished = seconds
+        metrics.request_finished(record)
+    samples = {
+        (sample.name, sample.labels.get("le")): sample.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for sample in family.samples
+        if family.name == "smartserve_request_duration_seconds"
+    }
+    assert samples[("smartserve_request_duration_seconds_bucket", "0.0005")] == 2
+    assert samples[("smartserve_request_duration_seconds_bucket", "0.1")] == 2
+    assert samples[("smartserve_request_duration_seconds_bucket", "0.25")] == 3
+    assert samples[("smartserve_request_duration_seconds_bucket", "120.0")] == 3
+    assert samples[("smartserve_request_duration_seconds_bucket", "+Inf")] == 4
+    assert samples[("smartserve_request_duration_seconds_count", None)] == 4
+    assert abs(samples[("smartserve_request_duration_seconds_sum", None)] - 500.2009) < 1e-9

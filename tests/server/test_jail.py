@@ -605,3 +605,15 @@ def test_backing_transport_operator_symlink_seen_by_next_request(layout):
     transport.forget_checked()
     with pytest.raises(OutsideRoot):
         transport.get_bytes("top/secret")
+
+
+def test_backing_transport_file_size_only_for_readable_files_inside(layout):
+    """file_size gives a regular file's size, and None for a directory, a missing path or a symlink out of the root."""
+    root, outside = layout
+    transport = backing_transport(root, Writable.nowhere())
+    assert transport.file_size("public") == len(b"public")
+    assert transport.file_size("/file-in") == len(b"public")
+    assert transport.file_size("~alice") is None
+    assert transport.file_size("missing") is None
+    assert transport.file_size("file-out") is None
+    assert transport.file_size("../outside/secret") is None

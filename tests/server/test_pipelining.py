@@ -1,10 +1,15 @@
-"""Requests a client sends back to back without waiting are all answered, in order."""
+"""Requests a client sends back to back are all answered, in order, each response sent as soon as it is whole."""
 
 from __future__ import annotations
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from smartserve.protocol import NEED_DATA, BodyChunk, Connection, EndOfMessage, Request, Role
+from smartserve.server.caller import Caller
+from smartserve.server.dispatcher import Dispatcher
+from smartserve.server.jail import Writable
+from smartserve.server.protocol import SmartServerFactory
 from smartserve.testing import MemoryBackend, encode_request, response_args, serve_in_memory
 
 
@@ -36,3 +41,30 @@ def test_protocol_answers_thousands_of_pipelined_requests_answered_at_once():
     assert response_bodies(transport.value()) == list(files.values())
     assert not transport.disconnecting
     assert protocol.requests_served == 5000
+
+
+class _TCPLikeTransport(StringTransport):
+    """A StringTransport that, like a TCP transport, sends its buffer when ``doWrite`` is called."""
+
+    def __init__(self):
+        super().__init__()
+        self.sent_at_once = []
+
+    def doWrite(self):
+        self.sent_at_once.append(len(self.value()))
+
+    def setTcpNoDelay(self, enabled):
+        self.no_delay = enabled
+
+
+def test_protocol_sends_each_whole_response_at_once_over_tcp():
+    """Over a TCP-like transport each complete response is handed to the socket as it is written, with Nagle off."""
+    factory = SmartServerFactory(Dispatcher(MemoryBackend({b"f": b"data"})), clock=Clock())
+    protocol = factory.build_protocol(Caller(None, "memory", Writable.nowhere()))
+    transport = _TCPLikeTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(encode_request([b"get", b"f"]))
+    first = len(transport.value())
+    protocol.dataReceived(encode_request([b"get", b"f"]))
+    assert transport.no_delay is True
+    assert transport.sent_at_once == [first, len(transport.value())]

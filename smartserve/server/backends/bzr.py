@@ -105,10 +105,11 @@ class BzrBackend:
         if verb != b"get" or len(args) != 2:
             return False
         try:
-            size = transport.stat(args[1].decode("utf-8")).st_size
-        except Exception:
-            return False  # Breezy's handler, in the pool, makes the error reply
-        return size <= self.inline_read_bytes
+            size = transport.file_size(args[1].decode("utf-8"))
+        except UnicodeDecodeError:
+            return False
+        # Anything but a small readable file goes to the pool, where Breezy's handler makes the error reply.
+        return size is not None and size <= self.inline_read_bytes
 
     def _transport_for(self, writable: Writable):
         transport = self._transports.get(writable)
