@@ -65,7 +65,7 @@ from .interfaces import IDrainable
 from .jail import Writable
 from .reply import Reply, StreamFailure
 
-__all__ = ["SmartServerProtocol", "SmartServerFactory", "Phase"]
+__all__ = ["SmartServerProtocol", "SmartServerFactory", "Phase", "send_now"]
 
 log = Logger()
 
@@ -77,6 +77,26 @@ _JOIN_BELOW = 64 * 1024
 
 # How much of a response stream one worker-pool call produces.
 STREAM_SLICE_BYTES = 256 * 1024
+
+
+def send_now(transport) -> None:
+    """Hand what was written to ``transport`` to its socket now rather than on the reactor's next turn.
+
+    Twisted's TCP transport sends written bytes only on the next reactor
+    iteration (twisted/twisted#5303): a server answering one request at a
+    time would hold every response for a loop turn and two epoll updates,
+    a large part of a small request's latency. A TCP transport's
+    ``doWrite`` sends what the socket takes and leaves the rest, and any
+    error, to the reactor as usual. A transport of our own (an SSH channel)
+    may offer ``send_now`` instead; any other keeps its own scheduling.
+    """
+    own = getattr(transport, "send_now", None)
+    if own is not None:
+        own()
+        return
+    do_write = getattr(transport, "doWrite", None)
+    if do_write is not None and not transport.disconnecting:
+        do_write()
 
 
 class Phase(enum.Enum):
@@ -430,20 +450,8 @@ class SmartServerProtocol(Protocol):
             self.transport.writeSequence(parts)
 
     def _send_now(self) -> None:
-        """Hand a whole response to the socket now rather than on the reactor's next turn.
-
-        Twisted's TCP transport sends written bytes only on the next reactor
-        iteration (twisted/twisted#5303): a server answering one request at
-        a time would hold every response for a loop turn and two epoll
-        updates, a large part of a small request's latency. A TCP
-        transport's ``doWrite`` sends what the socket takes and leaves the
-        rest, and any error, to the reactor as usual. Other transports (SSH
-        channels) keep their own scheduling.
-        """
-        transport = self.transport
-        do_write = getattr(transport, "doWrite", None)
-        if do_write is not None and not self._producer_paused and not transport.disconnecting:
-            do_write()
+        if not self._producer_paused:
+            send_now(self.transport)
 
     def _response_done(self, current: _CurrentRequest) -> None:
         current.record.emit(self.factory.clock.seconds(), self.factory.access_log)

@@ -19,6 +19,7 @@ send at most one window more, and what arrives is held until it resumes.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 
 from twisted.conch.interfaces import ISession
@@ -32,6 +33,7 @@ from zope.interface import implementer
 
 from ..server.caller import Caller
 from ..server.jail import Writable
+from ..server.protocol import send_now
 from ._access import Rights
 from ._command import parse_serve_command
 from ._exceptions import CommandRefused
@@ -88,6 +90,7 @@ class SessionChannel(SSHSession):
         self.reading_paused = False
         self._after_reply: list[Callable[[], None]] = []
         self._when_flushed: Callable[[], None] | None = None
+        self._unsent: collections.deque = collections.deque()
 
     def after_reply(self, action: Callable[[], None]) -> None:
         """Run ``action`` once the reply to the current channel request is sent.
@@ -105,16 +108,63 @@ class SessionChannel(SSHSession):
 
     def when_flushed(self, action: Callable[[], None]) -> None:
         """Run ``action`` once every byte written so far has left the channel."""
-        if not self.buf and not self.extBuf:
+        if not self._unsent and not self.extBuf:
             action()
         else:
             self._when_flushed = action
 
+    def write(self, data: bytes) -> None:
+        """Send ``data`` as far as the client's window allows; queue the rest.
+
+        Conch's channel keeps unsent data as one string and copies all of
+        it on every window adjustment, which is quadratic in the size of a
+        large body. Here unsent data stays queued in the pieces it came in,
+        and only the part a window takes is copied. While anything is
+        queued the producer stays paused, so at most one write waits here.
+        """
+        if data:
+            self._unsent.append(data)
+        self._send_unsent()
+
+    def _send_unsent(self) -> None:
+        unsent = self._unsent
+        while unsent and self.remoteWindowLeft > 0:
+            head = unsent[0]
+            size = min(len(head), self.remoteWindowLeft)
+            if size == len(head):
+                unsent.popleft()
+                piece = head
+            else:
+                view = memoryview(head)
+                piece, unsent[0] = view[:size].tobytes(), view[size:]
+            super().write(piece.tobytes() if isinstance(piece, memoryview) else piece)
+        if unsent and self.areWriting:
+            self.areWriting = False
+            self.stopWriting()
+
     def addWindowBytes(self, data: int) -> None:
-        super().addWindowBytes(data)
-        if self._when_flushed is not None and not self.buf and not self.extBuf:
+        self.remoteWindowLeft += data
+        self._send_unsent()
+        if self.extBuf:
+            queued, self.extBuf = self.extBuf, []
+            for data_type, extended in queued:
+                self.writeExtended(data_type, extended)
+        if self._unsent:
+            return
+        # The producer resumes only once everything queued has gone.
+        if not self.areWriting and not self.closing:
+            self.areWriting = True
+            self.startWriting()
+        if self.closing:
+            self.loseConnection()
+        if self._when_flushed is not None and not self.extBuf:
             action, self._when_flushed = self._when_flushed, None
             action()
+
+    def loseConnection(self) -> None:
+        self.closing = 1
+        if not self._unsent:
+            super().loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self.client is None or self.client.transport is None:
@@ -147,7 +197,7 @@ class SessionChannel(SSHSession):
     def closeReceived(self) -> None:
         # The client will not add window any more: what is still buffered
         # can never be sent, and waiting for it would keep the channel open.
-        self.buf = b""
+        self._unsent.clear()
         self.extBuf = []
         self._when_flushed = None
         self.loseConnection()
@@ -261,6 +311,13 @@ class ChannelTransport:
 
     def writeSequence(self, data) -> None:
         self.write(b"".join(data))
+
+    def send_now(self) -> None:
+        """Have the SSH connection's socket send what the channel passed on so far, now."""
+        ssh_transport = getattr(self.channel.conn, "transport", None)
+        socket_transport = getattr(ssh_transport, "transport", None)
+        if socket_transport is not None and not self.disconnecting:
+            send_now(socket_transport)
 
     def loseConnection(self) -> None:
         if not self.disconnecting:

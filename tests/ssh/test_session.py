@@ -181,3 +181,28 @@ def test_paused_reader_gets_held_data_then_eof_on_resume():
     assert protocol.events == [("data", b"a")]
     transport.resumeProducing()
     assert protocol.events == [("data", b"a"), ("data", b"b"), ("data", b"c"), ("eof", b"")]
+
+
+def test_channel_large_write_goes_out_window_by_window_in_order():
+    """A write far larger than the window is sent a window at a time, in order; the producer resumes only once all of it left, and a close waits for it."""
+    conn = _RecordingConnection()
+    channel = _channel(3000, conn)
+    transport = ChannelTransport(channel, lambda: None)
+    producer = _Producer()
+    transport.registerProducer(producer, True)
+    body = bytes(range(256)) * 40  # 10,240 bytes
+    transport.write(body)
+    transport.write(b"tail")
+    assert producer.paused
+    channel.loseConnection()
+    sent = lambda: b"".join(data for kind, data in conn.log if kind == "data")  # noqa: E731
+    assert sent() == body[:3000]
+    for _ in range(3):
+        channel.addWindowBytes(2000)
+        assert producer.paused
+        assert ("close", b"") not in conn.log
+    assert len(sent()) == 3000 + 3 * 2000
+    channel.addWindowBytes(10_000)
+    assert sent() == body + b"tail"
+    assert all(len(data) <= 1024 for kind, data in conn.log if kind == "data")
+    assert conn.log[-1] == ("close", b"")
