@@ -27,9 +27,10 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ..protocol import DEFAULT_LIMITS, Limits
 from ..verbs import FailurePoint, VerbClass, classify, may_resend
@@ -161,7 +162,15 @@ class SmartClient:
         ``ClientClosed`` after ``close``.
         """
         outgoing = Outgoing(verb, args, body=body, body_stream=body_stream, on_chunk=on_chunk, headers=headers)
-        return Deferred.fromCoroutine(self._call(outgoing))
+        self.stats.calls += 1
+        deadline_at = self._clock.seconds() + self.policy.deadline
+        entry = self._pool.take_free()
+        if entry is None:
+            return Deferred.fromCoroutine(self._call(outgoing, deadline_at))
+        protocol = entry.slot.ready_connection()
+        if protocol is None or protocol.closed_reason() is not None or protocol.has_unread_input():
+            return Deferred.fromCoroutine(self._run(outgoing, entry, deadline_at))
+        return self._send_first(outgoing, entry, protocol, deadline_at)
 
     def close(self, timeout: float = 5.0) -> Deferred:
         """Close all connections; later calls fail with ``ClientClosed``.
@@ -206,19 +215,61 @@ class SmartClient:
             if timer.active():
                 timer.cancel()
 
-    async def _call(self, outgoing: Outgoing) -> Reply:
-        self.stats.calls += 1
-        verb = outgoing.verb
-        deadline_at = self._clock.seconds() + self.policy.deadline
-        entry = await self._bounded(self._pool.acquire(), self._remaining(deadline_at), verb, None)
+    def _attempt_timeout(self, deadline_at: float) -> float:
+        timeout = self.policy.request_timeout
+        remaining = self._remaining(deadline_at)
+        return remaining if timeout is None else min(timeout, remaining)
+
+    def _send_first(self, outgoing: Outgoing, entry, protocol, deadline_at: float) -> Deferred:
+        """The first attempt on a connected slot that passed the probe, as plain callbacks.
+
+        This is the common case, spared the coroutines; a lost attempt
+        goes on in ``_attempts`` exactly as if it had been made there.
+        """
+        entry.protocol = protocol
         try:
-            return await self._attempts(outgoing, entry, deadline_at)
+            sent = protocol.send_request(outgoing, timeout=self._attempt_timeout(deadline_at))
+        except Exception:
+            self._pool.release(entry)
+            return fail()
+        return sent.addCallbacks(
+            self._first_answered, self._first_failed, callbackArgs=(entry,), errbackArgs=(outgoing, entry, deadline_at)
+        )
+
+    def _first_answered(self, reply: Reply, entry) -> Reply:
+        entry.slot.request_succeeded()
+        self.budget.record_success()
+        self._pool.release(entry)
+        return reply
+
+    def _first_failed(self, failure: Failure, outgoing: Outgoing, entry, deadline_at: float):
+        error = failure.value
+        if isinstance(error, TransportFailure):
+            try:
+                self._attempt_lost(outgoing, entry, error, 0, deadline_at)
+            except BaseException:
+                self._pool.release(entry)
+                raise
+            return Deferred.fromCoroutine(self._run(outgoing, entry, deadline_at, resends=1))
+        if isinstance(error, RemoteError):
+            entry.slot.request_succeeded()
+            self.budget.record_success()
+        self._pool.release(entry)
+        return failure
+
+    async def _call(self, outgoing: Outgoing, deadline_at: float) -> Reply:
+        entry = await self._bounded(self._pool.acquire(), self._remaining(deadline_at), outgoing.verb, None)
+        return await self._run(outgoing, entry, deadline_at)
+
+    async def _run(self, outgoing: Outgoing, entry, deadline_at: float, resends: int = 0) -> Reply:
+        """The attempts on ``entry``'s slot, which goes back to the pool at the end."""
+        try:
+            return await self._attempts(outgoing, entry, deadline_at, resends)
         finally:
             self._pool.release(entry)
 
-    async def _attempts(self, outgoing: Outgoing, entry, deadline_at: float) -> Reply:
+    async def _attempts(self, outgoing: Outgoing, entry, deadline_at: float, resends: int) -> Reply:
         verb = outgoing.verb
-        resends = 0
         connect_failures = 0
         last_error: Optional[Exception] = None
         while True:
@@ -268,44 +319,46 @@ class SmartClient:
                 if self.metrics is not None:
                     self.metrics.reconnected("probe")
                 continue
-            timeout = self.policy.request_timeout
-            remaining = self._remaining(deadline_at)
-            timeout = remaining if timeout is None else min(timeout, remaining)
             try:
-                reply = await protocol.send_request(outgoing, timeout=timeout)
+                reply = await protocol.send_request(outgoing, timeout=self._attempt_timeout(deadline_at))
             except RemoteError:
                 entry.slot.request_succeeded()
                 self.budget.record_success()
                 raise
             except TransportFailure as failure:
-                if failure.drain_signal:
-                    entry.slot.discard(failure.reason)
-                else:
-                    entry.slot.request_failed(failure.reason)
-                    self.budget.record_failure()
-                if self.metrics is not None:
-                    self.metrics.reconnected("drain" if failure.drain_signal else "failure")
-                why_not = self._why_not_resend(outgoing, failure, resends, deadline_at)
-                if why_not is not None:
-                    raise self._final_error(outgoing, failure, why_not) from failure
+                self._attempt_lost(outgoing, entry, failure, resends, deadline_at)
                 resends += 1
-                self.stats.resends += 1
-                if self.metrics is not None:
-                    self.metrics.resent(classify(verb), failure.point.value)
-                self._log.info(
-                    "resending {verb} ({verb_class}), lost {point}: {reason}",
-                    verb=verb.decode("utf-8", "replace"),
-                    verb_class=classify(verb).value,
-                    point=failure.point.value,
-                    reason=failure.reason,
-                    drain_signal=failure.drain_signal,
-                    resend=resends,
-                    event_kind="resend",
-                )
                 continue
             entry.slot.request_succeeded()
             self.budget.record_success()
             return reply
+
+    def _attempt_lost(self, outgoing: Outgoing, entry, failure: TransportFailure, resends: int, deadline_at: float) -> None:
+        """Account for an attempt lost with ``failure``; raise the call's error unless it goes out again."""
+        if failure.drain_signal:
+            entry.slot.discard(failure.reason)
+        else:
+            entry.slot.request_failed(failure.reason)
+            self.budget.record_failure()
+        if self.metrics is not None:
+            self.metrics.reconnected("drain" if failure.drain_signal else "failure")
+        why_not = self._why_not_resend(outgoing, failure, resends, deadline_at)
+        if why_not is not None:
+            raise self._final_error(outgoing, failure, why_not) from failure
+        verb = outgoing.verb
+        self.stats.resends += 1
+        if self.metrics is not None:
+            self.metrics.resent(classify(verb), failure.point.value)
+        self._log.info(
+            "resending {verb} ({verb_class}), lost {point}: {reason}",
+            verb=verb.decode("utf-8", "replace"),
+            verb_class=classify(verb).value,
+            point=failure.point.value,
+            reason=failure.reason,
+            drain_signal=failure.drain_signal,
+            resend=resends + 1,
+            event_kind="resend",
+        )
 
     async def _probe(self, protocol) -> Optional[str]:
         reason = protocol.closed_reason()

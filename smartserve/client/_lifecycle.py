@@ -252,14 +252,22 @@ class _Slot:
         self._machine = machine
         self._core = core
 
-    def connection(self) -> Deferred[SmartClientProtocol]:
+    def ready_connection(self) -> Optional[SmartClientProtocol]:
+        """The current connection if the slot is Connected with no waiter to fire, else None.
+
+        This is what ``connection()`` answers in that state, without the
+        machine or a Deferred: Connected is the only state with a current
+        connection, and the input changes nothing there.
+        """
         core = self._core
-        if core.current is not None and not core.ready:
-            # Connected (the only state with a current connection) answers
-            # with it and changes nothing: skip the machine on the hot path.
-            return succeed(core.current)
+        return None if core.ready else core.current
+
+    def connection(self) -> Deferred[SmartClientProtocol]:
+        protocol = self.ready_connection()
+        if protocol is not None:
+            return succeed(protocol)
         result = self._machine.connection()
-        core.flush()
+        self._core.flush()
         return result
 
     def request_succeeded(self) -> None:

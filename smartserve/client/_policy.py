@@ -90,7 +90,8 @@ class RetryBudget:
 
     def record_success(self) -> None:
         """Give back part of a token for a call that succeeded."""
-        self.tokens = min(self.max_tokens, self.tokens + self.ratio)
+        if self.tokens < self.max_tokens:
+            self.tokens = min(self.max_tokens, self.tokens + self.ratio)
 
     def allows_retry(self) -> bool:
         """Whether another attempt after a failure may be made now."""

@@ -69,6 +69,10 @@ class Pool:
         """How many slots calls hold now."""
         return self.size - len(self._free)
 
+    def take_free(self) -> Optional[PoolEntry]:
+        """A free slot now, live connections first, or None if every slot is taken."""
+        return self._take() if self._free else None
+
     def acquire(self) -> Deferred:
         """A free slot, as soon as there is one; cancelling gives up the wait."""
         if self._free:
