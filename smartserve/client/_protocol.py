@@ -19,6 +19,7 @@ import socket
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Tuple, Union
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet import tcp
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
@@ -27,12 +28,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..protocol import (
-    NEED_DATA,
-    PAUSED,
     BodyChunk,
     BodyError,
     Connection,
-    ConnectionClosed,
     EndOfMessage,
     Limits,
     DEFAULT_LIMITS,
@@ -51,6 +49,13 @@ DRAIN_EXIT_STATUS = 75
 """SSH exit status (EX_TEMPFAIL) of a server that closed because it drains."""
 
 BodyStream = Union[Iterable[bytes], Callable[[], Iterable[bytes]], Any]
+
+# An int, not the socket.MsgFlag the ``|`` of the members builds on every call.
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+_END = EndOfMessage()
+_MESSAGE_EVENTS = frozenset((Response, BodyChunk, BodyError, EndOfMessage))
+_IDLE = State.IDLE
+_DONE = State.DONE
 
 
 class Reply(NamedTuple):
@@ -152,7 +157,12 @@ class SmartClientProtocol(Protocol):
         self._body_parts: list = []
         self._body_error: Optional[tuple] = None
         self._received_in_cycle = False
-        self._timeout_call = None
+        self._timer = None
+        self._timeout: Optional[float] = None
+        self._deadline: Optional[float] = None
+        self._socket: Optional[socket.socket] = None
+        self._readable = None
+        self._direct = False
         self._paused: Optional[Deferred] = None
         self._abort_reason: Optional[str] = None
         self._abort_error: Optional[BaseException] = None
@@ -163,6 +173,13 @@ class SmartClientProtocol(Protocol):
         self.requests_sent = 0
 
     def connectionMade(self) -> None:
+        if getattr(self.transport, "getHandle", None) is not None:
+            self._socket = _socket_of(self.transport)
+            if self._socket is not None and hasattr(select, "poll"):
+                self._readable = select.poll()
+                self._readable.register(self._socket, select.POLLIN)
+            # Not a TLS or other wrapper, whose getHandle is the socket under it.
+            self._direct = self._socket is not None and isinstance(self.transport, tcp.Connection)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
@@ -198,21 +215,27 @@ class SmartClientProtocol(Protocol):
         """
         if self._lost:
             return "connection already closed"
-        if self._codec.their_eof:
+        codec = self._codec
+        if codec.their_eof:
             return "server sent EOF"
-        if getattr(self.transport, "remoteClosed", False):
-            return "server closed the channel"
-        carrier = _ssh_socket_transport(self.transport)
-        if carrier is not None and (getattr(carrier, "disconnected", False) or not getattr(carrier, "connected", True)):
-            return "the SSH connection under the channel is gone"
-        if not self._reusable or self._codec.our_state is not State.IDLE:
+        sock = self._socket
+        if sock is None:
+            if getattr(self.transport, "remoteClosed", False):
+                return "server closed the channel"
+            carrier = _ssh_socket_transport(self.transport)
+            if carrier is not None and (getattr(carrier, "disconnected", False) or not getattr(carrier, "connected", True)):
+                return "the SSH connection under the channel is gone"
+        if not self._reusable or codec.our_state is not _IDLE:
             return "connection not reusable"
-        if self._codec.their_state is not State.IDLE or self._codec.trailing_data:
+        if codec.their_state is not _IDLE or codec.trailing_data:
             return "server sent bytes outside a response"
-        sock = getattr(self.transport, "getHandle", None) and _socket_of(self.transport)
         if sock is not None:
+            # A poll is cheaper than a peek; it reports an EOF, bytes and a
+            # socket error alike, and only then does the peek tell which.
+            if self._readable is not None and not self._readable.poll(0):
+                return None
             try:
-                peeked = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                peeked = sock.recv(1, _PEEK_NOW)
             except (BlockingIOError, InterruptedError):
                 return None
             except OSError as exc:
@@ -222,8 +245,10 @@ class SmartClientProtocol(Protocol):
 
     def has_unread_input(self) -> bool:
         """Whether the socket under an SSH channel has bytes the reactor has not read."""
+        if self._socket is not None or getattr(self.transport, "getHandle", None) is not None:
+            return False
         sock = _socket_of(self.transport)
-        if sock is None or getattr(self.transport, "getHandle", None) is not None:
+        if sock is None:
             return False
         try:
             readable, _, _ = select.select([sock], [], [], 0)
@@ -252,7 +277,7 @@ class SmartClientProtocol(Protocol):
         self._abort_reason = None
         self._abort_error = None
         if timeout is not None:
-            self._timeout_call = self._clock.callLater(timeout, self._time_out, timeout)
+            self._arm_timer(timeout)
         if self._lost:
             self._fail_pending(Failure(ConnectionError("connection already closed")))
             return result
@@ -265,7 +290,7 @@ class SmartClientProtocol(Protocol):
                 head = codec.send(Request((outgoing.verb,) + outgoing.args, outgoing.headers))
                 if outgoing.body is not None:
                     head += codec.send(BodyChunk(outgoing.body))
-                self.transport.write(head + codec.send(EndOfMessage()))
+                self._write_now(head + codec.send(_END))
         except ProtocolError as exc:
             self.abort(f"cannot encode request: {exc}", exc)
         return result
@@ -299,7 +324,29 @@ class SmartClientProtocol(Protocol):
             self.transport.loseConnection()
 
     def _write(self, event) -> None:
+        self._direct = False
         self.transport.write(self._codec.send(event))
+
+    def _write_now(self, data: bytes) -> None:
+        """Write ``data``, straight to a TCP socket while the transport has never buffered any.
+
+        A transport's ``write`` sends on the next reactor turn, at the cost
+        of a turn and two ``epoll_ctl`` calls per request. Sending on the
+        socket keeps the bytes in order only if the transport holds none,
+        which is sure while it has never been given any: the first write
+        the socket does not take whole goes to the transport, and so does
+        everything after it on this connection.
+        """
+        if self._direct:
+            try:
+                sent = self._socket.send(data)
+            except OSError:
+                sent = 0  # the transport's own write meets the error and reports it
+            if sent == len(data):
+                return
+            self._direct = False
+            data = data[sent:]
+        self.transport.write(data)
 
     async def _write_stream(self, outgoing: Outgoing) -> None:
         self.transport.registerProducer(self, True)
@@ -316,7 +363,7 @@ class SmartClientProtocol(Protocol):
                         return
                     self._write(BodyChunk(item))
             if not self._lost and self._pending is not None:
-                self._write(EndOfMessage())
+                self._write(_END)
         finally:
             if not self._lost:
                 self.transport.unregisterProducer()
@@ -341,9 +388,38 @@ class SmartClientProtocol(Protocol):
     def stopProducing(self) -> None:
         self.resumeProducing()
 
-    def _time_out(self, timeout: float) -> None:
-        self._timeout_call = None
-        self.abort(f"no response within {timeout:g} s")
+    def _arm_timer(self, timeout: float) -> None:
+        """Abort the request if no response comes within ``timeout`` seconds.
+
+        One timer serves the connection's requests in turn, sparing a
+        ``callLater`` and a ``cancel`` per request: it is moved only when
+        the new deadline is earlier, and when it fires before the deadline
+        (set by an earlier request) it waits out the rest.
+        """
+        self._timeout = timeout
+        self._deadline = deadline = self._clock.seconds() + timeout
+        timer = self._timer
+        if timer is None:
+            self._timer = self._clock.callLater(timeout, self._timer_fired)
+        elif timer.getTime() > deadline:
+            timer.reset(timeout)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if self._deadline is None:
+            return
+        remaining = self._deadline - self._clock.seconds()
+        if remaining > 0:
+            self._timer = self._clock.callLater(remaining, self._timer_fired)
+            return
+        self._deadline = None
+        self.abort(f"no response within {self._timeout:g} s")
+
+    def _stop_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        self._deadline = None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def dataReceived(self, data: bytes) -> None:
         if self._pending is None:
@@ -358,25 +434,29 @@ class SmartClientProtocol(Protocol):
         self._process_events()
 
     def _process_events(self) -> None:
+        next_event = self._codec.next_event
         while True:
             try:
-                event = self._codec.next_event()
+                event = next_event()
             except ProtocolError as exc:
                 self.abort(f"protocol error: {exc}")
                 return
-            if event is NEED_DATA or event is PAUSED or isinstance(event, ConnectionClosed):
-                return
+            kind = type(event)
+            if kind not in _MESSAGE_EVENTS:
+                return  # NEED_DATA, PAUSED or ConnectionClosed
             if self._pending is None:
                 self.abort("server sent a response to no request")
                 return
-            if isinstance(event, Response):
-                self._response = event
-            elif isinstance(event, BodyChunk):
+            if kind is BodyChunk:
                 self._take_chunk(event.data)
-            elif isinstance(event, BodyError):
-                self._body_error = event.args
-            elif isinstance(event, EndOfMessage):
+            elif kind is Response:
+                self._response = event
+            elif kind is EndOfMessage:
                 self._finish()
+                if not self._codec.trailing_data:
+                    return  # next_event would only say NEED_DATA (or ConnectionClosed)
+            else:
+                self._body_error = event.args
 
     def _take_chunk(self, data: bytes) -> None:
         outgoing = self._outgoing
@@ -390,7 +470,7 @@ class SmartClientProtocol(Protocol):
             self._body_parts.append(data)
 
     def _finish(self) -> None:
-        if self._codec.our_state is State.DONE:
+        if self._codec.our_state is _DONE:
             self._codec.start_next_cycle()
         else:
             # The server answered before the whole request was sent.
@@ -409,9 +489,7 @@ class SmartClientProtocol(Protocol):
     def _clear_request(self) -> None:
         self._pending = None
         self._outgoing = None
-        if self._timeout_call is not None and self._timeout_call.active():
-            self._timeout_call.cancel()
-        self._timeout_call = None
+        self._deadline = None
 
     def failure_point(self) -> FailurePoint:
         """How far the request in progress got, from what the codec sent and received."""
@@ -439,6 +517,7 @@ class SmartClientProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self._lost = True
         self._reusable = False
+        self._stop_timer()
         value = reason.value if reason is not None else None
         if isinstance(value, ProcessTerminated) and value.exitCode == DRAIN_EXIT_STATUS:
             self.drain_signal = True
