@@ -212,14 +212,15 @@ class _Root:
         """Forget every remembered directory (the set is replaced, so a check running meanwhile fills the old one)."""
         self._checked = set()
 
-    def check(self, segments: Segments) -> None:
+    def check(self, segments: Segments):
         """Raise OutsideRoot unless the path resolves inside the root.
 
         The root itself is already resolved, so only the names below it are
         looked at, one ``lstat`` each, starting below the deepest directory
         already checked; a full ``realpath`` runs only when one of them is a
         symlink. A missing name ends the walk: nothing below it exists, so
-        nothing below it can lead outside.
+        nothing below it can lead outside. Returns the ``lstat`` of the path
+        itself when the walk reached it, else None.
         """
         checked = self._checked
         depth = len(segments)
@@ -227,19 +228,22 @@ class _Root:
         while start and segments[:start] not in checked:
             start -= 1
         path = "/".join((self.real, *segments[:start]))
+        st = None
         for index in range(start, depth):
             path = f"{path}/{segments[index]}"
             try:
-                mode = os.lstat(path).st_mode
+                st = os.lstat(path)
             except OSError:
-                return
+                return None
+            mode = st.st_mode
             if S_ISDIR(mode):
                 checked.add(segments[: index + 1])
             elif S_ISLNK(mode):
                 real = os.path.realpath(self._inside + "/".join(segments))
                 if real != self.real and not real.startswith(self._inside):
                     raise OutsideRoot(_client_path(segments))
-                return
+                return None
+        return st
 
 
 @functools.lru_cache(maxsize=64)
@@ -404,11 +408,14 @@ class JailTransport(Transport):
     def file_size(self, relpath) -> Optional[int]:
         """The size of the regular file at ``relpath``, or None if there is none the caller may read."""
         try:
-            segments = self._resolve(relpath)
-            st = os.stat("/".join((self._caller.root.real, *segments)))
+            segments = self._segments(relpath)
+            root = self._caller.root
+            st = root.check(segments)
+            if st is None and segments:
+                st = os.stat("/".join((root.real, *segments)))
         except (OSError, errors.BzrError):
             return None
-        return st.st_size if S_ISREG(st.st_mode) else None
+        return st.st_size if st is not None and S_ISREG(st.st_mode) else None
 
     def list_dir(self, relpath):
         """See Transport.list_dir."""
