@@ -59,6 +59,11 @@ class Options(usage.Options):
         ["drain-timeout", None, 600.0, "Seconds a drain waits for busy connections before aborting them.", float],
         ["drain-grace", None, 0.0, "Seconds between /health turning 503 and the listeners closing.", float],
         ["drain-linger", None, 0.0, "Seconds a draining server waits for another request on an idle connection.", float],
+        [
+            "drain-spread", None, 0.0,
+            "Seconds over which the linger's end is spread, per connection, so clients do not all reconnect at once.",
+            float,
+        ],
         ["access-log", None, None, "File of access lines, one per request [default: DATA/access.log]; '-': the twistd log."],
         ["admin", None, None, "Endpoint of the admin HTTP server (/health, /metrics); off when not given."],
     ]
@@ -79,7 +84,11 @@ class Options(usage.Options):
             self["control"] = os.path.join(self["data"], "control.sock")
         if self["ssh"] in ("none", "off", ""):
             self["ssh"] = None
-        for name in ("idle-timeout", "drain-timeout", "drain-grace", "drain-linger", "login-grace-time", "inline-read-bytes"):
+        non_negative = (
+            "idle-timeout", "drain-timeout", "drain-grace", "drain-linger", "drain-spread", "login-grace-time",
+            "inline-read-bytes",
+        )
+        for name in non_negative:
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must be 0 or more")
         for name in ("threads", "max-unauthenticated", "max-sessions-per-user"):
@@ -223,6 +232,7 @@ def makeService(options: Options, reactor=None) -> SmartserveService:
         tcp_writable=Writable.everywhere() if options["bzr-allow-writes"] else Writable.nowhere(),
         metrics=metrics,
         drain_linger=options["drain-linger"],
+        drain_spread=options["drain-spread"],
         access_log=access_logger(access_file),
     )
     controller = DrainController(reactor, grace=options["drain-grace"], default_timeout=options["drain-timeout"])

@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import enum
 import itertools
+import random
 from typing import List, Optional
 
 import breezy
@@ -222,7 +223,10 @@ class SmartServerProtocol(Protocol):
         """Close once idle (for the factory's drain linger), else right after the current response."""
         self._draining = True
         if self._drain_started is None:
-            self._drain_started = self.factory.clock.seconds()
+            factory = self.factory
+            # With a drain spread, each connection's linger ends at its own
+            # moment, so that clients do not all reconnect at once.
+            self._drain_started = factory.clock.seconds() + factory.random.uniform(0.0, factory.drain_spread)
         if self.phase is Phase.IDLE and self.transport is not None:
             self._close_if_lingered()
 
@@ -542,7 +546,10 @@ class SmartServerFactory(Factory):
     ``build_protocol`` with the authenticated caller. ``metrics``, a
     ``smartserve.metrics.ServerMetrics``, counts every finished or aborted
     request when given. ``drain_linger`` is the seconds a draining server
-    waits for the next request on an idle connection before closing it.
+    waits for the next request on an idle connection before closing it;
+    ``drain_spread`` spreads the end of that wait over so many more seconds,
+    a random moment per connection, for connections that never go idle that
+    long (clients of a busy server would otherwise all reconnect at once).
     ``access_log`` is the ``Logger`` that gets each request's access event
     (the global log publisher unless given).
     """
@@ -559,6 +566,7 @@ class SmartServerFactory(Factory):
         tcp_writable: Writable = Writable.nowhere(),
         metrics=None,
         drain_linger: float = 0.0,
+        drain_spread: float = 0.0,
         access_log=DEFAULT_ACCESS_LOG,
     ):
         if clock is None:
@@ -566,6 +574,8 @@ class SmartServerFactory(Factory):
         self.dispatcher = dispatcher
         self.metrics = metrics
         self.drain_linger = drain_linger
+        self.drain_spread = drain_spread
+        self.random = random.Random()
         self.access_log = access_log
         self.clock = clock
         self.idle_timeout = idle_timeout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from smartserve.testing import MemoryBackend, encode_request, response_args, serve_in_memory
 
@@ -65,3 +66,39 @@ def test_protocol_without_linger_serves_nothing_after_drain():
     assert transport.disconnecting
     protocol.dataReceived(encode_request([b"get", b"f"]))
     assert transport.value() == b""
+
+
+class _FixedDraws:
+    """Stands in for the factory's random source: hands out the given draws in order."""
+
+    def __init__(self, *draws: float):
+        self.draws = list(draws)
+
+    def uniform(self, low: float, high: float) -> float:
+        draw = self.draws.pop(0)
+        assert low <= draw <= high
+        return draw
+
+
+def test_protocol_drain_spread_closes_busy_connections_at_their_own_moments():
+    """With a spread, connections busy through the linger each close at their first idle moment after linger + their own draw."""
+    clock = Clock()
+    factory, first, first_transport = serve_in_memory(MemoryBackend({b"f": b"data"}), clock=clock)
+    second = factory.build_protocol(first.caller)
+    second.makeConnection(StringTransport())
+    factory.drain_linger = 2.0
+    factory.drain_spread = 1.0
+    factory.random = _FixedDraws(0.25, 0.85)
+    factory.drain()
+    closed_at = {}
+    for step in range(1, 36):  # a request every 0.1 s: neither connection idles for the linger
+        clock.advance(0.1)
+        for protocol in (first, second):
+            if protocol.transport.disconnecting:
+                closed_at.setdefault(protocol, round(clock.seconds(), 2))
+            else:
+                protocol.dataReceived(encode_request([b"get", b"f"]))
+    # Linger ends at 2.25 and 2.85: each closes in the idle moment after its last request (2.2 and 2.8).
+    assert closed_at[first] == 2.3
+    assert closed_at[second] == 2.9
+    assert all(protocol.closing_for_drain for protocol in (first, second))
