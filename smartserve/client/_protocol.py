@@ -448,7 +448,10 @@ class SmartClientProtocol(Protocol):
                 self.abort("server sent a response to no request")
                 return
             if kind is BodyChunk:
-                self._take_chunk(event.data)
+                if self._outgoing.on_chunk is None:
+                    self._body_parts.append(event.data)
+                else:
+                    self._take_chunk(event.data)
             elif kind is Response:
                 self._response = event
             elif kind is EndOfMessage:
