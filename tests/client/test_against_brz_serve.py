@@ -36,6 +36,19 @@ async def test_call_put_then_get_returns_the_bytes(client, workdir):
 
 
 @pytest_twisted.ensureDeferred
+async def test_call_requests_after_one_larger_than_the_socket_takes_arrive_in_order(client, workdir):
+    """A request the socket cannot take at once, and small ones after it on the same connection, reach the server whole and in order."""
+    path, remote = workdir
+    big = bytes(range(256)) * (32 * 1024)  # 8 MiB, more than a loopback socket buffer
+    assert (await client.call(b"put", f"{remote}/big".encode(), b"", body=big)).args == (b"ok",)
+    for index in range(3):
+        await client.call(b"put", f"{remote}/small{index}".encode(), b"", body=b"small %d" % index)
+        assert (await client.call(b"get", f"{remote}/small{index}".encode())).body == b"small %d" % index
+    assert (path / "big").read_bytes() == big
+    assert client.stats.resends == client.stats.probe_reconnects == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_call_put_with_body_stream_sends_every_part(client, workdir):
     """A request body given as a stream of parts arrives whole."""
     path, remote = workdir

@@ -26,7 +26,7 @@ from smartserve.client import (
     backoff_delay,
     RetryBudget,
 )
-from smartserve.protocol import NEED_DATA, BodyChunk, Connection, EndOfMessage, Request, Response, Role
+from smartserve.protocol import NEED_DATA, PAUSED, BodyChunk, Connection, EndOfMessage, Request, Response, Role, State
 
 
 class FakeTransport(StringTransport):
@@ -312,6 +312,27 @@ def test_engine_request_timeout_aborts_and_resends_a_read(server, clock):
     assert result == [Reply((b"ok",), b"x")]
 
 
+def test_engine_request_timeout_counts_from_each_request(server, clock):
+    """A request is given its whole request_timeout even when an earlier request on the connection started sooner."""
+    client = make_client(server, clock, request_timeout=2.0)
+    outcome(client.call(b"hello"))
+    connection = server.connections[0]
+    connection.respond(b"ok", b"2")
+    clock.advance(1.5)
+    result = outcome(client.call(b"get", b"/x"))
+    clock.advance(1.75)
+    assert result == [] and len(server.connections) == 1
+    connection.respond(b"ok", body=b"in time")
+    assert result == [Reply((b"ok",), b"in time")]
+    late = outcome(client.call(b"get", b"/y"))
+    clock.advance(1.75)
+    assert late == [] and len(server.connections) == 1
+    clock.advance(0.25)
+    assert len(server.connections) == 2
+    server.connections[1].respond(b"ok", body=b"resent")
+    assert late == [Reply((b"ok",), b"resent")]
+
+
 def test_engine_retry_budget_stops_resends_across_calls(server, clock):
     """Once failures have used half the shared budget, failed calls are no longer resent."""
     client = make_client(server, clock, budget_tokens=4.0, max_resends=10)
@@ -558,6 +579,44 @@ def test_protocol_channel_over_a_dead_ssh_connection_is_closed(clock):
     protocol.makeConnection(channel)
     assert not protocol.has_unread_input()
     assert protocol.closed_reason() == "the SSH connection under the channel is gone"
+
+
+def test_protocol_requests_after_a_partial_socket_send_queue_behind_it(clock):
+    """Once the socket took only part of a request, its rest and every later request go through the transport, in order."""
+    import socket
+
+    from smartserve.client import Outgoing, RemoteError
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        transport = StringTransport()
+        protocol = SmartClientProtocol(clock)
+        protocol.makeConnection(transport)
+        # What connectionMade finds under a TCP transport.
+        protocol._socket, protocol._direct = ours, True
+        put = outcome(protocol.send_request(Outgoing(b"put", (b"/big", b""), body=b"x" * (4 * 1024 * 1024))))
+        on_socket = theirs.recv(8 * 1024 * 1024)
+        assert on_socket and transport.value()
+        server = Connection(Role.SERVER)
+        server.receive_data(on_socket)
+        assert isinstance(server.next_event(), Request)
+        # The server answers before it has read the whole body.
+        protocol.dataReceived(server.send(Response((b"error", b"too big"), False)) + server.send(EndOfMessage()))
+        assert put[0].check(RemoteError)
+        protocol.send_request(Outgoing(b"get", (b"/small",)))
+        with pytest.raises(BlockingIOError):
+            theirs.recv(1)
+        server.receive_data(transport.value())
+        events = []
+        while (event := server.next_event()) is not NEED_DATA and event is not PAUSED:
+            events.append(event)
+            if isinstance(event, EndOfMessage) and server.our_state is State.DONE:
+                server.start_next_cycle()
+    kinds = [type(event).__name__ for event in events if not isinstance(event, BodyChunk)]
+    assert kinds[-3:] == ["EndOfMessage", "Request", "EndOfMessage"]
+    assert events[-2].args == (b"get", b"/small")
 
 
 def test_engine_backs_off_from_a_server_that_hangs_up_at_once(server, clock):
