@@ -142,6 +142,7 @@ class SmartServerProtocol(Protocol):
         self._closing = False
         self._producer_paused = False
         self._idle_timer = None
+        self._waiting_since = None
         self._pending_bytes_in = 0
         self._idle_since = 0.0
         self._drain_started = None
@@ -510,24 +511,48 @@ class SmartServerProtocol(Protocol):
         return self.phase is Phase.RESPONSE and self._producer_paused
 
     def _update_idle_timer(self) -> None:
-        """Run the idle timer exactly while the connection waits on the peer."""
+        """Count idle time exactly while the connection waits on the peer.
+
+        One timer per connection stays armed across requests: a request
+        only notes when the waiting started or stopped, and the timer, when
+        it fires, closes the connection or re-arms for what is left. Arming
+        and cancelling a timer around every request cost more than the
+        rest of the bookkeeping of a small one.
+        """
         timeout = self.factory.idle_timeout
-        if not timeout or self._closing or not self._waiting_on_peer():
+        if not timeout or self._closing:
             self._cancel_idle_timer()
-        elif self._idle_timer is None:
-            self._idle_timer = self.factory.clock.callLater(timeout, self._idle_timed_out)
+        elif self._waiting_on_peer():
+            if self._waiting_since is None:
+                self._waiting_since = self.factory.clock.seconds()
+            if self._idle_timer is None:
+                self._idle_timer = self.factory.clock.callLater(timeout, self._idle_timer_fired)
+        else:
+            self._waiting_since = None
 
     def _restart_idle_timer(self) -> None:
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.reset(self.factory.idle_timeout)
+        """The peer sent something: waiting starts afresh."""
+        if self._waiting_since is not None:
+            self._waiting_since = self.factory.clock.seconds()
 
     def _cancel_idle_timer(self) -> None:
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
         self._idle_timer = None
+        self._waiting_since = None
+
+    def _idle_timer_fired(self) -> None:
+        self._idle_timer = None
+        since = self._waiting_since
+        if self._closing or since is None:
+            return  # busy: the timer is armed again once the connection waits
+        remaining = since + self.factory.idle_timeout - self.factory.clock.seconds()
+        if remaining > 0:
+            self._idle_timer = self.factory.clock.callLater(remaining, self._idle_timer_fired)
+            return
+        self._idle_timed_out()
 
     def _idle_timed_out(self) -> None:
-        self._idle_timer = None
         log.info(
             "Closing connection {connection_id} from {peer}: idle for {timeout} s",
             connection_id=self.connection_id,
