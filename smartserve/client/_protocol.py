@@ -18,8 +18,8 @@ import select
 import socket
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Tuple, Union
 
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet import tcp
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
