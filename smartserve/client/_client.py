@@ -30,7 +30,6 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from ..protocol import DEFAULT_LIMITS, Limits
 from ..verbs import FailurePoint, VerbClass, classify, may_resend
@@ -62,6 +61,58 @@ class ClientStats:
     resends: int = 0
     outcome_unknown: int = 0
     keepalive_drops: int = 0
+
+
+class _FirstAttempt:
+    """What the engine does with the outcome of a call's first attempt on a connected slot.
+
+    The protocol tells it before the caller's callbacks run (see
+    ``SmartClientProtocol.send_request``): an answer gives the slot back;
+    a lost attempt goes on in the engine's loop, whose Deferred the call
+    then follows; cancelling the call gives the slot back, or cancels
+    that loop.
+    """
+
+    __slots__ = ("_client", "_outgoing", "_entry", "_deadline_at", "_resend", "_over")
+
+    def __init__(self, client: "SmartClient", outgoing: Outgoing, entry, deadline_at: float):
+        self._client = client
+        self._outgoing = outgoing
+        self._entry = entry
+        self._deadline_at = deadline_at
+        self._resend: Optional[Deferred] = None
+        self._over = False
+
+    def answered(self, reply: Reply) -> None:
+        if not self._over:
+            self._over = True
+            self._client._answered(self._entry)
+
+    def failed(self, error: BaseException) -> Optional[Deferred]:
+        if self._over:
+            return None
+        self._over = True
+        client, entry = self._client, self._entry
+        if isinstance(error, TransportFailure):
+            try:
+                client._attempt_lost(self._outgoing, entry, error, 0, self._deadline_at)
+            except BaseException:
+                client._pool.release(entry)
+                raise
+            self._resend = Deferred.fromCoroutine(client._run(self._outgoing, entry, self._deadline_at, resends=1))
+            return self._resend
+        if isinstance(error, RemoteError):
+            client._answered(entry)
+        else:
+            client._pool.release(entry)
+        return None
+
+    def cancel(self, deferred: Deferred) -> None:
+        if self._resend is not None:
+            self._resend.cancel()
+        elif not self._over:
+            self._over = True
+            self._client._pool.release(self._entry)
 
 
 class SmartClient:
@@ -221,41 +272,25 @@ class SmartClient:
         return remaining if timeout is None else min(timeout, remaining)
 
     def _send_first(self, outgoing: Outgoing, entry, protocol, deadline_at: float) -> Deferred:
-        """The first attempt on a connected slot that passed the probe, as plain callbacks.
+        """The first attempt on a connected slot that passed the probe, spared the coroutines.
 
-        This is the common case, spared the coroutines; a lost attempt
+        The caller gets the protocol's own Deferred; ``_FirstAttempt``
+        hears the outcome first. This is the common case; a lost attempt
         goes on in ``_attempts`` exactly as if it had been made there.
         """
         entry.protocol = protocol
+        attempt = _FirstAttempt(self, outgoing, entry, deadline_at)
         try:
-            sent = protocol.send_request(outgoing, timeout=self._attempt_timeout(deadline_at))
+            return protocol.send_request(outgoing, timeout=self._attempt_timeout(deadline_at), listener=attempt)
         except Exception:
             self._pool.release(entry)
             return fail()
-        return sent.addCallbacks(
-            self._first_answered, self._first_failed, callbackArgs=(entry,), errbackArgs=(outgoing, entry, deadline_at)
-        )
 
-    def _first_answered(self, reply: Reply, entry) -> Reply:
+    def _answered(self, entry) -> None:
+        """The request on ``entry``'s slot got its answer: count it and give the slot back."""
         entry.slot.request_succeeded()
         self.budget.record_success()
         self._pool.release(entry)
-        return reply
-
-    def _first_failed(self, failure: Failure, outgoing: Outgoing, entry, deadline_at: float):
-        error = failure.value
-        if isinstance(error, TransportFailure):
-            try:
-                self._attempt_lost(outgoing, entry, error, 0, deadline_at)
-            except BaseException:
-                self._pool.release(entry)
-                raise
-            return Deferred.fromCoroutine(self._run(outgoing, entry, deadline_at, resends=1))
-        if isinstance(error, RemoteError):
-            entry.slot.request_succeeded()
-            self.budget.record_success()
-        self._pool.release(entry)
-        return failure
 
     async def _call(self, outgoing: Outgoing, deadline_at: float) -> Reply:
         entry = await self._bounded(self._pool.acquire(), self._remaining(deadline_at), outgoing.verb, None)

@@ -152,6 +152,7 @@ class SmartClientProtocol(Protocol):
         self._clock = clock
         self._codec = Connection(Role.CLIENT, limits)
         self._pending: Optional[Deferred] = None
+        self._listener = None
         self._outgoing: Optional[Outgoing] = None
         self._response: Optional[Response] = None
         self._body_parts: list = []
@@ -256,17 +257,24 @@ class SmartClientProtocol(Protocol):
             return False
         return bool(readable)
 
-    def send_request(self, outgoing: Outgoing, timeout: Optional[float] = None) -> Deferred:
+    def send_request(self, outgoing: Outgoing, timeout: Optional[float] = None, listener=None) -> Deferred:
         """Send ``outgoing`` and return a Deferred that fires with its ``Reply``.
 
         The Deferred fails with a ``RemoteError`` for an error response,
         a ``TransportFailure`` subclass if the connection is lost first, or
         the exception a body stream or ``on_chunk`` raised. Raises
         ``RuntimeError`` if a request is already in progress.
+
+        A ``listener`` hears the outcome before the Deferred's callbacks
+        run, with no callback of its own on it: ``answered(reply)``, or
+        ``failed(exception)``, which may return a Deferred whose result the
+        request's Deferred then takes (a resend), or raise another error;
+        its ``cancel(deferred)`` is the Deferred's canceller.
         """
         if self._pending is not None:
             raise RuntimeError("one request at a time per connection")
-        self._pending = Deferred()
+        self._listener = listener
+        self._pending = Deferred(None if listener is None else listener.cancel)
         self.requests_sent += 1
         result = self._pending
         self._outgoing = outgoing
@@ -485,9 +493,34 @@ class SmartClientProtocol(Protocol):
         self._body_parts = []
         if response.success and self._body_error is None:
             has_body = outgoing.on_chunk is None
-            pending.callback(Reply(tuple(response.args), body if has_body else None))
+            self._settle(pending, Reply(tuple(response.args), body if has_body else None))
         else:
-            pending.errback(remote_error(outgoing.verb, tuple(self._body_error or response.args), body))
+            self._settle(pending, remote_error(outgoing.verb, tuple(self._body_error or response.args), body))
+
+    def _settle(self, pending: Deferred, outcome) -> None:
+        """Fire ``pending`` with ``outcome``, a Reply or an exception, once the listener has heard it."""
+        listener, self._listener = self._listener, None
+        if pending.called:
+            return  # the caller cancelled it and no longer listens
+        if not isinstance(outcome, BaseException):
+            if listener is not None:
+                try:
+                    listener.answered(outcome)
+                except BaseException:
+                    pending.errback()
+                    return
+            pending.callback(outcome)
+            return
+        if listener is not None:
+            try:
+                instead = listener.failed(outcome)
+            except BaseException:
+                pending.errback()
+                return
+            if instead is not None:
+                instead.chainDeferred(pending)
+                return
+        pending.errback(outcome)
 
     def _clear_request(self) -> None:
         self._pending = None
@@ -511,11 +544,11 @@ class SmartClientProtocol(Protocol):
         self._codec.send_failed()
         self._clear_request()
         if self._abort_error is not None:
-            pending.errback(self._abort_error)
+            self._settle(pending, self._abort_error)
             return
         why = self._abort_reason or _describe(reason)
         drain = self.drain_signal and point is not FailurePoint.DURING_RESPONSE
-        pending.errback(transport_failure(outgoing.verb, point, why, drain_signal=drain))
+        self._settle(pending, transport_failure(outgoing.verb, point, why, drain_signal=drain))
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._lost = True
