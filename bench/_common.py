@@ -260,7 +260,6 @@ def start_smartserve(data: Path, *, ssh_keys: Optional[Path] = None, extra: Iter
         f"--data={data}",
         "--bzr=tcp:0:interface=127.0.0.1",
         "--bzr-allow-writes",
-        "--idle-timeout=0",
     ]
     if ssh_keys is not None:
         argv += ["--ssh=tcp:0:interface=127.0.0.1", f"--keys={ssh_keys}"]
