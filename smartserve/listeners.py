@@ -66,7 +66,7 @@ class Listener:
     def listen(self, adopt: Optional[tuple] = None) -> defer.Deferred:
         """Start listening; ``adopt`` is ``(descriptor, family)`` of a socket to take over."""
         if adopt is None:
-            endpoint = endpoints.serverFromString(self._reactor, self.description)
+            endpoint = self._endpoint()
         else:
             endpoint = _AdoptedEndpoint(self._reactor, *adopt)
             if self.description.startswith("haproxy:"):
@@ -84,6 +84,18 @@ class Listener:
             return port
 
         return d.addCallback(listening)
+
+    def _endpoint(self):
+        try:
+            return endpoints.serverFromString(self._reactor, self.description)
+        except (IndexError, KeyError) as exc:
+            if "systemd:" not in self.description:
+                raise
+            # Twisted looks the socket up in what systemd passed, and finds nothing.
+            raise ValueError(
+                f"{self.name} endpoint {self.description!r}: no such socket inherited from systemd "
+                "(it sets LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID for the process it starts)"
+            ) from exc
 
     def stop_listening(self) -> defer.Deferred:
         """Stop accepting connections; those already accepted are untouched."""

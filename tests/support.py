@@ -102,10 +102,13 @@ class SmartserveProcess:
     """A `twistd -n smartserve` process on a private data folder.
 
     ``listening`` maps listener names (bzr, ssh, admin) to their TCP ports
-    once ``start`` returns; ``port`` is the bzr:// one.
+    once ``start`` returns; ``port`` is the bzr:// one. With ``inherited``,
+    a listening socket, the server gets it as systemd passes one (file
+    descriptor 3, ``LISTEN_FDS=1``), for ``systemd:domain=INET:index=0``.
     """
 
-    def __init__(self, data: Path, extra_args=()):
+    def __init__(self, data: Path, extra_args=(), *, inherited=None):
+        self.inherited = inherited
         self.data = data
         self.log_path = data.parent / f"{data.name}.log"
         self.access_path = data / "access.log"
@@ -119,7 +122,15 @@ class SmartserveProcess:
     def start(self, timeout: float = 30) -> "SmartserveProcess":
         """Start the server and wait until every listener, the control socket last, listens."""
         self.data.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        argv, pass_fds = self.args, ()
+        if self.inherited is not None:
+            fd = self.inherited.fileno()
+            # As systemd (227 or later) does: the socket is descriptor 3, LISTEN_PID names the process
+            # that execs twistd, and LISTEN_FDNAMES names the socket (after its .socket unit by default).
+            move = "" if fd == 3 else f"exec 3<&{fd} {fd}<&-; "
+            script = f'{move}export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=smartserve.socket; exec "$@"'
+            argv, pass_fds = ["bash", "-c", script, "smartserve", *self.args], (fd,)
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=pass_fds)
 
         def ready():
             if self.process.poll() is not None:

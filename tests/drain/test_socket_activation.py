@@ -1,0 +1,80 @@
+"""A listening socket held by a supervisor (systemd socket activation) outlives the server processes."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from smartserve.testing import RawClient, encode_request, response_args
+from support import SmartserveProcess
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def held_socket():
+    """A listening socket on 127.0.0.1, as systemd's .socket unit would hold it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    yield sock
+    sock.close()
+
+
+def _server(tmp_path, sock) -> SmartserveProcess:
+    return SmartserveProcess(
+        tmp_path / "data", ["--ssh=none", "--bzr=systemd:domain=INET:index=0"], inherited=sock
+    )
+
+
+def test_socket_activation_no_connection_refused_between_server_processes(tmp_path, held_socket):
+    """While no server runs on the held socket (killed with SIGKILL), a client connects anyway, and the next server answers it."""
+    port = held_socket.getsockname()[1]
+    first = _server(tmp_path, held_socket).start()
+    try:
+        client = RawClient.connect("127.0.0.1", port)
+        assert client.call(b"hello").args == (b"ok", b"2")
+        client.close()
+    finally:
+        first.process.kill()
+        first.process.wait()
+    waiting = socket.create_connection(("127.0.0.1", port), timeout=30)
+    waiting.sendall(encode_request([b"hello"]))
+    second = _server(tmp_path, held_socket).start()
+    try:
+        reply = b""
+        while not response_args(reply):
+            chunk = waiting.recv(65536)
+            assert chunk, "the connection made while no server ran was closed unanswered"
+            reply += chunk
+        assert response_args(reply) == [(b"ok", b"2")]
+    finally:
+        waiting.close()
+        second.stop()
+
+
+def test_socket_activation_drained_server_leaves_the_socket_listening(tmp_path, held_socket):
+    """A server that drains and exits closes only its own copy of the held socket: the next server serves on it."""
+    port = held_socket.getsockname()[1]
+    first = _server(tmp_path, held_socket).start()
+    first.stop()
+    waiting = socket.create_connection(("127.0.0.1", port), timeout=30)
+    waiting.close()
+    second = _server(tmp_path, held_socket).start()
+    try:
+        client = RawClient.connect("127.0.0.1", port)
+        assert client.call(b"hello").args == (b"ok", b"2")
+        client.close()
+    finally:
+        second.stop()
+
+
+def test_socket_activation_missing_socket_is_a_clear_error(tmp_path):
+    """Started with a systemd: endpoint but no socket from systemd, the server exits at once naming the endpoint and what is missing."""
+    server = _server(tmp_path, None)
+    with pytest.raises(AssertionError, match="exited early"):
+        server.start()
+    assert server.process.returncode != 0
+    log = server.log()
+    assert "bzr endpoint 'systemd:domain=INET:index=0': no such socket inherited from systemd" in log
