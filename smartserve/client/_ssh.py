@@ -116,6 +116,29 @@ def ssh_endpoint(reactor, target: Target, options: SSHOptions) -> "_CheckedEndpo
     return _CheckedEndpoint(endpoint, target, known_path)
 
 
+def _report_connection_loss(protocol):
+    """Make the loss of the SSH connection reach the command channel's protocol.
+
+    Conch's command endpoint does not stop its connection service when the
+    TCP connection drops after login (twisted/twisted#7901), so the channel
+    is never closed and a request in flight would wait for a response that
+    cannot come, until its deadline. Here the connection service is
+    stopped once the SSH transport is lost, which closes the channel as a
+    clean close would, and the protocol sees the connection lost.
+    """
+    connection = protocol.transport.conn
+    ssh_transport = connection.transport
+    lost = ssh_transport.connectionLost
+
+    def connection_lost(reason=None):
+        lost(reason)
+        if connection.channelsToRemoteChannel or connection.channels:
+            connection.serviceStopped()
+
+    ssh_transport.connectionLost = connection_lost
+    return protocol
+
+
 @implementer(IStreamClientEndpoint)
 class _CheckedEndpoint:
     """Turns Conch's host key refusals into ``HostKeyError`` with a clear message."""
@@ -126,7 +149,7 @@ class _CheckedEndpoint:
         self._known_path = known_path
 
     def connect(self, factory):
-        return self._endpoint.connect(factory).addErrback(self._explain)
+        return self._endpoint.connect(factory).addCallbacks(_report_connection_loss, self._explain)
 
     def _explain(self, failure):
         where = f"{self._target.host}:{self._target.port}"

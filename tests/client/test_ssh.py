@@ -110,3 +110,34 @@ async def test_ssh_exit_status_75_resends_append_once(openssh, tmp_path):
         assert client.stats.outcome_unknown == 0
     finally:
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_connection_dropped_mid_response_is_noticed_and_read_resent(openssh, tmp_path):
+    """When the TCP connection under an SSH session drops in the middle of a response, the call does not hang: the get is resent on a new connection."""
+    from twisted.internet import defer, reactor
+
+    from .conftest import FaultRelay
+
+    relay = FaultRelay(openssh.port).listen()
+    relay_port = relay.port.getHost().port
+    host_key = (openssh.base / "host_key.pub").read_text().split()
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{relay_port} {host_key[0]} {host_key[1]}\n")
+    (tmp_path / "file").write_bytes(b"x" * 200_000)
+    client = SmartClient.from_url(
+        f"bzr+ssh://root@127.0.0.1:{relay_port}/",
+        policy=RetryPolicy(backoff_initial=0.01, deadline=600.0),
+        ssh=SSHOptions(identity_files=[str(openssh.client_key)], known_hosts=str(known_hosts), use_agent=False),
+    )
+    try:
+        assert (await client.call(b"hello")).args == (b"ok", b"2")
+        relay.cut_server_to_client = 50_000
+        call = client.call(b"get", f"{tmp_path}/file".encode())
+        reply = await call.addTimeout(30, reactor)
+        assert reply.body == b"x" * 200_000
+        assert relay.cuts == 1
+        assert client.stats.resends == 1
+    finally:
+        await client.close()
+        await relay.stop()
