@@ -28,14 +28,20 @@ def _server(tmp_path, sock) -> SmartserveProcess:
     )
 
 
+def _assert_answers_hello(port: int) -> None:
+    client = RawClient.connect("127.0.0.1", port)
+    try:
+        assert client.call(b"hello").args == (b"ok", b"2")
+    finally:
+        client.close()
+
+
 def test_socket_activation_no_connection_refused_between_server_processes(tmp_path, held_socket):
     """While no server runs on the held socket (killed with SIGKILL), a client connects anyway, and the next server answers it."""
     port = held_socket.getsockname()[1]
     first = _server(tmp_path, held_socket).start()
     try:
-        client = RawClient.connect("127.0.0.1", port)
-        assert client.call(b"hello").args == (b"ok", b"2")
-        client.close()
+        _assert_answers_hello(port)
     finally:
         first.process.kill()
         first.process.wait()
@@ -63,9 +69,7 @@ def test_socket_activation_drained_server_leaves_the_socket_listening(tmp_path, 
     waiting.close()
     second = _server(tmp_path, held_socket).start()
     try:
-        client = RawClient.connect("127.0.0.1", port)
-        assert client.call(b"hello").args == (b"ok", b"2")
-        client.close()
+        _assert_answers_hello(port)
     finally:
         second.stop()
 
