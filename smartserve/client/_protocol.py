@@ -18,7 +18,6 @@ import select
 import socket
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Tuple, Union
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessTerminated
 from twisted.internet.interfaces import IPushProducer
@@ -27,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from .._sending import direct_socket, write_now
 from ..protocol import (
     BodyChunk,
     BodyError,
@@ -163,7 +163,7 @@ class SmartClientProtocol(Protocol):
         self._deadline: Optional[float] = None
         self._socket: Optional[socket.socket] = None
         self._readable = None
-        self._direct = False
+        self._direct_socket = None
         self._paused: Optional[Deferred] = None
         self._abort_reason: Optional[str] = None
         self._abort_error: Optional[BaseException] = None
@@ -179,8 +179,7 @@ class SmartClientProtocol(Protocol):
             if self._socket is not None and hasattr(select, "poll"):
                 self._readable = select.poll()
                 self._readable.register(self._socket, select.POLLIN)
-            # Not a TLS or other wrapper, whose getHandle is the socket under it.
-            self._direct = self._socket is not None and isinstance(self.transport, tcp.Connection)
+            self._direct_socket = direct_socket(self.transport)
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
@@ -332,29 +331,11 @@ class SmartClientProtocol(Protocol):
             self.transport.loseConnection()
 
     def _write(self, event) -> None:
-        self._direct = False
         self.transport.write(self._codec.send(event))
 
     def _write_now(self, data: bytes) -> None:
-        """Write ``data``, straight to a TCP socket while the transport has never buffered any.
-
-        A transport's ``write`` sends on the next reactor turn, at the cost
-        of a turn and two ``epoll_ctl`` calls per request. Sending on the
-        socket keeps the bytes in order only if the transport holds none,
-        which is sure while it has never been given any: the first write
-        the socket does not take whole goes to the transport, and so does
-        everything after it on this connection.
-        """
-        if self._direct:
-            try:
-                sent = self._socket.send(data)
-            except OSError:
-                sent = 0  # the transport's own write meets the error and reports it
-            if sent == len(data):
-                return
-            self._direct = False
-            data = data[sent:]
-        self.transport.write(data)
+        """Write a whole request, sent in this reactor turn (see smartserve._sending)."""
+        write_now(self.transport, self._direct_socket, data)
 
     async def _write_stream(self, outgoing: Outgoing) -> None:
         self.transport.registerProducer(self, True)

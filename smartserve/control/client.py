@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-from twisted.internet import defer
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.protocols import amp
 

@@ -58,6 +58,7 @@ from ..protocol import (
     Response,
     Role,
 )
+from .._sending import direct_socket, send_now, write_now
 from .accesslog import DEFAULT_ACCESS_LOG, RequestRecord
 from .caller import Caller
 from .dispatcher import Dispatcher, Refusal
@@ -66,7 +67,7 @@ from .interfaces import IDrainable
 from .jail import Writable
 from .reply import Reply, StreamFailure
 
-__all__ = ["SmartServerProtocol", "SmartServerFactory", "Phase", "send_now"]
+__all__ = ["SmartServerProtocol", "SmartServerFactory", "Phase"]
 
 log = Logger()
 
@@ -78,26 +79,6 @@ _JOIN_BELOW = 64 * 1024
 
 # How much of a response stream one worker-pool call produces.
 STREAM_SLICE_BYTES = 256 * 1024
-
-
-def send_now(transport) -> None:
-    """Hand what was written to ``transport`` to its socket now rather than on the reactor's next turn.
-
-    Twisted's TCP transport sends written bytes only on the next reactor
-    iteration (twisted/twisted#5303): a server answering one request at a
-    time would hold every response for a loop turn and two epoll updates,
-    a large part of a small request's latency. A TCP transport's
-    ``doWrite`` sends what the socket takes and leaves the rest, and any
-    error, to the reactor as usual. A transport of our own (an SSH channel)
-    may offer ``send_now`` instead; any other keeps its own scheduling.
-    """
-    own = getattr(transport, "send_now", None)
-    if own is not None:
-        own()
-        return
-    do_write = getattr(transport, "doWrite", None)
-    if do_write is not None and not transport.disconnecting:
-        do_write()
 
 
 class Phase(enum.Enum):
@@ -150,6 +131,7 @@ class SmartServerProtocol(Protocol):
         self._peer_from_transport = False
         self._handling_events = False
         self._handle_again = False
+        self._socket = None
 
     # Twisted callbacks.
 
@@ -158,6 +140,7 @@ class SmartServerProtocol(Protocol):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
+        self._socket = direct_socket(self.transport)
         self._peer_from_transport = not self.caller.peer
         self._update_peer()
         self.transport.registerProducer(self, True)
@@ -409,8 +392,7 @@ class SmartServerProtocol(Protocol):
         else:
             parts = [head]
         parts.append(self._codec.send(EndOfMessage()))
-        self._write(current, parts)
-        self._send_now()
+        self._write(current, parts, now=True)
         self._response_done(current)
 
     def _pull_stream(self, current: _CurrentRequest) -> None:
@@ -445,17 +427,20 @@ class SmartServerProtocol(Protocol):
     def _stream_failed(self, failure: Failure, current: _CurrentRequest) -> None:
         self._stream_pulled([StreamFailure((b"error", b"InternalError", b"the server failed"))], current)
 
-    def _write(self, current: _CurrentRequest, parts: list) -> None:
+    def _write(self, current: _CurrentRequest, parts: list, now: bool = False) -> None:
+        """Write a response's parts; with ``now``, send them in this reactor turn (see smartserve._sending)."""
         size = sum(map(len, parts))
         current.record.bytes_out += size
         if size < _JOIN_BELOW:
-            self.transport.write(b"".join(parts))
+            data = b"".join(parts)
+            if now and self._socket is not None:
+                write_now(self.transport, self._socket, data)
+                return
+            self.transport.write(data)
         else:
             # Large bodies go out without being copied into one string.
             self.transport.writeSequence(parts)
-
-    def _send_now(self) -> None:
-        if not self._producer_paused:
+        if now and not self._producer_paused:
             send_now(self.transport)
 
     def _response_done(self, current: _CurrentRequest) -> None:

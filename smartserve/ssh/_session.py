@@ -33,7 +33,7 @@ from zope.interface import implementer
 
 from ..server.caller import Caller
 from ..server.jail import Writable
-from ..server.protocol import send_now
+from .._sending import send_now
 from ._access import Rights
 from ._command import parse_serve_command
 from ._exceptions import CommandRefused

@@ -26,7 +26,7 @@ from smartserve.client import (
     backoff_delay,
     RetryBudget,
 )
-from smartserve.protocol import NEED_DATA, PAUSED, BodyChunk, Connection, EndOfMessage, Request, Response, Role, State
+from smartserve.protocol import NEED_DATA, BodyChunk, Connection, EndOfMessage, Request, Response, Role
 
 
 class FakeTransport(StringTransport):
@@ -614,44 +614,6 @@ def test_protocol_channel_over_a_dead_ssh_connection_is_closed(clock):
     protocol.makeConnection(channel)
     assert not protocol.has_unread_input()
     assert protocol.closed_reason() == "the SSH connection under the channel is gone"
-
-
-def test_protocol_requests_after_a_partial_socket_send_queue_behind_it(clock):
-    """Once the socket took only part of a request, its rest and every later request go through the transport, in order."""
-    import socket
-
-    from smartserve.client import Outgoing, RemoteError
-
-    ours, theirs = socket.socketpair()
-    with ours, theirs:
-        ours.setblocking(False)
-        theirs.setblocking(False)
-        transport = StringTransport()
-        protocol = SmartClientProtocol(clock)
-        protocol.makeConnection(transport)
-        # What connectionMade finds under a TCP transport.
-        protocol._socket, protocol._direct = ours, True
-        put = outcome(protocol.send_request(Outgoing(b"put", (b"/big", b""), body=b"x" * (4 * 1024 * 1024))))
-        on_socket = theirs.recv(8 * 1024 * 1024)
-        assert on_socket and transport.value()
-        server = Connection(Role.SERVER)
-        server.receive_data(on_socket)
-        assert isinstance(server.next_event(), Request)
-        # The server answers before it has read the whole body.
-        protocol.dataReceived(server.send(Response((b"error", b"too big"), False)) + server.send(EndOfMessage()))
-        assert put[0].check(RemoteError)
-        protocol.send_request(Outgoing(b"get", (b"/small",)))
-        with pytest.raises(BlockingIOError):
-            theirs.recv(1)
-        server.receive_data(transport.value())
-        events = []
-        while (event := server.next_event()) is not NEED_DATA and event is not PAUSED:
-            events.append(event)
-            if isinstance(event, EndOfMessage) and server.our_state is State.DONE:
-                server.start_next_cycle()
-    kinds = [type(event).__name__ for event in events if not isinstance(event, BodyChunk)]
-    assert kinds[-3:] == ["EndOfMessage", "Request", "EndOfMessage"]
-    assert events[-2].args == (b"get", b"/small")
 
 
 def test_engine_backs_off_from_a_server_that_hangs_up_at_once(server, clock):

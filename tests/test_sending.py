@@ -1,0 +1,84 @@
+"""Sending at once on a real TCP connection: in the same turn when the socket takes it, in order when it does not."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor, threads
+from twisted.internet.testing import StringTransport
+
+from smartserve._sending import direct_socket, write_now
+
+
+class _Silent(protocol.Protocol):
+    def __init__(self):
+        self.lost = defer.Deferred()
+
+    def connectionLost(self, reason=None):
+        self.lost.callback(None)
+
+
+async def _tcp_pair():
+    """A Twisted TCP transport (its protocol says nothing), the plain socket at its other end, and the protocol."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        accepted = threads.deferToThread(listener.accept)
+        connected = protocol.ClientCreator(reactor, _Silent).connectTCP("127.0.0.1", listener.getsockname()[1])
+        client = await connected
+        peer, _ = await accepted
+    finally:
+        listener.close()
+    return client.transport, peer, client
+
+
+def _read_all(peer: socket.socket, size: int) -> bytes:
+    parts, got = [], 0
+    peer.settimeout(30)
+    while got < size:
+        part = peer.recv(1024 * 1024)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_now_sends_in_the_same_turn():
+    """What the socket takes is on the wire before write_now returns: no reactor turn in between."""
+    transport, peer, client = await _tcp_pair()
+    write_now(transport, direct_socket(transport), b"hello")
+    peer.setblocking(False)
+    assert peer.recv(100) == b"hello"
+    transport.loseConnection()
+    await client.lost
+    peer.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_now_queues_behind_what_the_transport_still_holds():
+    """Once the socket took only part of a write, the rest and every later write go through the transport, in order."""
+    transport, peer, client = await _tcp_pair()
+    sock = direct_socket(transport)
+    big = bytes(range(256)) * (64 * 1024)  # 16 MiB: more than any socket buffer here takes at once
+    write_now(transport, sock, big)
+    assert transport.dataBuffer or transport._tempDataLen, "the socket took 16 MiB at once; the test proves nothing"
+    # Room on the socket again: a tail sent on it now would overtake the transport's buffer.
+    head = _read_all(peer, 1024 * 1024)
+    write_now(transport, sock, b"tail")
+    received = head + await threads.deferToThread(_read_all, peer, len(big) + 4 - len(head))
+    assert len(received) == len(big) + 4
+    assert received[-4:] == b"tail"
+    assert received[:-4] == big
+    transport.loseConnection()
+    await client.lost
+    peer.close()
+
+
+def test_no_direct_socket_for_transports_that_are_not_plain_tcp():
+    """Anything but Twisted's TCP connection (a wrapper, a test transport) is written through as usual."""
+    transport = StringTransport()
+    assert direct_socket(transport) is None
+    write_now(transport, None, b"data")
+    assert transport.value() == b"data"
