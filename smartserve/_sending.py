@@ -16,7 +16,7 @@ from typing import Optional
 
 from twisted.internet import tcp
 
-__all__ = ["direct_socket", "write_now", "send_now"]
+__all__ = ["direct_socket", "write_now", "send_now", "SendingAtOnce", "sending_at_once"]
 
 
 def direct_socket(transport) -> Optional[socket.socket]:
@@ -36,12 +36,7 @@ def direct_socket(transport) -> Optional[socket.socket]:
 
 def _holds_nothing(transport) -> bool:
     """True while ``transport`` (a ``tcp.Connection``) has no unsent bytes and is not closing."""
-    return (
-        transport.connected
-        and not transport.disconnecting
-        and not transport._tempDataLen
-        and transport.offset == len(transport.dataBuffer)
-    )
+    return transport.connected and not transport.disconnecting and _sent_all(transport)
 
 
 def write_now(transport, sock: Optional[socket.socket], data: bytes) -> None:
@@ -63,6 +58,39 @@ def write_now(transport, sock: Optional[socket.socket], data: bytes) -> None:
     transport.write(data)
 
 
+class SendingAtOnce:
+    """A TCP transport whose every write is sent at once while it holds nothing unsent.
+
+    For a protocol that writes through code it does not own, such as
+    Conch's SSH transport writing one packet at a time: the protocol is
+    given this instead of the TCP transport, and everything but writing
+    is the TCP transport's own.
+    """
+
+    def __init__(self, transport, sock: socket.socket):
+        self.__dict__["_transport"] = transport
+        self.__dict__["_socket"] = sock
+
+    def write(self, data: bytes) -> None:
+        if data:
+            write_now(self._transport, self._socket, data)
+
+    def writeSequence(self, data) -> None:
+        self.write(b"".join(data))
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._transport, name, value)
+
+
+def sending_at_once(transport):
+    """``transport`` wrapped in ``SendingAtOnce`` if it is plain TCP, else ``transport`` itself."""
+    sock = direct_socket(transport)
+    return transport if sock is None else SendingAtOnce(transport, sock)
+
+
 def send_now(transport) -> None:
     """Hand what was written to ``transport`` to its socket now rather than on the next turn.
 
@@ -76,5 +104,13 @@ def send_now(transport) -> None:
         own()
         return
     do_write = getattr(transport, "doWrite", None)
-    if do_write is not None and not transport.disconnecting:
+    if do_write is not None and not transport.disconnecting and not _sent_all(transport):
         do_write()
+
+
+def _sent_all(transport) -> bool:
+    """True when a TCP transport holds nothing unsent; False when it may, or cannot tell."""
+    try:
+        return not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
+    except (AttributeError, TypeError):
+        return False

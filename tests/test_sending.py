@@ -8,7 +8,7 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.testing import StringTransport
 
-from smartserve._sending import direct_socket, write_now
+from smartserve._sending import SendingAtOnce, direct_socket, sending_at_once, write_now
 
 
 class _Silent(protocol.Protocol):
@@ -82,3 +82,24 @@ def test_no_direct_socket_for_transports_that_are_not_plain_tcp():
     assert direct_socket(transport) is None
     write_now(transport, None, b"data")
     assert transport.value() == b"data"
+
+
+@pytest_twisted.ensureDeferred
+async def test_sending_at_once_writes_at_once_and_is_the_transport_otherwise():
+    """The wrapper a protocol we do not own (Conch's) writes through: direct writes, everything else delegated."""
+    transport, peer, client = await _tcp_pair()
+    wrapped = sending_at_once(transport)
+    assert isinstance(wrapped, SendingAtOnce)
+    wrapped.writeSequence([b"one ", b"two"])
+    peer.setblocking(False)
+    assert peer.recv(100) == b"one two"
+    assert wrapped.getPeer() == transport.getPeer()
+    wrapped.loseConnection()
+    await client.lost
+    assert transport.disconnected
+    peer.close()
+
+
+def test_sending_at_once_leaves_other_transports_alone():
+    transport = StringTransport()
+    assert sending_at_once(transport) is transport

@@ -15,6 +15,8 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from .._sending import sending_at_once
+
 __all__ = [
     "CIPHERS",
     "MACS",
@@ -81,6 +83,10 @@ class ServerTransport(transport.SSHServerTransport):
         self.authenticated = False
         self.draining = False
         self._grace_timer = None
+
+    def makeConnection(self, transport) -> None:
+        # Each packet leaves in the turn it is written (see smartserve._sending).
+        super().makeConnection(sending_at_once(transport))
 
     def connectionMade(self) -> None:
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
