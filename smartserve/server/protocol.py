@@ -78,7 +78,7 @@ _HEADERS = {b"Software version": breezy.__version__.encode("ascii")}
 _JOIN_BELOW = 64 * 1024
 
 # How much of a response stream one worker-pool call produces.
-STREAM_SLICE_BYTES = 256 * 1024
+STREAM_SLICE_BYTES = 64 * 1024
 
 
 class Phase(enum.Enum):
@@ -93,7 +93,7 @@ class Phase(enum.Enum):
 class _CurrentRequest:
     """The request in progress on a connection."""
 
-    __slots__ = ("record", "run", "refusal", "chunks", "finished", "started", "advancing", "stream")
+    __slots__ = ("record", "run", "refusal", "chunks", "finished", "started", "advancing", "stream", "ready")
 
     def __init__(self, record: RequestRecord):
         self.record = record
@@ -104,6 +104,7 @@ class _CurrentRequest:
         self.finished = False
         self.advancing = False
         self.stream = None
+        self.ready: Optional[list] = None
 
 
 @implementer(IPushProducer)
@@ -196,7 +197,11 @@ class SmartServerProtocol(Protocol):
         self._update_idle_timer()
         current = self._current
         if self.phase is Phase.RESPONSE and current is not None and current.stream is not None:
-            self._pull_stream(current)
+            ready, current.ready = current.ready, None
+            if ready is not None:
+                self._write_slice(current, ready)
+            else:
+                self._pull_stream(current)
 
     def stopProducing(self) -> None:
         self._closing = True
@@ -396,7 +401,13 @@ class SmartServerProtocol(Protocol):
         self._response_done(current)
 
     def _pull_stream(self, current: _CurrentRequest) -> None:
-        if self._producer_paused or self._closing or current.advancing:
+        """Have the stream make its next slice, unless one is already made or being made.
+
+        The next slice is made while the transport still sends the last
+        one (the producer is paused then), so that making and sending
+        overlap; at most one slice waits ready beside the transport's buffer.
+        """
+        if self._closing or current.advancing or current.ready is not None:
             return
         current.advancing = True
         d = current.stream.pull(STREAM_SLICE_BYTES)
@@ -406,6 +417,12 @@ class SmartServerProtocol(Protocol):
         current.advancing = False
         if self._current is not current:
             return
+        if self._producer_paused:
+            current.ready = items  # written once the transport asks for more
+            return
+        self._write_slice(current, items)
+
+    def _write_slice(self, current: _CurrentRequest, items: list) -> None:
         parts = []
         ended = not items
         for item in items:
