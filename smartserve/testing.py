@@ -38,7 +38,15 @@ from .server.jail import Writable
 from .server.protocol import SmartServerFactory, SmartServerProtocol
 from .server.reply import Reply
 
-__all__ = ["MemoryBackend", "serve_in_memory", "encode_request", "response_args", "RawClient", "RawReply"]
+__all__ = [
+    "MemoryBackend",
+    "serve_in_memory",
+    "encode_request",
+    "response_args",
+    "RawClient",
+    "RawReply",
+    "with_systemd_socket",
+]
 
 
 @implementer(IBackend)
@@ -272,3 +280,19 @@ class RawClient:
         """Close the socket, if there is one."""
         if self.sock is not None:
             self.sock.close()
+
+
+def with_systemd_socket(argv: List[str], sock: socket.socket) -> Tuple[List[str], Tuple[int, ...]]:
+    """``argv`` started the way systemd's socket activation starts a service on ``sock``.
+
+    As systemd (227 or later) does: the socket becomes descriptor 3,
+    ``LISTEN_PID`` names the process that then execs ``argv``,
+    ``LISTEN_FDS=1``, and ``LISTEN_FDNAMES`` names the socket after its
+    ``.socket`` unit. Returns the command to run and the ``pass_fds`` for
+    ``subprocess.Popen``; with ``systemd:domain=INET:index=0`` the server
+    listens on ``sock``.
+    """
+    fd = sock.fileno()
+    move = "" if fd == 3 else f"exec 3<&{fd} {fd}<&-; "
+    script = f'{move}export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=smartserve.socket; exec "$@"'
+    return ["bash", "-c", script, "smartserve", *argv], (fd,)

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from smartserve.testing import with_systemd_socket
+
 VENV_BIN = Path(sys.executable).parent
 BRZ = str(VENV_BIN / "brz")
 TWISTD = str(VENV_BIN / "twistd")
@@ -124,12 +126,7 @@ class SmartserveProcess:
         self.data.mkdir(parents=True, exist_ok=True)
         argv, pass_fds = self.args, ()
         if self.inherited is not None:
-            fd = self.inherited.fileno()
-            # As systemd (227 or later) does: the socket is descriptor 3, LISTEN_PID names the process
-            # that execs twistd, and LISTEN_FDNAMES names the socket (after its .socket unit by default).
-            move = "" if fd == 3 else f"exec 3<&{fd} {fd}<&-; "
-            script = f'{move}export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=smartserve.socket; exec "$@"'
-            argv, pass_fds = ["bash", "-c", script, "smartserve", *self.args], (fd,)
+            argv, pass_fds = with_systemd_socket(self.args, self.inherited)
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=pass_fds)
 
         def ready():

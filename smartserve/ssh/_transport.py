@@ -8,6 +8,8 @@ that matters speaks curve25519 or ECDH, which are faster and need no moduli.
 
 from __future__ import annotations
 
+import socket
+
 from twisted.conch.ssh import transport, userauth
 from twisted.conch.ssh.common import getNS
 from twisted.cred.credentials import ISSHPrivateKey
@@ -59,6 +61,7 @@ USER_SIGNATURE_ALGORITHMS = [
     b"rsa-sha2-256",
 ]
 _REFUSED_HOST_SIGNATURES = frozenset({b"ssh-rsa", b"ssh-dss"})
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
 def host_signature_algorithms(offered: list[bytes]) -> list[bytes]:
@@ -97,6 +100,29 @@ class ServerTransport(transport.SSHServerTransport):
         grace = self.factory.login_grace_time
         if grace:
             self._grace_timer = self.factory.clock.callLater(grace, self._grace_expired)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.authenticated:
+            self._acknowledge_at_once()
+        super().dataReceived(data)
+
+    def _acknowledge_at_once(self) -> None:
+        """Have the kernel acknowledge the client's next packets at once, not after its 40 ms delay.
+
+        OpenSSH's client leaves Nagle's algorithm on for sessions without a
+        terminal, so during the handshake, where it sends two messages in a
+        row (NEWKEYS and the next request, say), the second waited for the
+        acknowledgement of the first: about half the logins took 40 ms more.
+        Linux leaves quick-ack mode by itself, so it is asked for again on
+        each read until the login is done.
+        """
+        handle = getattr(self.transport, "getHandle", None)
+        if _QUICKACK is None or handle is None:
+            return
+        try:
+            handle().setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        except (OSError, AttributeError):
+            pass
 
     def setService(self, service) -> None:
         if service.name == b"ssh-connection" and not self.authenticated:

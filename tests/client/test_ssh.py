@@ -115,7 +115,7 @@ async def test_ssh_exit_status_75_resends_append_once(openssh, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_ssh_connection_dropped_mid_response_is_noticed_and_read_resent(openssh, tmp_path):
     """When the TCP connection under an SSH session drops in the middle of a response, the call does not hang: the get is resent on a new connection."""
-    from twisted.internet import defer, reactor
+    from twisted.internet import reactor
 
     from .conftest import FaultRelay
 

@@ -17,7 +17,7 @@ from typing import List
 
 import pytest
 
-from support import VENV_BIN, SmartserveProcess, free_port, wait_for
+from support import VENV_BIN, SmartserveProcess, wait_for
 from smartserve.testing import RawClient
 
 SMARTSERVE = str(VENV_BIN / "smartserve")

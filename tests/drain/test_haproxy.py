@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from support import wait_for
+from support import free_port, wait_for
 
 from smartserve.testing import RawClient
 
@@ -26,7 +26,6 @@ from .conftest import (
     Attempt,
     ConnectionLoop,
     ServerProcess,
-    free_port,
     make_ssh_key,
     needs_openssh,
     ssh_serve_argv,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from support import VENV_BIN, wait_for
+from support import VENV_BIN, free_port, wait_for
 
-from .conftest import ConnectionLoop, ServerProcess, free_port, server_status
+from .conftest import ConnectionLoop, ServerProcess, server_status
 
 pytestmark = pytest.mark.timeout(120)
 

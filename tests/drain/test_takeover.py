@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from support import wait_for
+from support import free_port, wait_for
 
-from .conftest import ConnectionLoop, GatedRelay, ServerProcess, free_port
+from .conftest import ConnectionLoop, GatedRelay, ServerProcess
 
 pytestmark = pytest.mark.timeout(120)
 

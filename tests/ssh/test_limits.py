@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import pytest_twisted
 from twisted.internet.address import IPv4Address
@@ -89,3 +91,36 @@ async def test_idle_connection_without_session_closed(tmp_path):
         assert b"idle timeout" in err
     finally:
         await server.stopped()
+
+
+class _RecordingSocket:
+    def __init__(self):
+        self.options = []
+
+    def setsockopt(self, level, option, value):
+        self.options.append((level, option, value))
+
+
+class _SocketTransport(StringTransport):
+    def __init__(self):
+        super().__init__()
+        self.socket = _RecordingSocket()
+
+    def getHandle(self):
+        return self.socket
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux only")
+def test_handshake_reads_ask_for_quick_acks_until_login(tmp_path):
+    """Before login each read asks the kernel to acknowledge at once (OpenSSH's client keeps Nagle on); after it, no syscall more."""
+    factory = _factory(tmp_path, Clock())
+    transport = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+    wire = _SocketTransport()
+    transport.makeConnection(wire)
+    transport.dataReceived(b"SSH-2.0-OpenSSH_9.2\r\n")
+    quick_ack = (socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    assert wire.socket.options.count(quick_ack) == 1
+    transport.authenticated = True
+    transport.dataReceived(b"")
+    assert wire.socket.options.count(quick_ack) == 1
+    transport.connectionLost(None)
