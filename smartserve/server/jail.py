@@ -26,8 +26,8 @@ Then, for every operation that touches a path:
 2. The local path must resolve inside the real root (each name below
    the root is checked for being a symlink, and a path through one is
    resolved with ``os.path.realpath``); otherwise ``OutsideRoot``, a
-   ``PermissionDenied``.  Directories found to be real directories are
-   remembered until the next request begins or a client renames or
+   ``PermissionDenied``.  Directories and files found to be real ones
+   (not symlinks) are remembered until the next request begins or a client renames or
    deletes something.  This
    refuses file and directory symlinks that leave the root at any depth,
    including dangling ones (a put through one would create a file outside).
@@ -191,8 +191,8 @@ class Writable:
 class _Root:
     """One served directory: its resolved path and the local transport shared by all callers.
 
-    ``check`` remembers the directories it found to be real directories
-    (not symlinks). The memory is dropped when a request begins
+    ``check`` remembers the directories and files it found to be real
+    ones (not symlinks). The memory is dropped when a request begins
     (``forget_checked``), so each request sees the operator's symlinks as
     they are then, and whenever a client renames or deletes something in
     the root, which could put another entry at a remembered path.
@@ -209,14 +209,14 @@ class _Root:
         self._checked: set = set()
 
     def forget_checked(self) -> None:
-        """Forget every remembered directory (the set is replaced, so a check running meanwhile fills the old one)."""
+        """Forget every remembered path (the set is replaced, so a check running meanwhile fills the old one)."""
         self._checked = set()
 
     def check(self, segments: Segments):
         """Raise OutsideRoot unless the path resolves inside the root.
 
         The root itself is already resolved, so only the names below it are
-        looked at, one ``lstat`` each, starting below the deepest directory
+        looked at, one ``lstat`` each, starting below the deepest path
         already checked; a full ``realpath`` runs only when one of them is a
         symlink. A missing name ends the walk: nothing below it exists, so
         nothing below it can lead outside. Returns the ``lstat`` of the path
@@ -236,7 +236,7 @@ class _Root:
             except OSError:
                 return None
             mode = st.st_mode
-            if S_ISDIR(mode):
+            if S_ISDIR(mode) or S_ISREG(mode):
                 checked.add(segments[: index + 1])
             elif S_ISLNK(mode):
                 real = os.path.realpath(self._inside + "/".join(segments))

@@ -607,6 +607,35 @@ def test_backing_transport_operator_symlink_seen_by_next_request(layout):
         transport.get_bytes("top/secret")
 
 
+def test_backing_transport_file_replaced_by_symlink_seen_by_next_request(layout):
+    """A file the operator replaces with a symlink out of the root is refused from the next request on."""
+    root, outside = layout
+    (root / "top").mkdir()
+    (root / "top" / "file").write_bytes(b"top file")
+    transport = backing_transport(root, Writable.nowhere())
+    assert transport.file_size("top/file") == len(b"top file")
+    assert transport.get_bytes("top/file") == b"top file"
+    (root / "top" / "file").unlink()
+    (root / "top" / "file").symlink_to(outside / "secret")
+    transport.forget_checked()
+    assert transport.file_size("top/file") is None
+    with pytest.raises(OutsideRoot):
+        transport.get_bytes("top/file")
+
+
+def test_backing_transport_client_delete_forgets_checked_files(layout):
+    """After a client deletes a file, a symlink out of the root put at its place is refused within the same request."""
+    root, outside = layout
+    (root / "top").mkdir()
+    (root / "top" / "file").write_bytes(b"top file")
+    transport = backing_transport(root, Writable.everywhere())
+    assert transport.get_bytes("top/file") == b"top file"
+    transport.delete("top/file")
+    (root / "top" / "file").symlink_to(outside / "secret")
+    with pytest.raises(OutsideRoot):
+        transport.get_bytes("top/file")
+
+
 def test_backing_transport_file_size_only_for_readable_files_inside(layout):
     """file_size gives a regular file's size, and None for a directory, a missing path or a symlink out of the root."""
     root, outside = layout

@@ -136,7 +136,10 @@ class _BzrRequestRun:
 
     def advance(self, chunks: List[bytes], finished: bool):
         if self._inline:
-            return defer.maybeDeferred(self._advance_in_thread, chunks, finished)
+            try:
+                return defer.succeed(self._advance_in_thread(chunks, finished))
+            except Exception:
+                return defer.fail()
         return self._backend.run_in_pool(self._advance_in_thread, chunks, finished)
 
     def abort(self) -> None:
