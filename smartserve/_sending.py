@@ -78,6 +78,9 @@ class SendingAtOnce:
     def writeSequence(self, data) -> None:
         self.write(b"".join(data))
 
+    def send_now(self) -> None:
+        """Nothing to do: every write was sent as far as the socket took it."""
+
     def __getattr__(self, name: str):
         return getattr(self._transport, name)
 
