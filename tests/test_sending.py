@@ -103,3 +103,23 @@ async def test_sending_at_once_writes_at_once_and_is_the_transport_otherwise():
 def test_sending_at_once_leaves_other_transports_alone():
     transport = StringTransport()
     assert sending_at_once(transport) is transport
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_ssh_connection_sends_packets_at_once():
+    """The smartserve client's SSH transport writes through SendingAtOnce once its command channel is open."""
+    from types import SimpleNamespace
+
+    from smartserve.client._ssh import _send_packets_at_once
+
+    transport, peer, client = await _tcp_pair()
+    ssh_transport = SimpleNamespace(transport=transport)
+    channel_protocol = SimpleNamespace(transport=SimpleNamespace(conn=SimpleNamespace(transport=ssh_transport)))
+    assert _send_packets_at_once(channel_protocol) is channel_protocol
+    assert isinstance(ssh_transport.transport, SendingAtOnce)
+    ssh_transport.transport.write(b"packet")
+    peer.setblocking(False)
+    assert peer.recv(100) == b"packet"
+    transport.loseConnection()
+    await client.lost
+    peer.close()

@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from .._sending import sending_at_once
 from ._endpoints import SSH_PORT, Target
 from ._exceptions import HostKeyError
 
@@ -139,6 +140,13 @@ def _report_connection_loss(protocol):
     return protocol
 
 
+def _send_packets_at_once(protocol):
+    """Have each SSH packet leave in the turn it is written, as the server's do (see smartserve._sending)."""
+    ssh_transport = protocol.transport.conn.transport
+    ssh_transport.transport = sending_at_once(ssh_transport.transport)
+    return protocol
+
+
 @implementer(IStreamClientEndpoint)
 class _CheckedEndpoint:
     """Turns Conch's host key refusals into ``HostKeyError`` with a clear message."""
@@ -149,7 +157,8 @@ class _CheckedEndpoint:
         self._known_path = known_path
 
     def connect(self, factory):
-        return self._endpoint.connect(factory).addCallbacks(_report_connection_loss, self._explain)
+        connected = self._endpoint.connect(factory).addCallbacks(_report_connection_loss, self._explain)
+        return connected.addCallback(_send_packets_at_once)
 
     def _explain(self, failure):
         where = f"{self._target.host}:{self._target.port}"

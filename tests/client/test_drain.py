@@ -24,8 +24,8 @@ from twisted.logger import globalLogPublisher
 
 from smartserve.client import RetryPolicy, SmartClient, SmartClientProtocol, SSHOptions
 
-from drain.conftest import ServerProcess, free_port, server_status
-from support import wait_for
+from drain.conftest import ServerProcess, server_status
+from support import free_port, wait_for
 
 from .conftest import copy_branch
 
