@@ -84,6 +84,7 @@ from stat import S_ISDIR, S_ISLNK, S_ISREG
 from typing import Optional, Tuple, Union
 
 from breezy import errors, urlutils
+from breezy import transport as breezy_transport
 from breezy.transport import Transport, register_transport
 from breezy.transport.local import LocalTransport
 
@@ -129,6 +130,12 @@ def _normalise(path: str, start: Segments = ()) -> Segments:
         elif part and part != ".":
             parts.append(part)
     return tuple(parts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(relpath: str, start: Segments) -> Segments:
+    """``relpath`` unescaped and resolved against ``start``; a request names the same paths several times."""
+    return _normalise(_unescape(relpath), start)
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,7 +320,7 @@ class JailTransport(Transport):
         super().__init__(caller.url_prefix + path.rstrip("/") + "/")
 
     def _segments(self, relpath: Optional[str]) -> Segments:
-        return _normalise(_unescape(relpath or "."), self._segments_here)
+        return _parse(relpath or ".", self._segments_here)
 
     def _resolve(
         self, relpath: Optional[str], *, write: bool = False, sibling: bool = False
@@ -398,8 +405,20 @@ class JailTransport(Transport):
         return self._local("has", self._resolve(relpath))
 
     def get(self, relpath):
-        """See Transport.get; ``get_bytes`` and ``readv`` go through it."""
-        return self._local("get", self._resolve(relpath))
+        """See Transport.get; ``get_bytes`` and ``readv`` go through it.
+
+        The file is opened directly when this process has no write stream
+        open that LocalTransport would flush first; any error, and a
+        directory (which LocalTransport answers with a late error), go
+        through LocalTransport so they come out exactly as Breezy's.
+        """
+        segments = self._resolve(relpath)
+        if segments and not getattr(breezy_transport, "_file_streams", True):
+            try:
+                return open("/".join((self._caller.root.real, *segments)), "rb")
+            except OSError:
+                pass
+        return self._local("get", segments)
 
     def stat(self, relpath):
         """See Transport.stat."""

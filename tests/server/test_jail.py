@@ -636,6 +636,30 @@ def test_backing_transport_client_delete_forgets_checked_files(layout):
         transport.get_bytes("top/file")
 
 
+def test_backing_transport_get_sees_what_an_open_write_stream_wrote(tmp_path):
+    """While a write stream is open, get flushes it first, as LocalTransport does."""
+    transport = backing_transport(tmp_path, Writable.everywhere())
+    stream = transport.open_write_stream("log")
+    try:
+        stream.write(b"written, not yet closed")
+        assert transport.get_bytes("log") == b"written, not yet closed"
+    finally:
+        stream.close()
+    assert transport.get_bytes("log") == b"written, not yet closed"
+
+
+def test_backing_transport_get_errors_as_local_transport(layout):
+    """A missing file, and a directory (whose error comes on reading), fail as with Breezy's LocalTransport."""
+    root, outside = layout
+    transport = backing_transport(root, Writable.nowhere())
+    with pytest.raises(NoSuchFile) as missing:
+        transport.get("missing/file")
+    assert missing.value.path == "/missing/file"
+    late = transport.get("~alice")
+    with pytest.raises(errors.ReadError):
+        late.read()
+
+
 def test_backing_transport_file_size_only_for_readable_files_inside(layout):
     """file_size gives a regular file's size, and None for a directory, a missing path or a symlink out of the root."""
     root, outside = layout
