@@ -96,6 +96,8 @@ class MessageReader:
         Returns None when ``buf`` does not yet hold a whole part, and raises
         ``RemoteProtocolError`` for bytes the grammar does not allow.
         """
+        if not buf:
+            return None
         expect = self._expect
         if expect is _BODY:
             return self._read_body_part(buf)

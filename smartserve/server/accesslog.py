@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from twisted.logger import ILogObserver, Logger, formatEvent
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 from zope.interface import implementer
 
 from ..verbs import classify
@@ -59,21 +59,31 @@ class RequestRecord:
             f"{self.peer} {user} {verb} {self.verb_class} {self.outcome} {duration_ms:.2f}ms "
             f"in={self.bytes_in} out={self.bytes_out} conn={self.connection_id}"
         )
-        # The format has no fields, so text observers skip parsing one per
-        # request; an AccessLogFile writes ``access_line`` as it is.
-        logger.info(
-            line.replace("{", "{{").replace("}", "}}"),
-            log_access=True,
-            access_line=line,
-            connection_id=self.connection_id,
-            peer=self.peer,
-            user=user,
-            verb=verb,
-            verb_class=self.verb_class,
-            outcome=self.outcome,
-            duration_ms=duration_ms,
-            bytes_in=self.bytes_in,
-            bytes_out=self.bytes_out,
+        # The event Logger.info would build, handed to the logger's observer
+        # directly: Logger.emit validates the level against a sorted list of
+        # every level on each call. The format has no fields, so text
+        # observers skip parsing one per request; an AccessLogFile writes
+        # ``access_line`` as it is.
+        logger.observer(
+            {
+                "log_logger": logger,
+                "log_level": LogLevel.info,
+                "log_namespace": logger.namespace,
+                "log_source": logger.source,
+                "log_format": line.replace("{", "{{").replace("}", "}}"),
+                "log_time": time.time(),
+                "log_access": True,
+                "access_line": line,
+                "connection_id": self.connection_id,
+                "peer": self.peer,
+                "user": user,
+                "verb": verb,
+                "verb_class": self.verb_class,
+                "outcome": self.outcome,
+                "duration_ms": duration_ms,
+                "bytes_in": self.bytes_in,
+                "bytes_out": self.bytes_out,
+            }
         )
 
 
