@@ -132,6 +132,23 @@ def _normalise(path: str, start: Segments = ()) -> Segments:
     return tuple(parts)
 
 
+def _read_whole(path: str) -> bytes:
+    """The content of the file at ``path``, read to its end."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        parts = []
+        while True:
+            # One read more than the size: a file that grew meanwhile is read to its end too.
+            data = os.read(fd, size + 1)
+            if not data:
+                return b"".join(parts) if len(parts) != 1 else parts[0]
+            parts.append(data)
+            size = max(size, 65536)
+    finally:
+        os.close(fd)
+
+
 @functools.lru_cache(maxsize=4096)
 def _parse(relpath: str, start: Segments) -> Segments:
     """``relpath`` unescaped and resolved against ``start``; a request names the same paths several times."""
@@ -419,6 +436,24 @@ class JailTransport(Transport):
             except OSError:
                 pass
         return self._local("get", segments)
+
+    def get_bytes(self, relpath):
+        """See Transport.get_bytes; read with plain system calls where ``get`` opens directly.
+
+        A Python file object costs four system calls more than the read
+        itself (fstat, isatty, two lseeks); a small ``get`` is mostly these.
+        """
+        segments = self._resolve(relpath)
+        if segments and not getattr(breezy_transport, "_file_streams", True):
+            try:
+                return _read_whole("/".join((self._caller.root.real, *segments)))
+            except OSError:
+                pass
+        f = self._local("get", segments)
+        try:
+            return f.read()
+        finally:
+            f.close()
 
     def stat(self, relpath):
         """See Transport.stat."""

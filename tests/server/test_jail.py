@@ -658,6 +658,21 @@ def test_backing_transport_get_errors_as_local_transport(layout):
     late = transport.get("~alice")
     with pytest.raises(errors.ReadError):
         late.read()
+    with pytest.raises(errors.ReadError):
+        transport.get_bytes("~alice")
+    with pytest.raises(NoSuchFile):
+        transport.get_bytes("missing")
+
+
+def test_backing_transport_get_bytes_reads_whole_files(tmp_path):
+    """get_bytes returns every byte of an empty, a small and a large file."""
+    content = {"empty": b"", "small": b"s" * 1000, "large": bytes(range(256)) * 4000}
+    for name, data in content.items():
+        (tmp_path / name).write_bytes(data)
+    transport = backing_transport(tmp_path, Writable.nowhere())
+    for name, data in content.items():
+        assert transport.get_bytes(name) == data
+        assert transport.get(name).read() == data
 
 
 def test_backing_transport_file_size_only_for_readable_files_inside(layout):
