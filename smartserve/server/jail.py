@@ -247,6 +247,8 @@ class _Root:
         itself when the walk reached it, else None.
         """
         checked = self._checked
+        if segments in checked:
+            return None
         depth = len(segments)
         start = depth
         while start and segments[:start] not in checked:
