@@ -359,7 +359,10 @@ class SmartServerProtocol(Protocol):
         if not current.finished:
             self.transport.pauseProducing()
         d = current.run.advance(chunks, current.finished)
-        d.addCallbacks(self._advanced, self._backend_failed, (current,), None, (current,), None)
+        if d.called and not d.paused and not isinstance(d.result, Failure):
+            self._advanced(d.result, current)  # answered at once (an inline read): no callback chain
+        else:
+            d.addCallbacks(self._advanced, self._backend_failed, (current,), None, (current,), None)
 
     def _advanced(self, reply: Optional[Reply], current: _CurrentRequest) -> None:
         current.advancing = False
