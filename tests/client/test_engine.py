@@ -333,8 +333,9 @@ def test_engine_request_timeout_counts_from_each_request(server, clock):
     assert late == [Reply((b"ok",), b"resent")]
 
 
-def test_engine_cancelled_call_gives_its_slot_back(server, clock):
-    """Cancelling a call in flight fails it with CancelledError, and the next call gets the slot on a fresh connection."""
+@pytest.mark.parametrize("while_resending", [False, True], ids=["in flight", "while resent"])
+def test_engine_cancelled_call_gives_its_slot_back(server, clock, while_resending):
+    """Cancelling a call in flight, or while it is being resent, fails it with CancelledError; the next call gets the slot."""
     from twisted.internet.defer import CancelledError
 
     client = make_client(server, clock)
@@ -342,28 +343,13 @@ def test_engine_cancelled_call_gives_its_slot_back(server, clock):
     server.connections[0].respond(b"ok", b"2")
     cancelled = client.call(b"get", b"/x")
     result = outcome(cancelled)
+    if while_resending:
+        server.connections[0].lose()
+        assert server.connections[1].requests() == [b"get"]
     cancelled.cancel()
     assert result[0].check(CancelledError)
     later = outcome(client.call(b"get", b"/y"))
     assert server.connections[-1].requests() == [b"get"]
-    server.connections[-1].respond(b"ok", body=b"y")
-    assert later == [Reply((b"ok",), b"y")]
-
-
-def test_engine_cancelling_a_resent_call_stops_the_resend(server, clock):
-    """A call cancelled while it is being resent fails with CancelledError, and the next call gets the slot."""
-    from twisted.internet.defer import CancelledError
-
-    client = make_client(server, clock)
-    outcome(client.call(b"hello"))
-    server.connections[0].respond(b"ok", b"2")
-    cancelled = client.call(b"get", b"/x")
-    result = outcome(cancelled)
-    server.connections[0].lose()
-    assert server.connections[1].requests() == [b"get"]
-    cancelled.cancel()
-    assert result[0].check(CancelledError)
-    later = outcome(client.call(b"get", b"/y"))
     server.connections[-1].respond(b"ok", body=b"y")
     assert later == [Reply((b"ok",), b"y")]
 

@@ -593,34 +593,23 @@ def test_backing_transport_client_rename_forgets_checked_directories(layout):
         transport.get_bytes("top/outside/secret")
 
 
-def test_backing_transport_operator_symlink_seen_by_next_request(layout):
-    """A directory the operator replaces with a symlink out of the root is refused from the next request on."""
-    root, outside = layout
-    (root / "top").mkdir()
-    (root / "top" / "file").write_bytes(b"top file")
-    transport = backing_transport(root, Writable.nowhere())
-    assert transport.get_bytes("top/file") == b"top file"
-    (root / "top").rename(root / "top-old")
-    (root / "top").symlink_to(outside)
-    transport.forget_checked()
-    with pytest.raises(OutsideRoot):
-        transport.get_bytes("top/secret")
-
-
-def test_backing_transport_file_replaced_by_symlink_seen_by_next_request(layout):
-    """A file the operator replaces with a symlink out of the root is refused from the next request on."""
+@pytest.mark.parametrize(
+    "replaced, target, read", [("top", "", "top/secret"), ("top/file", "secret", "top/file")], ids=["directory", "file"]
+)
+def test_backing_transport_operator_symlink_seen_by_next_request(layout, replaced, target, read):
+    """A directory or file the operator replaces with a symlink out of the root is refused from the next request on."""
     root, outside = layout
     (root / "top").mkdir()
     (root / "top" / "file").write_bytes(b"top file")
     transport = backing_transport(root, Writable.nowhere())
     assert transport.file_size("top/file") == len(b"top file")
     assert transport.get_bytes("top/file") == b"top file"
-    (root / "top" / "file").unlink()
-    (root / "top" / "file").symlink_to(outside / "secret")
+    (root / replaced).rename(root / f"{replaced}-old")
+    (root / replaced).symlink_to(outside / target)
     transport.forget_checked()
-    assert transport.file_size("top/file") is None
+    assert transport.file_size(read) is None
     with pytest.raises(OutsideRoot):
-        transport.get_bytes("top/file")
+        transport.get_bytes(read)
 
 
 def test_backing_transport_client_delete_forgets_checked_files(layout):
