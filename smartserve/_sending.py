@@ -15,16 +15,21 @@ import socket
 from typing import Optional
 
 from twisted.internet import tcp
+from twisted.protocols.policies import ProtocolWrapper
 
 __all__ = ["direct_socket", "write_now", "send_now", "SendingAtOnce", "sending_at_once"]
 
 
 def direct_socket(transport) -> Optional[socket.socket]:
-    """The socket of a plain TCP transport, which bytes may be sent on directly; else None.
+    """The socket under a TCP transport, which bytes may be sent on directly; else None.
 
-    Wrappers such as TLS change the bytes they are given, so only Twisted's
-    own TCP connections qualify.
+    Twisted's own TCP connections qualify, and so do protocol wrappers
+    that pass writes through unchanged, such as the one that reads a PROXY
+    header for ``haproxy:`` endpoints; wrappers that change the bytes they
+    are given, such as TLS, do not.
     """
+    while isinstance(transport, ProtocolWrapper) and type(transport).write is ProtocolWrapper.write:
+        transport = transport.transport
     if not isinstance(transport, tcp.Connection):
         return None
     try:

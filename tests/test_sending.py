@@ -123,3 +123,30 @@ async def test_client_ssh_connection_sends_packets_at_once():
     transport.loseConnection()
     await client.lost
     peer.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pass_through_wrappers_are_sent_through_and_changing_ones_are_not():
+    """A protocol wrapper that passes writes on unchanged (the PROXY-header reader) keeps direct sends; one that changes them (TLS) does not."""
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+    class Changing(ProtocolWrapper):
+        def write(self, data):
+            super().write(data.upper())
+
+    transport, peer, client = await _tcp_pair()
+    factory = WrappingFactory(Factory.forProtocol(Protocol))
+    passing = ProtocolWrapper(factory, Protocol())
+    passing.makeConnection(transport)
+    sock = direct_socket(passing)
+    assert sock is transport.getHandle()
+    write_now(passing, sock, b"through the wrapper")
+    peer.setblocking(False)
+    assert peer.recv(100) == b"through the wrapper"
+    changing = Changing(factory, Protocol())
+    changing.makeConnection(transport)
+    assert direct_socket(changing) is None
+    transport.loseConnection()
+    await client.lost
+    peer.close()
