@@ -122,6 +122,9 @@ class SessionChannel(SSHSession):
         and only the part a window takes is copied. While anything is
         queued the producer stays paused, so at most one write waits here.
         """
+        if not self._unsent and len(data) <= self.remoteWindowLeft:
+            super().write(data)  # the common case: a response the window takes whole
+            return
         if data:
             self._unsent.append(data)
         self._send_unsent()
