@@ -136,17 +136,22 @@ def _read_whole(path: str) -> bytes:
     """The content of the file at ``path``, read to its end."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        data = os.read(fd, _FIRST_READ)
+        more = os.read(fd, _FIRST_READ) if data else b""
+        if not more:
+            return data  # a small file: open, two reads and close
+        parts = [data, more]
         size = os.fstat(fd).st_size
-        parts = []
-        while True:
-            # One read more than the size: a file that grew meanwhile is read to its end too.
-            data = os.read(fd, size + 1)
-            if not data:
-                return b"".join(parts) if len(parts) != 1 else parts[0]
-            parts.append(data)
-            size = max(size, 65536)
+        while more:
+            more = os.read(fd, max(size, _FIRST_READ))
+            parts.append(more)
+        return b"".join(parts)
     finally:
         os.close(fd)
+
+
+# The first read of get_bytes takes a small file whole (inline reads are at most 64 KiB by default).
+_FIRST_READ = 64 * 1024
 
 
 @functools.lru_cache(maxsize=4096)
