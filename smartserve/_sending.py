@@ -40,7 +40,7 @@ def direct_socket(transport) -> Optional[socket.socket]:
 
 
 def _holds_nothing(transport) -> bool:
-    """True while ``transport`` (a ``tcp.Connection``) has no unsent bytes and is not closing."""
+    """True while ``transport`` (one ``direct_socket`` accepts) has no unsent bytes and is not closing."""
     return transport.connected and not transport.disconnecting and _sent_all(transport)
 
 
@@ -94,7 +94,7 @@ class SendingAtOnce:
 
 
 def sending_at_once(transport):
-    """``transport`` wrapped in ``SendingAtOnce`` if it is plain TCP, else ``transport`` itself."""
+    """``transport`` wrapped in ``SendingAtOnce`` if ``direct_socket`` finds its socket, else ``transport`` itself."""
     sock = direct_socket(transport)
     return transport if sock is None else SendingAtOnce(transport, sock)
 

@@ -27,10 +27,10 @@ Then, for every operation that touches a path:
    the root is checked for being a symlink, and a path through one is
    resolved with ``os.path.realpath``); otherwise ``OutsideRoot``, a
    ``PermissionDenied``.  Directories and files found to be real ones
-   (not symlinks) are remembered until the next request begins or a client renames or
-   deletes something.  This
-   refuses file and directory symlinks that leave the root at any depth,
-   including dangling ones (a put through one would create a file outside).
+   (not symlinks) are remembered until the next request begins or a
+   client renames or deletes something.  This refuses file and directory
+   symlinks that leave the root at any depth, including dangling ones (a
+   put through one would create a file outside).
    Symlinks that stay inside the root work normally.  Deleting or renaming
    a symlink that points outside is refused too, although it would not
    leave the root: the check is on the resolved path, always.
@@ -428,32 +428,40 @@ class JailTransport(Transport):
         """See Transport.has."""
         return self._local("has", self._resolve(relpath))
 
-    def get(self, relpath):
-        """See Transport.get; ``get_bytes`` and ``readv`` go through it.
+    def _direct_path(self, segments: Segments) -> Optional[str]:
+        """The local path of checked ``segments`` to read directly, or None to go through LocalTransport.
 
-        The file is opened directly when this process has no write stream
-        open that LocalTransport would flush first; any error, and a
-        directory (which LocalTransport answers with a late error), go
-        through LocalTransport so they come out exactly as Breezy's.
+        LocalTransport flushes this process's open write streams before a
+        read, so with any open the read goes through it; so does the root.
+        A direct read that fails goes through it again, so that errors (and
+        a directory's late error) come out exactly as Breezy's.
         """
+        if not segments or getattr(breezy_transport, "_file_streams", True):
+            return None
+        return "/".join((self._caller.root.real, *segments))
+
+    def get(self, relpath):
+        """See Transport.get; ``readv`` goes through it."""
         segments = self._resolve(relpath)
-        if segments and not getattr(breezy_transport, "_file_streams", True):
+        path = self._direct_path(segments)
+        if path is not None:
             try:
-                return open("/".join((self._caller.root.real, *segments)), "rb")
+                return open(path, "rb")
             except OSError:
                 pass
         return self._local("get", segments)
 
     def get_bytes(self, relpath):
-        """See Transport.get_bytes; read with plain system calls where ``get`` opens directly.
+        """See Transport.get_bytes, with plain system calls where possible.
 
         A Python file object costs four system calls more than the read
         itself (fstat, isatty, two lseeks); a small ``get`` is mostly these.
         """
         segments = self._resolve(relpath)
-        if segments and not getattr(breezy_transport, "_file_streams", True):
+        path = self._direct_path(segments)
+        if path is not None:
             try:
-                return _read_whole("/".join((self._caller.root.real, *segments)))
+                return _read_whole(path)
             except OSError:
                 pass
         f = self._local("get", segments)
