@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import pytest_twisted
@@ -19,8 +20,9 @@ class _Silent(protocol.Protocol):
         self.lost.callback(None)
 
 
+@contextlib.asynccontextmanager
 async def _tcp_pair():
-    """A Twisted TCP transport (its protocol says nothing), the plain socket at its other end, and the protocol."""
+    """A Twisted TCP transport (its protocol says nothing) and the plain socket at its other end; closed after."""
     listener = socket.create_server(("127.0.0.1", 0))
     try:
         accepted = threads.deferToThread(listener.accept)
@@ -29,7 +31,12 @@ async def _tcp_pair():
         peer, _ = await accepted
     finally:
         listener.close()
-    return client.transport, peer, client
+    try:
+        yield client.transport, peer
+    finally:
+        client.transport.loseConnection()
+        await client.lost
+        peer.close()
 
 
 def _read_all(peer: socket.socket, size: int) -> bytes:
@@ -47,33 +54,27 @@ def _read_all(peer: socket.socket, size: int) -> bytes:
 @pytest_twisted.ensureDeferred
 async def test_write_now_sends_in_the_same_turn():
     """What the socket takes is on the wire before write_now returns: no reactor turn in between."""
-    transport, peer, client = await _tcp_pair()
-    write_now(transport, direct_socket(transport), b"hello")
-    peer.setblocking(False)
-    assert peer.recv(100) == b"hello"
-    transport.loseConnection()
-    await client.lost
-    peer.close()
+    async with _tcp_pair() as (transport, peer):
+        write_now(transport, direct_socket(transport), b"hello")
+        peer.setblocking(False)
+        assert peer.recv(100) == b"hello"
 
 
 @pytest_twisted.ensureDeferred
 async def test_write_now_queues_behind_what_the_transport_still_holds():
     """Once the socket took only part of a write, the rest and every later write go through the transport, in order."""
-    transport, peer, client = await _tcp_pair()
-    sock = direct_socket(transport)
-    big = bytes(range(256)) * (64 * 1024)  # 16 MiB: more than any socket buffer here takes at once
-    write_now(transport, sock, big)
-    assert transport.dataBuffer or transport._tempDataLen, "the socket took 16 MiB at once; the test proves nothing"
-    # Room on the socket again: a tail sent on it now would overtake the transport's buffer.
-    head = _read_all(peer, 1024 * 1024)
-    write_now(transport, sock, b"tail")
-    received = head + await threads.deferToThread(_read_all, peer, len(big) + 4 - len(head))
+    async with _tcp_pair() as (transport, peer):
+        sock = direct_socket(transport)
+        big = bytes(range(256)) * (64 * 1024)  # 16 MiB: more than any socket buffer here takes at once
+        write_now(transport, sock, big)
+        assert transport.dataBuffer or transport._tempDataLen, "the socket took 16 MiB at once; the test proves nothing"
+        # Room on the socket again: a tail sent on it now would overtake the transport's buffer.
+        head = _read_all(peer, 1024 * 1024)
+        write_now(transport, sock, b"tail")
+        received = head + await threads.deferToThread(_read_all, peer, len(big) + 4 - len(head))
     assert len(received) == len(big) + 4
     assert received[-4:] == b"tail"
     assert received[:-4] == big
-    transport.loseConnection()
-    await client.lost
-    peer.close()
 
 
 def test_no_direct_socket_for_transports_that_are_not_plain_tcp():
@@ -87,17 +88,15 @@ def test_no_direct_socket_for_transports_that_are_not_plain_tcp():
 @pytest_twisted.ensureDeferred
 async def test_sending_at_once_writes_at_once_and_is_the_transport_otherwise():
     """The wrapper a protocol we do not own (Conch's) writes through: direct writes, everything else delegated."""
-    transport, peer, client = await _tcp_pair()
-    wrapped = sending_at_once(transport)
-    assert isinstance(wrapped, SendingAtOnce)
-    wrapped.writeSequence([b"one ", b"two"])
-    peer.setblocking(False)
-    assert peer.recv(100) == b"one two"
-    assert wrapped.getPeer() == transport.getPeer()
-    wrapped.loseConnection()
-    await client.lost
-    assert transport.disconnected
-    peer.close()
+    async with _tcp_pair() as (transport, peer):
+        wrapped = sending_at_once(transport)
+        assert isinstance(wrapped, SendingAtOnce)
+        wrapped.writeSequence([b"one ", b"two"])
+        peer.setblocking(False)
+        assert peer.recv(100) == b"one two"
+        assert wrapped.getPeer() == transport.getPeer()
+        wrapped.loseConnection()
+        assert transport.disconnecting
 
 
 def test_sending_at_once_leaves_other_transports_alone():
@@ -112,17 +111,14 @@ async def test_client_ssh_connection_sends_packets_at_once():
 
     from smartserve.client._ssh import _send_packets_at_once
 
-    transport, peer, client = await _tcp_pair()
-    ssh_transport = SimpleNamespace(transport=transport)
-    channel_protocol = SimpleNamespace(transport=SimpleNamespace(conn=SimpleNamespace(transport=ssh_transport)))
-    assert _send_packets_at_once(channel_protocol) is channel_protocol
-    assert isinstance(ssh_transport.transport, SendingAtOnce)
-    ssh_transport.transport.write(b"packet")
-    peer.setblocking(False)
-    assert peer.recv(100) == b"packet"
-    transport.loseConnection()
-    await client.lost
-    peer.close()
+    async with _tcp_pair() as (transport, peer):
+        ssh_transport = SimpleNamespace(transport=transport)
+        channel_protocol = SimpleNamespace(transport=SimpleNamespace(conn=SimpleNamespace(transport=ssh_transport)))
+        assert _send_packets_at_once(channel_protocol) is channel_protocol
+        assert isinstance(ssh_transport.transport, SendingAtOnce)
+        ssh_transport.transport.write(b"packet")
+        peer.setblocking(False)
+        assert peer.recv(100) == b"packet"
 
 
 @pytest_twisted.ensureDeferred
@@ -135,18 +131,15 @@ async def test_pass_through_wrappers_are_sent_through_and_changing_ones_are_not(
         def write(self, data):
             super().write(data.upper())
 
-    transport, peer, client = await _tcp_pair()
-    factory = WrappingFactory(Factory.forProtocol(Protocol))
-    passing = ProtocolWrapper(factory, Protocol())
-    passing.makeConnection(transport)
-    sock = direct_socket(passing)
-    assert sock is transport.getHandle()
-    write_now(passing, sock, b"through the wrapper")
-    peer.setblocking(False)
-    assert peer.recv(100) == b"through the wrapper"
-    changing = Changing(factory, Protocol())
-    changing.makeConnection(transport)
-    assert direct_socket(changing) is None
-    transport.loseConnection()
-    await client.lost
-    peer.close()
+    async with _tcp_pair() as (transport, peer):
+        factory = WrappingFactory(Factory.forProtocol(Protocol))
+        passing = ProtocolWrapper(factory, Protocol())
+        passing.makeConnection(transport)
+        sock = direct_socket(passing)
+        assert sock is transport.getHandle()
+        write_now(passing, sock, b"through the wrapper")
+        peer.setblocking(False)
+        assert peer.recv(100) == b"through the wrapper"
+        changing = Changing(factory, Protocol())
+        changing.makeConnection(transport)
+        assert direct_socket(changing) is None
