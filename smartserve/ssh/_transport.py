@@ -102,19 +102,22 @@ class ServerTransport(transport.SSHServerTransport):
             self._grace_timer = self.factory.clock.callLater(grace, self._grace_expired)
 
     def dataReceived(self, data: bytes) -> None:
-        if not self.authenticated:
-            self._acknowledge_at_once()
+        sent = self.outgoingPacketSequence
         super().dataReceived(data)
+        if self.outgoingPacketSequence == sent:
+            self._acknowledge_at_once()
 
     def _acknowledge_at_once(self) -> None:
-        """Have the kernel acknowledge the client's next packets at once, not after its 40 ms delay.
+        """Acknowledge what the client sent now, when no reply carries the acknowledgement.
 
         OpenSSH's client leaves Nagle's algorithm on for sessions without a
-        terminal, so during the handshake, where it sends two messages in a
-        row (NEWKEYS and the next request, say), the second waited for the
-        acknowledgement of the first: about half the logins took 40 ms more.
-        Linux leaves quick-ack mode by itself, so it is asked for again on
-        each read until the login is done.
+        terminal: when it sends two messages in a row and the first needs
+        no reply (NEWKEYS during the handshake, a window adjustment before
+        the next request), the second waits for the acknowledgement of the
+        first, which Linux delays up to 40 ms: about half the logins took
+        40 ms more. Asking for quick acknowledgement sends the pending one
+        at once; a read that gets a reply at once needs nothing, its
+        acknowledgement goes with the reply.
         """
         handle = getattr(self.transport, "getHandle", None)
         if _QUICKACK is None or handle is None:

@@ -111,16 +111,18 @@ class _SocketTransport(StringTransport):
 
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux only")
-def test_handshake_reads_ask_for_quick_acks_until_login(tmp_path):
-    """Before login each read asks the kernel to acknowledge at once (OpenSSH's client keeps Nagle on); after it, no syscall more."""
+def test_reads_without_a_reply_ask_for_a_quick_ack(tmp_path, monkeypatch):
+    """A read the server sends nothing back for is acknowledged at once (OpenSSH's client keeps Nagle on); a read answered at once needs no extra call."""
+    from twisted.conch.ssh.transport import SSHTransportBase
+
     factory = _factory(tmp_path, Clock())
     transport = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
     wire = _SocketTransport()
     transport.makeConnection(wire)
-    transport.dataReceived(b"SSH-2.0-OpenSSH_9.2\r\n")
     quick_ack = (socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    transport.dataReceived(b"SSH-2.0-OpenSSH_9.2\r\n")  # the server has nothing to say back
     assert wire.socket.options.count(quick_ack) == 1
-    transport.authenticated = True
-    transport.dataReceived(b"")
+    monkeypatch.setattr(SSHTransportBase, "dataReceived", lambda self, data: self.sendIgnore(b"reply"))
+    transport.dataReceived(b"answered at once")
     assert wire.socket.options.count(quick_ack) == 1
     transport.connectionLost(None)
