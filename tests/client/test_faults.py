@@ -22,6 +22,14 @@ FAST = RetryPolicy(backoff_initial=0.01, backoff_max=0.05, deadline=10.0)
 
 
 @pytest.fixture
+def journal(workdir):
+    """An empty file under the served root: (its path on disk, its path on the server)."""
+    path, remote = workdir
+    (path / "log").write_bytes(b"")
+    return path / "log", f"{remote}/log".encode()
+
+
+@pytest.fixture
 def make_client(relay):
     clients = []
 
@@ -36,16 +44,15 @@ def make_client(relay):
 
 
 @pytest_twisted.ensureDeferred
-async def test_probe_reconnects_when_server_closed_between_requests(make_client, relay, workdir):
+async def test_probe_reconnects_when_server_closed_between_requests(make_client, relay, journal):
     """A connection closed while idle is replaced before writing: no failure, no resend, one append."""
-    path, remote = workdir
-    (path / "log").write_bytes(b"")
+    log, remote_log = journal
     client = make_client()
     await client.call(b"hello")
     await relay.close_all()
-    reply = await client.call(b"append", f"{remote}/log".encode(), b"", body=b"once\n")
+    reply = await client.call(b"append", remote_log, b"", body=b"once\n")
     assert reply.args == (b"appended", b"0")
-    assert (path / "log").read_bytes() == b"once\n"
+    assert log.read_bytes() == b"once\n"
     assert client.stats.probe_reconnects == 1
     assert client.stats.resends == 0
     assert relay.connections == 2
@@ -86,63 +93,59 @@ async def test_append_cut_during_write_is_resent_and_applied_once(make_client, r
 
 
 @pytest_twisted.ensureDeferred
-async def test_append_with_whole_body_handed_to_transport_is_not_resent(make_client, relay, workdir):
+async def test_append_with_whole_body_handed_to_transport_is_not_resent(make_client, relay, journal):
     """A bytes body is written to the transport at once, so a cut after that counts as after write."""
-    path, remote = workdir
-    (path / "log").write_bytes(b"")
+    log, remote_log = journal
     client = make_client()
     await client.call(b"hello")
     relay.cut_client_to_server = 60
     with pytest.raises(OutcomeUnknown):
-        await client.call(b"append", f"{remote}/log".encode(), b"", body=b"x" * 200)
-    assert (path / "log").read_bytes() == b""
+        await client.call(b"append", remote_log, b"", body=b"x" * 200)
+    assert log.read_bytes() == b""
 
 
 @pytest_twisted.ensureDeferred
-async def test_one_shot_stream_cut_during_write_is_not_resent(make_client, relay, workdir):
+async def test_one_shot_stream_cut_during_write_is_not_resent(make_client, relay, journal):
     """A one-shot body stream already read from cannot be resent; the server applied nothing."""
     from smartserve.client import RequestTransmissionFailed
 
-    path, remote = workdir
-    (path / "log").write_bytes(b"")
+    log, remote_log = journal
     client = make_client()
     await client.call(b"hello")
     relay.cut_client_to_server = 60
     with pytest.raises(RequestTransmissionFailed) as raised:
-        await client.call(b"append", f"{remote}/log".encode(), b"", body_stream=_parts(stall=True))
+        await client.call(b"append", remote_log, b"", body_stream=_parts(stall=True))
     assert raised.value.why_not_resent == "its one-shot body stream was already read"
-    assert (path / "log").read_bytes() == b""
+    assert log.read_bytes() == b""
 
 
 @pytest_twisted.ensureDeferred
-async def test_append_lost_after_write_is_outcome_unknown_and_not_resent(make_client, relay, workdir):
+async def test_append_lost_after_write_is_outcome_unknown_and_not_resent(make_client, relay, journal):
     """`append` lost after it was sent raises OutcomeUnknown naming the verb, and is applied once."""
-    path, remote = workdir
-    (path / "log").write_bytes(b"")
+    log, remote_log = journal
     client = make_client()
     await client.call(b"hello")
     relay.cut_server_to_client = 0
     with pytest.raises(OutcomeUnknown) as raised:
-        await client.call(b"append", f"{remote}/log".encode(), b"", body=b"one\n")
+        await client.call(b"append", remote_log, b"", body=b"one\n")
     assert raised.value.verb == b"append"
     assert "append" in str(raised.value)
     assert isinstance(raised.value.cause, ResponseNeverReceived)
     assert client.stats.resends == 0
-    assert (await client.call(b"get", f"{remote}/log".encode())).body == b"one\n"
+    assert (await client.call(b"get", remote_log)).body == b"one\n"
 
 
 @pytest_twisted.ensureDeferred
-async def test_append_lost_during_response_is_outcome_unknown(make_client, relay, workdir):
+async def test_append_lost_during_response_is_outcome_unknown(make_client, relay, journal):
     """`append` whose response is cut halfway is not resent: OutcomeUnknown, one append on disk."""
-    path, remote = workdir
-    (path / "log").write_bytes(b"")
+    log, remote_log = journal
     client = make_client()
     await client.call(b"hello")
     relay.cut_server_to_client = 20
     with pytest.raises(OutcomeUnknown) as raised:
-        await client.call(b"append", f"{remote}/log".encode(), b"", body=b"one\n")
+        await client.call(b"append", remote_log, b"", body=b"one\n")
     assert raised.value.cause.point.value == "during response"
-    assert (path / "log").read_bytes() == b"one\n"
+    assert log.read_bytes() == b"one\n"
 
 
 @pytest_twisted.ensureDeferred
@@ -216,17 +219,16 @@ async def test_silent_connection_times_out_and_read_is_resent(make_client, relay
 
 
 @pytest_twisted.ensureDeferred
-async def test_silent_connection_append_is_outcome_unknown(make_client, relay, workdir):
+async def test_silent_connection_append_is_outcome_unknown(make_client, relay, journal):
     """An `append` that gets no answer before the timeout is OutcomeUnknown, never resent."""
-    path, remote = workdir
-    (path / "log").write_bytes(b"")
+    log, remote_log = journal
     client = make_client(RetryPolicy(request_timeout=1.0, backoff_initial=0.01, deadline=10.0))
     await client.call(b"hello")
     relay.silence()
     with pytest.raises(OutcomeUnknown) as raised:
-        await client.call(b"append", f"{remote}/log".encode(), b"", body=b"one\n")
+        await client.call(b"append", remote_log, b"", body=b"one\n")
     assert "no response within" in raised.value.cause.reason
-    assert (path / "log").read_bytes() == b""
+    assert log.read_bytes() == b""
 
 
 @pytest_twisted.ensureDeferred
