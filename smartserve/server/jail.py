@@ -137,15 +137,12 @@ def _read_whole(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         data = os.read(fd, _FIRST_READ)
-        more = os.read(fd, _FIRST_READ) if data else b""
-        if not more:
+        if len(data) < _FIRST_READ and not (data and os.read(fd, 1)):
             return data  # a small file: open, two reads and close
-        parts = [data, more]
-        size = os.fstat(fd).st_size
-        while more:
-            more = os.read(fd, max(size, _FIRST_READ))
-            parts.append(more)
-        return b"".join(parts)
+        # A larger file (or one growing): read whole into one buffer of its size.
+        os.lseek(fd, 0, os.SEEK_SET)
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
     finally:
         os.close(fd)
 

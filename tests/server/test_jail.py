@@ -654,8 +654,9 @@ def test_backing_transport_get_errors_as_local_transport(layout):
 
 
 def test_backing_transport_get_bytes_reads_whole_files(tmp_path):
-    """get_bytes returns every byte of an empty, a small and a large file."""
+    """get_bytes returns every byte of files empty, small, around its first read's size, and large."""
     content = {"empty": b"", "small": b"s" * 1000, "large": bytes(range(256)) * 4000}
+    content.update({f"around-{size}": b"r" * size for size in (65535, 65536, 65537)})
     for name, data in content.items():
         (tmp_path / name).write_bytes(data)
     transport = backing_transport(tmp_path, Writable.nowhere())
