@@ -104,9 +104,9 @@ def freeze_loaded_objects() -> None:
 
     A full collection walks every object the collector tracks; with Breezy,
     Twisted and Conch loaded that stalled every connection of the process
-    for 25-45 ms on the benchmark machine. Frozen (``gc.freeze``), the
-    start-up objects are skipped, and a full collection walks only what
-    requests have made since: about 10 ms. Garbage is collected first so
+    for 23-46 ms during branches on the benchmark machine. Frozen
+    (``gc.freeze``), the start-up objects are skipped, and a full
+    collection walks only what requests have made since: about 7 ms. Garbage is collected first so
     that none of it is kept for good.
     """
     gc.collect()

@@ -454,18 +454,13 @@ class JailTransport(Transport):
         A Python file object costs four system calls more than the read
         itself (fstat, isatty, two lseeks); a small ``get`` is mostly these.
         """
-        segments = self._resolve(relpath)
-        path = self._direct_path(segments)
+        path = self._direct_path(self._resolve(relpath))
         if path is not None:
             try:
                 return _read_whole(path)
             except OSError:
                 pass
-        f = self._local("get", segments)
-        try:
-            return f.read()
-        finally:
-            f.close()
+        return super().get_bytes(relpath)
 
     def stat(self, relpath):
         """See Transport.stat."""
