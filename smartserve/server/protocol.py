@@ -404,10 +404,10 @@ class SmartServerProtocol(Protocol):
         self._response_done(current)
 
     def _pull_stream(self, current: _CurrentRequest) -> None:
-        """Have the stream make its next slice, unless one is already made or being made.
+        """Ask the stream for its next slice, unless one is already waiting here or asked for.
 
-        The next slice is made while the transport still sends the last
-        one (the producer is paused then), so that making and sending
+        The next slice is asked for while the transport still sends the
+        last one (the producer is paused then), so that making and sending
         overlap; at most one slice waits ready beside the transport's buffer.
         """
         if self._closing or current.advancing or current.ready is not None:

@@ -3,10 +3,9 @@
 Each request runs through ``breezy.bzr.smart.request.SmartServerRequestHandler``,
 the object ``brz serve`` uses between its wire decoder and the request
 classes, so every verb behaves exactly as in ``brz serve``. Each step of a
-request (start, body chunks, end, each slice of a response stream) is one
-call into a bounded ``ThreadPool``, so the reactor never waits on the
-repository, and response streams are pulled only as fast as the connection
-drains them.
+request (start, body chunks, end) is one call into a bounded ``ThreadPool``,
+so the reactor never waits on the repository; a response stream is made in
+the pool at most a few slices ahead of what the connection has taken.
 
 The one exception is a request that reads a single small file: ``hello``,
 ``has``, ``stat``, and ``get`` of a file of at most ``inline_read_bytes``.
@@ -20,6 +19,7 @@ branches live on a network file system, where a read may take long, set
 from __future__ import annotations
 
 import threading
+from collections import deque
 from typing import Iterator, List, Optional
 
 from twisted.internet import defer, task
@@ -234,31 +234,81 @@ class _SlicedBody:
 
 @implementer(IBodyStream)
 class _BzrBodyStream:
-    """A response ``body_stream`` iterated slice by slice in the worker pool."""
+    """A response ``body_stream`` made in the worker pool, a few slices ahead of the connection.
+
+    One pool job makes slice after slice and hands each to the reactor as
+    soon as it is made, as ``brz serve`` writes each chunk as soon as it is
+    made: the client starts on the first records early and no worker waits
+    for a reactor turn between slices. The job stops once ``AHEAD`` slices
+    wait unsent (the connection is slower than the repository) and starts
+    again when the connection takes one, so a stalled client holds no
+    worker and at most ``AHEAD`` slices of memory.
+    """
+
+    SLICE_BYTES = 16 * 1024
+    AHEAD = 4
 
     def __init__(self, chunks: Iterator[bytes], backend: BzrBackend):
         self._chunks = chunks
         self._backend = backend
-        self._busy = False
+        self._reactor = backend._reactor
+        self._made: deque = deque()
+        self._waiting: Optional[defer.Deferred] = None
+        self._unsent = 0  # slices made and not yet pulled, counted across threads
+        self._unsent_lock = threading.Lock()
+        self._making = False
+        self._finished = False
         self._closed = False
         self.description = "body stream"
 
     def pull(self, max_bytes: int):
-        self._busy = True
-        d = self._backend.run_in_pool(self._pull_in_thread, max_bytes)
-
-        def done(result):
-            self._busy = False
-            if self._closed:
-                self._close_now()
-            return result
-
-        return d.addBoth(done)
+        if self._made:
+            items = self._taken(self._made.popleft())
+            self._keep_making(max_bytes)
+            return defer.succeed(items)
+        self._waiting = defer.Deferred()
+        self._keep_making(max_bytes)
+        return self._waiting
 
     def close(self) -> None:
         self._closed = True
-        if not self._busy:
+        self._made.clear()
+        if not self._making:
             self._close_now()
+
+    def _taken(self, items: list) -> list:
+        with self._unsent_lock:
+            self._unsent -= 1
+        return items
+
+    def _keep_making(self, max_bytes: int) -> None:
+        if self._making or self._finished or self._closed or self._unsent >= self.AHEAD:
+            return
+        self._making = True
+        d = self._backend.run_in_pool(self._make_in_thread, min(max_bytes, self.SLICE_BYTES))
+        d.addCallbacks(self._job_done, self._job_failed, (max_bytes,))
+
+    def _job_done(self, _, max_bytes: int) -> None:
+        self._making = False
+        if self._closed:
+            self._close_now()
+        else:
+            self._keep_making(max_bytes)
+
+    def _job_failed(self, failure) -> None:
+        self._making = False
+        log.failure("Making a response stream", failure)
+        self._finished = True
+        self._slice_made([StreamFailure((b"error", b"InternalError", b"the server failed"))])
+
+    def _slice_made(self, items: list) -> None:
+        if self._closed:
+            return
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.callback(self._taken(items))
+        else:
+            self._made.append(items)
 
     def _close_now(self) -> None:
         close = getattr(self._chunks, "close", None)
@@ -268,11 +318,27 @@ class _BzrBodyStream:
             )
             self._chunks = iter(())
 
-    def _pull_in_thread(self, max_bytes: int) -> list:
+    # In a worker thread.
+
+    def _make_in_thread(self, slice_bytes: int) -> None:
+        while not self._closed:
+            with self._unsent_lock:
+                if self._unsent >= self.AHEAD:
+                    return
+                self._unsent += 1
+            items = self._slice_in_thread(slice_bytes)
+            last = not items or isinstance(items[-1], StreamFailure)
+            if last:
+                self._finished = True
+            self._reactor.callFromThread(self._slice_made, items)
+            if last:
+                return
+
+    def _slice_in_thread(self, slice_bytes: int) -> list:
         request = _registry()
         pulled: list = []
         size = 0
-        while size < max_bytes:
+        while size < slice_bytes:
             try:
                 chunk = next(self._chunks)
             except StopIteration:

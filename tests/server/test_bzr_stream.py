@@ -1,0 +1,158 @@
+"""Breezy response streams: made in the pool a few slices ahead of the connection, never more."""
+
+from __future__ import annotations
+
+import pytest
+
+from smartserve.server.backends.bzr import BzrBackend, _BzrBodyStream
+from smartserve.server.reply import StreamFailure
+
+CHUNK = b"c" * _BzrBodyStream.SLICE_BYTES  # one chunk fills one slice
+
+
+class _StepPool:
+    """A worker pool whose jobs run only when the test says so, one at a time."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def callInThreadWithCallback(self, on_result, function, *args, **kwargs):
+        self.jobs.append((on_result, function, args, kwargs))
+
+    def run_next(self):
+        on_result, function, args, kwargs = self.jobs.pop(0)
+        try:
+            result = function(*args, **kwargs)
+        except BaseException:
+            from twisted.python.failure import Failure
+
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class _QueuedReactor:
+    """Calls from worker threads wait until the test runs them, as on a busy reactor."""
+
+    def __init__(self):
+        self.calls = []
+
+    def callFromThread(self, function, *args, **kwargs):
+        self.calls.append((function, args, kwargs))
+
+    def run_calls(self):
+        while self.calls:
+            function, args, kwargs = self.calls.pop(0)
+            function(*args, **kwargs)
+
+
+class _Chunks:
+    """A body_stream that counts the chunks taken from it and notices being closed."""
+
+    def __init__(self, count, fail_at=None):
+        self.count = count
+        self.fail_at = fail_at
+        self.taken = 0
+        self.closed = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.taken == self.fail_at:
+            self.taken += 1
+            raise OSError("disk went away")
+        if self.taken >= self.count:
+            raise StopIteration
+        self.taken += 1
+        return CHUNK
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def pool():
+    return _StepPool()
+
+
+@pytest.fixture
+def reactor():
+    return _QueuedReactor()
+
+
+@pytest.fixture
+def make_stream(tmp_path, pool, reactor):
+    backend = BzrBackend(str(tmp_path), pool, reactor)
+    return lambda chunks: _BzrBodyStream(chunks, backend)
+
+
+def pulled(d):
+    assert d.called, "the pull has not been answered"
+    return d.result
+
+
+def test_stream_runs_ahead_of_a_stalled_connection_by_at_most_AHEAD_slices(make_stream, pool, reactor):
+    """One job makes slices until AHEAD wait unsent, then ends: no worker is held while the client stalls."""
+    chunks = _Chunks(100)
+    stream = make_stream(chunks)
+    first = stream.pull(64 * 1024)
+    pool.run_next()
+    assert chunks.taken == _BzrBodyStream.AHEAD
+    reactor.run_calls()
+    assert pulled(first) == [CHUNK]
+    # Taking one slice let exactly one more be made, by a new job.
+    pool.run_next()
+    reactor.run_calls()
+    assert chunks.taken == _BzrBodyStream.AHEAD + 1
+    assert pool.jobs == []
+
+
+def test_stream_hands_over_every_chunk_in_order_then_the_end(make_stream, pool, reactor):
+    chunks = _Chunks(7)
+    stream = make_stream(chunks)
+    slices = []
+    while True:
+        d = stream.pull(64 * 1024)
+        while not d.called:
+            pool.run_next()
+            reactor.run_calls()
+        slices.append(d.result)
+        if not d.result:
+            break
+    assert slices == [[CHUNK]] * 7 + [[]]
+    assert pool.jobs == []
+
+
+def test_stream_failure_becomes_the_last_slice(make_stream, pool, reactor):
+    """An error raised while making the stream reaches the client as Breezy's error, and nothing is made after it."""
+    chunks = _Chunks(10, fail_at=2)
+    stream = make_stream(chunks)
+    got = []
+    for _ in range(3):
+        d = stream.pull(64 * 1024)
+        while not d.called:
+            pool.run_next()
+            reactor.run_calls()
+        got.append(d.result)
+    assert got[:2] == [[CHUNK], [CHUNK]]
+    [failure] = got[2]
+    assert isinstance(failure, StreamFailure)
+    assert failure.args[0] == b"error"
+    assert chunks.taken == 3
+    reactor.run_calls()
+    assert pool.jobs == []
+
+
+def test_closing_while_a_slice_is_being_made_stops_the_job_and_closes_the_stream(make_stream, pool, reactor):
+    chunks = _Chunks(100)
+    stream = make_stream(chunks)
+    stream.pull(64 * 1024)
+    stream.close()  # the connection went away while the job waits for a worker
+    pool.run_next()
+    assert chunks.taken == 0
+    reactor.run_calls()
+    # The stream is closed in the pool, after the job has ended.
+    pool.run_next()
+    assert chunks.closed
+    assert pool.jobs == []
