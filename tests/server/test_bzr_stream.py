@@ -8,6 +8,7 @@ from smartserve.server.backends.bzr import BzrBackend, _BzrBodyStream
 from smartserve.server.reply import StreamFailure
 
 CHUNK = b"c" * _BzrBodyStream.SLICE_BYTES  # one chunk fills one slice
+AHEAD_SLICES = _BzrBodyStream.AHEAD_BYTES // _BzrBodyStream.SLICE_BYTES
 
 
 class _StepPool:
@@ -49,8 +50,9 @@ class _QueuedReactor:
 class _Chunks:
     """A body_stream that counts the chunks taken from it and notices being closed."""
 
-    def __init__(self, count, fail_at=None):
+    def __init__(self, count, fail_at=None, chunk=CHUNK):
         self.count = count
+        self.chunk = chunk
         self.fail_at = fail_at
         self.taken = 0
         self.closed = False
@@ -65,7 +67,7 @@ class _Chunks:
         if self.taken >= self.count:
             raise StopIteration
         self.taken += 1
-        return CHUNK
+        return self.chunk
 
     def close(self):
         self.closed = True
@@ -92,19 +94,35 @@ def pulled(d):
     return d.result
 
 
-def test_stream_runs_ahead_of_a_stalled_connection_by_at_most_AHEAD_slices(make_stream, pool, reactor):
-    """One job makes slices until AHEAD wait unsent, then ends: no worker is held while the client stalls."""
+def test_stream_runs_ahead_of_a_stalled_connection_by_at_most_AHEAD_BYTES(make_stream, pool, reactor):
+    """One job makes slices until AHEAD_BYTES wait unsent, then ends: no worker is held while the client stalls."""
     chunks = _Chunks(100)
     stream = make_stream(chunks)
     first = stream.pull(64 * 1024)
     pool.run_next()
-    assert chunks.taken == _BzrBodyStream.AHEAD
+    assert chunks.taken == AHEAD_SLICES
     reactor.run_calls()
     assert pulled(first) == [CHUNK]
     # Taking one slice let exactly one more be made, by a new job.
     pool.run_next()
     reactor.run_calls()
-    assert chunks.taken == _BzrBodyStream.AHEAD + 1
+    assert chunks.taken == AHEAD_SLICES + 1
+    assert pool.jobs == []
+
+
+def test_one_chunk_larger_than_the_lookahead_is_made_alone(make_stream, pool, reactor):
+    """Breezy's chunks can be MiBs (a group of texts): then only one waits unsent at a time."""
+    big = b"b" * (_BzrBodyStream.AHEAD_BYTES * 8)
+    chunks = _Chunks(10, chunk=big)
+    stream = make_stream(chunks)
+    first = stream.pull(64 * 1024)
+    pool.run_next()
+    assert chunks.taken == 1
+    reactor.run_calls()
+    assert pulled(first) == [big]
+    pool.run_next()
+    reactor.run_calls()
+    assert chunks.taken == 2
     assert pool.jobs == []
 
 

@@ -239,14 +239,15 @@ class _BzrBodyStream:
     One pool job makes slice after slice and hands each to the reactor as
     soon as it is made, as ``brz serve`` writes each chunk as soon as it is
     made: the client starts on the first records early and no worker waits
-    for a reactor turn between slices. The job stops once ``AHEAD`` slices
+    for a reactor turn between slices. The job stops once ``AHEAD_BYTES``
     wait unsent (the connection is slower than the repository) and starts
-    again when the connection takes one, so a stalled client holds no
-    worker and at most ``AHEAD`` slices of memory.
+    again when the connection takes a slice, so a stalled client holds no
+    worker, and memory for at most ``AHEAD_BYTES`` plus one of Breezy's
+    chunks (a group of texts, a few MiB at most).
     """
 
     SLICE_BYTES = 16 * 1024
-    AHEAD = 4
+    AHEAD_BYTES = 4 * SLICE_BYTES
 
     def __init__(self, chunks: Iterator[bytes], backend: BzrBackend):
         self._chunks = chunks
@@ -254,7 +255,7 @@ class _BzrBodyStream:
         self._reactor = backend._reactor
         self._made: deque = deque()
         self._waiting: Optional[defer.Deferred] = None
-        self._unsent = 0  # slices made and not yet pulled, counted across threads
+        self._unsent_bytes = 0  # made and not yet pulled, counted across threads
         self._unsent_lock = threading.Lock()
         self._making = False
         self._finished = False
@@ -278,11 +279,11 @@ class _BzrBodyStream:
 
     def _taken(self, items: list) -> list:
         with self._unsent_lock:
-            self._unsent -= 1
+            self._unsent_bytes -= _size(items)
         return items
 
     def _keep_making(self, max_bytes: int) -> None:
-        if self._making or self._finished or self._closed or self._unsent >= self.AHEAD:
+        if self._making or self._finished or self._closed or self._unsent_bytes >= self.AHEAD_BYTES:
             return
         self._making = True
         d = self._backend.run_in_pool(self._make_in_thread, min(max_bytes, self.SLICE_BYTES))
@@ -321,12 +322,10 @@ class _BzrBodyStream:
     # In a worker thread.
 
     def _make_in_thread(self, slice_bytes: int) -> None:
-        while not self._closed:
-            with self._unsent_lock:
-                if self._unsent >= self.AHEAD:
-                    return
-                self._unsent += 1
+        while not self._closed and self._unsent_bytes < self.AHEAD_BYTES:
             items = self._slice_in_thread(slice_bytes)
+            with self._unsent_lock:
+                self._unsent_bytes += _size(items)
             last = not items or isinstance(items[-1], StreamFailure)
             if last:
                 self._finished = True
@@ -352,3 +351,7 @@ class _BzrBodyStream:
             pulled.append(chunk)
             size += len(chunk)
         return pulled
+
+
+def _size(items: list) -> int:
+    return sum(len(item) for item in items if isinstance(item, bytes))
