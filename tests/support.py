@@ -167,6 +167,14 @@ class SmartserveProcess:
         """One (peer, user, verb, verb class, outcome) tuple per request served so far."""
         return [match.groups()[:5] for match in _ACCESS.finditer(self.access_lines())]
 
+    def rss_kib(self) -> int:
+        """The server process's resident memory now, in KiB."""
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise AssertionError("no VmRSS in /proc/PID/status")
+
     def stop(self) -> None:
         """Stop the server and wait for it to exit."""
         if self.process is not None and self.process.poll() is None:

@@ -141,20 +141,12 @@ def test_unknown_verb_keeps_connection_usable(server):
 def test_huge_length_prefix_is_not_buffered(server):
     """A body part announced at 4 GiB is refused before the server buffers it."""
     client = Connection(Role.CLIENT)
-    before = _rss_kib(server.process.pid)
+    before = server.rss_kib()
     with _connect(server) as sock:
         sock.sendall(client.send(Request((b"put", b"/big", b""))) + b"b\xff\xff\xff\xf0" + b"x" * 65536)
         _read_until_closed(sock)
-    assert _rss_kib(server.process.pid) - before < 20 * 1024
+    assert server.rss_kib() - before < 20 * 1024
     assert not (server.data / "branches" / "big").exists()
-
-
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 @pytest.mark.parametrize(

@@ -15,14 +15,6 @@ FORMAT_2A = b"Bazaar repository format 2a (needs bzr 1.16 or later)\n"
 STREAM_MIB = 48
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 @pytest.fixture
 def big_branch_server(brz, start_smartserve):
     """A server with one worker thread, serving a branch whose history is STREAM_MIB of incompressible data."""
@@ -41,14 +33,18 @@ def test_stalled_reader_of_a_large_stream_holds_no_worker_and_not_the_stream(big
     server = big_branch_server
     other = RawClient.connect("127.0.0.1", server.port)
     assert other.call(b"BzrDir.open_2.1", b"big/").success  # Breezy loaded before the baseline
-    before = _rss_kib(server.process.pid)
+    before = server.rss_kib()
 
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     stalled.settimeout(30)
     stalled.connect(("127.0.0.1", server.port))
-    read_early = []
-    reader = RawClient(None, write=stalled.sendall, read=lambda size: read_early.pop() if read_early else stalled.recv(size))
+    read_early = []  # what the test reads itself, given back to the reader before the socket's next bytes
+
+    def read(size: int) -> bytes:
+        return read_early.pop() if read_early else stalled.recv(size)
+
+    reader = RawClient(None, write=stalled.sendall, read=read)
     reader.send_request((b"Repository.get_stream_1.19", b"big/", FORMAT_2A), b"ancestry-of\n" + server.revision)
     started = b""
     while len(started) < 1024 * 1024:  # the stream has begun; from now on nobody reads it for a while
@@ -56,7 +52,7 @@ def test_stalled_reader_of_a_large_stream_holds_no_worker_and_not_the_stream(big
 
     # The only worker must be free for another request while the stream waits for its reader.
     assert other.call(b"Branch.last_revision_info", b"big/").args[:2] == (b"ok", b"1")
-    grown_mib = (_rss_kib(server.process.pid) - before) / 1024
+    grown_mib = (server.rss_kib() - before) / 1024
     assert grown_mib < STREAM_MIB / 2, f"the server grew by {grown_mib:.0f} MiB for a stalled {STREAM_MIB} MiB stream"
 
     # Read again, the stream goes on to its end, intact.
