@@ -234,12 +234,12 @@ class _SlicedBody:
 
 @implementer(IBodyStream)
 class _BzrBodyStream:
-    """A response ``body_stream`` made in the worker pool, a few slices ahead of the connection.
+    """A response ``body_stream`` made in the worker pool, a little ahead of the connection.
 
-    One pool job makes slice after slice and hands each to the reactor as
-    soon as it is made, as ``brz serve`` writes each chunk as soon as it is
-    made: the client starts on the first records early and no worker waits
-    for a reactor turn between slices. The job stops once ``AHEAD_BYTES``
+    One pool job makes 16 KiB slice after slice and hands each to the
+    reactor as soon as it is made (``brz serve`` writes each chunk as soon
+    as it is made): no worker waits for a reactor turn between slices, and
+    the reactor wakes once per slice rather than once per chunk. The job stops once ``AHEAD_BYTES``
     wait unsent (the connection is slower than the repository) and starts
     again when the connection takes a slice, so a stalled client holds no
     worker, and memory for at most ``AHEAD_BYTES`` plus one of Breezy's
