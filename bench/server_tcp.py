@@ -49,7 +49,7 @@ def small_get_figure(port: int, count: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=7, help="runs per figure (median)")
+    parser.add_argument("--runs", type=int, default=15, help="runs per figure (median)")
     parser.add_argument("--gets", type=int, default=1000, help="small gets per connection")
     parser.add_argument("--revisions", type=int, default=300)
     parser.add_argument("--files", type=int, default=200)
