@@ -49,6 +49,10 @@ class Options(usage.Options):
         ["max-unauthenticated", None, 50, "SSH connections allowed at once before login.", int],
         ["max-sessions-per-user", None, 10, "Smart sessions one user may have open at once.", int],
         ["bzr", None, None, "Endpoint for bzr:// (e.g. tcp:4155:interface=127.0.0.1); off when not given."],
+        [
+            "bzr-max-connections", None, 500,
+            "bzr:// connections open at once; more are closed as soon as they are made (0: no limit).", int,
+        ],
         ["idle-timeout", None, 300.0, "Seconds a connection may sit idle before it is closed (0: never).", float],
         ["threads", None, 16, "Worker threads that run requests.", int],
         [
@@ -87,7 +91,7 @@ class Options(usage.Options):
             self["ssh"] = None
         non_negative = (
             "idle-timeout", "drain-timeout", "drain-grace", "drain-linger", "drain-spread", "login-grace-time",
-            "inline-read-bytes",
+            "inline-read-bytes", "bzr-max-connections",
         )
         for name in non_negative:
             if self[name] < 0:
@@ -250,6 +254,7 @@ def makeService(options: Options, reactor=None) -> SmartserveService:
         drain_linger=options["drain-linger"],
         drain_spread=options["drain-spread"],
         access_log=access_logger(access_file),
+        max_bzr_connections=options["bzr-max-connections"],
     )
     controller = DrainController(reactor, grace=options["drain-grace"], default_timeout=options["drain-timeout"])
     metrics.watch_connections("smart", smart_factory)

@@ -67,7 +67,7 @@ from .interfaces import IDrainable
 from .jail import Writable
 from .reply import Reply, StreamFailure
 
-__all__ = ["SmartServerProtocol", "SmartServerFactory", "Phase"]
+__all__ = ["SmartServerProtocol", "SmartServerFactory", "Phase", "ClosedAtOnce"]
 
 log = Logger()
 
@@ -567,6 +567,13 @@ class SmartServerProtocol(Protocol):
         self.abort()
 
 
+class ClosedAtOnce(Protocol):
+    """Closes its connection as soon as it is made: the server has too many."""
+
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()
+
+
 @implementer(IDrainable)
 class SmartServerFactory(Factory):
     """Builds a ``SmartServerProtocol`` per connection and keeps track of them.
@@ -598,6 +605,7 @@ class SmartServerFactory(Factory):
         drain_linger: float = 0.0,
         drain_spread: float = 0.0,
         access_log=DEFAULT_ACCESS_LOG,
+        max_bzr_connections: int = 0,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
@@ -612,11 +620,21 @@ class SmartServerFactory(Factory):
         self.limits = limits or DEFAULT_LIMITS
         self.tcp_writable = tcp_writable
         self.connections = OpenConnections()
+        self.max_bzr_connections = max_bzr_connections
+        self._bzr_connections: set = set()
         self.requests_by_class: collections.Counter = collections.Counter()
         self._ids = itertools.count(1)
         self._draining = False
 
-    def buildProtocol(self, addr) -> SmartServerProtocol:
+    def buildProtocol(self, addr) -> Protocol:
+        """A protocol for a bzr:// connection, or one that closes it at once when there are too many."""
+        if self.max_bzr_connections and len(self._bzr_connections) >= self.max_bzr_connections:
+            log.warn(
+                "refusing bzr:// connection from {peer}: {count} open, the limit (--bzr-max-connections)",
+                peer=str(addr),
+                count=len(self._bzr_connections),
+            )
+            return ClosedAtOnce()
         return self.build_protocol(Caller(None, "", self.tcp_writable))
 
     def build_protocol(self, caller: Caller) -> SmartServerProtocol:
@@ -629,10 +647,13 @@ class SmartServerFactory(Factory):
     def connection_made(self, protocol: SmartServerProtocol) -> None:
         """Called by a protocol once it is connected."""
         self.connections.add(protocol)
+        if protocol.caller.user is None:
+            self._bzr_connections.add(protocol)
 
     def connection_lost(self, protocol: SmartServerProtocol) -> None:
         """Called by a protocol once its connection is gone."""
         self.connections.discard(protocol)
+        self._bzr_connections.discard(protocol)
 
     def request_finished(self, protocol: SmartServerProtocol, record: RequestRecord) -> None:
         """Called after each request's last response byte was written."""

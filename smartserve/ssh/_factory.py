@@ -9,12 +9,13 @@ from twisted.conch.ssh import factory
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
 from twisted.internet import defer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..server.interfaces import IDrainable
 from ..server.drain import OpenConnections
+from ..server.protocol import ClosedAtOnce
 from ._access import AccessPolicy
 from ._avatar import SmartRealm
 from ._checker import PublicKeyChecker
@@ -26,13 +27,6 @@ from ._transport import ServerTransport, UserAuthServer, host_signature_algorith
 __all__ = ["SSHServerFactory", "make_ssh_factory"]
 
 _log = Logger()
-
-
-class _Refused(Protocol):
-    """Closes a connection at once: too many are still logging in."""
-
-    def connectionMade(self) -> None:
-        self.transport.loseConnection()
 
 
 @implementer(IDrainable)
@@ -88,7 +82,7 @@ class SSHServerFactory(factory.SSHFactory):
                 peer=str(addr),
                 why="draining" if self.draining else "too many connections logging in",
             )
-            return _Refused()
+            return ClosedAtOnce()
         # Conch's SSHFactory.buildProtocol only adds what we replace here: the
         # host key algorithms, and a per-connection note about DH primes.
         transport = Factory.buildProtocol(self, addr)

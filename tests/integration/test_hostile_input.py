@@ -10,6 +10,7 @@ import pytest
 
 from smartserve.protocol import MESSAGE_MARKER, BodyChunk, Connection, EndOfMessage, Request, Response, Role
 from smartserve.testing import RawClient
+from support import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -160,3 +161,28 @@ def test_paths_escaping_the_root_never_read_outside(server, path):
     reply = _call(server, b"get", path.encode())
     assert b"root:" not in reply.body
     assert reply.success is False, reply.args
+
+
+def test_connections_over_the_bzr_limit_are_closed_and_logged(start_smartserve):
+    """A flood of anonymous connections is cut at --bzr-max-connections; those already open are served."""
+    server = start_smartserve(
+        "--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none", "--bzr-max-connections", "2", name="limited"
+    )
+    first = RawClient.connect("127.0.0.1", server.port)
+    second = RawClient.connect("127.0.0.1", server.port)
+    assert first.call(b"hello").args == (b"ok", b"2") == second.call(b"hello").args
+    with _connect(server) as refused:
+        assert _read_until_closed(refused) == b""
+    assert "refusing bzr:// connection" in server.log()
+    assert first.call(b"hello").args == (b"ok", b"2")
+    first.close()
+    # The server frees the slot once it has seen the close; until then a new connection is refused.
+    assert wait_for(lambda: _hello_on_a_new_connection(server), 10, "a free slot after a connection closed")
+    second.close()
+
+
+def _hello_on_a_new_connection(server) -> bool:
+    try:
+        return _hello_works(server)
+    except (ConnectionError, OSError):
+        return False
