@@ -568,7 +568,7 @@ class SmartServerProtocol(Protocol):
 
 
 class ClosedAtOnce(Protocol):
-    """Closes its connection as soon as it is made: the server has too many."""
+    """Closes its connection as soon as it is made: how a factory refuses one (too many open, or draining)."""
 
     def connectionMade(self) -> None:
         self.transport.loseConnection()
