@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import resource
 import signal
 
 from twisted.application import service
@@ -103,6 +104,34 @@ class Options(usage.Options):
             raise usage.UsageError("nothing to serve: give --ssh or --bzr")
 
 
+def raise_open_file_limit() -> tuple:
+    """Raise the soft limit on open files to the hard limit; returns (before, after).
+
+    Every connection, SSH session and open repository file takes a file
+    descriptor. The usual soft limit, 1024, would make the server refuse
+    connections long before its memory runs out, while the hard limit is the
+    one the administrator set (systemd's ``LimitNOFILE=``). Servers raise
+    it as they start, as Go's runtime does for every program.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open("/proc/sys/fs/nr_open") as nr_open:
+                target = int(nr_open.read())
+        except (OSError, ValueError):
+            return soft, soft
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as exc:
+            log.warn("Could not raise the open-file limit from {soft} to {target}: {error}", soft=soft, target=target,
+                     error=str(exc))
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
 def freeze_loaded_objects() -> None:
     """Move the objects that start-up made out of the garbage collector's way.
 
@@ -158,6 +187,9 @@ class SmartserveService(service.MultiService):
 
     async def _start(self) -> None:
         freeze_loaded_objects()
+        before, after = raise_open_file_limit()
+        if after != before:
+            log.info("Open-file limit raised from {before} to {after}", before=before, after=after)
         path = self.options["control"]
         takeover = self.options["takeover"]
         old = None

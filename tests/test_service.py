@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import gc
+import resource
 import weakref
+from pathlib import Path
 
-from smartserve.service import freeze_loaded_objects
+import pytest
+
+from smartserve.service import freeze_loaded_objects, raise_open_file_limit
 
 
 class _Cycle:
@@ -24,3 +28,36 @@ def test_start_up_objects_are_frozen_and_garbage_is_not():
         assert gone() is None
     finally:
         gc.unfreeze()
+
+
+def _lowered_open_file_limit():
+    """(soft, hard) as they are, after lowering the soft limit to 256; skips where the hard limit is lower."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the open-file hard limit is {hard}: nothing to raise to")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    return soft, hard
+
+
+def test_open_file_limit_is_raised_to_the_hard_limit():
+    soft, hard = _lowered_open_file_limit()
+    try:
+        before, after = raise_open_file_limit()
+        assert before == 256
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (after, hard)
+        assert after == hard or hard == resource.RLIM_INFINITY and after > 256
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_server_started_with_a_low_open_file_limit_raises_it(start_smartserve):
+    """The limit a service manager or shell hands down is raised as the server starts, and logged."""
+    soft, hard = _lowered_open_file_limit()
+    try:
+        server = start_smartserve("--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    limits = Path(f"/proc/{server.process.pid}/limits").read_text()
+    [open_files] = [line for line in limits.splitlines() if line.startswith("Max open files")]
+    assert int(open_files.split()[3]) > 256
+    assert "Open-file limit raised from 256" in server.log()

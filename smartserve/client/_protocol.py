@@ -251,6 +251,10 @@ class SmartClientProtocol(Protocol):
         if sock is None:
             return False
         try:
+            if hasattr(select, "poll"):  # select() cannot watch a descriptor above FD_SETSIZE (1024)
+                poller = select.poll()
+                poller.register(sock, select.POLLIN)
+                return bool(poller.poll(0))
             readable, _, _ = select.select([sock], [], [], 0)
         except (OSError, ValueError):
             return False

@@ -567,23 +567,45 @@ def test_engine_retries_after_a_connect_timeout(server, clock):
     assert client.stats.connect_failures == 1
 
 
-def test_protocol_sees_unread_bytes_under_an_ssh_channel(clock):
-    """Bytes waiting in the socket under an SSH channel are noticed before the reactor reads them."""
+@pytest.fixture(params=["low", "above FD_SETSIZE"])
+def channel_socket_pair(request):
+    """A connected socket pair; in the second case our end's descriptor is above 1024, which select() cannot watch."""
+    import os
+    import resource
     import socket
-    from types import SimpleNamespace
 
     ours, theirs = socket.socketpair()
-    with ours, theirs:
-        tcp = SimpleNamespace(getHandle=lambda: ours)
-        channel = StringTransport()
-        channel.conn = SimpleNamespace(transport=SimpleNamespace(transport=tcp))
-        protocol = SmartClientProtocol(clock)
-        protocol.makeConnection(channel)
-        assert not protocol.has_unread_input()
-        theirs.sendall(b"channel close")
-        assert protocol.has_unread_input()
-        channel.remoteClosed = True
-        assert protocol.closed_reason() == "server closed the channel"
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if request.param != "low":
+        soft, hard = limits
+        if hard != resource.RLIM_INFINITY and hard <= 1500:
+            pytest.skip(f"the open-file hard limit ({hard}) leaves no descriptor above 1500")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1600), hard))
+        low, ours = ours, socket.socket(fileno=os.dup2(ours.fileno(), 1500))
+        low.close()
+    try:
+        yield ours, theirs
+    finally:
+        ours.close()
+        theirs.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+
+def test_protocol_sees_unread_bytes_under_an_ssh_channel(clock, channel_socket_pair):
+    """Bytes waiting in the socket under an SSH channel are noticed before the reactor reads them."""
+    from types import SimpleNamespace
+
+    ours, theirs = channel_socket_pair
+    tcp = SimpleNamespace(getHandle=lambda: ours)
+    channel = StringTransport()
+    channel.conn = SimpleNamespace(transport=SimpleNamespace(transport=tcp))
+    protocol = SmartClientProtocol(clock)
+    protocol.makeConnection(channel)
+    assert not protocol.has_unread_input()
+    theirs.sendall(b"channel close")
+    assert protocol.has_unread_input()
+    channel.remoteClosed = True
+    assert protocol.closed_reason() == "server closed the channel"
 
 
 def test_protocol_channel_over_a_dead_ssh_connection_is_closed(clock):
