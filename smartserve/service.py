@@ -114,22 +114,25 @@ def raise_open_file_limit() -> tuple:
     it as they start, as Go's runtime does for every program.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard
-    if hard == resource.RLIM_INFINITY:
-        try:
-            with open("/proc/sys/fs/nr_open") as nr_open:
-                target = int(nr_open.read())
-        except (OSError, ValueError):
-            return soft, soft
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (OSError, ValueError) as exc:
-            log.warn("Could not raise the open-file limit from {soft} to {target}: {error}", soft=soft, target=target,
-                     error=str(exc))
-            return soft, soft
-        return soft, target
-    return soft, soft
+    target = hard if hard != resource.RLIM_INFINITY else _kernel_open_file_limit()
+    if target is None or soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        log.warn("Could not raise the open-file limit from {soft} to {target}: {error}", soft=soft, target=target,
+                 error=str(exc))
+        return soft, soft
+    return soft, target
+
+
+def _kernel_open_file_limit():
+    """The most files a process may open (an unlimited hard limit still stops there), or None if unknown."""
+    try:
+        with open("/proc/sys/fs/nr_open") as nr_open:
+            return int(nr_open.read())
+    except (OSError, ValueError):
+        return None
 
 
 def freeze_loaded_objects() -> None:
