@@ -5,7 +5,7 @@ the object ``brz serve`` uses between its wire decoder and the request
 classes, so every verb behaves exactly as in ``brz serve``. Each step of a
 request (start, body chunks, end) is one call into a bounded ``ThreadPool``,
 so the reactor never waits on the repository; a response stream is made in
-the pool at most a few slices ahead of what the connection has taken.
+the pool at most 64 KiB ahead of what the connection has taken.
 
 The one exception is a request that reads a single small file: ``hello``,
 ``has``, ``stat``, and ``get`` of a file of at most ``inline_read_bytes``.
@@ -239,11 +239,12 @@ class _BzrBodyStream:
     One pool job makes 16 KiB slice after slice and hands each to the
     reactor as soon as it is made (``brz serve`` writes each chunk as soon
     as it is made): no worker waits for a reactor turn between slices, and
-    the reactor wakes once per slice rather than once per chunk. The job stops once ``AHEAD_BYTES``
-    wait unsent (the connection is slower than the repository) and starts
-    again when the connection takes a slice, so a stalled client holds no
-    worker, and memory for at most ``AHEAD_BYTES`` plus one of Breezy's
-    chunks (a group of texts, a few MiB at most).
+    the reactor wakes once per slice rather than once per chunk. The job
+    stops once ``AHEAD_BYTES`` wait unsent (the connection is slower than
+    the repository) and starts again when the connection takes a slice, so
+    a stalled client holds no worker, and memory for at most
+    ``AHEAD_BYTES`` plus one of Breezy's chunks (a group of texts, a few
+    MiB at most).
     """
 
     SLICE_BYTES = 16 * 1024
