@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from smartserve.testing import RawClient, encode_request, response_args
-from support import SmartserveProcess
+from support import SmartserveProcess, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,9 +22,9 @@ def held_socket():
     sock.close()
 
 
-def _server(tmp_path, sock) -> SmartserveProcess:
+def _server(tmp_path, sock, name: str = "data") -> SmartserveProcess:
     return SmartserveProcess(
-        tmp_path / "data", ["--ssh=none", "--bzr=systemd:domain=INET:index=0"], inherited=sock
+        tmp_path / name, ["--ssh=none", "--bzr=systemd:domain=INET:index=0"], inherited=sock
     )
 
 
@@ -72,6 +72,23 @@ def test_socket_activation_drained_server_leaves_the_socket_listening(tmp_path, 
         _assert_answers_hello(port)
     finally:
         second.stop()
+
+
+def test_socket_activation_two_servers_on_one_socket_survive_a_crash(tmp_path, held_socket):
+    """Two servers share the held socket (two units with the same Sockets=); with one killed, the other answers every new connection."""
+    port = held_socket.getsockname()[1]
+    crashing = _server(tmp_path, held_socket, "first").start()
+    surviving = _server(tmp_path, held_socket, "second").start()
+    try:
+        crashing.process.kill()
+        crashing.process.wait()
+        served_before = len(surviving.access_records())
+        for _ in range(5):
+            _assert_answers_hello(port)
+        wait_for(lambda: len(surviving.access_records()) == served_before + 5, 10, "the survivor to log five hellos")
+        assert {record["verb"] for record in surviving.access_records()[served_before:]} == {"hello"}
+    finally:
+        surviving.stop()
 
 
 def test_socket_activation_missing_socket_is_a_clear_error(tmp_path):
