@@ -56,6 +56,24 @@ def configure_breezy() -> None:
         _breezy_state.append(breezy.initialize(setup_ui=False))
         ui.ui_factory = ui.SilentUIFactory()
         lockdir._DEFAULT_TIMEOUT_SECONDS = 0
+        _load_lazy_modules()
+
+
+def _load_lazy_modules() -> None:
+    """Import what Breezy would import on a new process's first requests.
+
+    Its verb handlers and the default format's classes are registered
+    lazily: about 70 ms of imports that would otherwise land on the first
+    clients after every start or restart, in the middle of a deploy.
+    """
+    from breezy import controldir
+
+    handlers = _registry().request_handlers
+    for verb in handlers.keys():
+        handlers.get(verb)
+    default = controldir.format_registry.make_controldir("default")
+    default.repository_format.network_name()
+    default.get_branch_format().network_name()
 
 
 def _registry():
