@@ -445,6 +445,7 @@ class SmartServerProtocol(Protocol):
             self._pull_stream(current)
 
     def _stream_failed(self, failure: Failure, current: _CurrentRequest) -> None:
+        log.failure("Response stream of {verb!r} failed inside the server", failure, verb=current.record.verb)
         self._stream_pulled([StreamFailure((b"error", b"InternalError", b"the server failed"))], current)
 
     def _write(self, current: _CurrentRequest, parts: list, now: bool = False) -> None:

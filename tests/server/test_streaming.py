@@ -5,15 +5,16 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import Logger, globalLogPublisher
 from zope.interface import implementer
 
-from smartserve.protocol import NEED_DATA, BodyChunk, Connection, EndOfMessage, Request, Role
+from smartserve.protocol import NEED_DATA, BodyChunk, BodyError, Connection, EndOfMessage, Request, Role
 from smartserve.server.caller import Caller
 from smartserve.server.dispatcher import Dispatcher
 from smartserve.server.interfaces import IBackend, IBodyStream, IRequestRun
 from smartserve.server.jail import Writable
 from smartserve.server.protocol import SmartServerFactory
-from smartserve.server.reply import Reply
+from smartserve.server.reply import Reply, StreamFailure
 from smartserve.testing import encode_request
 
 
@@ -114,3 +115,65 @@ def test_stream_is_not_pulled_twice_at_once_while_paused():
     protocol.resumeProducing()
     protocol.pauseProducing()
     assert len(stream.pulls) == 1
+
+
+def _events(data: bytes) -> list:
+    """The client-side events of one response to a bodyless request."""
+    codec = Connection(Role.CLIENT)
+    codec.send(Request((b"get",)))
+    codec.send(EndOfMessage())
+    codec.receive_data(data)
+    events = []
+    while (event := codec.next_event()) is not NEED_DATA:
+        events.append(event)
+        if isinstance(event, EndOfMessage):
+            break
+    return events
+
+
+def _serving(stream):
+    factory = SmartServerFactory(Dispatcher(_StreamingBackend(stream)), clock=Clock())
+    access_lines = []
+    factory.access_log = Logger(observer=lambda event: access_lines.append(event["access_line"]))
+    protocol = factory.build_protocol(Caller(None, "memory", Writable.nowhere()))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(encode_request([b"get"]))
+    return protocol, transport, access_lines
+
+
+def test_stream_failure_mid_body_ends_the_response_with_its_error():
+    """A stream that fails after a part has gone ends the body with that error; the connection stays usable."""
+    stream = _SlowStream([b"one", StreamFailure((b"error", b"NoSuchRevision", b"r1"))])
+    protocol, transport, access_lines = _serving(stream)
+    stream.make_next()
+    stream.make_next()
+    events = _events(transport.value())
+    assert events[1:] == [BodyChunk(b"one"), BodyError((b"error", b"NoSuchRevision", b"r1")), EndOfMessage()]
+    assert stream.closed and protocol.requests_served == 1
+    assert " stream-error " in access_lines[-1]
+    assert not transport.disconnecting
+
+
+def test_stream_pull_that_raises_ends_the_response_with_an_internal_error():
+    """A stream whose slice could not be made ends the body with InternalError, not a hang or a cut connection."""
+    stream = _SlowStream([b"one"])
+    protocol, transport, access_lines = _serving(stream)
+    stream.make_next()
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        stream.pulls.pop(0).errback(RuntimeError("disk on fire"))
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    failures = [event["log_failure"] for event in logged if "log_failure" in event]
+    assert [str(failure.value) for failure in failures] == ["disk on fire"], "the operator never hears why"
+    events = _events(transport.value())
+    assert events[1:] == [
+        BodyChunk(b"one"),
+        BodyError((b"error", b"InternalError", b"the server failed")),
+        EndOfMessage(),
+    ]
+    assert stream.closed and protocol.requests_served == 1
+    assert " stream-error " in access_lines[-1]
+    assert not transport.disconnecting
