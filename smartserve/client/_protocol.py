@@ -466,12 +466,14 @@ class SmartClientProtocol(Protocol):
             self._body_parts.append(data)
 
     def _finish(self) -> None:
-        if self._codec.our_state is _DONE:
-            self._codec.start_next_cycle()
-        else:
-            # The server answered before the whole request was sent.
+        answered_early = self._codec.our_state is not _DONE
+        if answered_early:
+            # The server answered before the whole request was sent: the
+            # rest of it is not sent, and the connection is closed once the
+            # call is settled (closing may report the loss at once).
             self._reusable = False
-            self.close()
+        else:
+            self._codec.start_next_cycle()
         pending, outgoing, response = self._pending, self._outgoing, self._response
         self._clear_request()
         body = b"".join(self._body_parts)
@@ -481,6 +483,8 @@ class SmartClientProtocol(Protocol):
             self._settle(pending, Reply(tuple(response.args), body if has_body else None))
         else:
             self._settle(pending, remote_error(outgoing.verb, tuple(self._body_error or response.args), body))
+        if answered_early:
+            self.close()
 
     def _settle(self, pending: Deferred, outcome) -> None:
         """Fire ``pending`` with ``outcome``, a Reply or an exception, once the listener has heard it."""

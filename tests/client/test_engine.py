@@ -662,3 +662,57 @@ def test_engine_logs_each_resend_with_verb_and_reason(server, clock):
     assert resend["verb_class"] == "read"
     assert resend["point"] == "after write"
     assert resend["reason"]
+
+
+def test_protocol_garbage_inside_a_response_to_an_append_is_outcome_unknown(server, clock):
+    """A response that breaks the protocol after it began: an append may have run, so it is not resent."""
+    client = make_client(server, clock)
+    result = outcome(client.call(b"append", b"/journal", b"", body=b"line\n"))
+    connection = server.connections[0]
+    connection.received()
+    codec = connection.codec
+    connection.protocol.dataReceived(codec.send(Response((b"appended", b"0"))) + b"Z\x00garbage")
+    clock.advance(0)
+    [failure] = result
+    assert failure.check(OutcomeUnknown)
+    assert "protocol error" in str(failure.value)
+    assert len(server.connections) == 1 and connection.transport.disconnecting
+    assert client.stats.resends == 0
+
+
+def test_on_chunk_that_raises_fails_the_call_with_its_error_and_drops_the_connection(server, clock):
+    """The caller's chunk handler failing ends the call with that exception; the half-read connection is not reused."""
+    client = make_client(server, clock)
+
+    def on_chunk(data):
+        raise ValueError(f"cannot take {data!r}")
+
+    result = outcome(client.call(b"Repository.get_stream_1.19", b"/b/", b"fmt", on_chunk=on_chunk))
+    first = server.connections[0]
+    first.respond(b"ok", body=b"chunk")
+    [failure] = result
+    assert failure.check(ValueError) and "cannot take b'chunk'" in str(failure.value)
+    assert first.transport.disconnecting
+    assert client.stats.resends == 0
+    later = outcome(client.call(b"hello"))
+    server.connections[1].respond(b"ok", b"2")
+    assert later == [Reply((b"ok", b"2"), b"")]
+
+
+def test_server_answering_before_the_request_body_ends_closes_that_connection(server, clock):
+    """An early answer (say, an error at once) ends the call; the connection, its request unfinished, is not reused."""
+    client = make_client(server, clock)
+    release = Deferred()
+    result = outcome(client.call(b"put", b"/path", body_stream=lambda: _stalled_parts(release)))
+    first = server.connections[0]
+    first.received()
+    error = first.codec.send(Response((b"PermissionDenied", b"/path"), False)) + first.codec.send(EndOfMessage())
+    first.protocol.dataReceived(error)
+    [failure] = result
+    assert failure.value.error_args == (b"PermissionDenied", b"/path")
+    assert first.transport.disconnecting
+    release.callback(None)
+    later = outcome(client.call(b"hello"))
+    assert len(server.connections) == 2
+    server.connections[1].respond(b"ok", b"2")
+    assert later == [Reply((b"ok", b"2"), b"")]
