@@ -303,7 +303,12 @@ class SmartClientProtocol(Protocol):
                     head += codec.send(BodyChunk(outgoing.body))
                 self._write_now(head + codec.send(_END))
         except ProtocolError as exc:
-            self.abort(f"cannot encode request: {exc}", exc)
+            if self._codec.our_state is _IDLE:
+                # Nothing was encoded, let alone sent: the connection stays as good as it was.
+                self._clear_request()
+                self._settle(result, exc)
+            else:
+                self.abort(f"cannot encode request: {exc}", exc)
         return result
 
     def abort(self, reason: str, error: Optional[BaseException] = None) -> None:

@@ -716,3 +716,22 @@ def test_server_answering_before_the_request_body_ends_closes_that_connection(se
     assert len(server.connections) == 2
     server.connections[1].respond(b"ok", b"2")
     assert later == [Reply((b"ok", b"2"), b"")]
+
+
+def test_arguments_that_cannot_be_encoded_fail_the_call_and_keep_the_connection(server, clock):
+    """A request the codec refuses fails with ProtocolError before any byte is written; the connection serves on."""
+    from smartserve.protocol import ProtocolError
+
+    client = make_client(server, clock)
+    outcome(client.call(b"hello"))
+    first = server.connections[0]
+    first.respond(b"ok", b"2")
+    written = len(first.transport.value())
+    result = outcome(client.call(b"get", 1.5))
+    [failure] = result
+    assert failure.check(ProtocolError) and "cannot bencode" in str(failure.value)
+    assert len(first.transport.value()) == written and not first.transport.disconnecting
+    later = outcome(client.call(b"get", b"/x"))
+    first.respond(b"ok", body=b"y")
+    assert later == [Reply((b"ok",), b"y")]
+    assert len(server.connections) == 1 and client.stats.resends == 0
