@@ -209,8 +209,9 @@ class SmartClient:
         an error, ``OutcomeUnknown`` when the request may have run and may
         not be resent, a ``TransportFailure`` subclass when the request
         surely did not run and could not be sent again, ``DeadlineExceeded``
-        when the deadline passed before any attempt was on the wire, and
-        ``ClientClosed`` after ``close``.
+        when the deadline passed before any attempt was on the wire,
+        ``ClientClosed`` after ``close``, and ``ProtocolError`` for
+        arguments the codec cannot encode (nothing is sent).
         """
         outgoing = Outgoing(verb, args, body=body, body_stream=body_stream, on_chunk=on_chunk, headers=headers)
         self.stats.calls += 1
