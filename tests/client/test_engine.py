@@ -735,3 +735,18 @@ def test_arguments_that_cannot_be_encoded_fail_the_call_and_keep_the_connection(
     first.respond(b"ok", body=b"y")
     assert later == [Reply((b"ok",), b"y")]
     assert len(server.connections) == 1 and client.stats.resends == 0
+
+
+def test_close_drops_connections_still_open_after_its_timeout(server, clock):
+    """A connection whose close goes unanswered (an SSH server ignoring the channel close) is aborted at the timeout."""
+    client = make_client(server, clock)
+    outcome(client.call(b"hello"))
+    first = server.connections[0]
+    first.respond(b"ok", b"2")
+    first.transport.loseConnection = lambda: None  # the close is sent, and never answered
+    closed = outcome(client.close(timeout=5))
+    clock.advance(4.9)
+    assert closed == [] and not first.transport.disconnecting
+    clock.advance(0.1)
+    assert closed == [None]
+    assert first.transport.disconnecting and first.protocol.is_closed
