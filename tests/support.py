@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -184,3 +185,59 @@ class SmartserveProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class TcpRelay:
+    """A TCP relay on 127.0.0.1 to ``target_port``, a thread per direction of each connection.
+
+    Subclasses decide the fate of each chunk in ``passes``: it may block,
+    and returning False closes that connection's both sides instead of
+    forwarding the chunk. ``server_receive_buffer`` shrinks the relay's
+    receive buffer towards the server, so that holding a chunk backs the
+    server up sooner.
+    """
+
+    def __init__(self, target_port: int, *, server_receive_buffer: int = 0):
+        self.target_port = target_port
+        self._server_receive_buffer = server_receive_buffer
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets = []
+        self._connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def passes(self, data: bytes, to_server: bool, connection: int) -> bool:
+        """Whether to forward ``data`` (from the client if ``to_server``) on the ``connection``-th connection."""
+        return True
+
+    def close(self) -> None:
+        """Stop relaying and close every socket."""
+        for sock in [self._listener, *self._sockets]:
+            sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.socket()
+            if self._server_receive_buffer:
+                server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._server_receive_buffer)
+            server.connect(("127.0.0.1", self.target_port))
+            self._sockets += [client, server]
+            connection, self._connections = self._connections, self._connections + 1
+            threading.Thread(target=self._pipe, args=(client, server, True, connection), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False, connection), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, destination: socket.socket, to_server: bool, connection: int) -> None:
+        try:
+            while (data := source.recv(65536)) and self.passes(data, to_server, connection):
+                destination.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, destination):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass

@@ -6,7 +6,6 @@ import dataclasses
 import errno
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,7 +16,7 @@ from typing import List
 
 import pytest
 
-from support import VENV_BIN, SmartserveProcess, wait_for
+from support import VENV_BIN, SmartserveProcess, TcpRelay, wait_for
 from smartserve.testing import RawClient
 
 SMARTSERVE = str(VENV_BIN / "smartserve")
@@ -134,8 +133,8 @@ class ConnectionLoop(threading.Thread):
         return [attempt for attempt in attempts if attempt.outcome != "ok"]
 
 
-class GatedRelay:
-    """A TCP relay on 127.0.0.1 to ``target_port`` that can hold a response in flight.
+class GatedRelay(TcpRelay):
+    """A relay to ``target_port`` that can hold a response in flight.
 
     On the first connection, once ``hold_after`` bytes came from the server,
     the relay stops reading from the server (so the server's writes back up
@@ -144,56 +143,27 @@ class GatedRelay:
     """
 
     def __init__(self, target_port: int, hold_after: int):
-        self.target_port = target_port
         self.hold_after = hold_after
         self.holding = threading.Event()
         self._released = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._sockets: List[socket.socket] = []
-        self._first = True
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._from_server = 0
+        super().__init__(target_port, server_receive_buffer=65536)
+
+    def passes(self, data: bytes, to_server: bool, connection: int) -> bool:
+        if not to_server and connection == 0:
+            self._from_server += len(data)
+            if self._from_server >= self.hold_after and not self._released.is_set():
+                self.holding.set()
+                self._released.wait(120)
+        return True
 
     def release(self) -> None:
         """Let the held response flow again."""
         self._released.set()
 
     def close(self) -> None:
-        """Stop relaying and close every socket."""
         self._released.set()
-        for sock in [self._listener, *self._sockets]:
-            sock.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = socket.socket()
-            server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-            server.connect(("127.0.0.1", self.target_port))
-            self._sockets += [client, server]
-            gated, self._first = self._first, False
-            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, gated), daemon=True).start()
-
-    def _pipe(self, source: socket.socket, destination: socket.socket, gated: bool) -> None:
-        relayed = 0
-        try:
-            while data := source.recv(65536):
-                destination.sendall(data)
-                relayed += len(data)
-                if gated and relayed >= self.hold_after and not self._released.is_set():
-                    self.holding.set()
-                    self._released.wait(120)
-        except OSError:
-            pass
-        for sock in (source, destination):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        super().close()
 
 
 SSH = shutil.which("ssh")

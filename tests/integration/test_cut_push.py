@@ -3,61 +3,31 @@
 from __future__ import annotations
 
 import os
-import socket
 import threading
 
 import pytest
 
 from smartserve.testing import RawClient
-from support import wait_for
+from support import TcpRelay, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
 
-class CuttingRelay:
-    """A TCP relay on 127.0.0.1 that closes both sides once ``cut_after`` bytes went from client to server."""
+class CuttingRelay(TcpRelay):
+    """A relay that closes the connection once ``cut_after`` bytes came from the client."""
 
     def __init__(self, target_port: int, cut_after: int):
-        self.target_port = target_port
         self.cut_after = cut_after
         self.cut = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._sent = 0
-        self._sockets = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._from_client = 0
+        super().__init__(target_port)
 
-    def close(self) -> None:
-        for sock in [self._listener, *self._sockets]:
-            sock.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target_port))
-            self._sockets += [client, server]
-            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
-
-    def _pipe(self, source: socket.socket, destination: socket.socket, counted: bool) -> None:
-        try:
-            while not self.cut.is_set() and (data := source.recv(65536)):
-                if counted:
-                    self._sent += len(data)
-                    if self._sent >= self.cut_after:
-                        self.cut.set()
-                        break
-                destination.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, destination):
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+    def passes(self, data: bytes, to_server: bool, connection: int) -> bool:
+        if to_server:
+            self._from_client += len(data)
+            if self._from_client >= self.cut_after:
+                self.cut.set()
+        return not self.cut.is_set()
 
 
 def _revno(brz, location) -> int:

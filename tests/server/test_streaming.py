@@ -68,16 +68,10 @@ class _Run:
 
 
 def _body(data: bytes) -> bytes:
-    codec = Connection(Role.CLIENT)
-    codec.send(Request((b"get",)))
-    codec.send(EndOfMessage())
-    codec.receive_data(data)
-    parts = []
-    while (event := codec.next_event()) is not NEED_DATA and not isinstance(event, EndOfMessage):
-        if isinstance(event, BodyChunk):
-            parts.append(event.data)
-    assert isinstance(event, EndOfMessage), "the response did not end"
-    return b"".join(parts)
+    """The body of one whole response to a bodyless request."""
+    events = _events(data)
+    assert isinstance(events[-1], EndOfMessage), "the response did not end"
+    return b"".join(event.data for event in events if isinstance(event, BodyChunk))
 
 
 def test_stream_slice_is_made_while_the_transport_is_paused_and_written_on_resume():
