@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 
 import pytest
@@ -89,6 +90,22 @@ def test_socket_activation_two_servers_on_one_socket_survive_a_crash(tmp_path, h
         assert {record["verb"] for record in surviving.access_records()[served_before:]} == {"hello"}
     finally:
         surviving.stop()
+
+
+def test_socket_activation_one_of_two_servers_drains_and_the_other_serves_on(tmp_path, held_socket):
+    """A rolling deploy of two units on one socket: the one that drains and exits leaves every new connection to the other."""
+    port = held_socket.getsockname()[1]
+    draining = _server(tmp_path, held_socket, "first").start()
+    serving = _server(tmp_path, held_socket, "second").start()
+    try:
+        draining.stop()  # SIGTERM: drain, then exit by that signal, as systemd expects of a clean stop
+        assert draining.process.returncode == -signal.SIGTERM
+        served_before = len(serving.access_records())
+        for _ in range(5):
+            _assert_answers_hello(port)
+        wait_for(lambda: len(serving.access_records()) == served_before + 5, 10, "the other server to log five hellos")
+    finally:
+        serving.stop()
 
 
 def test_socket_activation_missing_socket_is_a_clear_error(tmp_path):
