@@ -75,6 +75,15 @@ def test_socket_activation_drained_server_leaves_the_socket_listening(tmp_path, 
         second.stop()
 
 
+def _assert_serves_every_new_connection(server: SmartserveProcess, port: int) -> None:
+    """Five new connections to ``port`` each get a hello answered, all five by ``server``."""
+    served_before = len(server.access_records())
+    for _ in range(5):
+        _assert_answers_hello(port)
+    wait_for(lambda: len(server.access_records()) == served_before + 5, 10, "the one server left to log five hellos")
+    assert {record["verb"] for record in server.access_records()[served_before:]} == {"hello"}
+
+
 def test_socket_activation_two_servers_on_one_socket_survive_a_crash(tmp_path, held_socket):
     """Two servers share the held socket (two units with the same Sockets=); with one killed, the other answers every new connection."""
     port = held_socket.getsockname()[1]
@@ -83,11 +92,7 @@ def test_socket_activation_two_servers_on_one_socket_survive_a_crash(tmp_path, h
     try:
         crashing.process.kill()
         crashing.process.wait()
-        served_before = len(surviving.access_records())
-        for _ in range(5):
-            _assert_answers_hello(port)
-        wait_for(lambda: len(surviving.access_records()) == served_before + 5, 10, "the survivor to log five hellos")
-        assert {record["verb"] for record in surviving.access_records()[served_before:]} == {"hello"}
+        _assert_serves_every_new_connection(surviving, port)
     finally:
         surviving.stop()
 
@@ -100,10 +105,7 @@ def test_socket_activation_one_of_two_servers_drains_and_the_other_serves_on(tmp
     try:
         draining.stop()  # SIGTERM: drain, then exit by that signal, as systemd expects of a clean stop
         assert draining.process.returncode == -signal.SIGTERM
-        served_before = len(serving.access_records())
-        for _ in range(5):
-            _assert_answers_hello(port)
-        wait_for(lambda: len(serving.access_records()) == served_before + 5, 10, "the other server to log five hellos")
+        _assert_serves_every_new_connection(serving, port)
     finally:
         serving.stop()
 
