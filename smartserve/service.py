@@ -75,6 +75,7 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["bzr-allow-writes", None, "Let bzr:// clients (who are anonymous) write; read-only otherwise."],
+        ["ssh-debug", None, "Log Conch's SSH trace: key exchange, each login attempt, channels (about 15 lines a login)."],
     ]
 
     def postOptions(self) -> None:
@@ -297,8 +298,9 @@ def makeService(options: Options, reactor=None) -> SmartserveService:
     listeners = ListenerGroup()
     factories = [smart_factory]
     if options["ssh"]:
-        from .ssh import make_ssh_factory
+        from .ssh import make_ssh_factory, show_conch_trace
 
+        show_conch_trace(options["ssh-debug"])
         ssh_factory = make_ssh_factory(
             smart_factory=smart_factory,
             data_dir=options["data"],

@@ -7,7 +7,7 @@ from typing import Optional
 
 from .jail import Writable
 
-__all__ = ["Caller"]
+__all__ = ["Caller", "peer_text"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,3 +22,11 @@ class Caller:
     def read_only(self) -> bool:
         """True when the caller may run only ``read`` verbs."""
         return self.writable.is_nowhere
+
+
+def peer_text(address) -> str:
+    """A transport's peer address as logs and ``Caller.peer`` show it: ``host:port``, ``[v6]:port``."""
+    host = getattr(address, "host", None)
+    if host is None:
+        return str(address)
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"

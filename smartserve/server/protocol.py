@@ -60,7 +60,7 @@ from ..protocol import (
 )
 from .._sending import direct_socket, send_now, write_now
 from .accesslog import DEFAULT_ACCESS_LOG, RequestRecord
-from .caller import Caller
+from .caller import Caller, peer_text
 from .dispatcher import Dispatcher, Refusal
 from .drain import OpenConnections
 from .interfaces import IDrainable
@@ -319,9 +319,7 @@ class SmartServerProtocol(Protocol):
         """
         if not self._peer_from_transport:
             return
-        peer = self.transport.getPeer()
-        host = getattr(peer, "host", None)
-        text = f"{host}:{peer.port}" if host is not None else str(peer)
+        text = peer_text(self.transport.getPeer())
         if text != self.caller.peer:
             self.caller = Caller(self.caller.user, text, self.caller.writable)
 

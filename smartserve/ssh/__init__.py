@@ -16,11 +16,13 @@ from ._hostkeys import DEFAULT_HOST_KEY_NAME, ensure_host_key, fingerprint, load
 from ._interfaces import IKeyStore
 from ._keys import KeyFolder, MemoryKeyStore, parse_public_keys
 from ._session import EXIT_OK, EXIT_REFUSED, EXIT_TEMPFAIL
+from ._trace import show_conch_trace
 from ._transport import CIPHERS, KEY_EXCHANGES, MACS, USER_SIGNATURE_ALGORITHMS
 from ._username import is_valid_username
 
 __all__ = [
     "make_ssh_factory",
+    "show_conch_trace",
     "SSHServerFactory",
     "IKeyStore",
     "KeyFolder",

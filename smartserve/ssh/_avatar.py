@@ -10,6 +10,7 @@ from twisted.logger import Logger
 from twisted.python import components
 from zope.interface import implementer
 
+from ..server.caller import peer_text
 from ._session import SessionChannel, SmartSession
 from ._username import is_valid_username
 
@@ -36,11 +37,7 @@ class SmartUser(ConchUser):
     @property
     def peer(self) -> str:
         """The client's address as ``host:port``."""
-        address = self.conn.transport.transport.getPeer()
-        host = getattr(address, "host", None)
-        if host is None:
-            return str(address)
-        return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+        return peer_text(self.conn.transport.transport.getPeer())
 
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
         _log.info(

@@ -7,6 +7,8 @@ import struct
 from twisted.conch.ssh import common, connection
 from twisted.logger import Logger
 
+from ._trace import conch_logger
+
 __all__ = ["SmartConnection"]
 
 _log = Logger()
@@ -28,6 +30,8 @@ class SmartConnection(connection.SSHConnection):
     - A channel whose reader is paused gets no window adjustment until it
       resumes.
     """
+
+    _log = conch_logger()
 
     def __init__(self):
         super().__init__()

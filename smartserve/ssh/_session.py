@@ -20,12 +20,13 @@ send at most one window more, and what arrives is held until it resumes.
 from __future__ import annotations
 
 import collections
+import struct
 from collections.abc import Callable
 
 from twisted.conch.interfaces import ISession
-from twisted.conch.ssh import connection
+from twisted.conch.ssh import common, connection
 from twisted.conch.ssh.session import SSHSession, SSHSessionProcessProtocol
-from twisted.internet.error import ConnectionDone, ConnectionLost, ProcessDone, ProcessTerminated
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,6 +38,7 @@ from .._sending import send_now
 from ._access import Rights
 from ._command import parse_serve_command
 from ._exceptions import CommandRefused
+from ._trace import conch_logger
 
 __all__ = [
     "EXIT_OK",
@@ -81,6 +83,8 @@ def writable_for(rights: Rights, allow_writes: bool) -> Writable:
 
 class SessionChannel(SSHSession):
     """A session channel whose in-process client can use the windows for flow control."""
+
+    _log = conch_logger()
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("localWindow", LOCAL_WINDOW_BYTES)
@@ -174,6 +178,21 @@ class SessionChannel(SSHSession):
             return  # nothing runs that would read it
         super().dataReceived(data)
 
+    def request_exec(self, data: bytes) -> int:
+        # Conch's own version logs every command at info level; the session
+        # logs what it does with the command instead.
+        if self.client is not None:
+            return 0
+        command = common.getNS(data)[0]
+        client = SSHSessionProcessProtocol(self)
+        try:
+            self._session.execCommand(client, command)
+        except Exception:
+            _log.failure("could not start a session for {command!r}", command=command)
+            return 0
+        self.client = client
+        return 1
+
     def request_pty_req(self, data: bytes) -> int:
         _log.info("pty request refused")
         return 0
@@ -207,14 +226,14 @@ class SessionChannel(SSHSession):
 
     def end_with_status(self, exit_code: int) -> None:
         """Send ``exit-status`` (after the buffered output) and close the channel."""
-        client = self.client
-        if client is None:
+        if self.client is None:
             self.loseConnection()
             return
 
         def send_status() -> None:
-            reason = ProcessDone(0) if exit_code == 0 else ProcessTerminated(exitCode=exit_code)
-            client.processEnded(Failure(reason))
+            # What Conch's processEnded sends, without its log line per session.
+            self.conn.sendRequest(self, b"exit-status", struct.pack(">L", exit_code))
+            self.loseConnection()
 
         self.when_flushed(send_status)
 
@@ -421,7 +440,14 @@ class SmartSession(RefusingSession):
     def _protocol_closed(self) -> None:
         """The protocol ended the session: say why with the exit status."""
         drain = getattr(self.protocol, "closing_for_drain", False)
-        self._transport.channel.end_with_status(EXIT_TEMPFAIL if drain else EXIT_OK)
+        exit_status = EXIT_TEMPFAIL if drain else EXIT_OK
+        self._transport.channel.end_with_status(exit_status)
+        _log.info(
+            "smart session of {user} ended by the server, exit status {exit_status}",
+            user=self.avatar.username,
+            exit_status=exit_status,
+            drain=drain,
+        )
 
     def eofReceived(self) -> None:
         if self._transport is not None and self._transport.protocol is not None:
@@ -431,12 +457,8 @@ class SmartSession(RefusingSession):
         if self.protocol is None:
             return
         ended_by_server = self._transport.disconnecting
-        _log.info(
-            "smart session of {user} ended by the {side}",
-            user=self.avatar.username,
-            side="server" if ended_by_server else "client",
-            drain=getattr(self.protocol, "closing_for_drain", False),
-        )
+        if not ended_by_server:
+            _log.info("smart session of {user} ended by the client", user=self.avatar.username, drain=False)
         reason = ConnectionDone() if ended_by_server else ConnectionLost("the SSH channel closed")
         self._end_protocol(Failure(reason))
 

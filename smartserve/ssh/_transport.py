@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 
+from twisted.conch.error import IgnoreAuthentication
 from twisted.conch.ssh import transport, userauth
 from twisted.conch.ssh.common import getNS
 from twisted.cred.credentials import ISSHPrivateKey
@@ -18,6 +19,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from .._sending import sending_at_once
+from ..server.caller import peer_text
+from ._trace import conch_logger
 
 __all__ = [
     "CIPHERS",
@@ -61,6 +64,7 @@ USER_SIGNATURE_ALGORITHMS = [
     b"rsa-sha2-256",
 ]
 _REFUSED_HOST_SIGNATURES = frozenset({b"ssh-rsa", b"ssh-dss"})
+_GOODBYES = frozenset({transport.DISCONNECT_BY_APPLICATION, transport.DISCONNECT_CONNECTION_LOST})
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 
 
@@ -80,6 +84,7 @@ class ServerTransport(transport.SSHServerTransport):
     supportedMACs = MACS
     supportedKeyExchanges = KEY_EXCHANGES
     supportedCompressions = [b"none"]
+    _log = conch_logger()
 
     def __init__(self):
         super().__init__()
@@ -136,15 +141,43 @@ class ServerTransport(transport.SSHServerTransport):
 
     def connectionLost(self, reason=None) -> None:
         self._cancel_grace()
+        if not self.authenticated:
+            self._log_refused_logins()
         super().connectionLost(reason)
         self.factory.connection_ended(self)
 
+    def _log_refused_logins(self) -> None:
+        refusals = getattr(self.service, "refusals", None)
+        if refusals:
+            _log.info(
+                "{peer} left without logging in; refused: {attempts}",
+                peer=peer_text(self.transport.getPeer()),
+                attempts="; ".join(refusals),
+                refused_logins=len(refusals),
+            )
+
+    def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        # Conch's own line for this goes to the trace; a disconnect for a
+        # protocol error is worth a line with the peer. Disconnects of our
+        # own choosing (drain, grace time) are logged where they are chosen.
+        if reason != transport.DISCONNECT_BY_APPLICATION and self.transport is not None:
+            _log.info(
+                "disconnecting {peer}: {description} (code {code})",
+                peer=peer_text(self.transport.getPeer()),
+                description=desc.decode("utf-8", "replace"),
+                code=reason,
+            )
+        super().sendDisconnect(reason, desc)
+
     def receiveError(self, reasonCode: int, description: bytes) -> None:
-        # A client saying goodbye (OpenSSH sends "disconnected by user") is
-        # the normal end of a connection, not an error.
-        level = _log.debug if reasonCode == transport.DISCONNECT_BY_APPLICATION else _log.info
-        level(
-            "SSH client disconnected: code {code}, {description}",
+        # A client saying goodbye (OpenSSH sends "disconnected by user",
+        # Conch "user closed connection") is the normal end of a
+        # connection; the session's own line already says who ended it.
+        if reasonCode in _GOODBYES:
+            return
+        _log.info(
+            "{peer} disconnected: {description} (code {code})",
+            peer=peer_text(self.transport.getPeer()),
             code=reasonCode,
             description=description.decode("utf-8", "replace"),
         )
@@ -182,7 +215,7 @@ class ServerTransport(transport.SSHServerTransport):
 
     def _grace_expired(self) -> None:
         self._grace_timer = None
-        _log.info("{peer} did not log in within the grace time", peer=str(self.transport.getPeer()))
+        _log.info("{peer} did not log in within the grace time", peer=peer_text(self.transport.getPeer()))
         self.disconnect_with(b"login grace time exceeded")
 
     def _cancel_grace(self) -> None:
@@ -199,14 +232,34 @@ class UserAuthServer(userauth.SSHUserAuthServer):
     """
 
     interfaceToMethod = {ISSHPrivateKey: b"publickey"}
+    _log = conch_logger()
+
+    def __init__(self):
+        super().__init__()
+        self.refusals: list[str] = []
 
     def serviceStarted(self) -> None:
         self.clock = self.transport.factory.clock
         self.loginTimeout = self.transport.factory.login_grace_time or self.loginTimeout
         super().serviceStarted()
 
+    def tryAuth(self, kind: bytes, user: bytes, data: bytes):
+        attempt = super().tryAuth(kind, user, data)
+        if kind != b"none":  # clients ask with "none" which methods there are
+            attempt.addErrback(self._note_refusal, user, kind)
+        return attempt
+
+    def _note_refusal(self, reason, user: bytes, kind: bytes):
+        """Remember why a login attempt failed, for the line logged if the client never logs in."""
+        if not reason.check(IgnoreAuthentication):  # a key the client may go on to sign with
+            self.refusals.append(
+                f"{user.decode('utf-8', 'replace')!r} by {kind.decode('ascii', 'replace')}: {reason.getErrorMessage()}"
+            )
+        return reason
+
     def auth_publickey(self, packet: bytes):
         algorithm = getNS(packet[1:])[0]
         if algorithm not in USER_SIGNATURE_ALGORITHMS:
             return defer.fail(UnauthorizedLogin(f"signature algorithm {algorithm!r} refused"))
         return super().auth_publickey(packet)
+

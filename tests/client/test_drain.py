@@ -271,7 +271,7 @@ async def test_client_append_written_to_drained_ssh_session_resent_once(ssh_take
     try:
         assert (await client.call(b"hello")).args == (b"ok", b"2")
         ssh_takeover.take_over()
-        wait_for(lambda: "sending close" in ssh_takeover.old.log(), 30, "the old server to close the session")
+        wait_for(lambda: "ended by the server, exit status 75" in ssh_takeover.old.log(), 30, "the old server to end the session")
         # The exit status and channel close are unread; with the probe's wait for
         # them switched off, the append goes out as if they had crossed it on the wire.
         monkeypatch.setattr("smartserve.client._client._PROBE_TURNS", 0)
