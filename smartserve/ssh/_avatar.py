@@ -39,6 +39,11 @@ class SmartUser(ConchUser):
         """The client's address as ``host:port``."""
         return peer_text(self.conn.transport.transport.getPeer())
 
+    @property
+    def login_key(self) -> str:
+        """The key the user logged in with, as ``ssh-ed25519 SHA256:...``."""
+        return getattr(self.conn.transport, "login_key", None) or "unknown key"
+
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
         _log.info(
             "{user} sent global request {request!r}; refused",

@@ -423,10 +423,11 @@ class SmartSession(RefusingSession):
         self.protocol = self.avatar.server.smart_factory.build_protocol(caller)
         self._transport = ChannelTransport(channel, self._protocol_closed)
         _log.info(
-            "{user} from {peer} started a smart session (read_only={read_only})",
+            "{user} from {peer} started a smart session (read_only={read_only}, key {key})",
             user=user,
             peer=caller.peer,
             read_only=caller.read_only,
+            key=self.avatar.login_key,
         )
 
         def start() -> None:

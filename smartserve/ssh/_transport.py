@@ -13,6 +13,7 @@ import socket
 from twisted.conch.error import IgnoreAuthentication
 from twisted.conch.ssh import transport, userauth
 from twisted.conch.ssh.common import getNS
+from twisted.conch.ssh.keys import BadKeyError, Key
 from twisted.cred.credentials import ISSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
@@ -20,6 +21,7 @@ from twisted.logger import Logger
 
 from .._sending import sending_at_once
 from ..server.caller import peer_text
+from ._hostkeys import fingerprint
 from ._trace import conch_logger
 
 __all__ = [
@@ -89,6 +91,7 @@ class ServerTransport(transport.SSHServerTransport):
     def __init__(self):
         super().__init__()
         self.authenticated = False
+        self.login_key: str | None = None  # "ssh-ed25519 SHA256:...", once logged in with it
         self.draining = False
         self._grace_timer = None
 
@@ -245,9 +248,22 @@ class UserAuthServer(userauth.SSHUserAuthServer):
 
     def tryAuth(self, kind: bytes, user: bytes, data: bytes):
         attempt = super().tryAuth(kind, user, data)
+        if kind == b"publickey":
+            attempt.addCallback(self._note_login_key, data)
         if kind != b"none":  # clients ask with "none" which methods there are
             attempt.addErrback(self._note_refusal, user, kind)
         return attempt
+
+    def _note_login_key(self, result, data: bytes):
+        """Remember which key logged in, for the session lines (as sshd's "Accepted publickey")."""
+        blob = getNS(data[1:], 2)[1]
+        try:
+            key = Key.fromString(blob)
+        except (BadKeyError, ValueError):  # a custom checker accepted what Conch cannot parse
+            self.transport.login_key = "unparsed key"
+        else:
+            self.transport.login_key = f"{key.sshType().decode('ascii', 'replace')} {fingerprint(key)}"
+        return result
 
     def _note_refusal(self, reason, user: bytes, kind: bytes):
         """Remember why a login attempt failed, for the line logged if the client never logs in."""

@@ -15,7 +15,7 @@ from smartserve.ssh import show_conch_trace
 
 from support import wait_for
 
-from .conftest import SSH, make_user_key, needs_openssh
+from .conftest import SSH, SSH_KEYGEN, make_user_key, needs_openssh
 from .test_openssh import SERVE, _spawn_smart_client
 
 pytestmark = [needs_openssh, pytest.mark.timeout(60)]
@@ -73,12 +73,16 @@ async def _one_session(ssh_client) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_session_writes_two_lines(ssh_client, ssh_events):
-    """A login with one smart session logs its start and its end, and none of Conch's trace."""
+    """A login with one smart session logs its start (with the key it logged in with) and its end, and none of Conch's trace."""
     await _one_session(ssh_client)
     await ssh_events.first("ended by the")
     lines = ssh_events.texts()
     assert len(lines) == 2, lines
     assert "alice from 127.0.0.1:" in lines[0] and "started a smart session" in lines[0]
+    expected_key = subprocess.run(
+        [SSH_KEYGEN, "-l", "-E", "sha256", "-f", str(ssh_client.key)], capture_output=True, text=True, check=True
+    ).stdout.split()[1]
+    assert f"key ssh-ed25519 {expected_key}" in lines[0]
     assert "smart session of alice ended by the" in lines[1]
 
 
