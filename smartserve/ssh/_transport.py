@@ -68,6 +68,10 @@ USER_SIGNATURE_ALGORITHMS = [
 _REFUSED_HOST_SIGNATURES = frozenset({b"ssh-rsa", b"ssh-dss"})
 _GOODBYES = frozenset({transport.DISCONNECT_BY_APPLICATION, transport.DISCONNECT_CONNECTION_LOST})
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+# A client may try up to Conch's attemptsBeforeDisconnect (20) logins with
+# names of any length; the log line names the first few, cut short.
+_REFUSALS_LOGGED = 5
+_NAME_LOGGED = 64
 
 
 def host_signature_algorithms(offered: list[bytes]) -> list[bytes]:
@@ -150,13 +154,15 @@ class ServerTransport(transport.SSHServerTransport):
         self.factory.connection_ended(self)
 
     def _log_refused_logins(self) -> None:
-        refusals = getattr(self.service, "refusals", None)
-        if refusals:
+        service = self.service
+        refused = getattr(service, "refused", 0)
+        if refused:
+            more = refused - len(service.refusals)
             _log.info(
                 "{peer} left without logging in; refused: {attempts}",
                 peer=peer_text(self.transport.getPeer()),
-                attempts="; ".join(refusals),
-                refused_logins=len(refusals),
+                attempts="; ".join(service.refusals) + (f"; and {more} more" if more else ""),
+                refused_logins=refused,
             )
 
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
@@ -239,7 +245,8 @@ class UserAuthServer(userauth.SSHUserAuthServer):
 
     def __init__(self):
         super().__init__()
-        self.refusals: list[str] = []
+        self.refused = 0
+        self.refusals: list[str] = []  # the first few, for the log
 
     def serviceStarted(self) -> None:
         self.clock = self.transport.factory.clock
@@ -267,10 +274,13 @@ class UserAuthServer(userauth.SSHUserAuthServer):
 
     def _note_refusal(self, reason, user: bytes, kind: bytes):
         """Remember why a login attempt failed, for the line logged if the client never logs in."""
-        if not reason.check(IgnoreAuthentication):  # a key the client may go on to sign with
-            self.refusals.append(
-                f"{user.decode('utf-8', 'replace')!r} by {kind.decode('ascii', 'replace')}: {reason.getErrorMessage()}"
-            )
+        if reason.check(IgnoreAuthentication):  # a key the client may go on to sign with
+            return reason
+        self.refused += 1
+        if len(self.refusals) < _REFUSALS_LOGGED:
+            name = user[:_NAME_LOGGED].decode("utf-8", "replace")
+            method = kind[:_NAME_LOGGED].decode("ascii", "replace")
+            self.refusals.append(f"{name!r} by {method}: {reason.getErrorMessage()}")
         return reason
 
     def auth_publickey(self, packet: bytes):

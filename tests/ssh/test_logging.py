@@ -112,6 +112,20 @@ async def test_refused_login_logged_once_with_its_reason(ssh_client, ssh_events,
 
 
 @pytest_twisted.ensureDeferred
+async def test_refused_login_line_is_bounded(ssh_client, ssh_events, tmp_path):
+    """Many refused keys under a long user name: the line names the first five, cut short, and counts the rest."""
+    keys = [make_user_key(tmp_path / "strangers", f"id_{number}") for number in range(7)]
+    options = [arg for key in keys[1:] for arg in ("-i", str(key))]
+    out, err, code = await ssh_client.ssh("x" * 100, SERVE, key=keys[0], options=options)
+    assert code == 255 and b"Permission denied (publickey)" in err
+    event = await ssh_events.first("left without logging in")
+    text = formatEvent(event)
+    assert event["refused_logins"] == 7
+    assert text.count("by publickey: key not authorized") == 5 and text.endswith("; and 2 more")
+    assert "'" + "x" * 64 + "'" in text and "x" * 65 not in text
+
+
+@pytest_twisted.ensureDeferred
 async def test_login_after_a_refused_key_logs_no_refusal(ssh_client, ssh_events, tmp_path):
     """A client that offers a wrong key before the right one logs in, and no refusal is logged."""
     stranger = make_user_key(tmp_path / "stranger", "id_ed25519")
