@@ -3,8 +3,9 @@
 ``ServerMetrics`` is the one place the server's metrics live. The smart
 factory tells it about each finished request (``request_finished``); the
 open connections and the drain are read when ``/metrics`` is scraped, from
-the objects registered with ``watch_connections`` and ``watch_drain``, so
-the drain controller and the SSH factory need no hooks of their own.
+the objects registered with ``watch_connections``, ``watch_ssh`` and
+``watch_drain``, so the drain controller and the SSH factory need no hooks
+of their own.
 
 ``ClientMetrics`` counts a client's reconnects and resends. Both take a
 ``CollectorRegistry`` (a new one by default, never prometheus_client's
@@ -43,6 +44,7 @@ class _ScrapeTimeCollector(Collector):
     def __init__(self):
         self.connection_counters: Dict[str, Callable[[], int]] = {}
         self.controller = None
+        self.ssh_factory = None
 
     def collect(self) -> Iterator:
         connections = GaugeMetricFamily(
@@ -53,6 +55,8 @@ class _ScrapeTimeCollector(Collector):
         for kind, count in sorted(self.connection_counters.items()):
             connections.add_metric([kind], count())
         yield connections
+        if self.ssh_factory is not None:
+            yield from self._ssh_families(self.ssh_factory)
         controller = self.controller
         if controller is None:
             return
@@ -74,6 +78,31 @@ class _ScrapeTimeCollector(Collector):
             "smartserve_drain_aborted_connections",
             "Connections aborted because the drain deadline passed.",
             value=controller.aborted,
+        )
+
+
+    @staticmethod
+    def _ssh_families(factory) -> Iterator:
+        logins = CounterMetricFamily(
+            "smartserve_ssh_logins",
+            "SSH logins by outcome: accepted, refused (the client tried and gave up), timed_out (grace time).",
+            labels=["outcome"],
+        )
+        for outcome in ("accepted", "refused", "timed_out"):
+            logins.add_metric([outcome], factory.logins[outcome])
+        yield logins
+        refused = CounterMetricFamily(
+            "smartserve_ssh_refused_connections",
+            "SSH connections closed as soon as they were made, by reason.",
+            labels=["reason"],
+        )
+        for reason in ("too_many_unauthenticated", "draining"):
+            refused.add_metric([reason], factory.refused_connections[reason])
+        yield refused
+        yield CounterMetricFamily(
+            "smartserve_ssh_refused_sessions",
+            "Smart sessions refused because their user had --max-sessions-per-user open.",
+            value=factory.refused_sessions,
         )
 
 
@@ -147,6 +176,10 @@ class ServerMetrics:
     def watch_connections(self, kind: str, source) -> None:
         """Report ``source.open_connections`` as the open connections of ``kind``."""
         self._scraped.connection_counters[kind] = lambda: source.open_connections
+
+    def watch_ssh(self, factory) -> None:
+        """Report the login and refusal counts of an ``SSHServerFactory``."""
+        self._scraped.ssh_factory = factory
 
     def watch_drain(self, controller) -> None:
         """Report the state and abort count of a ``DrainController``."""

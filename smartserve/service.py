@@ -315,6 +315,7 @@ def makeService(options: Options, reactor=None) -> SmartserveService:
         )
         listeners.add(Listener("ssh", options["ssh"], ssh_factory, reactor))
         metrics.watch_connections("ssh", ssh_factory)
+        metrics.watch_ssh(ssh_factory)
         controller.add_drainable(ssh_factory)
     if options["bzr"]:
         listeners.add(Listener("bzr", options["bzr"], smart_factory, reactor))

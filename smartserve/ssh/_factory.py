@@ -74,6 +74,10 @@ class SSHServerFactory(factory.SSHFactory):
         self.connections = OpenConnections()
         self._unauthenticated: set[ServerTransport] = set()
         self._sessions: Counter[str] = Counter()
+        # For /metrics: how logins ended, connections and sessions refused, by reason.
+        self.logins: Counter[str] = Counter()
+        self.refused_connections: Counter[str] = Counter()
+        self.refused_sessions = 0
 
     def buildProtocol(self, addr):
         if self.draining or len(self._unauthenticated) >= self.max_unauthenticated:
@@ -82,6 +86,7 @@ class SSHServerFactory(factory.SSHFactory):
                 peer=str(addr),
                 why="draining" if self.draining else "too many connections logging in",
             )
+            self.refused_connections["draining" if self.draining else "too_many_unauthenticated"] += 1
             return ClosedAtOnce()
         # Conch's SSHFactory.buildProtocol only adds what we replace here: the
         # host key algorithms, and a per-connection note about DH primes.
@@ -103,6 +108,11 @@ class SSHServerFactory(factory.SSHFactory):
     def connection_authenticated(self, transport: ServerTransport) -> None:
         """A connection's user logged in."""
         self._unauthenticated.discard(transport)
+        self.logins["accepted"] += 1
+
+    def login_failed(self, outcome: str) -> None:
+        """A connection ended without logging in: ``refused`` (it tried) or ``timed_out`` (grace time)."""
+        self.logins[outcome] += 1
 
     def connection_ended(self, transport: ServerTransport) -> None:
         """A connection is gone."""
@@ -113,6 +123,7 @@ class SSHServerFactory(factory.SSHFactory):
         """Count a session for ``username``; False (not counted) if over the limit."""
         if self._sessions[username] >= self.max_sessions_per_user:
             _log.warn("{user} has too many sessions open", user=username)
+            self.refused_sessions += 1
             return False
         self._sessions[username] += 1
         return True

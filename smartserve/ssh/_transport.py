@@ -98,6 +98,7 @@ class ServerTransport(transport.SSHServerTransport):
         self.login_key: str | None = None  # "ssh-ed25519 SHA256:...", once logged in with it
         self.draining = False
         self._grace_timer = None
+        self._timed_out = False
 
     def makeConnection(self, transport) -> None:
         # Each packet leaves in the turn it is written (see smartserve._sending).
@@ -149,14 +150,16 @@ class ServerTransport(transport.SSHServerTransport):
     def connectionLost(self, reason=None) -> None:
         self._cancel_grace()
         if not self.authenticated:
-            self._log_refused_logins()
+            self._end_of_failed_login()
         super().connectionLost(reason)
         self.factory.connection_ended(self)
 
-    def _log_refused_logins(self) -> None:
+    def _end_of_failed_login(self) -> None:
         service = self.service
         refused = getattr(service, "refused", 0)
         if refused:
+            if not self._timed_out:  # counted as timed out already
+                self.factory.login_failed("refused")
             more = refused - len(service.refusals)
             _log.info(
                 "{peer} left without logging in; refused: {attempts}",
@@ -224,6 +227,8 @@ class ServerTransport(transport.SSHServerTransport):
 
     def _grace_expired(self) -> None:
         self._grace_timer = None
+        self._timed_out = True
+        self.factory.login_failed("timed_out")
         _log.info("{peer} did not log in within the grace time", peer=peer_text(self.transport.getPeer()))
         self.disconnect_with(b"login grace time exceeded")
 

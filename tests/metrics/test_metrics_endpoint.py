@@ -52,5 +52,7 @@ def test_metrics_endpoint_counts_real_brz_requests(tmp_path, brz):
     assert _total(after, "smartserve_sent_bytes_total") > 1000
     assert ("smartserve_open_connections", (("kind", "smart"),)) in after
     assert after[("smartserve_open_connections", (("kind", "ssh"),))] == 0
+    assert after[("smartserve_ssh_logins_total", (("outcome", "accepted"),))] == 0
+    assert after[("smartserve_ssh_refused_sessions_total", ())] == 0
     assert _total(after, "smartserve_drain_state", smartserve_drain_state="serving") == 1
     assert _total(after, "smartserve_drains_started_total") == 0

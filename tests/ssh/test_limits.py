@@ -10,6 +10,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from smartserve.metrics import ServerMetrics
 from smartserve.ssh import MemoryKeyStore, PublicKeyChecker, make_ssh_factory
 
 from .conftest import SSHServerUnderTest, needs_openssh
@@ -26,6 +27,13 @@ def _factory(tmp_path, clock, **limits):
         clock=clock,
         **limits,
     )
+
+
+def _scraped(factory):
+    """A function reading one sample of ``factory``'s SSH metrics, as /metrics would show it."""
+    metrics = ServerMetrics()
+    metrics.watch_ssh(factory)
+    return lambda name, **labels: metrics.registry.get_sample_value(name, labels)
 
 
 def _connect(factory, port: int):
@@ -47,6 +55,9 @@ def test_login_grace_time_disconnects_slow_client(tmp_path):
     assert b"login grace time exceeded" in wire.value()
     transport.connectionLost(None)
     assert factory.open_connections == 0
+    sample = _scraped(factory)
+    assert sample("smartserve_ssh_logins_total", outcome="timed_out") == 1
+    assert sample("smartserve_ssh_logins_total", outcome="refused") == 0
 
 
 def test_max_unauthenticated_refuses_extra_connections(tmp_path):
@@ -61,6 +72,9 @@ def test_max_unauthenticated_refuses_extra_connections(tmp_path):
     _, accepted = _connect(factory, 40004)
     assert not accepted.disconnecting
     assert accepted.value().startswith(b"SSH-2.0-")
+    sample = _scraped(factory)
+    assert sample("smartserve_ssh_refused_connections_total", reason="too_many_unauthenticated") == 1
+    assert sample("smartserve_ssh_refused_connections_total", reason="draining") == 0
 
 
 def test_drain_lets_login_finish_but_refuses_new_connections(tmp_path):
@@ -76,6 +90,7 @@ def test_drain_lets_login_finish_but_refuses_new_connections(tmp_path):
     assert wire.disconnecting
     transport.connectionLost(None)
     assert drained.called
+    assert _scraped(factory)("smartserve_ssh_refused_connections_total", reason="draining") == 1
 
 
 @needs_openssh

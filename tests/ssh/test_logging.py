@@ -11,6 +11,7 @@ import pytest_twisted
 from twisted.internet import defer, threads
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+from smartserve.metrics import ServerMetrics
 from smartserve.ssh import show_conch_trace
 
 from support import wait_for
@@ -126,6 +127,20 @@ async def test_refused_login_line_is_bounded(ssh_client, ssh_events, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_login_outcomes_are_counted_for_metrics(ssh_client, ssh_events, tmp_path):
+    """/metrics counts a login that got in and one that was refused, once each."""
+    metrics = ServerMetrics()
+    metrics.watch_ssh(ssh_client.server.factory)
+    sample = lambda outcome: metrics.registry.get_sample_value("smartserve_ssh_logins_total", {"outcome": outcome})  # noqa: E731
+    await _one_session(ssh_client)
+    stranger = make_user_key(tmp_path / "stranger", "id_ed25519")
+    out, err, code = await ssh_client.ssh("alice", SERVE, key=stranger)
+    assert code == 255
+    await ssh_events.first("left without logging in")
+    assert (sample("accepted"), sample("refused"), sample("timed_out")) == (1, 1, 0)
+
+
+@pytest_twisted.ensureDeferred
 async def test_login_after_a_refused_key_logs_no_refusal(ssh_client, ssh_events, tmp_path):
     """A client that offers a wrong key before the right one logs in, and no refusal is logged."""
     stranger = make_user_key(tmp_path / "stranger", "id_ed25519")
@@ -135,6 +150,7 @@ async def test_login_after_a_refused_key_logs_no_refusal(ssh_client, ssh_events,
     assert code == 1 and b"only runs the Breezy smart server" in err
     await ssh_client.server.factory.wait_closed()
     assert not any("left without logging in" in line for line in ssh_events.texts())
+    assert ssh_client.server.factory.logins == {"accepted": 1}
 
 
 def _send_and_read(port: int, data: bytes) -> bytes:

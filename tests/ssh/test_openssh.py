@@ -295,6 +295,7 @@ async def test_sessions_per_user_limit(tmp_path):
         await first.request(b"hello")
         out, err, code = await client.ssh("alice", SERVE)
         assert code == 255 and b"too many sessions" in err
+        assert server.factory.refused_sessions == 1
         first.transport.closeStdin()
         assert await first.ended == 0
     finally:
