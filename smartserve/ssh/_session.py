@@ -408,6 +408,7 @@ class SmartSession(RefusingSession):
         self.protocol = None
         self._transport: ChannelTransport | None = None
         self._ended = False
+        self._started_at = 0.0
 
     def execCommand(self, proto: SSHSessionProcessProtocol, command: bytes) -> None:
         user = self.avatar.username
@@ -422,10 +423,12 @@ class SmartSession(RefusingSession):
         caller = Caller(user, self.avatar.peer, writable_for(rights, serve.allow_writes))
         self.protocol = self.avatar.server.smart_factory.build_protocol(caller)
         self._transport = ChannelTransport(channel, self._protocol_closed)
+        self._started_at = self.avatar.server.clock.seconds()
         _log.info(
-            "{user} from {peer} started a smart session (read_only={read_only}, key {key})",
+            "{user} from {peer} started a smart session (conn={connection_id}, read_only={read_only}, key {key})",
             user=user,
             peer=caller.peer,
+            connection_id=self.protocol.connection_id,
             read_only=caller.read_only,
             key=self.avatar.login_key,
         )
@@ -443,11 +446,18 @@ class SmartSession(RefusingSession):
         drain = getattr(self.protocol, "closing_for_drain", False)
         exit_status = EXIT_TEMPFAIL if drain else EXIT_OK
         self._transport.channel.end_with_status(exit_status)
+        self._log_end(f"the server, exit status {exit_status}", exit_status=exit_status, drain=drain)
+
+    def _log_end(self, ended_by: str, **fields) -> None:
+        protocol = self.protocol
         _log.info(
-            "smart session of {user} ended by the server, exit status {exit_status}",
+            "smart session of {user} ended by {ended_by} (conn={connection_id}, requests={requests}, {seconds:.1f} s)",
             user=self.avatar.username,
-            exit_status=exit_status,
-            drain=drain,
+            ended_by=ended_by,
+            connection_id=protocol.connection_id,
+            requests=protocol.requests_served,
+            seconds=self.avatar.server.clock.seconds() - self._started_at,
+            **fields,
         )
 
     def eofReceived(self) -> None:
@@ -459,7 +469,7 @@ class SmartSession(RefusingSession):
             return
         ended_by_server = self._transport.disconnecting
         if not ended_by_server:
-            _log.info("smart session of {user} ended by the client", user=self.avatar.username, drain=False)
+            self._log_end("the client", drain=False)
         reason = ConnectionDone() if ended_by_server else ConnectionLost("the SSH channel closed")
         self._end_protocol(Failure(reason))
 

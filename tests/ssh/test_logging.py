@@ -84,7 +84,10 @@ async def test_session_writes_two_lines(ssh_client, ssh_events):
         [SSH_KEYGEN, "-l", "-E", "sha256", "-f", str(ssh_client.key)], capture_output=True, text=True, check=True
     ).stdout.split()[1]
     assert f"key ssh-ed25519 {expected_key}" in lines[0]
-    assert "smart session of alice ended by the" in lines[1]
+    assert "smart session of alice ended by the server, exit status 0 (conn=" in lines[1]
+    assert "requests=1," in lines[1]
+    started, ended = (event for event in ssh_events.events if event["log_level"] < LogLevel.warn)
+    assert started["connection_id"] == ended["connection_id"] and ended["requests"] == 1
 
 
 @pytest_twisted.ensureDeferred
