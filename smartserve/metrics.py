@@ -80,7 +80,6 @@ class _ScrapeTimeCollector(Collector):
             value=controller.aborted,
         )
 
-
     @staticmethod
     def _ssh_families(factory) -> Iterator:
         logins = CounterMetricFamily(
