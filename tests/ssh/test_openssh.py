@@ -266,18 +266,19 @@ async def test_drain_closes_session_with_tempfail(ssh_client):
 @pytest_twisted.ensureDeferred
 async def test_drain_disconnects_connection_without_session(ssh_client):
     """Draining closes a logged-in connection that has no session at once."""
+    server = ssh_client.server
+    logged_in = Deferred()
+    note_login = server.factory.connection_authenticated
+
+    def authenticated(transport):
+        note_login(transport)
+        logged_in.callback(transport)
+
+    server.factory.connection_authenticated = authenticated
     watcher = _Collect()
     args = [SSH, *ssh_client.argv("alice", options=["-N"])]
     reactor.spawnProcess(watcher, SSH, args, env=ssh_client.env)
-    server = ssh_client.server
-    from twisted.internet.task import deferLater
-
-    for _ in range(400):
-        if any(transport.authenticated for transport in server.factory.connections):
-            break
-        await deferLater(reactor, 0.025, lambda: None)
-    else:
-        raise AssertionError("ssh -N never logged in")
+    await logged_in
     await server.factory.drain()
     assert await watcher.ended == 255
     assert b"restarting" in watcher.err
