@@ -67,6 +67,18 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.02):
         time.sleep(interval)
 
 
+async def wait_until(condition, timeout: float, what: str, interval: float = 0.02) -> None:
+    """Like ``wait_for``, for a condition the reactor must run to make true: polls without blocking it."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        await deferLater(reactor, interval)
+
+
 class Brz:
     """Runs the real `brz` command with a private home folder."""
 

@@ -19,13 +19,12 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 
 from smartserve.client import RetryPolicy, SmartClient, SmartClientProtocol, SSHOptions
 
 from drain.conftest import ServerProcess, server_status
-from support import free_port, wait_for
+from support import free_port, wait_for, wait_until
 
 from .conftest import copy_branch
 
@@ -148,15 +147,6 @@ async def small_calls(
             rounds_after_drain += 1
             if rounds_after_drain == 2 and not done_after_drain.called:
                 done_after_drain.callback(None)
-
-
-async def wait_until(condition, timeout: float, what: str) -> None:
-    """Let the reactor run until ``condition()`` is true; fail after ``timeout`` seconds."""
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        await deferLater(reactor, 0.05)
 
 
 @pytest_twisted.ensureDeferred

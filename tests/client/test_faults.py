@@ -18,6 +18,8 @@ from smartserve.client import (
     SmartClient,
 )
 
+from support import wait_until
+
 FAST = RetryPolicy(backoff_initial=0.01, backoff_max=0.05, deadline=10.0)
 
 
@@ -238,19 +240,8 @@ async def test_keepalive_drops_a_silently_dead_connection(make_client, relay, wo
     client = make_client(RetryPolicy(keepalive_interval=0.5, backoff_initial=0.01, deadline=10.0))
     await client.call(b"hello")
     relay.silence()
-    await _wait_until(lambda: client.stats.keepalive_drops == 1)
+    await wait_until(lambda: client.stats.keepalive_drops == 1, 5.0, "the keepalive to drop the connection")
     with pytest.raises(NoSuchFile):
         await client.call(b"get", f"{remote}/missing".encode())
     assert client.stats.resends == 0
     assert relay.connections == 2
-
-
-async def _wait_until(condition, timeout=5.0):
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    waited = 0.0
-    while not condition():
-        assert waited < timeout, "condition not met in time"
-        await deferLater(reactor, 0.02)
-        waited += 0.02
