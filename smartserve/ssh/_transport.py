@@ -156,17 +156,23 @@ class ServerTransport(transport.SSHServerTransport):
 
     def _end_of_failed_login(self) -> None:
         service = self.service
-        refused = getattr(service, "refused", 0)
+        asked_as = getattr(service, "asked_as", None)
+        if asked_as is None:
+            return  # it never got as far as asking to log in (a scanner, a key exchange that failed)
+        if not self._timed_out:  # counted as timed out already
+            self.factory.login_failed("refused")
+        refused = service.refused
         if refused:
-            if not self._timed_out:  # counted as timed out already
-                self.factory.login_failed("refused")
             more = refused - len(service.refusals)
-            _log.info(
-                "{peer} left without logging in; refused: {attempts}",
-                peer=peer_text(self.transport.getPeer()),
-                attempts="; ".join(service.refusals) + (f"; and {more} more" if more else ""),
-                refused_logins=refused,
-            )
+            attempts = "; ".join(service.refusals) + (f"; and {more} more" if more else "")
+        else:
+            attempts = f"{asked_as!r} offered no key"
+        _log.info(
+            "{peer} left without logging in; refused: {attempts}",
+            peer=peer_text(self.transport.getPeer()),
+            attempts=attempts,
+            refused_logins=refused,
+        )
 
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
         # Conch's own line for this goes to the trace; a disconnect for a
@@ -250,6 +256,7 @@ class UserAuthServer(userauth.SSHUserAuthServer):
 
     def __init__(self):
         super().__init__()
+        self.asked_as: str | None = None  # the user name of the first login request
         self.refused = 0
         self.refusals: list[str] = []  # the first few, for the log
 
@@ -259,6 +266,8 @@ class UserAuthServer(userauth.SSHUserAuthServer):
         super().serviceStarted()
 
     def tryAuth(self, kind: bytes, user: bytes, data: bytes):
+        if self.asked_as is None:
+            self.asked_as = user[:_NAME_LOGGED].decode("utf-8", "replace")
         attempt = super().tryAuth(kind, user, data)
         if kind == b"publickey":
             attempt.addCallback(self._note_login_key, data)

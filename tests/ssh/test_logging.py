@@ -116,6 +116,17 @@ async def test_refused_login_logged_once_with_its_reason(ssh_client, ssh_events,
 
 
 @pytest_twisted.ensureDeferred
+async def test_client_offering_no_key_is_logged(ssh_client, ssh_events):
+    """A client with no key to offer gets the same line, saying so, and counts as refused."""
+    out, err, code = await ssh_client.ssh("alice", SERVE, options=["-o", "PubkeyAuthentication=no"])
+    assert code == 255 and b"Permission denied (publickey)" in err
+    event = await ssh_events.first("left without logging in")
+    assert "refused: 'alice' offered no key" in formatEvent(event)
+    await ssh_client.server.factory.wait_closed()
+    assert ssh_client.server.factory.logins == {"refused": 1}
+
+
+@pytest_twisted.ensureDeferred
 async def test_refused_login_line_is_bounded(ssh_client, ssh_events, tmp_path):
     """Many refused keys under a long user name: the line names the first five, cut short, and counts the rest."""
     keys = [make_user_key(tmp_path / "strangers", f"id_{number}") for number in range(7)]
