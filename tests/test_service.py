@@ -67,3 +67,30 @@ def test_server_started_with_a_low_open_file_limit_raises_it(start_smartserve):
     [open_files] = [line for line in limits.splitlines() if line.startswith("Max open files")]
     assert int(open_files.split()[3]) > lowered
     assert f"Open-file limit raised from {lowered}" in server.log()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-auth-tries", "0"], "--max-auth-tries must be at least 1"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--idle-timeout", "-1"], "--idle-timeout must be 0 or more"),
+        (["--ssh", "none"], "nothing to serve"),
+    ],
+)
+def test_options_refuse_values_that_cannot_work(tmp_path, args, message):
+    """A bad option value stops ``twistd smartserve`` with a usage error naming the option."""
+    from twisted.python.usage import UsageError
+
+    from smartserve.service import Options
+
+    with pytest.raises(UsageError, match=message):
+        Options().parseOptions(["--data", str(tmp_path), *args])
+
+
+def test_option_defaults_for_ssh_logins(tmp_path):
+    from smartserve.service import Options
+
+    options = Options()
+    options.parseOptions(["--data", str(tmp_path)])
+    assert (options["max-auth-tries"], options["ssh-debug"]) == (6, False)

@@ -53,6 +53,7 @@ class SSHServerFactory(factory.SSHFactory):
         access: AccessPolicy,
         login_grace_time: float = 120,
         max_unauthenticated: int = 50,
+        max_auth_tries: int = 6,
         max_sessions_per_user: int = 10,
         idle_timeout: float = 300,
         clock=None,
@@ -67,6 +68,7 @@ class SSHServerFactory(factory.SSHFactory):
         self.access = access
         self.login_grace_time = login_grace_time
         self.max_unauthenticated = max_unauthenticated
+        self.max_auth_tries = max_auth_tries
         self.max_sessions_per_user = max_sessions_per_user
         self.idle_timeout = idle_timeout
         self.clock = clock
@@ -182,6 +184,7 @@ def make_ssh_factory(
     access_file: str | None,
     login_grace_time: float = 120,
     max_unauthenticated: int = 50,
+    max_auth_tries: int = 6,
     max_sessions_per_user: int = 10,
     idle_timeout: float = 300,
     checker: ICredentialsChecker | None = None,
@@ -206,6 +209,7 @@ def make_ssh_factory(
         access=AccessPolicy(access_file),
         login_grace_time=login_grace_time,
         max_unauthenticated=max_unauthenticated,
+        max_auth_tries=max_auth_tries,
         max_sessions_per_user=max_sessions_per_user,
         idle_timeout=idle_timeout,
         clock=clock,

@@ -248,7 +248,9 @@ class UserAuthServer(userauth.SSHUserAuthServer):
     """The user-auth service: public keys only, never a SHA-1 or DSA signature.
 
     The transport's grace timer bounds the whole login, so this service's
-    own timeout uses the same clock and length.
+    own timeout uses the same clock and length. A client is disconnected
+    after the factory's ``max_auth_tries`` refused attempts (sshd's
+    MaxAuthTries), so that one connection cannot try keys without end.
     """
 
     interfaceToMethod = {ISSHPrivateKey: b"publickey"}
@@ -261,8 +263,12 @@ class UserAuthServer(userauth.SSHUserAuthServer):
         self.refusals: list[str] = []  # the first few, for the log
 
     def serviceStarted(self) -> None:
-        self.clock = self.transport.factory.clock
-        self.loginTimeout = self.transport.factory.login_grace_time or self.loginTimeout
+        factory = self.transport.factory
+        self.clock = factory.clock
+        self.loginTimeout = factory.login_grace_time or self.loginTimeout
+        # Conch disconnects once more than this many attempts failed; each
+        # key a client offers and the server refuses is one, as in sshd.
+        self.attemptsBeforeDisconnect = factory.max_auth_tries - 1
         super().serviceStarted()
 
     def tryAuth(self, kind: bytes, user: bytes, data: bytes):

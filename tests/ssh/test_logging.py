@@ -128,16 +128,40 @@ async def test_client_offering_no_key_is_logged(ssh_client, ssh_events):
 
 @pytest_twisted.ensureDeferred
 async def test_refused_login_line_is_bounded(ssh_client, ssh_events, tmp_path):
-    """Many refused keys under a long user name: the line names the first five, cut short, and counts the rest."""
+    """Six refused keys (the most a connection may try) under a long user name: the line names the
+    first five, cut short, and counts the rest; the client is disconnected."""
     keys = [make_user_key(tmp_path / "strangers", f"id_{number}") for number in range(7)]
     options = [arg for key in keys[1:] for arg in ("-i", str(key))]
     out, err, code = await ssh_client.ssh("x" * 100, SERVE, key=keys[0], options=options)
-    assert code == 255 and b"Permission denied (publickey)" in err
+    assert code == 255 and b"too many bad auths" in err
     event = await ssh_events.first("left without logging in")
     text = formatEvent(event)
-    assert event["refused_logins"] == 7
-    assert text.count("by publickey: key not authorized") == 5 and text.endswith("; and 2 more")
+    assert event["refused_logins"] == 6
+    assert text.count("by publickey: key not authorized") == 5 and text.endswith("; and 1 more")
     assert "'" + "x" * 64 + "'" in text and "x" * 65 not in text
+
+
+@pytest.mark.parametrize("max_auth_tries, logs_in", [(2, False), (3, True)])
+@pytest_twisted.ensureDeferred
+async def test_max_auth_tries_bounds_the_keys_one_connection_tries(tmp_path, max_auth_tries, logs_in):
+    """With two wrong keys offered before the right one, a limit of 2 disconnects first; 3 lets the login through."""
+    from .conftest import SSHServerUnderTest
+
+    server = SSHServerUnderTest(tmp_path, max_auth_tries=max_auth_tries)
+    try:
+        client = server.client_for("alice", tmp_path)
+        wrong = [make_user_key(tmp_path / "strangers", f"id_{number}") for number in range(2)]
+        options = [arg for key in [*wrong[1:], client.key] for arg in ("-i", str(key))]
+        out, err, code = await client.ssh("alice", "true", key=wrong[0], options=options)
+        await server.factory.wait_closed()
+        if logs_in:
+            assert code == 1 and b"only runs the Breezy smart server" in err
+            assert server.factory.logins == {"accepted": 1}
+        else:
+            assert code == 255 and b"too many bad auths" in err
+            assert server.factory.logins == {"refused": 1}
+    finally:
+        await server.stopped()
 
 
 @pytest_twisted.ensureDeferred
