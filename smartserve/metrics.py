@@ -3,9 +3,9 @@
 ``ServerMetrics`` is the one place the server's metrics live. The smart
 factory tells it about each finished request (``request_finished``); the
 open connections and the drain are read when ``/metrics`` is scraped, from
-the objects registered with ``watch_connections``, ``watch_ssh`` and
-``watch_drain``, so the drain controller and the SSH factory need no hooks
-of their own.
+the objects registered with ``watch_connections``, ``watch_ssh``,
+``watch_access_log`` and ``watch_drain``, so the drain controller, the SSH
+factory and the access log file need no hooks of their own.
 
 ``ClientMetrics`` counts a client's reconnects and resends. Both take a
 ``CollectorRegistry`` (a new one by default, never prometheus_client's
@@ -45,6 +45,7 @@ class _ScrapeTimeCollector(Collector):
         self.connection_counters: Dict[str, Callable[[], int]] = {}
         self.controller = None
         self.ssh_factory = None
+        self.access_file = None
 
     def collect(self) -> Iterator:
         connections = GaugeMetricFamily(
@@ -57,6 +58,12 @@ class _ScrapeTimeCollector(Collector):
         yield connections
         if self.ssh_factory is not None:
             yield from self._ssh_families(self.ssh_factory)
+        if self.access_file is not None:
+            yield CounterMetricFamily(
+                "smartserve_access_log_lost_lines",
+                "Access log lines that could not be written (a full disk, an I/O error) and were dropped.",
+                value=self.access_file.lines_lost,
+            )
         controller = self.controller
         if controller is None:
             return
@@ -179,6 +186,10 @@ class ServerMetrics:
     def watch_ssh(self, factory) -> None:
         """Report the login and refusal counts of an ``SSHServerFactory``."""
         self._scraped.ssh_factory = factory
+
+    def watch_access_log(self, access_file) -> None:
+        """Report the lines an ``AccessLogFile`` could not write."""
+        self._scraped.access_file = access_file
 
     def watch_drain(self, controller) -> None:
         """Report the state and abort count of a ``DrainController``."""

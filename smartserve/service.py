@@ -295,6 +295,8 @@ def makeService(options: Options, reactor=None) -> SmartserveService:
     )
     controller = DrainController(reactor, grace=options["drain-grace"], default_timeout=options["drain-timeout"])
     metrics.watch_connections("smart", smart_factory)
+    if access_file is not None:
+        metrics.watch_access_log(access_file)
     metrics.watch_drain(controller)
     listeners = ListenerGroup()
     factories = [smart_factory]

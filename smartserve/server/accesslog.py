@@ -20,6 +20,11 @@ NAMESPACE = "smartserve.access"
 # server is given a logger of its own, such as one writing an AccessLogFile.
 DEFAULT_ACCESS_LOG = Logger(namespace=NAMESPACE)
 
+# How often a file that cannot be written is complained about in the twistd log.
+COMPLAINT_INTERVAL = 60.0
+
+_log = Logger()
+
 
 def access_logger(observer=None) -> Logger:
     """The logger access events go to: ``observer``, or the global publisher when None."""
@@ -97,19 +102,54 @@ class AccessLogFile:
     per event. The file is opened for appending, so ``logrotate`` with
     ``copytruncate`` rotates it while the server runs, and each line is
     written whole, so a crash never leaves half a line.
+
+    A line that cannot be written (a full disk, an I/O error) is counted in
+    ``lines_lost`` and dropped: requests go on being served. The twistd log
+    says so at once and then at most every ``COMPLAINT_INTERVAL`` seconds,
+    and once more when lines are written again.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, monotonic=time.monotonic):
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         self._second = None
         self._stamp = ""
+        self.lines_lost = 0
+        self._monotonic = monotonic
+        self._lost_since_complaint = 0
+        self._last_complaint: Optional[float] = None
 
     def __call__(self, event: dict) -> None:
         line = event.get("access_line")
         if line is None:
             line = formatEvent(event)
-        os.write(self._fd, f"{self._timestamp(event['log_time'])} {line}\n".encode("utf-8", "replace"))
+        try:
+            os.write(self._fd, f"{self._timestamp(event['log_time'])} {line}\n".encode("utf-8", "replace"))
+        except OSError as error:
+            self._lost(error)
+            return
+        if self._last_complaint is not None:
+            _log.info(
+                "access log {path} is written again; {lost} lines were lost in all",
+                path=self.path,
+                lost=self.lines_lost,
+            )
+            self._last_complaint = None
+
+    def _lost(self, error: OSError) -> None:
+        self.lines_lost += 1
+        self._lost_since_complaint += 1
+        now = self._monotonic()
+        if self._last_complaint is not None and now - self._last_complaint < COMPLAINT_INTERVAL:
+            return
+        _log.error(
+            "cannot write the access log {path}: {error}; {lost} lines lost (requests are still served)",
+            path=self.path,
+            error=error.strerror or str(error),
+            lost=self._lost_since_complaint,
+        )
+        self._last_complaint = now
+        self._lost_since_complaint = 0
 
     def _timestamp(self, when: float) -> str:
         """``when`` as twistd writes times (local, ISO 8601, seconds); made once per second."""

@@ -76,3 +76,97 @@ def test_access_log_dash_sends_access_events_to_the_twistd_log(tmp_path):
         server.stop()
     assert " hello read ok " in server.log()
     assert not (tmp_path / "data" / "access.log").exists()
+
+
+class _Ticks:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_access_log_file_that_cannot_be_written_drops_lines_and_says_so_now_and_then():
+    """On a full disk each line is counted and dropped; the twistd log hears of it at once, then at most once a minute."""
+    from smartserve.server.accesslog import COMPLAINT_INTERVAL
+
+    ticks = _Ticks()
+    access_file = AccessLogFile("/dev/full", monotonic=ticks)
+    complaints = []
+
+    def observe(event):
+        if event.get("log_namespace") == "smartserve.server.accesslog":
+            complaints.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        for _ in range(3):
+            access_file({"log_time": time.time(), "access_line": "a line"})
+        ticks.now += COMPLAINT_INTERVAL
+        access_file({"log_time": time.time(), "access_line": "a line"})
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        access_file.close()
+    assert access_file.lines_lost == 4
+    assert [(event["log_level"].name, event["lost"]) for event in complaints] == [("error", 1), ("error", 3)]
+    assert "No space left on device" in complaints[0]["error"]
+
+
+def test_server_with_an_unwritable_access_log_keeps_serving(tmp_path):
+    """With the access log on a full disk, requests on one connection are all answered and /metrics counts the lost lines."""
+    import urllib.request
+
+    server = SmartserveProcess(
+        tmp_path / "data",
+        ["--ssh=none", "--bzr=tcp:0:interface=127.0.0.1", "--access-log=/dev/full", "--admin=tcp:0:interface=127.0.0.1"],
+    )
+    server.start()
+    try:
+        client = RawClient.connect("127.0.0.1", server.port)
+        try:
+            replies = [client.call(b"hello").args for _ in range(3)]
+        finally:
+            client.close()
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.admin_port}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+    finally:
+        server.stop()
+    assert replies == [(b"ok", b"2")] * 3
+    assert "smartserve_access_log_lost_lines_total 3.0" in metrics
+    assert "cannot write the access log /dev/full: No space left on device" in server.log()
+
+
+def test_access_log_file_says_when_it_is_written_again(tmp_path, monkeypatch):
+    """After a failure, the first line written again is followed by one line in the twistd log with the total lost."""
+    import os
+    import types
+
+    from smartserve.server import accesslog
+
+    path = tmp_path / "access.log"
+    access_file = AccessLogFile(str(path))
+    def write_fails(fd, data):
+        raise OSError(5, "Input/output error")
+
+    failing = types.SimpleNamespace(write=write_fails)
+    events = []
+
+    def observe(event):
+        if event.get("log_namespace") == "smartserve.server.accesslog":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        monkeypatch.setattr(accesslog, "os", failing)
+        access_file({"log_time": time.time(), "access_line": "lost line"})
+        monkeypatch.setattr(accesslog, "os", os)
+        access_file({"log_time": time.time(), "access_line": "kept line"})
+        access_file({"log_time": time.time(), "access_line": "another kept line"})
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        access_file.close()
+    assert [line.split(" ", 1)[1] for line in path.read_text().splitlines()] == ["kept line", "another kept line"]
+    assert [event["log_level"].name for event in events] == ["error", "info"]
+    assert events[1]["lost"] == 1 and "written again" in events[1]["log_format"]
