@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 
+import pytest
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
@@ -78,6 +79,20 @@ def test_access_log_dash_sends_access_events_to_the_twistd_log(tmp_path):
     assert not (tmp_path / "data" / "access.log").exists()
 
 
+@pytest.fixture
+def file_complaints():
+    """The events the access log file itself logs (about failed writes) while the test runs."""
+    events = []
+
+    def observe(event):
+        if event.get("log_namespace") == "smartserve.server.accesslog":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
 class _Ticks:
     """A monotonic clock the test moves by hand."""
 
@@ -88,30 +103,22 @@ class _Ticks:
         return self.now
 
 
-def test_access_log_file_that_cannot_be_written_drops_lines_and_says_so_now_and_then():
+def test_access_log_file_that_cannot_be_written_drops_lines_and_says_so_now_and_then(file_complaints):
     """On a full disk each line is counted and dropped; the twistd log hears of it at once, then at most once a minute."""
     from smartserve.server.accesslog import COMPLAINT_INTERVAL
 
     ticks = _Ticks()
     access_file = AccessLogFile("/dev/full", monotonic=ticks)
-    complaints = []
-
-    def observe(event):
-        if event.get("log_namespace") == "smartserve.server.accesslog":
-            complaints.append(event)
-
-    globalLogPublisher.addObserver(observe)
     try:
         for _ in range(3):
             access_file({"log_time": time.time(), "access_line": "a line"})
         ticks.now += COMPLAINT_INTERVAL
         access_file({"log_time": time.time(), "access_line": "a line"})
     finally:
-        globalLogPublisher.removeObserver(observe)
         access_file.close()
     assert access_file.lines_lost == 4
-    assert [(event["log_level"].name, event["lost"]) for event in complaints] == [("error", 1), ("error", 3)]
-    assert "No space left on device" in complaints[0]["error"]
+    assert [(event["log_level"].name, event["lost"]) for event in file_complaints] == [("error", 1), ("error", 3)]
+    assert "No space left on device" in file_complaints[0]["error"]
 
 
 def test_server_with_an_unwritable_access_log_keeps_serving(tmp_path):
@@ -138,7 +145,7 @@ def test_server_with_an_unwritable_access_log_keeps_serving(tmp_path):
     assert "cannot write the access log /dev/full: No space left on device" in server.log()
 
 
-def test_access_log_file_says_when_it_is_written_again(tmp_path, monkeypatch):
+def test_access_log_file_says_when_it_is_written_again(tmp_path, monkeypatch, file_complaints):
     """After a failure, the first line written again is followed by one line in the twistd log with the total lost."""
     import os
     import types
@@ -150,23 +157,14 @@ def test_access_log_file_says_when_it_is_written_again(tmp_path, monkeypatch):
     def write_fails(fd, data):
         raise OSError(5, "Input/output error")
 
-    failing = types.SimpleNamespace(write=write_fails)
-    events = []
-
-    def observe(event):
-        if event.get("log_namespace") == "smartserve.server.accesslog":
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
     try:
-        monkeypatch.setattr(accesslog, "os", failing)
+        monkeypatch.setattr(accesslog, "os", types.SimpleNamespace(write=write_fails))
         access_file({"log_time": time.time(), "access_line": "lost line"})
         monkeypatch.setattr(accesslog, "os", os)
         access_file({"log_time": time.time(), "access_line": "kept line"})
         access_file({"log_time": time.time(), "access_line": "another kept line"})
     finally:
-        globalLogPublisher.removeObserver(observe)
         access_file.close()
     assert [line.split(" ", 1)[1] for line in path.read_text().splitlines()] == ["kept line", "another kept line"]
-    assert [event["log_level"].name for event in events] == ["error", "info"]
-    assert events[1]["lost"] == 1 and "written again" in events[1]["log_format"]
+    assert [event["log_level"].name for event in file_complaints] == ["error", "info"]
+    assert file_complaints[1]["lost"] == 1 and "written again" in file_complaints[1]["log_format"]
