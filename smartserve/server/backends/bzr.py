@@ -111,7 +111,7 @@ class BzrBackend:
         transport = self._transport_for(caller.writable)
         # Each request sees the file system afresh (see jail.JailTransport.forget_checked).
         transport.forget_checked()
-        return _BzrRequestRun(self, transport, args, inline=self._runs_inline(transport, args))
+        return _BzrRequestRun(self, transport, caller, args, inline=self._runs_inline(transport, args))
 
     def _runs_inline(self, transport, args) -> bool:
         """True for a request that reads one small file or one path's metadata."""
@@ -144,9 +144,10 @@ class BzrBackend:
 class _BzrRequestRun:
     """One request, driven step by step through Breezy's request handler."""
 
-    def __init__(self, backend: BzrBackend, transport, args, *, inline: bool = False):
+    def __init__(self, backend: BzrBackend, transport, caller: Caller, args, *, inline: bool = False):
         self._backend = backend
         self._transport = transport
+        self._caller = caller
         self._args = args
         self._inline = inline
         self._handler = None
@@ -155,10 +156,30 @@ class _BzrRequestRun:
     def advance(self, chunks: List[bytes], finished: bool):
         if self._inline:
             try:
-                return defer.succeed(self._advance_in_thread(chunks, finished))
+                return defer.succeed(self._note_server_failure(self._advance_in_thread(chunks, finished)))
             except Exception:
                 return defer.fail()
-        return self._backend.run_in_pool(self._advance_in_thread, chunks, finished)
+        advanced = self._backend.run_in_pool(self._advance_in_thread, chunks, finished)
+        return advanced.addCallback(self._note_server_failure)
+
+    def _note_server_failure(self, reply: Optional[Reply]) -> Optional[Reply]:
+        """Log a reply that carries an unexpected exception, on the reactor thread.
+
+        Breezy answers an exception it has no error reply for with
+        ``("error", class, message)`` and writes the traceback to its own
+        log file (brz.log); an operator looks in the twistd log, and a full
+        disk or an I/O error on the served tree shows up there now.
+        """
+        if reply is not None and not reply.success and reply.args[:1] == (b"error",):
+            error = b": ".join(reply.args[1:3]).decode("utf-8", "replace")
+            log.warn(
+                "{verb} from {user} at {peer} failed on the server: {error}",
+                verb=self._args[0].decode("utf-8", "replace"),
+                user=self._caller.user or "-",
+                peer=self._caller.peer,
+                error=error,
+            )
+        return reply
 
     def abort(self) -> None:
         if self._handler is not None and self._reply is None:

@@ -1,0 +1,95 @@
+"""A request that fails on the server with an exception Breezy has no error reply for is logged.
+
+Breezy answers such a request with ``("error", class, message)`` and keeps
+the traceback in its own log file; the operator reads the twistd log, where
+the verb, the caller and the error now appear.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.threadpool import ThreadPool
+
+from smartserve.server.backends.bzr import BzrBackend
+from smartserve.server.caller import Caller
+from smartserve.server.jail import Writable
+
+ALICE = Caller("alice", "192.0.2.7:50312", Writable.nowhere())
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRZ_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("BRZ_LOG", str(tmp_path / "brz.log"))
+    served = tmp_path / "root"
+    served.mkdir()
+    (served / "small").write_bytes(b"s" * 100)
+    return served
+
+
+@pytest.fixture
+def failing_get(monkeypatch):
+    """Breezy's ``get`` handler raises what a failing disk would."""
+    from breezy.bzr.smart import vfs
+
+    def read_fails(self, relpath):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(vfs.GetRequest, "do", read_fails)
+
+
+@pytest.fixture
+def warnings_logged():
+    events = []
+
+    def observe(event):
+        if event.get("log_namespace", "").startswith("smartserve.server.backends") and event["log_level"] >= LogLevel.warn:
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield events
+    globalLogPublisher.removeObserver(observe)
+
+
+def _check(reply, warnings_logged):
+    assert not reply.success
+    assert reply.args[0] == b"error" and b"Input/output error" in reply.args[2]
+    [event] = warnings_logged
+    assert (event["verb"], event["user"], event["peer"]) == ("get", "alice", "192.0.2.7:50312")
+    assert "Input/output error" in event["error"]
+
+
+def test_failure_of_an_inline_read_is_logged(root, failing_get, warnings_logged):
+    backend = BzrBackend(str(root), ThreadPool(), Clock(), inline_read_bytes=1000)
+    d = backend.start(ALICE, (b"get", b"/small")).advance([], True)
+    _check(d.result, warnings_logged)
+
+
+@pytest_twisted.ensureDeferred
+async def test_failure_in_the_worker_pool_is_logged(root, failing_get, warnings_logged):
+    pool = ThreadPool(1, 1)
+    pool.start()
+    try:
+        backend = BzrBackend(str(root), pool, reactor, inline_read_bytes=0)
+        reply = await backend.start(ALICE, (b"get", b"/small")).advance([], True)
+    finally:
+        pool.stop()
+    _check(reply, warnings_logged)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ordinary_error_replies_are_not_logged(root, warnings_logged):
+    """A missing file is the client's business: it gets NoSuchFile and the twistd log gets nothing."""
+    pool = ThreadPool(1, 1)
+    pool.start()
+    try:
+        backend = BzrBackend(str(root), pool, reactor, inline_read_bytes=1000)
+        reply = await backend.start(ALICE, (b"get", b"/missing")).advance([], True)
+    finally:
+        pool.stop()
+    assert reply.args[0] == b"NoSuchFile"
+    assert warnings_logged == []
