@@ -55,6 +55,17 @@ def warnings_logged():
     globalLogPublisher.removeObserver(observe)
 
 
+async def _run_in_pool(root, args, *, inline_read_bytes: int):
+    """Run request ``args`` as Alice through a started worker pool; returns its reply."""
+    pool = ThreadPool(1, 1)
+    pool.start()
+    try:
+        backend = BzrBackend(str(root), pool, reactor, inline_read_bytes=inline_read_bytes)
+        return await backend.start(ALICE, args).advance([], True)
+    finally:
+        pool.stop()
+
+
 def _check(reply, warnings_logged):
     assert not reply.success
     assert reply.args[0] == b"error" and b"Input/output error" in reply.args[2]
@@ -71,25 +82,13 @@ def test_failure_of_an_inline_read_is_logged(root, failing_get, warnings_logged)
 
 @pytest_twisted.ensureDeferred
 async def test_failure_in_the_worker_pool_is_logged(root, failing_get, warnings_logged):
-    pool = ThreadPool(1, 1)
-    pool.start()
-    try:
-        backend = BzrBackend(str(root), pool, reactor, inline_read_bytes=0)
-        reply = await backend.start(ALICE, (b"get", b"/small")).advance([], True)
-    finally:
-        pool.stop()
+    reply = await _run_in_pool(root, (b"get", b"/small"), inline_read_bytes=0)
     _check(reply, warnings_logged)
 
 
 @pytest_twisted.ensureDeferred
 async def test_ordinary_error_replies_are_not_logged(root, warnings_logged):
     """A missing file is the client's business: it gets NoSuchFile and the twistd log gets nothing."""
-    pool = ThreadPool(1, 1)
-    pool.start()
-    try:
-        backend = BzrBackend(str(root), pool, reactor, inline_read_bytes=1000)
-        reply = await backend.start(ALICE, (b"get", b"/missing")).advance([], True)
-    finally:
-        pool.stop()
+    reply = await _run_in_pool(root, (b"get", b"/missing"), inline_read_bytes=1000)
     assert reply.args[0] == b"NoSuchFile"
     assert warnings_logged == []
