@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> None:
             reference = _common.start_brz_serve(work / "reference", work / "reference-home")
             servers.append(reference)
             keys.trust(smart.ports["ssh"])
-            ssh = SSHOptions(identity_files=[str(keys.key)], use_agent=False, known_hosts=str(keys.folder / "known_hosts"))
+            ssh = SSHOptions(
+                identity_files=[str(keys.key)], use_agent=False, known_hosts=str(keys.folder / "known_hosts")
+            )
             ssh_url = f"bzr+ssh://{USER}@127.0.0.1:{smart.ports['ssh']}/"
             for server in servers:
                 print(f"{server.name}: $ {server.command}")

@@ -127,7 +127,10 @@ def test_server_with_an_unwritable_access_log_keeps_serving(tmp_path):
 
     server = SmartserveProcess(
         tmp_path / "data",
-        ["--ssh=none", "--bzr=tcp:0:interface=127.0.0.1", "--access-log=/dev/full", "--admin=tcp:0:interface=127.0.0.1"],
+        [
+            "--ssh=none", "--bzr=tcp:0:interface=127.0.0.1", "--access-log=/dev/full",
+            "--admin=tcp:0:interface=127.0.0.1",
+        ],  # fmt: skip
     )
     server.start()
     try:

@@ -47,7 +47,8 @@ def warnings_logged():
     events = []
 
     def observe(event):
-        if event.get("log_namespace", "").startswith("smartserve.server.backends") and event["log_level"] >= LogLevel.warn:
+        namespace = event.get("log_namespace", "")
+        if namespace.startswith("smartserve.server.backends") and event["log_level"] >= LogLevel.warn:
             events.append(event)
 
     globalLogPublisher.addObserver(observe)

@@ -169,7 +169,10 @@ async def test_login_outcomes_are_counted_for_metrics(ssh_client, ssh_events, tm
     """/metrics counts a login that got in and one that was refused, once each."""
     metrics = ServerMetrics()
     metrics.watch_ssh(ssh_client.server.factory)
-    sample = lambda outcome: metrics.registry.get_sample_value("smartserve_ssh_logins_total", {"outcome": outcome})  # noqa: E731
+
+    def sample(outcome):
+        return metrics.registry.get_sample_value("smartserve_ssh_logins_total", {"outcome": outcome})
+
     await _one_session(ssh_client)
     stranger = make_user_key(tmp_path / "stranger", "id_ed25519")
     out, err, code = await ssh_client.ssh("alice", SERVE, key=stranger)
