@@ -152,6 +152,7 @@ class _BzrRequestRun:
         self._inline = inline
         self._handler = None
         self._reply: Optional[Reply] = None
+        self._failure_noted = False
 
     def advance(self, chunks: List[bytes], finished: bool):
         if self._inline:
@@ -170,7 +171,8 @@ class _BzrRequestRun:
         log file (brz.log); an operator looks in the twistd log, and a full
         disk or an I/O error on the served tree shows up there now.
         """
-        if reply is not None and not reply.success and reply.args[:1] == (b"error",):
+        if reply is not None and not reply.success and reply.args[:1] == (b"error",) and not self._failure_noted:
+            self._failure_noted = True  # later steps of the request hand back the same reply
             error = b": ".join(reply.args[1:3]).decode("utf-8", "replace")
             log.warn(
                 "{verb} from {user} at {peer} failed on the server: {error}",
