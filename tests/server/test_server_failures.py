@@ -79,7 +79,7 @@ def test_failure_of_an_inline_read_is_logged_once(root, failing_get, warnings_lo
     backend = BzrBackend(str(root), ThreadPool(), Clock(), inline_read_bytes=1000)
     run = backend.start(ALICE, (b"get", b"/small"))
     first = run.advance([], True).result
-    assert run.advance([], True).result is first  # a later step hands back the same reply, not logged again
+    assert run.advance([], True).result == first  # a later step hands back the same reply, not logged again
     _check(first, warnings_logged)
 
 
