@@ -179,16 +179,25 @@ class SessionChannel(SSHSession):
         super().dataReceived(data)
 
     def request_exec(self, data: bytes) -> int:
-        # Conch's own version logs every command at info level; the session
-        # logs what it does with the command instead.
-        if self.client is not None:
-            return 0
         command = common.getNS(data)[0]
+        return self._dedicate(lambda client: self._session.execCommand(client, command), repr(command))
+
+    def request_shell(self, data: bytes) -> int:
+        return self._dedicate(self._session.openShell, "a shell")
+
+    def _dedicate(self, begin: Callable[[SSHSessionProcessProtocol], None], what: str) -> int:
+        """Give the channel to what ``begin`` starts; 1 if it started, 0 to refuse the request.
+
+        Conch's own request_exec and request_shell log each request at
+        info level; the session logs what it does with it instead.
+        """
+        if self.client is not None:
+            return 0  # one command or shell per channel
         client = SSHSessionProcessProtocol(self)
         try:
-            self._session.execCommand(client, command)
+            begin(client)
         except Exception:
-            _log.failure("could not start a session for {command!r}", command=command)
+            _log.failure("could not start {what} on a session channel", what=what)
             return 0
         self.client = client
         return 1

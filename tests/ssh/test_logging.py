@@ -102,6 +102,15 @@ async def test_ssh_debug_logs_conch_trace(ssh_client, ssh_events):
 
 
 @pytest_twisted.ensureDeferred
+async def test_refused_shell_writes_one_line(ssh_client, ssh_events):
+    """``ssh host`` logs in and asks for a shell: one line says it was refused, nothing else is logged."""
+    out, err, code = await ssh_client.ssh("alice", options=["-T"])
+    assert code == 1 and b"no shell here" in err
+    await ssh_client.server.factory.wait_closed()
+    assert ssh_events.texts() == ["alice asked for a shell; refused"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_refused_login_logged_once_with_its_reason(ssh_client, ssh_events, tmp_path):
     """A client whose key is refused leaves one line: who it tried to be, how, and why it was refused."""
     stranger = make_user_key(tmp_path / "stranger", "id_ed25519")
