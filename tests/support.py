@@ -22,7 +22,7 @@ VENV_BIN = Path(sys.executable).parent
 BRZ = str(VENV_BIN / "brz")
 TWISTD = str(VENV_BIN / "twistd")
 
-_LISTENER = re.compile(r"\[smartserve\.listeners#info\] (\w+) listening on IPv4Address\(.*?port=(\d+)\)")
+_LISTENER = re.compile(r"\[smartserve\.listeners#info\] (\w+) listening on IPv[46]Address\(.*?port=(\d+)")
 # The control socket is the last thing a server starts listening on.
 _CONTROL_READY = "[smartserve.listeners#info] control listening on"
 # A line of DATA/access.log: a timestamp, then what RequestRecord.emit renders
