@@ -47,6 +47,10 @@ def add_call_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw", action="store_true", help="write the response body unescaped to stdout")
     parser.add_argument("--timeout", type=float, default=30.0, help="overall deadline in seconds [default: 30]")
     parser.add_argument("--no-resend", action="store_true", help="never send the request twice")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="log to stderr what the client does: connections, resends, and over SSH each step of the handshake",
+    )  # fmt: skip
     ssh = parser.add_argument_group("bzr+ssh:// options")
     ssh.add_argument("-i", "--identity", action="append", default=[], help="private key file (repeatable)")
     ssh.add_argument("--known-hosts", help="known_hosts file [default: ~/.ssh/known_hosts]")
@@ -76,6 +80,10 @@ def run_call(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"smartserve call: cannot read the body: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if args.verbose:
+        from twisted.logger import globalLogBeginner, textFileLogObserver
+
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     policy = RetryPolicy(deadline=args.timeout, resend=not args.no_resend)
     ssh = SSHOptions(
         identity_files=tuple(args.identity),

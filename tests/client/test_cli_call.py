@@ -109,6 +109,12 @@ def test_call_command_over_ssh_uses_key_and_known_hosts(openssh, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout == b"(b'ok',)\nover ssh\n"
+    assert done.stderr == b""
+    verbose = smartserve_call(
+        openssh.url(), "hello", "-v", "-i", openssh.client_key, "--known-hosts", openssh.known_hosts, "--no-agent"
+    )
+    assert verbose.returncode == 0, verbose.stderr
+    assert b"NEW KEYS" in verbose.stderr and b"trying to auth with b'publickey'" in verbose.stderr
     empty = tmp_path / "empty_known_hosts"
     empty.write_text("")
     refused = smartserve_call(
