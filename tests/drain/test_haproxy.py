@@ -40,6 +40,8 @@ pytestmark = [
 ]
 
 GRACE = 1.5
+# Seconds from haproxy's stats showing a server DOWN to no thread of it choosing that server.
+STATE_SETTLES = 0.25
 
 CONFIG = """\
 global
@@ -144,8 +146,15 @@ def check_no_loss(attempts: list, a: ServerProcess, b: ServerProcess, down: floa
     assert on_a and on_b
     assert on_a | on_b == {attempt.source_port for attempt in attempts}, "the logs do not show the clients' own ports"
     assert all(record["peer"].startswith("127.0.0.1:") for record in a.access_records() + b.access_records())
-    late = {attempt.source_port for attempt in attempts if attempt.started > down}
-    assert late and not late & on_a, "a connection reached a after haproxy marked it down"
+    late = [attempt for attempt in attempts if attempt.started > down]
+    assert late
+    # haproxy's stats may say DOWN a moment before its other thread stops
+    # choosing the server, so a connection made right then may still reach a.
+    reached_a = [attempt for attempt in late if attempt.source_port in on_a]
+    assert all(attempt.started - down < STATE_SETTLES for attempt in reached_a), (
+        "connections reached a this long after haproxy marked it down: "
+        + ", ".join(f"{attempt.started - down:.3f} s (port {attempt.source_port})" for attempt in reached_a)
+    )
 
 
 def test_haproxy_drain_one_backend_loses_no_connection(tmp_path, connection_loop):
