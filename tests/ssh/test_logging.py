@@ -91,6 +91,18 @@ async def test_session_writes_two_lines(ssh_client, ssh_events):
 
 
 @pytest_twisted.ensureDeferred
+async def test_session_cut_by_the_client_says_so(ssh_client, ssh_events):
+    """A client killed mid-session leaves the end line "ended by the client", with its requests counted."""
+    client = _spawn_smart_client(ssh_client)
+    assert (await client.request(b"hello")).success
+    client.transport.signalProcess("KILL")
+    await client.ended
+    event = await ssh_events.first("ended by the client")
+    await ssh_client.server.factory.wait_closed()
+    assert event["requests"] == 1 and event["user"] == "alice"
+
+
+@pytest_twisted.ensureDeferred
 async def test_ssh_debug_logs_conch_trace(ssh_client, ssh_events):
     """With the trace on (``--ssh-debug``), Conch's steps of the same login are logged too."""
     show_conch_trace(True)
