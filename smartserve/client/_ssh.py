@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from twisted.conch.client.knownhosts import KnownHostsFile
-from twisted.conch.endpoints import SSHCommandClientEndpoint
+from twisted.conch.endpoints import AuthenticationFailed, SSHCommandClientEndpoint
 from twisted.conch.error import HostKeyChanged, UserRejectedKey
 from twisted.conch.ssh.keys import Key
 from twisted.internet.defer import succeed
@@ -114,7 +114,7 @@ def ssh_endpoint(reactor, target: Target, options: SSHOptions) -> "_CheckedEndpo
         knownHosts=known_hosts,
         ui=_HostKeyDecision(options.trust_on_first_use),
     )
-    return _CheckedEndpoint(endpoint, target, known_path)
+    return _CheckedEndpoint(endpoint, target, known_path, username)
 
 
 def _report_connection_loss(protocol):
@@ -149,12 +149,13 @@ def _send_packets_at_once(protocol):
 
 @implementer(IStreamClientEndpoint)
 class _CheckedEndpoint:
-    """Turns Conch's host key refusals into ``HostKeyError`` with a clear message."""
+    """Turns Conch's host key refusals into ``HostKeyError``, and its failed logins into a clear message."""
 
-    def __init__(self, endpoint: SSHCommandClientEndpoint, target: Target, known_path: str):
+    def __init__(self, endpoint: SSHCommandClientEndpoint, target: Target, known_path: str, username: str):
         self._endpoint = endpoint
         self._target = target
         self._known_path = known_path
+        self._username = username
 
     def connect(self, factory):
         connected = self._endpoint.connect(factory).addCallbacks(_report_connection_loss, self._explain)
@@ -171,5 +172,13 @@ class _CheckedEndpoint:
             raise HostKeyError(
                 f"host key of {where} does not match {self._known_path}: "
                 "the server changed its key or someone is intercepting the connection"
+            )
+        if failure.check(AuthenticationFailed):
+            # Conch reports a refused key and a connection lost while logging
+            # in (a server restarting) alike, so this stays a failure the
+            # client tries again, as it would any connection attempt.
+            raise ConnectionError(
+                f"could not log in to {where} as {self._username!r}: the server refused the keys offered, "
+                "or closed the connection during the login"
             )
         return failure

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 
-from smartserve.client import HostKeyError, NoSuchFile, RetryPolicy, SmartClient, SSHOptions
+from smartserve.client import HostKeyError, NoSuchFile, RequestNotSent, RetryPolicy, SmartClient, SSHOptions
 
 from .conftest import copy_branch, streamed_revisions
 
@@ -49,6 +49,25 @@ async def test_ssh_get_stream_of_a_real_branch(openssh, sample_branch, tmp_path)
         assert len(await streamed_revisions(client, f"{tree}/".encode())) == 3
     finally:
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_refused_key_says_who_could_not_log_in(openssh, tmp_path):
+    """A key the server does not accept fails the call, once its attempts are spent, with a message naming the login."""
+    import subprocess
+
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    options = SSHOptions(identity_files=[str(stranger)], known_hosts=str(openssh.known_hosts), use_agent=False)
+    policy = RetryPolicy(backoff_initial=0.01, max_connect_attempts=2, deadline=30.0)
+    client = SmartClient.from_url(openssh.url(), policy=policy, ssh=options)
+    try:
+        with pytest.raises(RequestNotSent) as raised:
+            await client.call(b"hello")
+    finally:
+        await client.close()
+    assert "could not connect (2 attempts): could not log in to 127.0.0.1:" in str(raised.value)
+    assert "the server refused the keys offered" in str(raised.value)
 
 
 @pytest_twisted.ensureDeferred
