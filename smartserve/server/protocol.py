@@ -630,7 +630,7 @@ class SmartServerFactory(Factory):
         if self.max_bzr_connections and len(self._bzr_connections) >= self.max_bzr_connections:
             log.warn(
                 "refusing bzr:// connection from {peer}: {count} open, the limit (--bzr-max-connections)",
-                peer=str(addr),
+                peer=peer_text(addr),
                 count=len(self._bzr_connections),
             )
             return ClosedAtOnce()

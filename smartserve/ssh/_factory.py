@@ -13,6 +13,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..server.caller import peer_text
 from ..server.interfaces import IDrainable
 from ..server.drain import OpenConnections
 from ..server.protocol import ClosedAtOnce
@@ -85,7 +86,7 @@ class SSHServerFactory(factory.SSHFactory):
         if self.draining or len(self._unauthenticated) >= self.max_unauthenticated:
             _log.warn(
                 "refusing SSH connection from {peer}: {why}",
-                peer=str(addr),
+                peer=peer_text(addr),
                 why="draining" if self.draining else "too many connections logging in",
             )
             self.refused_connections["draining" if self.draining else "too_many_unauthenticated"] += 1

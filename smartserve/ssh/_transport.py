@@ -68,8 +68,8 @@ USER_SIGNATURE_ALGORITHMS = [
 _REFUSED_HOST_SIGNATURES = frozenset({b"ssh-rsa", b"ssh-dss"})
 _GOODBYES = frozenset({transport.DISCONNECT_BY_APPLICATION, transport.DISCONNECT_CONNECTION_LOST})
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
-# A client may try up to Conch's attemptsBeforeDisconnect (20) logins with
-# names of any length; the log line names the first few, cut short.
+# A client may try up to --max-auth-tries logins with names of any length;
+# the log line names the first few, cut short.
 _REFUSALS_LOGGED = 5
 _NAME_LOGGED = 64
 
@@ -154,6 +154,10 @@ class ServerTransport(transport.SSHServerTransport):
         super().connectionLost(reason)
         self.factory.connection_ended(self)
 
+    @property
+    def _peer(self) -> str:
+        return peer_text(self.transport.getPeer())
+
     def _end_of_failed_login(self) -> None:
         service = self.service
         asked_as = getattr(service, "asked_as", None)
@@ -169,7 +173,7 @@ class ServerTransport(transport.SSHServerTransport):
             attempts = f"{asked_as!r} offered no key"
         _log.info(
             "{peer} left without logging in; refused: {attempts}",
-            peer=peer_text(self.transport.getPeer()),
+            peer=self._peer,
             attempts=attempts,
             refused_logins=refused,
         )
@@ -181,7 +185,7 @@ class ServerTransport(transport.SSHServerTransport):
         if reason != transport.DISCONNECT_BY_APPLICATION and self.transport is not None:
             _log.info(
                 "disconnecting {peer}: {description} (code {code})",
-                peer=peer_text(self.transport.getPeer()),
+                peer=self._peer,
                 description=desc.decode("utf-8", "replace"),
                 code=reason,
             )
@@ -195,7 +199,7 @@ class ServerTransport(transport.SSHServerTransport):
             return
         _log.info(
             "{peer} disconnected: {description} (code {code})",
-            peer=peer_text(self.transport.getPeer()),
+            peer=self._peer,
             code=reasonCode,
             description=description.decode("utf-8", "replace"),
         )
@@ -235,7 +239,7 @@ class ServerTransport(transport.SSHServerTransport):
         self._grace_timer = None
         self._timed_out = True
         self.factory.login_failed("timed_out")
-        _log.info("{peer} did not log in within the grace time", peer=peer_text(self.transport.getPeer()))
+        _log.info("{peer} did not log in within the grace time", peer=self._peer)
         self.disconnect_with(b"login grace time exceeded")
 
     def _cancel_grace(self) -> None:
@@ -273,7 +277,7 @@ class UserAuthServer(userauth.SSHUserAuthServer):
 
     def tryAuth(self, kind: bytes, user: bytes, data: bytes):
         if self.asked_as is None:
-            self.asked_as = user[:_NAME_LOGGED].decode("utf-8", "replace")
+            self.asked_as = _name_for_log(user)
         attempt = super().tryAuth(kind, user, data)
         if kind == b"publickey":
             attempt.addCallback(self._note_login_key, data)
@@ -298,9 +302,7 @@ class UserAuthServer(userauth.SSHUserAuthServer):
             return reason
         self.refused += 1
         if len(self.refusals) < _REFUSALS_LOGGED:
-            name = user[:_NAME_LOGGED].decode("utf-8", "replace")
-            method = kind[:_NAME_LOGGED].decode("ascii", "replace")
-            self.refusals.append(f"{name!r} by {method}: {reason.getErrorMessage()}")
+            self.refusals.append(f"{_name_for_log(user)!r} by {_name_for_log(kind)}: {reason.getErrorMessage()}")
         return reason
 
     def auth_publickey(self, packet: bytes):
@@ -309,3 +311,7 @@ class UserAuthServer(userauth.SSHUserAuthServer):
             return defer.fail(UnauthorizedLogin(f"signature algorithm {algorithm!r} refused"))
         return super().auth_publickey(packet)
 
+
+def _name_for_log(name: bytes) -> str:
+    """A user or method name a client sent, cut to ``_NAME_LOGGED`` bytes, as text for a log line."""
+    return name[:_NAME_LOGGED].decode("utf-8", "replace")
