@@ -553,6 +553,22 @@ def small_gets(client, path: bytes, count: int) -> float:
     return (time.perf_counter() - started) / count * 1e6
 
 
+def run_in_reactor(make_coroutine: Callable):
+    """Run the coroutine ``make_coroutine()`` makes in Twisted's reactor, started in a thread on
+    first use, and return its result.
+
+    The Breezy measurements block, so they run in the main thread while the
+    reactor waits idle in its own.
+    """
+    from twisted.internet import defer
+    from twisted.internet.threads import blockingCallFromThread
+
+    from smartserve.client._blocking import _running_reactor
+
+    reactor = _running_reactor()
+    return blockingCallFromThread(reactor, lambda: defer.Deferred.fromCoroutine(make_coroutine()))
+
+
 def median(samples: Iterable[float]) -> float:
     return statistics.median(list(samples))
 

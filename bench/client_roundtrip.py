@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                         if which == "breezy":
                             figure = breezy_figure(port, args.gets)
                         else:
-                            figure = _run_in_reactor(reactor, lambda: ours_figure(reactor, port, args.gets))
+                            figure = _common.run_in_reactor(lambda: ours_figure(reactor, port, args.gets))
                         results[server.name][which].append(figure)
             results["blocking"] = blocking_figure(servers[1].ports["bzr"], args.gets)
         finally:
@@ -136,21 +136,6 @@ def main(argv: list[str] | None = None) -> None:
     print()
     _common.print_table(rows, ours="our client", reference="Breezy's")
     _common.shutil.rmtree(work, ignore_errors=True)
-
-
-def _run_in_reactor(reactor, make_coroutine):
-    """Run the coroutine in the reactor, started in a thread on first use; return its result.
-
-    The Breezy measurements block, so they run in the main thread while
-    the reactor waits idle in its own.
-    """
-    from twisted.internet import defer
-    from twisted.internet.threads import blockingCallFromThread
-
-    from smartserve.client._blocking import _running_reactor
-
-    _running_reactor()
-    return blockingCallFromThread(reactor, lambda: defer.Deferred.fromCoroutine(make_coroutine()))
 
 
 if __name__ == "__main__":

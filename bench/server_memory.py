@@ -44,11 +44,9 @@ def bzr_connection(port: int) -> None:
 
 def ssh_sessions(url: str, ssh, count: int) -> None:
     """``count`` SSH sessions in a row with smartserve's client, each: hello, a small get, close."""
-    from twisted.internet import defer, reactor
-    from twisted.internet.threads import blockingCallFromThread
+    from twisted.internet import reactor
 
     from smartserve.client import SmartClient
-    from smartserve.client._blocking import _running_reactor
 
     async def sessions():
         for _ in range(count):
@@ -59,8 +57,7 @@ def ssh_sessions(url: str, ssh, count: int) -> None:
             finally:
                 await client.close()
 
-    _running_reactor()
-    blockingCallFromThread(reactor, lambda: defer.Deferred.fromCoroutine(sessions()))
+    _common.run_in_reactor(sessions)
 
 
 def main(argv: list[str] | None = None) -> None:
