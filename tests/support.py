@@ -6,6 +6,7 @@ Import them as ``from support import ...``: the test folders each have a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -65,6 +66,24 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.02):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def logged_events(match):
+    """The events of the global log for which ``match(event)`` is true, collected while the block runs."""
+    from twisted.logger import globalLogPublisher
+
+    events: list = []
+
+    def observe(event):
+        if match(event):
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(observe)
 
 
 async def wait_until(condition, timeout: float, what: str, interval: float = 0.02) -> None:

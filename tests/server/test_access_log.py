@@ -11,7 +11,7 @@ from twisted.logger import globalLogPublisher
 
 from smartserve.server.accesslog import AccessLogFile, access_logger
 from smartserve.testing import MemoryBackend, RawClient, encode_request, serve_in_memory
-from support import SmartserveProcess, wait_for
+from support import SmartserveProcess, logged_events, wait_for
 
 _LINE = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} memory - (\S+) (\S+) (\S+) [\d.]+ms in=(\d+) out=(\d+) conn=1$"
@@ -82,15 +82,8 @@ def test_access_log_dash_sends_access_events_to_the_twistd_log(tmp_path):
 @pytest.fixture
 def file_complaints():
     """The events the access log file itself logs (about failed writes) while the test runs."""
-    events = []
-
-    def observe(event):
-        if event.get("log_namespace") == "smartserve.server.accesslog":
-            events.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
+    with logged_events(lambda event: event.get("log_namespace") == "smartserve.server.accesslog") as events:
+        yield events
 
 
 class _Ticks:

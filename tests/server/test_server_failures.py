@@ -11,12 +11,13 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.python.threadpool import ThreadPool
 
 from smartserve.server.backends.bzr import BzrBackend
 from smartserve.server.caller import Caller
 from smartserve.server.jail import Writable
+from support import logged_events
 
 ALICE = Caller("alice", "192.0.2.7:50312", Writable.nowhere())
 
@@ -44,16 +45,12 @@ def failing_get(monkeypatch):
 
 @pytest.fixture
 def warnings_logged():
-    events = []
-
-    def observe(event):
+    def backend_warning(event):
         namespace = event.get("log_namespace", "")
-        if namespace.startswith("smartserve.server.backends") and event["log_level"] >= LogLevel.warn:
-            events.append(event)
+        return namespace.startswith("smartserve.server.backends") and event["log_level"] >= LogLevel.warn
 
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
+    with logged_events(backend_warning) as events:
+        yield events
 
 
 async def _run_in_pool(root, args, *, inline_read_bytes: int):

@@ -8,11 +8,12 @@ import os
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol, reactor
-from twisted.logger import globalLogPublisher
 
 from smartserve.protocol import NEED_DATA, BodyChunk, Connection, EndOfMessage, Request, Response, Role
 from smartserve.server.backends.bzr import LARGE_BODY_BYTES
 from smartserve.ssh import show_conch_trace
+
+from support import logged_events
 
 from .conftest import SSH, needs_openssh
 
@@ -63,22 +64,15 @@ async def test_large_get_arrives_whole_over_ssh(ssh_server, ssh_client, options)
     also when the client renegotiates the session keys again and again while it flows."""
     content = os.urandom(5 * LARGE_BODY_BYTES + 12345)
     (ssh_server.root / "big.bin").write_bytes(content)
-    key_exchanges = []
-
-    def count_key_exchanges(event):
-        if event.get("log_format") == "NEW KEYS":
-            key_exchanges.append(event)
-
     show_conch_trace(True)
-    globalLogPublisher.addObserver(count_key_exchanges)
     try:
-        call = _SmartCall(Request((b"get", b"big.bin")))
-        reactor.spawnProcess(
-            call, SSH, ["ssh", *ssh_client.argv("alice", *SERVE, options=list(options))], env=ssh_client.env
-        )
-        exit_code = await call.done
+        with logged_events(lambda event: event.get("log_format") == "NEW KEYS") as key_exchanges:
+            call = _SmartCall(Request((b"get", b"big.bin")))
+            reactor.spawnProcess(
+                call, SSH, ["ssh", *ssh_client.argv("alice", *SERVE, options=list(options))], env=ssh_client.env
+            )
+            exit_code = await call.done
     finally:
-        globalLogPublisher.removeObserver(count_key_exchanges)
         show_conch_trace(False)
     if options:
         assert len(key_exchanges) >= 5  # rekeyed again and again while the 5 MiB body flowed (10-11 seen)
