@@ -17,11 +17,15 @@ lost.
 
 from __future__ import annotations
 
+import dataclasses
+import multiprocessing
 import os
 import random
 import select
 import subprocess
+import threading
 import time
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from smartserve.protocol import (
@@ -39,7 +43,8 @@ from smartserve.protocol import (
 )
 from smartserve.verbs import FailurePoint, classify, may_resend
 
-__all__ = ["SoakClient", "CallFailed", "OutcomeUnknown", "Lost", "DRAIN_EXIT_STATUS"]
+__all__ = ["SoakClient", "LibraryClient", "RawWorker", "RawProcess", "Call", "CallFailed", "OutcomeUnknown", "Lost",
+           "DRAIN_EXIT_STATUS"]
 
 DRAIN_EXIT_STATUS = 75
 _SERVE = "bzr serve --inet --directory=/ --allow-writes"
@@ -257,13 +262,14 @@ class LibraryClient:
     feeds with its reconnects and resends.
     """
 
-    def __init__(self, url: str, identity_file: str, known_hosts: str, metrics, *, call_timeout: float = 60.0):
+    def __init__(self, url: str, identity_file: str, known_hosts: str, metrics, *, call_timeout: float = 60.0,
+                 spare_connections: int = 0):
         from smartserve.client import BlockingClient, RetryPolicy
         from smartserve.client import SSHOptions
 
         policy = RetryPolicy(max_resends=6, max_connect_attempts=12, backoff_max=1.0, deadline=call_timeout)
         ssh = SSHOptions(identity_files=[identity_file], use_agent=False, known_hosts=known_hosts)
-        self._client = BlockingClient(url, policy=policy, ssh=ssh, metrics=metrics)
+        self._client = BlockingClient(url, policy=policy, ssh=ssh, metrics=metrics, spare_connections=spare_connections)
         self.stats = self._client.client.stats
 
     def call(self, args: Tuple, body: Optional[bytes] = None) -> Tuple[Tuple, bytes]:
@@ -289,3 +295,167 @@ class LibraryClient:
 
     def close(self) -> None:
         self._client.close()
+
+
+# The raw clients' load ----------------------------------------------------
+
+
+@dataclass
+class Call:
+    """One client call: what, when, how long, and how it ended."""
+
+    client: str
+    kind: str  # get / put / append / brz-push / brz-pull / brz-branch
+    verb_class: str
+    started: float  # time.monotonic(), which every process on the host shares
+    finished: float
+    ok: bool
+    reason: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return self.finished - self.started
+
+
+class RawWorker(threading.Thread):
+    """Small gets, puts of unique files and appends of unique journal lines, one call at a time.
+
+    ``record`` takes each ``Call`` (``record.call``) and a line for each
+    failure (``record.note``); ``stop`` ends the loop.
+    """
+
+    def __init__(self, index: int, make_client, record, stop, seed: int):
+        super().__init__(name=f"raw-{index}", daemon=True)
+        self.name_ = f"client-{index}"
+        self.record, self.stopping = record, stop
+        self.rng = random.Random(seed)
+        self.client = make_client(self.name_, self.rng)
+        self.acked_appends: List[bytes] = []
+        self.unknown_appends: List[bytes] = []
+        self.not_run_appends: List[bytes] = []
+        self.acked_puts: dict = {}
+        self.seq = 0
+
+    def run(self) -> None:
+        journal = f"soak/journal-{self.name_}".encode()
+        while not self.stopping.is_set():
+            self.seq += 1
+            roll = self.rng.random()
+            if roll < 0.5:
+                kind, args, body = "get", (b"get", b"soak/small.txt"), None
+            elif roll < 0.75:
+                kind = "put"
+                path = f"soak/put-{self.name_}-{self.seq}".encode()
+                content = f"{self.name_} put {self.seq}\n".encode()
+                args, body = (b"put", path, b""), content
+            else:
+                kind = "append"
+                line = f"{self.name_} seq-{self.seq}\n".encode()
+                args, body = (b"append", journal, b""), line
+            verb_class = classify(args[0]).value
+            started = time.monotonic()
+            try:
+                self.client.call(args, body)
+            except CallFailed as failure:
+                self.record.call(Call(self.name_, kind, verb_class, started, time.monotonic(), False, failure.reason))
+                if kind == "append":
+                    (self.not_run_appends if failure.reason == "not-run" else self.unknown_appends).append(body)
+                self.record.note(f"{self.name_} {kind} failed: {failure.reason}: {failure}")
+                self.stopping.wait(0.5)  # a failed client backs off before its next call
+            else:
+                self.record.call(Call(self.name_, kind, verb_class, started, time.monotonic(), True))
+                if kind == "append":
+                    self.acked_appends.append(body)
+                elif kind == "put":
+                    self.acked_puts[args[1]] = body
+            self.stopping.wait(self.rng.uniform(0.01, 0.1))
+        self.client.close()
+
+
+class _PipeRecord:
+    """A child process's record: each call and note goes to the parent as it happens."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+
+    def call(self, call: Call) -> None:
+        self._pipe.send(("call", call))
+
+    def note(self, text: str) -> None:
+        self._pipe.send(("note", text))
+
+
+def _run_raw_process(index: int, seed: int, library_args: tuple, spares: int, stop, pipe) -> None:
+    """The body of a ``RawProcess``: one ``RawWorker`` on a ``LibraryClient`` with its own reactor."""
+
+    def make_client(name, rng):
+        return LibraryClient(*library_args, None, spare_connections=spares)
+
+    worker = RawWorker(index, make_client, _PipeRecord(pipe), stop, seed)
+    try:
+        worker.run()
+    finally:
+        pipe.send(("done", {
+            "acked_appends": worker.acked_appends,
+            "unknown_appends": worker.unknown_appends,
+            "not_run_appends": worker.not_run_appends,
+            "acked_puts": worker.acked_puts,
+            "stats": dataclasses.asdict(worker.client.stats),
+        }))
+        pipe.close()
+
+
+class RawProcess:
+    """A ``RawWorker`` on the library client in a process of its own, as a real client would be.
+
+    In one process, every client's SSH logins and calls share one reactor
+    thread, so one client's reconnect holds up the others' calls. The
+    attributes the checks read (``acked_appends``, ``client.stats``, ...)
+    are filled in when the process ends. ``stop`` must come from
+    ``CONTEXT``.
+    """
+
+    CONTEXT = multiprocessing.get_context("spawn")
+
+    def __init__(self, index: int, seed: int, library_args: tuple, spares: int, record, stop):
+        self.name_ = f"client-{index}"
+        self.record = record
+        self.acked_appends: List[bytes] = []
+        self.unknown_appends: List[bytes] = []
+        self.not_run_appends: List[bytes] = []
+        self.acked_puts: dict = {}
+        self.client = type("Finished", (), {"stats": {}})()
+        self._pipe, self._child_end = self.CONTEXT.Pipe(duplex=False)
+        self._process = self.CONTEXT.Process(target=_run_raw_process, name=f"raw-{index}", daemon=True,
+                                             args=(index, seed, library_args, spares, stop, self._child_end))
+        self._reader = threading.Thread(target=self._read, name=f"raw-{index}-pipe", daemon=True)
+
+    def start(self) -> None:
+        self._process.start()
+        self._child_end.close()  # so that the reader sees EOF if the child dies
+        self._reader.start()
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        self._reader.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._reader.is_alive()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                kind, payload = self._pipe.recv()
+            except EOFError:
+                self.record.note(f"{self.name_}: its process ended without its results")
+                return
+            if kind == "call":
+                self.record.call(payload)
+            elif kind == "note":
+                self.record.note(payload)
+            else:
+                for name, value in payload.items():
+                    if name == "stats":
+                        self.client.stats = value
+                    else:
+                        setattr(self, name, value)
+                return

@@ -750,3 +750,171 @@ def test_close_drops_connections_still_open_after_its_timeout(server, clock):
     clock.advance(0.1)
     assert closed == [None]
     assert first.transport.disconnecting and first.protocol.is_closed
+
+
+
+def make_spare_client(server, clock, spares=1, **policy):
+    policy.setdefault("backoff_initial", 1.0)
+    return SmartClient(server.connect, policy=RetryPolicy(**policy), clock=clock, jitter=lambda: 1.0,
+                       spare_connections=spares)
+
+
+def start_with_spare(server, clock, **policy):
+    """A client with one spare, after one answered call: its two connections, both past a hello."""
+    client = make_spare_client(server, clock, **policy)
+    outcome(client.call(b"hello"))
+    server.connections[0].respond(b"ok", b"2")
+    first, spare = server.connections
+    assert spare.requests() == [b"hello"]
+    spare.respond(b"ok", b"2")
+    return client, first, spare
+
+
+def busy_and_idle(*connections):
+    """The one connection carrying a request, and the others."""
+    busy = [connection for connection in connections if connection.protocol.busy]
+    assert len(busy) == 1, busy
+    return busy[0], [connection for connection in connections if connection is not busy[0]]
+
+
+def test_spares_are_made_once_a_call_is_answered(server, clock):
+    """No connection is made before the first call; its answer brings the spares up, each saying hello."""
+    client = make_spare_client(server, clock, spares=2)
+    assert server.connections == []
+    result = outcome(client.call(b"hello"))
+    assert len(server.connections) == 1
+    server.connections[0].respond(b"ok", b"2")
+    assert result == [Reply((b"ok", b"2"), b"")]
+    assert [connection.requests() for connection in server.connections] == [[b"hello"]] * 3
+
+
+def test_a_spare_is_not_handed_to_a_call_before_its_hello_is_answered(server, clock):
+    """A call that needs a connection while the spare's hello is out makes its own."""
+    client = make_spare_client(server, clock)
+    outcome(client.call(b"hello"))
+    server.connections[0].respond(b"ok", b"2")
+    first, spare = server.connections
+    first.lose()
+    result = outcome(client.call(b"get", b"/x"))
+    assert spare.requests() == [b"hello"]
+    assert server.connections[2].requests() == [b"get"]
+    server.connections[2].respond(b"ok", body=b"x")
+    assert result == [Reply((b"ok",), b"x")]
+
+
+def test_a_read_cut_by_a_lost_connection_is_resent_at_once_on_a_spare(server, clock):
+    """The resend goes out on the open spare, without the reconnect backoff; a new spare is made after it."""
+    client, *connections = start_with_spare(server, clock)
+    read = outcome(client.call(b"get", b"/x"))
+    first, (spare,) = busy_and_idle(*connections)
+    first.lose()
+    assert spare.requests() == [b"hello", b"get"]
+    assert len(server.connections) == 2  # the lost slot waits out its backoff before it reconnects
+    spare.respond(b"ok", body=b"x")
+    assert read == [Reply((b"ok",), b"x")]
+    assert clock.seconds() == 0
+    assert (client.stats.spare_switches, client.stats.resends) == (1, 1)
+    clock.advance(1.0)
+    assert len(server.connections) == 3 and server.connections[2].requests() == [b"hello"]
+
+
+def test_an_append_cut_after_its_write_is_not_resent_on_a_spare(server, clock):
+    """A spare changes where a resend goes, not whether: the append's outcome stays unknown."""
+    client, *connections = start_with_spare(server, clock)
+    appended = outcome(client.call(b"append", b"/log", b"", body=b"x"))
+    first, (spare,) = busy_and_idle(*connections)
+    first.lose()
+    assert appended[0].check(OutcomeUnknown)
+    assert spare.requests() == [b"hello"]
+    assert client.stats.spare_switches == 0
+
+
+def test_a_call_after_an_idle_close_uses_the_spare_without_connecting(server, clock):
+    """A connection closed between calls leaves the spare, which the next call takes as it is."""
+    client, first, spare = start_with_spare(server, clock)
+    first.lose()
+    result = outcome(client.call(b"get", b"/x"))
+    assert spare.requests() == [b"hello", b"get"]
+    assert len(server.connections) == 2
+    spare.respond(b"ok", body=b"x")
+    assert result == [Reply((b"ok",), b"x")]
+    assert client.stats.probe_reconnects == 0 and client.stats.resends == 0
+    assert len(server.connections) == 3 and server.connections[2].requests() == [b"hello"]
+
+
+def test_a_spare_closed_while_the_client_is_idle_is_not_made_again_until_a_call(server, clock):
+    """The server's idle timeout may close spares; they come back with the next answered call, not before."""
+    client, first, spare = start_with_spare(server, clock)
+    spare.lose()
+    first.lose()
+    clock.advance(600)
+    assert len(server.connections) == 2
+    result = outcome(client.call(b"hello"))
+    server.connections[2].respond(b"ok", b"2")
+    assert result == [Reply((b"ok", b"2"), b"")]
+    assert len(server.connections) == 4 and server.connections[3].requests() == [b"hello"]
+
+
+def test_a_spare_closed_after_calls_is_made_again(server, clock):
+    """A spare the server closes (a restart) while calls go on is replaced at once."""
+    client, *connections = start_with_spare(server, clock)
+    outcome(client.call(b"hello"))
+    first, (spare,) = busy_and_idle(*connections)
+    first.respond(b"ok", b"2")
+    spare.lose()
+    assert len(server.connections) == 3 and server.connections[2].requests() == [b"hello"]
+
+
+def test_spares_do_not_raise_the_number_of_calls_at_once(server, clock):
+    """With one slot for calls and one spare, a second concurrent call waits for the first."""
+    client, *connections = start_with_spare(server, clock)
+    one = outcome(client.call(b"get", b"/1"))
+    two = outcome(client.call(b"get", b"/2"))
+    first, (spare,) = busy_and_idle(*connections)
+    assert first.requests() == [b"hello", b"get"] and spare.requests() == [b"hello"]
+    first.respond(b"ok", body=b"1")
+    assert len(first.requests() + spare.requests()) == 4
+    busy_and_idle(first, spare)[0].respond(b"ok", body=b"2")
+    assert [one[0].body, two[0].body] == [b"1", b"2"]
+
+
+def test_a_spare_that_cannot_connect_is_not_retried_until_a_call_is_answered(server, clock):
+    """A refused spare backs off and goes quiet; no attempts pile up while the server is down."""
+    client = make_spare_client(server, clock)
+    server.script = ["accept", "refuse"]
+    outcome(client.call(b"hello"))
+    server.connections[0].respond(b"ok", b"2")
+    assert len(server.attempt_times) == 2
+    server.script = ["refuse"] * 50
+    for _ in range(20):
+        clock.advance(10)
+    assert len(server.attempt_times) == 2
+    server.script = []
+    outcome(client.call(b"hello"))
+    server.connections[0].respond(b"ok", b"2")
+    assert len(server.attempt_times) == 3 and len(server.connections) == 2
+
+
+def test_a_spare_whose_hello_is_lost_is_not_taken_by_a_call(server, clock):
+    """A spare that dies before answering its hello is dropped and backs off; calls go on the first connection."""
+    client = make_spare_client(server, clock)
+    outcome(client.call(b"hello"))
+    server.connections[0].respond(b"ok", b"2")
+    first, spare = server.connections
+    spare.lose()
+    result = outcome(client.call(b"get", b"/x"))
+    assert first.requests() == [b"hello", b"get"]
+    first.respond(b"ok", body=b"x")
+    assert result == [Reply((b"ok",), b"x")]
+    assert len(server.connections) == 2
+    clock.advance(1.0)
+    assert len(server.connections) == 3
+
+
+def test_close_closes_spares(server, clock):
+    """close() closes the spare connections too, and no new ones are made."""
+    client, first, spare = start_with_spare(server, clock)
+    closed = outcome(client.close())
+    assert closed == [None]
+    assert first.protocol.is_closed and spare.protocol.is_closed
+    assert len(server.connections) == 2
