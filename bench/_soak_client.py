@@ -262,14 +262,13 @@ class LibraryClient:
     feeds with its reconnects and resends.
     """
 
-    def __init__(self, url: str, identity_file: str, known_hosts: str, metrics, *, call_timeout: float = 60.0,
-                 spare_connections: int = 0):
+    def __init__(self, url: str, identity_file: str, known_hosts: str, metrics, *, call_timeout: float = 60.0):
         from smartserve.client import BlockingClient, RetryPolicy
         from smartserve.client import SSHOptions
 
         policy = RetryPolicy(max_resends=6, max_connect_attempts=12, backoff_max=1.0, deadline=call_timeout)
         ssh = SSHOptions(identity_files=[identity_file], use_agent=False, known_hosts=known_hosts)
-        self._client = BlockingClient(url, policy=policy, ssh=ssh, metrics=metrics, spare_connections=spare_connections)
+        self._client = BlockingClient(url, policy=policy, ssh=ssh, metrics=metrics)
         self.stats = self._client.client.stats
 
     def call(self, args: Tuple, body: Optional[bytes] = None) -> Tuple[Tuple, bytes]:
@@ -385,11 +384,11 @@ class _PipeRecord:
         self._pipe.send(("note", text))
 
 
-def _run_raw_process(index: int, seed: int, library_args: tuple, spares: int, stop, pipe) -> None:
+def _run_raw_process(index: int, seed: int, library_args: tuple, stop, pipe) -> None:
     """The body of a ``RawProcess``: one ``RawWorker`` on a ``LibraryClient`` with its own reactor."""
 
     def make_client(name, rng):
-        return LibraryClient(*library_args, None, spare_connections=spares)
+        return LibraryClient(*library_args, None)
 
     worker = RawWorker(index, make_client, _PipeRecord(pipe), stop, seed)
     try:
@@ -417,7 +416,7 @@ class RawProcess:
 
     CONTEXT = multiprocessing.get_context("spawn")
 
-    def __init__(self, index: int, seed: int, library_args: tuple, spares: int, record, stop):
+    def __init__(self, index: int, seed: int, library_args: tuple, record, stop):
         self.name_ = f"client-{index}"
         self.record = record
         self.acked_appends: List[bytes] = []
@@ -427,7 +426,7 @@ class RawProcess:
         self.client = type("Finished", (), {"stats": {}})()
         self._pipe, self._child_end = self.CONTEXT.Pipe(duplex=False)
         self._process = self.CONTEXT.Process(target=_run_raw_process, name=f"raw-{index}", daemon=True,
-                                             args=(index, seed, library_args, spares, stop, self._child_end))
+                                             args=(index, seed, library_args, stop, self._child_end))
         self._reader = threading.Thread(target=self._read, name=f"raw-{index}-pipe", daemon=True)
 
     def start(self) -> None:

@@ -61,7 +61,6 @@ class ClientStats:
     resends: int = 0
     outcome_unknown: int = 0
     keepalive_drops: int = 0
-    spare_switches: int = 0
 
 
 class _FirstAttempt:
@@ -121,10 +120,7 @@ class SmartClient:
 
     ``connect`` is a function returning a Deferred that fires with a
     connected ``SmartClientProtocol`` (``SmartClient.from_url`` builds it
-    from a URL). ``pool_size`` connections at most are used at once;
-    ``spare_connections`` more are kept open beside them once a call has
-    been answered, and a call whose connection was lost moves to one of
-    them instead of waiting for a new connection (see ``Pool``).
+    from a URL). ``pool_size`` connections at most are used at once.
     ``clock`` defaults to the reactor; ``jitter`` returns a float in [0, 1)
     for the backoff. ``metrics``, such as ``smartserve.metrics.ClientMetrics``,
     is told of each reconnect (reason ``probe``, ``failure`` or ``drain``),
@@ -139,7 +135,6 @@ class SmartClient:
         *,
         policy: RetryPolicy = RetryPolicy(),
         pool_size: int = 1,
-        spare_connections: int = 0,
         clock=None,
         jitter: Callable[[], float] = random.random,
         target: Optional[Target] = None,
@@ -154,7 +149,7 @@ class SmartClient:
         self.metrics = metrics
         self.budget = RetryBudget(policy.budget_tokens, policy.budget_ratio)
         self._clock = clock
-        self._pool = Pool(connect, clock, policy, jitter, pool_size, name, self.stats, spare_connections)
+        self._pool = Pool(connect, clock, policy, jitter, pool_size, name, self.stats)
 
     @classmethod
     def from_url(
@@ -186,11 +181,6 @@ class SmartClient:
         connect = connector_for_endpoint(endpoint, kwargs.get("clock", reactor), limits)
         kwargs.setdefault("clock", reactor)
         return cls(connect, policy=policy, pool_size=pool_size, target=target, name=url, **kwargs)
-
-    @property
-    def idle_connections(self) -> int:
-        """Open connections ready for the next call: the one it takes, and the spares."""
-        return self._pool.open_idle
 
     def remote_path(self, relpath: str = "") -> bytes:
         """The VFS path argument for ``relpath`` below the URL's path."""
@@ -287,7 +277,7 @@ class SmartClient:
 
         The caller gets the protocol's own Deferred; ``_FirstAttempt``
         hears the outcome first. This is the common case; a lost attempt
-        goes on in ``_run`` exactly as if it had been made there.
+        goes on in ``_attempts`` exactly as if it had been made there.
         """
         entry.protocol = protocol
         attempt = _FirstAttempt(self, outgoing, entry, deadline_at)
@@ -308,88 +298,76 @@ class SmartClient:
         return await self._run(outgoing, entry, deadline_at)
 
     async def _run(self, outgoing: Outgoing, entry, deadline_at: float, resends: int = 0) -> Reply:
-        """The attempts of a call on ``entry``'s slot, or on an open spare taken in its place.
-
-        Whichever slot the call holds at the end goes back to the pool.
-        """
+        """The attempts on ``entry``'s slot, which goes back to the pool at the end."""
         try:
-            verb = outgoing.verb
-            connect_failures = 0
-            last_error: Optional[Exception] = None
-            while True:
-                if entry.slot.ready_connection() is None:
-                    entry = self._exchange(entry, verb)
-                try:
-                    protocol = await self._bounded(
-                        entry.slot.connection(), self._remaining(deadline_at), verb, last_error
-                    )
-                except (ClientError, CancelledError):
-                    raise
-                except Exception as exc:
-                    connect_failures += 1
-                    self.stats.connect_failures += 1
-                    self.budget.record_failure()
-                    last_error = exc
-                    self._log.info(
-                        "connection attempt {attempt} for {verb} failed: {reason}",
-                        verb=verb.decode("utf-8", "replace"),
-                        attempt=connect_failures,
-                        reason=str(exc) or type(exc).__name__,
-                        event_kind="connect_failed",
-                    )
-                    if connect_failures >= self.policy.max_connect_attempts or not self.budget.allows_retry():
-                        raise RequestNotSent(verb, f"could not connect ({connect_failures} attempts): {exc}") from exc
-                    continue
-                entry.protocol = protocol
-                reason = await self._probe(protocol)
-                if reason is not None and protocol.requests_sent == 0:
-                    # Closed before it carried anything: a server that accepts
-                    # and hangs up is failing, and gets the backoff.
-                    connect_failures += 1
-                    self.stats.connect_failures += 1
-                    self.budget.record_failure()
-                    last_error = ConnectionError(reason)
-                    entry.slot.request_failed(reason)
-                    if connect_failures >= self.policy.max_connect_attempts or not self.budget.allows_retry():
-                        raise RequestNotSent(verb, f"could not connect ({connect_failures} attempts): {reason}")
-                    continue
-                if reason is not None:
-                    self.stats.probe_reconnects += 1
-                    self._log.info(
-                        "reconnecting before {verb}: {reason}",
-                        verb=verb.decode("utf-8", "replace"),
-                        reason=reason,
-                        event_kind="reconnect",
-                    )
-                    entry.slot.discard(reason)
-                    if self.metrics is not None:
-                        self.metrics.reconnected("probe")
-                    continue
-                try:
-                    reply = await protocol.send_request(outgoing, timeout=self._attempt_timeout(deadline_at))
-                except RemoteError:
-                    entry.slot.request_succeeded()
-                    self.budget.record_success()
-                    raise
-                except TransportFailure as failure:
-                    self._attempt_lost(outgoing, entry, failure, resends, deadline_at)
-                    resends += 1
-                    continue
-                entry.slot.request_succeeded()
-                self.budget.record_success()
-                return reply
+            return await self._attempts(outgoing, entry, deadline_at, resends)
         finally:
             self._pool.release(entry)
 
-    def _exchange(self, entry, verb: bytes):
-        """An open spare in place of ``entry``, whose slot would have to connect; ``entry`` if none is open."""
-        spare = self._pool.exchange(entry)
-        if spare is not entry:
-            self.stats.spare_switches += 1
-            self._log.info(
-                "{verb} moves to a spare connection already open", verb=verb.decode("utf-8", "replace"), event_kind="spare"
-            )
-        return spare
+    async def _attempts(self, outgoing: Outgoing, entry, deadline_at: float, resends: int) -> Reply:
+        verb = outgoing.verb
+        connect_failures = 0
+        last_error: Optional[Exception] = None
+        while True:
+            try:
+                protocol = await self._bounded(
+                    entry.slot.connection(), self._remaining(deadline_at), verb, last_error
+                )
+            except (ClientError, CancelledError):
+                raise
+            except Exception as exc:
+                connect_failures += 1
+                self.stats.connect_failures += 1
+                self.budget.record_failure()
+                last_error = exc
+                self._log.info(
+                    "connection attempt {attempt} for {verb} failed: {reason}",
+                    verb=verb.decode("utf-8", "replace"),
+                    attempt=connect_failures,
+                    reason=str(exc) or type(exc).__name__,
+                    event_kind="connect_failed",
+                )
+                if connect_failures >= self.policy.max_connect_attempts or not self.budget.allows_retry():
+                    raise RequestNotSent(verb, f"could not connect ({connect_failures} attempts): {exc}") from exc
+                continue
+            entry.protocol = protocol
+            reason = await self._probe(protocol)
+            if reason is not None and protocol.requests_sent == 0:
+                # Closed before it carried anything: a server that accepts
+                # and hangs up is failing, and gets the backoff.
+                connect_failures += 1
+                self.stats.connect_failures += 1
+                self.budget.record_failure()
+                last_error = ConnectionError(reason)
+                entry.slot.request_failed(reason)
+                if connect_failures >= self.policy.max_connect_attempts or not self.budget.allows_retry():
+                    raise RequestNotSent(verb, f"could not connect ({connect_failures} attempts): {reason}")
+                continue
+            if reason is not None:
+                self.stats.probe_reconnects += 1
+                self._log.info(
+                    "reconnecting before {verb}: {reason}",
+                    verb=verb.decode("utf-8", "replace"),
+                    reason=reason,
+                    event_kind="reconnect",
+                )
+                entry.slot.discard(reason)
+                if self.metrics is not None:
+                    self.metrics.reconnected("probe")
+                continue
+            try:
+                reply = await protocol.send_request(outgoing, timeout=self._attempt_timeout(deadline_at))
+            except RemoteError:
+                entry.slot.request_succeeded()
+                self.budget.record_success()
+                raise
+            except TransportFailure as failure:
+                self._attempt_lost(outgoing, entry, failure, resends, deadline_at)
+                resends += 1
+                continue
+            entry.slot.request_succeeded()
+            self.budget.record_success()
+            return reply
 
     def _attempt_lost(self, outgoing: Outgoing, entry, failure: TransportFailure, resends: int, deadline_at: float) -> None:
         """Account for an attempt lost with ``failure``; raise the call's error unless it goes out again."""

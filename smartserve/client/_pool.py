@@ -1,4 +1,4 @@
-"""Up to N connections, each carrying one request at a time, and spares kept open beside them."""
+"""Up to N connections, each carrying one request at a time."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from twisted.logger import Logger
 
 from ._lifecycle import ConnectionSlot, make_slot
 from ._policy import RetryPolicy
-from ._exceptions import RemoteError
 from ._protocol import Outgoing, SmartClientProtocol
 
 __all__ = ["Pool", "PoolEntry"]
@@ -24,7 +23,6 @@ class PoolEntry:
     slot: ConnectionSlot
     protocol: Optional[SmartClientProtocol] = None
     keepalive_call: object = None
-    watched: Optional[SmartClientProtocol] = None
 
     @property
     def has_live_connection(self) -> bool:
@@ -39,14 +37,6 @@ class Pool:
     is sent a ``hello``; if no answer comes within the interval (or
     ``request_timeout`` when that is set), the connection is dropped, so the
     next call connects afresh instead of writing into a dead one.
-
-    ``spares`` more slots keep connections open beside the one the next
-    call takes, so that a call whose connection died moves to one already
-    made (``exchange``) instead of waiting for a new one. A spare is made
-    in the background, and says ``hello`` before a call may take it, once
-    a call has been answered (the server is up); one that closes is made
-    again only if calls were made since, so an idle client lets the
-    server's idle timeout close them.
     """
 
     _log = Logger()
@@ -60,74 +50,47 @@ class Pool:
         size: int = 1,
         name: str = "smartserve",
         stats=None,
-        spares: int = 0,
     ):
         if size < 1:
             raise ValueError("a pool needs at least one connection")
-        if spares < 0:
-            raise ValueError("spares cannot be negative")
         self._clock = clock
         self._policy = policy
         self._entries: List[PoolEntry] = [
             PoolEntry(make_slot(connect, clock, policy, jitter, f"{name}#{index}"))
-            for index in range(size + spares)
+            for index in range(size)
         ]
         self._free: List[PoolEntry] = list(self._entries)
         self._waiting: Deque[Deferred] = deque()
         self.size = size
-        self.spares = spares
         self._stats = stats
-        self._held = 0
-        self._releases = 0
-        self._stopped = False
 
     @property
     def in_use(self) -> int:
         """How many slots calls hold now."""
-        return self._held
-
-    @property
-    def open_idle(self) -> int:
-        """How many slots no call holds have an open connection ready for one."""
-        return sum(1 for entry in self._free if entry.has_live_connection)
+        return self.size - len(self._free)
 
     def take_free(self) -> Optional[PoolEntry]:
-        """A free slot now, live connections first, or None if ``size`` slots are held or none is free."""
-        return self._take() if self._free and self._held < self.size else None
+        """A free slot now, live connections first, or None if every slot is taken."""
+        return self._take() if self._free else None
 
     def acquire(self) -> Deferred:
         """A free slot, as soon as there is one; cancelling gives up the wait."""
-        if self._free and self._held < self.size:
+        if self._free:
             return succeed(self._take())
         waiter: Deferred = Deferred(lambda d: self._waiting.remove(d) if d in self._waiting else None)
         self._waiting.append(waiter)
         return waiter
 
     def release(self, entry: PoolEntry) -> None:
-        """Give back ``entry``, which a call held; the longest waiting call gets it."""
-        self._held -= 1
-        if self.spares:
-            self._releases += 1
-            if entry.protocol is not entry.watched and entry.has_live_connection:
-                self._watch(entry, entry.protocol)
-        self._put_back(entry)
-        if self.spares:
-            self._make_spares()
-
-    def exchange(self, entry: PoolEntry) -> PoolEntry:
-        """A free slot with an open connection in place of ``entry``, which a call holds; ``entry`` if there is none."""
-        for index in range(len(self._free) - 1, -1, -1):
-            candidate = self._free[index]
-            if candidate.has_live_connection and candidate.slot.ready_connection() is candidate.protocol:
-                del self._free[index]
-                self._cancel_keepalive(candidate)
-                self._put_back(entry)
-                return candidate
-        return entry
+        """Give ``entry`` back; the longest waiting call gets it."""
+        if self._waiting:
+            self._waiting.popleft().callback(entry)
+            return
+        self._free.append(entry)
+        self._schedule_keepalive(entry)
 
     def stop(self) -> Deferred:
         """Close every connection and make no more; fires once all are closed."""
-        self._stopped = True
         closing = [entry.protocol.when_closed() for entry in self._entries if entry.has_live_connection]
         for entry in self._entries:
             self._cancel_keepalive(entry)
@@ -140,17 +103,7 @@ class Pool:
             if entry.has_live_connection:
                 entry.protocol.abort(reason)
 
-    def _put_back(self, entry: PoolEntry) -> None:
-        """``entry``, which no call holds now, to the longest waiting call if one may take it, else to the free list."""
-        if self._waiting and self._held < self.size:
-            self._held += 1
-            self._waiting.popleft().callback(entry)
-            return
-        self._free.append(entry)
-        self._schedule_keepalive(entry)
-
     def _take(self) -> PoolEntry:
-        self._held += 1
         free = self._free
         for index in range(len(free) - 1, -1, -1):
             if free[index].has_live_connection:
@@ -160,60 +113,6 @@ class Pool:
             entry = free.pop()
         self._cancel_keepalive(entry)
         return entry
-
-    def _make_spares(self) -> None:
-        """Start making spares until ``spares`` free slots, besides one for the next call, are open or opening."""
-        wanted = self.spares + (1 if self._held < self.size else 0) - (len(self._entries) - self._held - len(self._free))
-        cold = []
-        for entry in self._free:
-            if entry.has_live_connection:
-                wanted -= 1
-            else:
-                cold.append(entry)
-        for entry in cold[: max(0, wanted)]:
-            self._make_spare(entry)
-
-    def _make_spare(self, entry: PoolEntry) -> None:
-        """Connect ``entry``'s slot and say ``hello`` on it, away from the free list meanwhile."""
-        self._free.remove(entry)
-        self._cancel_keepalive(entry)
-        releases = self._releases
-        timeout = self._policy.request_timeout or self._policy.connect_timeout
-
-        def connected(protocol: SmartClientProtocol) -> Deferred:
-            entry.protocol = protocol
-            return protocol.send_request(Outgoing(b"hello"), timeout=timeout).addCallbacks(
-                answered, lost, errbackArgs=(protocol,)
-            )
-
-        def answered(reply) -> None:
-            entry.slot.request_succeeded()
-            self._watch(entry, entry.protocol, releases)
-
-        def lost(failure, protocol) -> None:
-            if failure.check(RemoteError):
-                answered(None)
-            else:
-                self._log.info("a spare connection failed its hello: {reason}", reason=failure.getErrorMessage())
-                entry.slot.request_failed(failure.getErrorMessage())
-
-        def connect_failed(failure) -> None:
-            pass  # the slot logged it, and backs off
-
-        attempt = entry.slot.connection()
-        attempt.addCallbacks(connected, connect_failed)
-        attempt.addBoth(lambda _: self._stopped or self._put_back(entry))
-
-    def _watch(self, entry: PoolEntry, protocol: SmartClientProtocol, releases: Optional[int] = None) -> None:
-        """Make spares again when ``protocol`` closes while free, if calls were made since ``releases``."""
-        entry.watched = protocol
-        since = self._releases if releases is None else releases
-
-        def closed(_) -> None:
-            if not self._stopped and entry in self._free and self._releases > since:
-                self._make_spares()
-
-        protocol.when_closed().addCallback(closed)
 
     def _cancel_keepalive(self, entry: PoolEntry) -> None:
         call, entry.keepalive_call = entry.keepalive_call, None
@@ -247,4 +146,4 @@ class Pool:
                 self._stats.keepalive_drops += 1
 
         answer.addCallbacks(answered, failed)
-        answer.addBoth(lambda _: self._put_back(entry))
+        answer.addBoth(lambda _: self.release(entry))

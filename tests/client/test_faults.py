@@ -245,35 +245,3 @@ async def test_keepalive_drops_a_silently_dead_connection(make_client, relay, wo
         await client.call(b"get", f"{remote}/missing".encode())
     assert client.stats.resends == 0
     assert relay.connections == 2
-
-
-@pytest_twisted.ensureDeferred
-async def test_get_cut_mid_response_is_resent_on_the_open_spare(make_client, relay, workdir):
-    """With a spare, the resend of a read cut mid-response goes out on the connection already open."""
-    path, remote = workdir
-    (path / "data").write_bytes(b"d" * 1000)
-    client = make_client(spare_connections=1)
-    await client.call(b"hello")
-    await wait_until(lambda: client.idle_connections == 2, 10, what="the spare to say hello")
-    assert relay.connections == 2
-    relay.cut_server_to_client = 30
-    reply = await client.call(b"get", f"{remote}/data".encode())
-    assert reply == ((b"ok",), b"d" * 1000)
-    assert (client.stats.resends, client.stats.spare_switches, client.stats.connect_failures) == (1, 1, 0)
-    assert relay.cuts == 1
-    await wait_until(lambda: client.idle_connections == 2, 10, what="a new spare in place of the cut connection")
-    assert relay.connections == 3
-
-
-@pytest_twisted.ensureDeferred
-async def test_append_lost_after_write_is_not_resent_on_the_open_spare(make_client, relay, journal):
-    """A spare gives an append lost after its write no second chance: outcome unknown, applied once."""
-    log, remote_log = journal
-    client = make_client(spare_connections=1)
-    await client.call(b"hello")
-    await wait_until(lambda: client.idle_connections == 2, 10, what="the spare to say hello")
-    relay.cut_server_to_client = 0
-    with pytest.raises(OutcomeUnknown):
-        await client.call(b"append", remote_log, b"", body=b"once\n")
-    assert log.read_bytes() == b"once\n"
-    assert (client.stats.resends, client.stats.spare_switches) == (0, 0)
