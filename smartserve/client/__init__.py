@@ -18,6 +18,7 @@ from ._exceptions import (
     DirectoryNotEmpty,
     FileExists,
     HostKeyError,
+    LoginRefused,
     LockContention,
     NoSuchFile,
     OutcomeUnknown,
@@ -35,12 +36,13 @@ from ._exceptions import (
 )
 from ._policy import RetryBudget, RetryPolicy, backoff_delay
 from ._protocol import DRAIN_EXIT_STATUS, Outgoing, Reply, SmartClientProtocol
-from ._ssh import DEFAULT_REMOTE_COMMAND, SSHOptions
+from ._ssh import DEFAULT_REMOTE_COMMAND, SSHOptions, show_ssh_trace
 
 __all__ = [
     "SmartClient",
     "BlockingClient",
     "SSHOptions",
+    "show_ssh_trace",
     "DEFAULT_REMOTE_COMMAND",
     "ClientStats",
     "SmartClientProtocol",
@@ -74,4 +76,5 @@ __all__ = [
     "DeadlineExceeded",
     "ClientClosed",
     "HostKeyError",
+    "LoginRefused",
 ]

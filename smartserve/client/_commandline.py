@@ -73,7 +73,7 @@ def _read_body(args: argparse.Namespace) -> Optional[bytes]:
 def run_call(args: argparse.Namespace) -> int:
     """Make the call described by ``args``; print the answer; return the exit status."""
     from . import BlockingClient, ClientError, RemoteError, RetryPolicy, SSHOptions
-    from ._ssh import DEFAULT_REMOTE_COMMAND
+    from ._ssh import DEFAULT_REMOTE_COMMAND, show_ssh_trace
 
     try:
         body = _read_body(args)
@@ -84,6 +84,7 @@ def run_call(args: argparse.Namespace) -> int:
         from twisted.logger import globalLogBeginner, textFileLogObserver
 
         globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+        show_ssh_trace(True)
     policy = RetryPolicy(deadline=args.timeout, resend=not args.no_resend)
     ssh = SSHOptions(
         identity_files=tuple(args.identity),

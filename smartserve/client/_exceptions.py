@@ -217,3 +217,7 @@ class ClientClosed(ClientError):
 
 class HostKeyError(ClientError):
     """The SSH server's host key is unknown or does not match known_hosts."""
+
+
+class LoginRefused(ClientError):
+    """The SSH server refused every key the client offered; trying again would not change that."""

@@ -17,25 +17,44 @@ from __future__ import annotations
 
 import getpass
 import os
+import struct
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from twisted.conch.client.knownhosts import KnownHostsFile
-from twisted.conch.endpoints import AuthenticationFailed, SSHCommandClientEndpoint
+from twisted.conch.endpoints import SSHCommandAddress
 from twisted.conch.error import HostKeyChanged, UserRejectedKey
+from twisted.conch.client.agent import SSHAgentClient
+from twisted.conch.ssh.channel import SSHChannel
+from twisted.conch.ssh.common import NS, getNS
+from twisted.conch.ssh.connection import SSHConnection
 from twisted.conch.ssh.keys import Key
-from twisted.internet.defer import succeed
-from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.conch.ssh.transport import DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, SSHClientTransport
+from twisted.conch.ssh.userauth import SSHUserAuthClient
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone, ProcessTerminated
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from .._conch_trace import ConchTrace
 from .._sending import sending_at_once
 from ._endpoints import SSH_PORT, Target
-from ._exceptions import HostKeyError
+from ._exceptions import HostKeyError, LoginRefused
 
-__all__ = ["SSHOptions", "ssh_endpoint", "DEFAULT_REMOTE_COMMAND"]
+__all__ = ["SSHOptions", "ssh_endpoint", "show_ssh_trace", "DEFAULT_REMOTE_COMMAND"]
+
+_log = Logger()
+_client_trace = ConchTrace()
+
+
+def show_ssh_trace(enabled: bool) -> None:
+    """Log Conch's whole trace of the client's SSH connections (as ``ssh -v``), or only its warnings and errors."""
+    _client_trace.show(enabled)
 
 DEFAULT_REMOTE_COMMAND = "bzr serve --inet --directory=/ --allow-writes"
 """What the client runs on the SSH server, as `brz` does."""
@@ -94,7 +113,7 @@ def _load_keys(options: SSHOptions) -> list:
     return [Key.fromFile(os.path.expanduser(path), passphrase=options.passphrase) for path in options.identity_files]
 
 
-def ssh_endpoint(reactor, target: Target, options: SSHOptions) -> "_CheckedEndpoint":
+def ssh_endpoint(reactor, target: Target, options: SSHOptions) -> "_SSHCommandEndpoint":
     """The endpoint that runs the remote command for a ``bzr+ssh://`` target."""
     known_path = os.path.expanduser(options.known_hosts or "~/.ssh/known_hosts")
     known_hosts = _PortKnownHosts.fromPath(FilePath(known_path))
@@ -102,83 +121,289 @@ def ssh_endpoint(reactor, target: Target, options: SSHOptions) -> "_CheckedEndpo
     agent = None
     if options.use_agent and os.environ.get("SSH_AUTH_SOCK"):
         agent = UNIXClientEndpoint(reactor, os.environ["SSH_AUTH_SOCK"])
-    username = options.username or target.user or getpass.getuser()
-    endpoint = SSHCommandClientEndpoint.newConnection(
+    return _SSHCommandEndpoint(
         reactor,
-        options.remote_command.encode("utf-8"),
-        username.encode("utf-8"),
-        target.host.encode("idna"),
-        port=target.port,
+        target,
+        command=options.remote_command.encode("utf-8"),
+        username=options.username or target.user or getpass.getuser(),
         keys=_load_keys(options),
-        agentEndpoint=agent,
-        knownHosts=known_hosts,
+        agent=agent,
+        known_hosts=known_hosts,
+        known_path=known_path,
         ui=_HostKeyDecision(options.trust_on_first_use),
     )
-    return _CheckedEndpoint(endpoint, target, known_path, username)
 
 
-def _report_connection_loss(protocol):
-    """Make the loss of the SSH connection reach the command channel's protocol.
+class _Quiet(Factory):
+    """A factory that does not log its start and stop, which would be two lines per connection."""
 
-    Conch's command endpoint does not stop its connection service when the
-    TCP connection drops after login (twisted/twisted#7901), so the channel
-    is never closed and a request in flight would wait for a response that
-    cannot come, until its deadline. Here the connection service is
-    stopped once the SSH transport is lost, which closes the channel as a
-    clean close would, and the protocol sees the connection lost.
+    noisy = False
+
+
+class _UserAuth(SSHUserAuthClient):
+    """Offers the identity files' keys, then the agent's, as OpenSSH does; never a password."""
+
+    _log = _client_trace.logger()
+
+    def __init__(self, user: bytes, connection: SSHConnection, keys: Sequence[Key], agent: Optional[SSHAgentClient]):
+        super().__init__(user, connection)
+        self._keys = list(keys)
+        self._agent = agent
+        self._key: Optional[Key] = None
+        self._from_agent = False
+
+    def getPublicKey(self) -> Optional[Key]:
+        if self._keys:
+            self._key, self._from_agent = self._keys.pop(0), False
+            return self._key.public()
+        self._key = None
+        self._from_agent = self._agent is not None
+        return self._agent.getPublicKey() if self._agent is not None else None
+
+    def signData(self, publicKey: Key, signData: bytes):
+        if self._from_agent:
+            return self._agent.signData(publicKey.blob(), signData)
+        return super().signData(publicKey, signData)
+
+    def getPrivateKey(self):
+        return succeed(self._key)
+
+    def getPassword(self, prompt=None):
+        return None
+
+
+class _Connection(SSHConnection):
+    """The connection service: ready once the login succeeded."""
+
+    _log = _client_trace.logger()
+
+    def __init__(self, ready: Deferred):
+        super().__init__()
+        self._ready = ready
+
+    def serviceStarted(self) -> None:
+        super().serviceStarted()
+        if not self._ready.called:
+            self._ready.callback(self)
+
+
+class _ClientTransport(SSHClientTransport):
+    """One SSH connection to the server: checks its host key, logs in, and says why it failed if it did.
+
+    A login the server refused (every key offered was turned down, or the
+    server disconnected for too many attempts) fails with ``LoginRefused``,
+    which the client does not try again; a connection lost before the
+    login ended fails with ``ConnectionError``, which it does, since a
+    server restarting looks like that.
     """
-    connection = protocol.transport.conn
-    ssh_transport = connection.transport
-    lost = ssh_transport.connectionLost
 
-    def connection_lost(reason=None):
-        lost(reason)
-        if connection.channelsToRemoteChannel or connection.channels:
-            connection.serviceStopped()
+    _log = _client_trace.logger()
 
-    ssh_transport.connectionLost = connection_lost
-    return protocol
+    def __init__(self, endpoint: "_SSHCommandEndpoint", ready: Deferred):
+        self._endpoint = endpoint
+        self._ready = ready
+        self._host_key_failure: Optional[Failure] = None
+        self._refusal: Optional[str] = None
+        self._authenticating = False
+        self._agent: Optional[SSHAgentClient] = None
+
+    def connectionMade(self) -> None:
+        # Each packet leaves in the turn it is written, as the server's do (smartserve._sending).
+        self.transport = sending_at_once(self.transport)
+        super().connectionMade()
+
+    def verifyHostKey(self, hostKey: bytes, fingerprint) -> Deferred:
+        endpoint = self._endpoint
+        address = self.transport.getPeer().host.encode("ascii")
+        checked = endpoint.known_hosts.verifyHostKey(endpoint.ui, endpoint.host, address, Key.fromString(hostKey))
+        return checked.addErrback(self._remember_host_key_failure)
+
+    def _remember_host_key_failure(self, failure: Failure) -> Failure:
+        self._host_key_failure = failure
+        return failure
+
+    def connectionSecure(self) -> None:
+        self._authenticating = True
+        endpoint = self._endpoint
+        if endpoint.agent is None:
+            self._log_in()
+            return
+        factory = _Quiet.forProtocol(SSHAgentClient)
+
+        def agent_ready(agent: SSHAgentClient):
+            self._agent = agent
+            return agent.getPublicKeys()
+
+        def no_agent(failure: Failure) -> None:
+            _log.info("ssh-agent not used: {reason}", reason=failure.getErrorMessage())
+
+        endpoint.agent.connect(factory).addCallback(agent_ready).addErrback(no_agent).addCallback(
+            lambda _: self._log_in()
+        )
+
+    def _log_in(self) -> None:
+        endpoint = self._endpoint
+        user = endpoint.username.encode("utf-8")
+        self.requestService(_UserAuth(user, _Connection(self._ready), endpoint.keys, self._agent))
+
+    def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        if self._authenticating and reason == DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE:
+            self._refusal = "the server refused the keys offered"
+        super().sendDisconnect(reason, desc)
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        if self._authenticating and reasonCode == DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE:
+            self._refusal = "the server refused the keys offered and disconnected: " + description.decode(
+                "utf-8", "replace"
+            )
+        super().receiveError(reasonCode, description)
+
+    def connectionLost(self, reason=None) -> None:
+        if self._agent is not None:
+            self._agent.transport.loseConnection()
+        super().connectionLost(reason)
+        if self._ready.called:
+            return
+        endpoint = self._endpoint
+        if self._host_key_failure is not None:
+            self._ready.errback(endpoint.host_key_error(self._host_key_failure))
+        elif self._refusal is not None:
+            self._ready.errback(LoginRefused(f"could not log in to {endpoint.where} as {endpoint.username!r}: {self._refusal}"))
+        elif self._authenticating:
+            self._ready.errback(ConnectionError(f"connection to {endpoint.where} lost while logging in"))
+        else:
+            self._ready.errback(reason or ConnectionError(f"connection to {endpoint.where} lost"))
 
 
-def _send_packets_at_once(protocol):
-    """Have each SSH packet leave in the turn it is written, as the server's do (see smartserve._sending)."""
-    ssh_transport = protocol.transport.conn.transport
-    ssh_transport.transport = sending_at_once(ssh_transport.transport)
-    return protocol
+class _CommandChannel(SSHChannel):
+    """A session channel that runs the remote command, its stdin and stdout carried to and from a protocol.
+
+    ``started`` fires with the protocol once the server runs the command,
+    or fails if it refuses the channel or the command. The protocol sees
+    the channel close as its connection lost, with ``ProcessTerminated``
+    when the command exited with a status other than 0 (75: a draining
+    smartserve) or a signal.
+    """
+
+    name = b"session"
+    _log = _client_trace.logger()
+
+    def __init__(self, command: bytes, factory, address: SSHCommandAddress, started: Deferred):
+        super().__init__()
+        self._command = command
+        self._factory = factory
+        self._address = address
+        self._started = started
+        self._protocol = None
+        self._ended: Optional[Exception] = None
+
+    def openFailed(self, reason) -> None:
+        self._started.errback(ConnectionError(f"the SSH server refused a session channel: {reason}"))
+
+    def channelOpen(self, specificData: bytes) -> None:
+        self.conn.sendRequest(self, b"exec", NS(self._command), wantReply=True).addCallbacks(
+            self._command_started, self._command_refused
+        )
+
+    def _command_refused(self, failure: Failure) -> None:
+        self._started.errback(
+            ConnectionError(f"the SSH server refused to run {self._command.decode('utf-8', 'replace')!r}")
+        )
+        self.loseConnection()
+
+    def _command_started(self, _) -> None:
+        self._protocol = self._factory.buildProtocol(self._address)
+        self._protocol.makeConnection(self)
+        self._started.callback(self._protocol)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._protocol is not None:
+            self._protocol.dataReceived(data)
+
+    def extReceived(self, dataType: int, data: bytes) -> None:
+        _log.info("remote command wrote to stderr: {text}", text=data.decode("utf-8", "replace").rstrip())
+
+    def request_exit_status(self, data: bytes) -> None:
+        (status,) = struct.unpack(">L", data[:4])
+        if status:
+            self._ended = ProcessTerminated(status)
+
+    def request_exit_signal(self, data: bytes) -> None:
+        signal_name, _ = getNS(data)
+        self._ended = ProcessTerminated(None, signal_name.decode("ascii", "replace"))
+
+    def closed(self) -> None:
+        if self._protocol is None:
+            if not self._started.called:
+                self._started.errback(ConnectionError("the SSH channel closed before the command started"))
+            return
+        self._protocol.connectionLost(Failure(self._ended or ConnectionDone("ssh channel closed")))
 
 
 @implementer(IStreamClientEndpoint)
-class _CheckedEndpoint:
-    """Turns Conch's host key refusals into ``HostKeyError``, and its failed logins into a clear message."""
+class _SSHCommandEndpoint:
+    """Each ``connect`` makes an SSH connection, logs in, and runs the remote command on a channel of it.
 
-    def __init__(self, endpoint: SSHCommandClientEndpoint, target: Target, known_path: str, username: str):
-        self._endpoint = endpoint
+    The connection lives as long as the command: when the channel closes,
+    or the connection is lost under it, the protocol hears of it and the
+    connection is closed.
+    """
+
+    def __init__(self, reactor, target: Target, *, command: bytes, username: str, keys, agent, known_hosts,
+                 known_path: str, ui):
+        self._reactor = reactor
         self._target = target
-        self._known_path = known_path
-        self._username = username
+        self.host = target.host.encode("idna")
+        self.where = f"{target.host}:{target.port}"
+        self.command = command
+        self.username = username
+        self.keys = keys
+        self.agent = agent
+        self.known_hosts = known_hosts
+        self.known_path = known_path
+        self.ui = ui
 
-    def connect(self, factory):
-        connected = self._endpoint.connect(factory).addCallbacks(_report_connection_loss, self._explain)
-        return connected.addCallback(_send_packets_at_once)
+    def connect(self, factory) -> Deferred:
+        transport: Optional[_ClientTransport] = None
 
-    def _explain(self, failure):
-        where = f"{self._target.host}:{self._target.port}"
+        def cancel(_) -> None:
+            connecting.cancel()
+            if transport is not None and transport.transport is not None:
+                transport.transport.abortConnection()
+
+        ready: Deferred = Deferred(cancel)
+        transport = _ClientTransport(self, ready)
+        tcp = HostnameEndpoint(self._reactor, self.host, self._target.port)
+        connecting = tcp.connect(_Quiet.forProtocol(lambda: transport))
+        connecting.addErrback(lambda failure: None if ready.called else ready.errback(failure))
+
+        def open_channel(connection: SSHConnection) -> Deferred:
+            started: Deferred = Deferred()
+            address = SSHCommandAddress(transport.transport.getPeer(), self.username.encode("utf-8"), self.command)
+            connection.openChannel(_CommandChannel(self.command, factory, address, started))
+
+            def running(protocol):
+                protocol.when_closed().addCallback(lambda _: transport.transport.loseConnection())
+                return protocol
+
+            def refused(failure: Failure) -> Failure:
+                transport.transport.loseConnection()
+                return failure
+
+            return started.addCallbacks(running, refused)
+
+        return ready.addCallback(open_channel)
+
+    def host_key_error(self, failure: Failure) -> Exception:
+        """The ``HostKeyError`` for a host key refusal, or the failure's own error."""
         if failure.check(UserRejectedKey):
-            raise HostKeyError(
-                f"host key of {where} is not in {self._known_path}; add it "
+            return HostKeyError(
+                f"host key of {self.where} is not in {self.known_path}; add it "
                 "(ssh-keyscan) or allow trust on first use"
             )
         if failure.check(HostKeyChanged):
-            raise HostKeyError(
-                f"host key of {where} does not match {self._known_path}: "
+            return HostKeyError(
+                f"host key of {self.where} does not match {self.known_path}: "
                 "the server changed its key or someone is intercepting the connection"
             )
-        if failure.check(AuthenticationFailed):
-            # Conch reports a refused key and a connection lost while logging
-            # in (a server restarting) alike, so this stays a failure the
-            # client tries again, as it would any connection attempt.
-            raise ConnectionError(
-                f"could not log in to {where} as {self._username!r}: the server refused the keys offered, "
-                "or closed the connection during the login"
-            )
-        return failure
+        return failure.value

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 
-from smartserve.client import HostKeyError, NoSuchFile, RequestNotSent, RetryPolicy, SmartClient, SSHOptions
+from smartserve.client import HostKeyError, LoginRefused, NoSuchFile, RetryPolicy, SmartClient, SSHOptions
 
-from .conftest import copy_branch, streamed_revisions
+from .conftest import FaultRelay, copy_branch, streamed_revisions
 
 FAST = RetryPolicy(backoff_initial=0.01, deadline=30.0)
 
@@ -52,22 +52,46 @@ async def test_ssh_get_stream_of_a_real_branch(openssh, sample_branch, tmp_path)
 
 
 @pytest_twisted.ensureDeferred
-async def test_ssh_refused_key_says_who_could_not_log_in(openssh, tmp_path):
-    """A key the server does not accept fails the call, once its attempts are spent, with a message naming the login."""
+async def test_ssh_refused_key_fails_at_once_naming_the_login(openssh, tmp_path):
+    """A key the server does not accept fails the call with LoginRefused on the first attempt: trying again cannot help."""
     import subprocess
 
     stranger = tmp_path / "stranger"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
     options = SSHOptions(identity_files=[str(stranger)], known_hosts=str(openssh.known_hosts), use_agent=False)
-    policy = RetryPolicy(backoff_initial=0.01, max_connect_attempts=2, deadline=30.0)
+    policy = RetryPolicy(backoff_initial=0.01, max_connect_attempts=5, deadline=30.0)
     client = SmartClient.from_url(openssh.url(), policy=policy, ssh=options)
     try:
-        with pytest.raises(RequestNotSent) as raised:
+        with pytest.raises(LoginRefused) as raised:
             await client.call(b"hello")
     finally:
         await client.close()
-    assert "could not connect (2 attempts): could not log in to 127.0.0.1:" in str(raised.value)
-    assert "the server refused the keys offered" in str(raised.value)
+    assert f"could not log in to 127.0.0.1:{openssh.port} as 'root': the server refused the keys offered" in str(
+        raised.value
+    )
+    assert client.stats.connect_failures == 0
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("cut_after", [100, 2500])
+async def test_ssh_connection_lost_during_the_handshake_is_tried_again(openssh, tmp_path, cut_after):
+    """An SSH connection cut during key exchange or login (a server restarting) is a failed attempt, made again."""
+    relay = FaultRelay(openssh.port).listen()
+    relay.cut_server_to_client = cut_after
+    port = relay.port.getHost().port
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(openssh.known_hosts.read_text().replace(f"]:{openssh.port} ", f"]:{port} "))
+    options = SSHOptions(identity_files=[str(openssh.client_key)], known_hosts=str(known_hosts), use_agent=False)
+    policy = RetryPolicy(backoff_initial=0.01, max_connect_attempts=3, deadline=30.0)
+    client = SmartClient.from_url(f"bzr+ssh://root@127.0.0.1:{port}/", policy=policy, ssh=options)
+    try:
+        reply = await client.call(b"hello")
+    finally:
+        await client.close()
+        relay.stop()
+    assert reply.args[0] == b"ok"
+    assert relay.cuts == 1
+    assert client.stats.connect_failures == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -160,3 +184,83 @@ async def test_ssh_connection_dropped_mid_response_is_noticed_and_read_resent(op
     finally:
         await client.close()
         await relay.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_connection_logs_nothing_unless_the_trace_is_on(openssh):
+    """A connection's SSH steps stay out of the global log; show_ssh_trace(True) lets them through, as ssh -v."""
+    from smartserve.client import show_ssh_trace
+    from support import logged_events
+
+    async def one_call():
+        client = ssh_client(openssh)
+        try:
+            await client.call(b"hello")
+        finally:
+            await client.close()
+
+    with logged_events(lambda event: True) as quiet:
+        await one_call()
+    show_ssh_trace(True)
+    try:
+        with logged_events(lambda event: True) as traced:
+            await one_call()
+    finally:
+        show_ssh_trace(False)
+    assert [event.get("log_namespace") for event in quiet] == []
+    namespaces = {event.get("log_namespace") for event in traced}
+    assert {"smartserve.client._ssh._ClientTransport", "smartserve.client._ssh._UserAuth"} <= namespaces
+    assert any("NEW KEYS" in str(event.get("log_format")) for event in traced)
+
+
+@pytest.fixture
+def ssh_agent(tmp_path, monkeypatch):
+    """A real ssh-agent on a socket of its own, as SSH_AUTH_SOCK; yields a function that adds a key file to it."""
+    import subprocess
+
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        from support import wait_for
+
+        wait_for(sock.exists, 10, "ssh-agent's socket")
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+
+        def add(key_file) -> None:
+            subprocess.run(["ssh-add", "-q", str(key_file)], check=True, env={"SSH_AUTH_SOCK": str(sock)})
+
+        yield add
+    finally:
+        agent.terminate()
+        agent.wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_agent_key_is_offered_after_the_identity_files(openssh, ssh_agent, tmp_path):
+    """A refused identity file does not end the login: the agent's key is offered next, and logs in."""
+    import subprocess
+
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    ssh_agent(openssh.client_key)
+    client = ssh_client(openssh, identity_files=[str(stranger)], use_agent=True)
+    try:
+        assert (await client.call(b"hello")).args == (b"ok", b"2")
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_agent_without_a_key_the_server_takes_is_a_refused_login(openssh, ssh_agent, tmp_path):
+    """With only the agent's keys, none of which the server takes, the call fails with LoginRefused."""
+    import subprocess
+
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    ssh_agent(stranger)
+    client = ssh_client(openssh, identity_files=[], use_agent=True)
+    try:
+        with pytest.raises(LoginRefused):
+            await client.call(b"hello")
+    finally:
+        await client.close()

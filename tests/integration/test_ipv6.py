@@ -8,9 +8,10 @@ import socket
 import subprocess
 
 import pytest
+import pytest_twisted
 
 from smartserve.testing import RawClient
-from support import wait_for
+from support import wait_for, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -27,6 +28,21 @@ def _has_ipv6_loopback() -> bool:
 
 
 needs_ipv6 = pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+
+
+def _serve_ssh_on_ipv6(start_smartserve, tmp_path):
+    """smartserve's SSH on [::1] with user alice's new key: (server, port, key file, known_hosts naming [::1]:port)."""
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    keys = tmp_path / "server-data" / "keys"
+    keys.mkdir(parents=True)
+    (keys / "alice.pub").write_text(key.with_suffix(".pub").read_text())
+    server = start_smartserve("--ssh", LOOPBACK6)
+    port = server.listening["ssh"]
+    host_key = (server.data / "ssh_host_ed25519_key.pub").read_text().split()
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[::1]:{port} {host_key[0]} {host_key[1]}\n")
+    return server, port, key, known_hosts
 
 
 @needs_ipv6
@@ -46,16 +62,7 @@ def test_brz_over_bzr_on_ipv6(brz, start_smartserve, tmp_path):
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="the OpenSSH client is not installed")
 def test_openssh_session_on_ipv6(start_smartserve, tmp_path):
     """OpenSSH logs in over [::1] and runs a smart session; the session line names the peer as [::1]:port."""
-    key = tmp_path / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    keys = tmp_path / "server-data" / "keys"
-    keys.mkdir(parents=True)
-    (keys / "alice.pub").write_text(key.with_suffix(".pub").read_text())
-    server = start_smartserve("--ssh", LOOPBACK6)
-    port = server.listening["ssh"]
-    host_key = (server.data / "ssh_host_ed25519_key.pub").read_text().split()
-    known_hosts = tmp_path / "known_hosts"
-    known_hosts.write_text(f"[::1]:{port} {host_key[0]} {host_key[1]}\n")
+    server, port, key, known_hosts = _serve_ssh_on_ipv6(start_smartserve, tmp_path)
     session = subprocess.Popen(
         [
             "ssh", "-F", "/dev/null", "-i", str(key), "-o", "IdentitiesOnly=yes",
@@ -75,3 +82,20 @@ def test_openssh_session_on_ipv6(start_smartserve, tmp_path):
         session.wait()
     log = wait_for(lambda: "ended by the server" in server.log() and server.log(), 10, "the session's end line")
     assert re.search(r"alice from \[::1\]:\d+ started a smart session", log)
+
+
+@needs_ipv6
+@pytest_twisted.ensureDeferred
+async def test_smartserve_client_over_ssh_on_ipv6(start_smartserve, tmp_path):
+    """The client reaches bzr+ssh://user@[::1]:PORT/, checking the host key under OpenSSH's [::1]:port name."""
+    from smartserve.client import SmartClient, SSHOptions
+
+    server, port, key, known_hosts = _serve_ssh_on_ipv6(start_smartserve, tmp_path)
+    options = SSHOptions(identity_files=[str(key)], known_hosts=str(known_hosts), use_agent=False)
+    client = SmartClient.from_url(f"bzr+ssh://alice@[::1]:{port}/", ssh=options)
+    try:
+        assert (await client.call(b"hello")).args == (b"ok", b"2")
+    finally:
+        await client.close()
+    await wait_until(lambda: "started a smart session" in server.log(), 10, "the session's line")
+    assert re.search(r"alice from \[::1\]:\d+ started a smart session", server.log())
