@@ -106,19 +106,20 @@ def test_sending_at_once_leaves_other_transports_alone():
 
 @pytest_twisted.ensureDeferred
 async def test_client_ssh_connection_sends_packets_at_once():
-    """The smartserve client's SSH transport writes through SendingAtOnce once its command channel is open."""
-    from types import SimpleNamespace
+    """The smartserve client's SSH transport writes through SendingAtOnce from its first packet on."""
+    from twisted.internet.defer import Deferred
 
-    from smartserve.client._ssh import _send_packets_at_once
+    from smartserve.client._ssh import _ClientTransport
 
     async with _tcp_pair() as (transport, peer):
-        ssh_transport = SimpleNamespace(transport=transport)
-        channel_protocol = SimpleNamespace(transport=SimpleNamespace(conn=SimpleNamespace(transport=ssh_transport)))
-        assert _send_packets_at_once(channel_protocol) is channel_protocol
+        ready = Deferred()
+        ready.addErrback(lambda failure: None)  # the connection is cut before any login
+        ssh_transport = _ClientTransport(endpoint=None, ready=ready)
+        ssh_transport.makeConnection(transport)
         assert isinstance(ssh_transport.transport, SendingAtOnce)
-        ssh_transport.transport.write(b"packet")
         peer.setblocking(False)
-        assert peer.recv(100) == b"packet"
+        assert peer.recv(100).startswith(b"SSH-2.0-")
+        transport.abortConnection()
 
 
 @pytest_twisted.ensureDeferred
