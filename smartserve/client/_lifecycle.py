@@ -142,7 +142,7 @@ def _build():
         s.failures += 1
         delay = backoff_delay(s.failures, s.policy, s.jitter)
         s.log.info(
-            "{slot}: reconnecting in {delay:.3f} s after {failures} failure(s) in a row",
+            "{slot}: {failures} failure(s) in a row; no new connection for {delay:.3f} s",
             slot=s.name,
             delay=delay,
             failures=s.failures,
