@@ -11,6 +11,13 @@ or not, ``[host]:port`` entries for other ports than 22). An unknown host
 or a changed key fails the connection with ``HostKeyError``; only with
 ``trust_on_first_use`` is an unknown host's key accepted and written to the
 file. A changed key is never accepted.
+
+Each connection is one SSH connection with one session channel, built from
+Conch's SSH classes (transport, user-auth, connection, channel) rather
+than its command endpoint, so that a login the server refused
+(``LoginRefused``, never tried again) is told apart from a connection lost
+during the login (tried again), and so that Conch's per-connection trace
+stays out of the log unless ``show_ssh_trace`` lets it through.
 """
 
 from __future__ import annotations
