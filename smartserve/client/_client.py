@@ -269,7 +269,7 @@ class SmartClient:
 
     def _attempt_timeout(self, deadline_at: float) -> float:
         timeout = self.policy.request_timeout
-        remaining = self._remaining(deadline_at)
+        remaining = max(0.0, self._remaining(deadline_at))
         return remaining if timeout is None else min(timeout, remaining)
 
     def _send_first(self, outgoing: Outgoing, entry, protocol, deadline_at: float) -> Deferred:
@@ -355,6 +355,9 @@ class SmartClient:
                 if self.metrics is not None:
                     self.metrics.reconnected("probe")
                 continue
+            if self._remaining(deadline_at) <= 0:
+                # The connection came in the turn the deadline passed: nothing was sent.
+                raise DeadlineExceeded(verb, self.policy.deadline, last_error)
             try:
                 reply = await protocol.send_request(outgoing, timeout=self._attempt_timeout(deadline_at))
             except RemoteError:

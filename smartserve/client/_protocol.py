@@ -420,6 +420,8 @@ class SmartClientProtocol(Protocol):
             timer.cancel()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._abort_reason is not None:
+            return  # aborted; the loss is reported in a later turn
         if self._pending is None:
             self.abort("server sent bytes outside a response")
             return
@@ -450,6 +452,8 @@ class SmartClientProtocol(Protocol):
                     self._body_parts.append(event.data)
                 else:
                     self._take_chunk(event.data)
+                    if self._abort_reason is not None:
+                        return  # on_chunk raised: nothing more reaches it, and the call fails with its error
             elif kind is Response:
                 self._response = event
             elif kind is EndOfMessage:

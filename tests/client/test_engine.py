@@ -750,3 +750,65 @@ def test_close_drops_connections_still_open_after_its_timeout(server, clock):
     clock.advance(0.1)
     assert closed == [None]
     assert first.transport.disconnecting and first.protocol.is_closed
+
+
+class ReactorLikeClock(Clock):
+    """A Clock whose callLater refuses a negative delay, as the reactor's does."""
+
+    def callLater(self, delay, *args, **kwargs):
+        assert delay >= 0, f"negative delay {delay}"
+        return super().callLater(delay, *args, **kwargs)
+
+
+class LaterLossTransport(FakeTransport):
+    """Reports an abort in a later turn, as a TCP transport does."""
+
+    def __init__(self, clock):
+        super().__init__()
+        self.clock = clock
+
+    def abortConnection(self):
+        if not self.disconnecting:
+            self.disconnecting = True
+            self.clock.callLater(0, self.protocol.connectionLost, Failure(ConnectionAborted()))
+
+
+def test_on_chunk_that_raises_fails_the_call_even_with_the_rest_of_the_response_in_the_same_read(server, clock):
+    """After on_chunk raised, it gets no more parts and the call fails with its error, though the response ended."""
+    client = make_client(server, clock)
+    parts = []
+
+    def on_chunk(data):
+        parts.append(data)
+        raise ValueError("disk full")
+
+    result = outcome(client.call(b"Repository.get_stream_1.19", b"/b/", b"fmt", on_chunk=on_chunk))
+    connection = server.connections[0]
+    connection.received()
+    connection.transport = LaterLossTransport(clock)
+    connection.transport.protocol = connection.protocol
+    connection.protocol.transport = connection.transport
+    codec = connection.codec
+    data = codec.send(Response((b"ok",))) + codec.send(BodyChunk(b"one")) + codec.send(BodyChunk(b"two"))
+    connection.protocol.dataReceived(data + codec.send(EndOfMessage()))
+    clock.advance(0)
+    assert parts == [b"one"]
+    assert result[0].check(ValueError)
+
+
+def test_a_connection_made_as_the_deadline_passes_sends_nothing_and_stays_usable():
+    """A connection that arrives in the turn the deadline passed fails that call unsent; the next call uses it."""
+    clock = ReactorLikeClock()
+    server = FakeServer(clock)
+    made = Deferred()
+    server.connect = lambda: made
+    client = make_client(server, clock, deadline=5.0)
+    first = outcome(client.call(b"hello"))
+    connection = FakeConnection(clock)
+    clock.callLater(4.0, made.callback, connection.protocol)  # due before the deadline's timer, run in one turn
+    clock.advance(6.0)
+    assert first[0].check(DeadlineExceeded)
+    assert connection.requests() == []
+    later = outcome(client.call(b"hello"))
+    connection.respond(b"ok", b"2")
+    assert later == [Reply((b"ok", b"2"), b"")]
