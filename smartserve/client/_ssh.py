@@ -87,16 +87,15 @@ class SSHOptions:
 
 
 class _PortKnownHosts(KnownHostsFile):
-    """known_hosts lookups that also try OpenSSH's ``[host]:port`` form."""
+    """known_hosts under OpenSSH's names: ``[host]:port`` for any port but 22, in lookups and in what is written."""
 
     port: int = SSH_PORT
 
-    def hasHostKey(self, hostname: bytes, key: Key) -> bool:
-        if self.port != SSH_PORT:
-            bracketed = b"[%s]:%d" % (hostname, self.port)
-            if super().hasHostKey(bracketed, key):
-                return True
-        return super().hasHostKey(hostname, key)
+    def _name(self, host: bytes) -> bytes:
+        return host if self.port == SSH_PORT else b"[%s]:%d" % (host, self.port)
+
+    def verifyHostKey(self, ui, hostname: bytes, ip: bytes, key: Key) -> Deferred:
+        return super().verifyHostKey(ui, self._name(hostname), self._name(ip), key)
 
 
 class _HostKeyDecision:

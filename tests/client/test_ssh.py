@@ -264,3 +264,28 @@ async def test_ssh_agent_without_a_key_the_server_takes_is_a_refused_login(opens
             await client.call(b"hello")
     finally:
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_trust_on_first_use_records_the_host_under_its_port_as_openssh_does(openssh, tmp_path):
+    """A port-22 entry for the same address is another server; the key trusted is written as [host]:port, which ssh accepts."""
+    import subprocess
+
+    other = (openssh.base / "other_key.pub").read_text().split()
+    known = tmp_path / "known_hosts"
+    known.write_text(f"127.0.0.1 {other[0]} {other[1]}\n")
+    client = ssh_client(openssh, known_hosts=str(known), trust_on_first_use=True)
+    try:
+        assert (await client.call(b"hello")).args[0] == b"ok"
+    finally:
+        await client.close()
+    found = subprocess.run(["ssh-keygen", "-F", f"[127.0.0.1]:{openssh.port}", "-f", str(known)], capture_output=True)
+    assert found.returncode == 0, known.read_text()
+    assert known.read_text().startswith(f"127.0.0.1 {other[0]} {other[1]}\n")
+    login = subprocess.run(
+        ["ssh", "-F", "/dev/null", "-i", str(openssh.client_key), "-o", "IdentitiesOnly=yes",
+         "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+         "-p", str(openssh.port), "root@127.0.0.1", "true"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert login.returncode == 0, login.stderr
