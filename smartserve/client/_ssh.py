@@ -36,7 +36,12 @@ from twisted.conch.ssh.channel import SSHChannel
 from twisted.conch.ssh.common import NS, getNS
 from twisted.conch.ssh.connection import SSHConnection
 from twisted.conch.ssh.keys import Key
-from twisted.conch.ssh.transport import DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, SSHClientTransport
+from twisted.conch.ssh.transport import (
+    DISCONNECT_BY_APPLICATION,
+    DISCONNECT_CONNECTION_LOST,
+    DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
+    SSHClientTransport,
+)
 from twisted.conch.ssh.userauth import SSHUserAuthClient
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone, ProcessTerminated
@@ -57,6 +62,7 @@ __all__ = ["SSHOptions", "ssh_endpoint", "show_ssh_trace", "DEFAULT_REMOTE_COMMA
 
 _log = Logger()
 _client_trace = ConchTrace()
+_GOODBYES = frozenset({DISCONNECT_BY_APPLICATION, DISCONNECT_CONNECTION_LOST})
 
 
 def show_ssh_trace(enabled: bool) -> None:
@@ -157,6 +163,12 @@ class _UserAuth(SSHUserAuthClient):
         self._agent = agent
         self._key: Optional[Key] = None
         self._from_agent = False
+        self.refused_keys = 0
+
+    def ssh_USERAUTH_FAILURE(self, packet: bytes):
+        if self.lastAuth == b"publickey":
+            self.refused_keys += 1
+        return super().ssh_USERAUTH_FAILURE(packet)
 
     def getPublicKey(self) -> Optional[Key]:
         if self._keys:
@@ -258,7 +270,11 @@ class _ClientTransport(SSHClientTransport):
         super().sendDisconnect(reason, desc)
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
-        if self._authenticating and reasonCode == DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE:
+        if self._authenticating and (
+            reasonCode == DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE
+            # OpenSSH's MaxAuthTries disconnects with a protocol error.
+            or (reasonCode not in _GOODBYES and getattr(self.service, "refused_keys", 0))
+        ):
             self._refusal = "the server refused the keys offered and disconnected: " + description.decode(
                 "utf-8", "replace"
             )

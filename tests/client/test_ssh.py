@@ -289,3 +289,21 @@ async def test_ssh_trust_on_first_use_records_the_host_under_its_port_as_openssh
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert login.returncode == 0, login.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_disconnect_for_too_many_refused_keys_is_a_refused_login(openssh, tmp_path):
+    """sshd's MaxAuthTries (6) ends the login with a protocol-error disconnect: LoginRefused at once, not a retry."""
+    import subprocess
+
+    strangers = [tmp_path / f"stranger{n}" for n in range(8)]
+    for key in strangers:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    client = ssh_client(openssh, identity_files=[str(key) for key in strangers])
+    try:
+        with pytest.raises(LoginRefused) as raised:
+            await client.call(b"hello")
+    finally:
+        await client.close()
+    assert "Too many authentication failures" in str(raised.value)
+    assert client.stats.connect_failures == 0
