@@ -222,6 +222,8 @@ class SmartClientProtocol(Protocol):
         if sock is None:
             if getattr(self.transport, "remoteClosed", False):
                 return "server closed the channel"
+            if getattr(self.transport, "eof_received", False):
+                return "server ended the channel's output"
             carrier = _ssh_socket_transport(self.transport)
             if carrier is not None and (getattr(carrier, "disconnected", False) or not getattr(carrier, "connected", True)):
                 return "the SSH connection under the channel is gone"

@@ -309,6 +309,8 @@ class _CommandChannel(SSHChannel):
 
     name = b"session"
     _log = _client_trace.logger()
+    eof_received = False
+    """Whether the command's output ended: nothing more can come, though the channel is still open."""
 
     def __init__(self, command: bytes, factory, address: SSHCommandAddress, started: Deferred):
         super().__init__()
@@ -318,6 +320,9 @@ class _CommandChannel(SSHChannel):
         self._started = started
         self._protocol = None
         self._ended: Optional[Exception] = None
+
+    def eofReceived(self) -> None:
+        self.eof_received = True
 
     def openFailed(self, reason) -> None:
         self._started.errback(ConnectionError(f"the SSH server refused a session channel: {reason}"))

@@ -307,3 +307,25 @@ async def test_ssh_disconnect_for_too_many_refused_keys_is_a_refused_login(opens
         await client.close()
     assert "Too many authentication failures" in str(raised.value)
     assert client.stats.connect_failures == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_channel_output_ended_makes_the_probe_reconnect(openssh, tmp_path):
+    """A command that ended its output while the channel stays open (a wrapper that outlives `bzr serve`) gets no request."""
+    from support import wait_until
+
+    journal = tmp_path / "journal"
+    journal.write_bytes(b"")
+    lingering = "sh -c 'bzr serve --inet --directory=/ --allow-writes --client-timeout=1; exec >&- 2>&-; sleep 3'"
+    client = ssh_client(openssh, remote_command=lingering)
+    try:
+        await client.call(b"hello")
+        first = client._pool._entries[0].protocol
+        await wait_until(lambda: first.closed_reason() is not None, 15, "the command's output to end")
+        assert not first.is_closed
+        reply = await client.call(b"append", str(journal).encode(), b"", body=b"once\n")
+    finally:
+        await client.close()
+    assert reply.args == (b"appended", b"0")
+    assert journal.read_bytes() == b"once\n"
+    assert (client.stats.probe_reconnects, client.stats.resends) == (1, 0)
