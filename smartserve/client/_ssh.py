@@ -42,8 +42,9 @@ from twisted.conch.ssh.transport import (
     DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
     SSHClientTransport,
 )
-from twisted.conch.ssh.userauth import SSHUserAuthClient
-from twisted.internet.defer import Deferred, succeed
+from twisted.conch.ssh.agent import AGENT_SIGN_RESPONSE, AGENTC_SIGN_REQUEST
+from twisted.conch.ssh.userauth import MSG_USERAUTH_REQUEST, SSHUserAuthClient
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone, ProcessTerminated
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -63,6 +64,8 @@ __all__ = ["SSHOptions", "ssh_endpoint", "show_ssh_trace", "DEFAULT_REMOTE_COMMA
 _log = Logger()
 _client_trace = ConchTrace()
 _GOODBYES = frozenset({DISCONNECT_BY_APPLICATION, DISCONNECT_CONNECTION_LOST})
+_RSA_SHA2 = (b"rsa-sha2-512", b"rsa-sha2-256")
+_AGENT_FLAGS = {b"rsa-sha2-256": 2, b"rsa-sha2-512": 4}  # SSH_AGENT_RSA_SHA2_256, _512
 
 
 def show_ssh_trace(enabled: bool) -> None:
@@ -153,7 +156,12 @@ class _Quiet(Factory):
 
 
 class _UserAuth(SSHUserAuthClient):
-    """Offers the identity files' keys, then the agent's, as OpenSSH does; never a password."""
+    """Offers the identity files' keys, then the agent's, as OpenSSH does; never a password.
+
+    An RSA key signs with SHA-2 (``rsa-sha2-512`` or ``rsa-sha2-256``)
+    when the server lists it in ``server-sig-algs``, as OpenSSH's client
+    does: OpenSSH servers refuse ``ssh-rsa`` (SHA-1) signatures since 8.8.
+    """
 
     _log = _client_trace.logger()
 
@@ -163,6 +171,7 @@ class _UserAuth(SSHUserAuthClient):
         self._agent = agent
         self._key: Optional[Key] = None
         self._from_agent = False
+        self._algorithm = b""
         self.refused_keys = 0
 
     def ssh_USERAUTH_FAILURE(self, packet: bytes):
@@ -178,16 +187,54 @@ class _UserAuth(SSHUserAuthClient):
         self._from_agent = self._agent is not None
         return self._agent.getPublicKey() if self._agent is not None else None
 
-    def signData(self, publicKey: Key, signData: bytes):
-        if self._from_agent:
-            return self._agent.signData(publicKey.blob(), signData)
-        return super().signData(publicKey, signData)
-
-    def getPrivateKey(self):
-        return succeed(self._key)
-
     def getPassword(self, prompt=None):
         return None
+
+    def auth_publickey(self) -> bool:
+        key = self.getPublicKey()
+        if key is None:
+            return False
+        self.lastPublicKey = key
+        self.triedPublicKeys.append(key)
+        self._algorithm = self._algorithm_for(key)
+        self.askForAuth(b"publickey", b"\x00" + NS(self._algorithm) + NS(key.blob()))
+        return True
+
+    def _algorithm_for(self, key: Key) -> bytes:
+        if key.type() == "RSA":
+            listed = self.transport.peerExtensions.get(b"server-sig-algs", b"").split(b",")
+            for algorithm in _RSA_SHA2:
+                if algorithm in listed:
+                    return algorithm
+        return key.sshType()
+
+    def ssh_USERAUTH_PK_OK_publickey(self, packet: bytes) -> None:
+        key, algorithm = self.lastPublicKey, self._algorithm
+        signed = (
+            NS(self.transport.sessionID) + bytes((MSG_USERAUTH_REQUEST,)) + NS(self.user) + NS(self.instance.name)
+            + NS(b"publickey") + b"\x01" + NS(algorithm) + NS(key.blob())
+        )  # fmt: skip
+
+        def send(signature: bytes) -> None:
+            self.askForAuth(b"publickey", b"\x01" + NS(algorithm) + NS(key.blob()) + NS(signature))
+
+        def failed(failure: Failure) -> None:
+            _log.warn("could not sign with the {kind} key: {reason}", kind=key.type(), reason=failure.getErrorMessage())
+            self.askForAuth(b"none", b"")  # the server answers with a failure, and the next key is tried
+
+        self._sign(key, algorithm, signed).addCallbacks(send, failed)
+
+    def _sign(self, key: Key, algorithm: bytes, data: bytes) -> Deferred:
+        if self._from_agent:
+            request = NS(key.blob()) + NS(data) + struct.pack(">L", _AGENT_FLAGS.get(algorithm, 0))
+            return self._agent.sendRequest(AGENTC_SIGN_REQUEST, request).addCallback(_agent_signature)
+        return maybeDeferred(self._key.sign, data, signatureType=algorithm)
+
+
+def _agent_signature(answer: bytes) -> bytes:
+    if answer[:1] != bytes((AGENT_SIGN_RESPONSE,)):
+        raise ConnectionError(f"the ssh-agent answered a signing request with message {answer[:1]!r}")
+    return getNS(answer[1:])[0]
 
 
 class _Connection(SSHConnection):

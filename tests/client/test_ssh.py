@@ -329,3 +329,35 @@ async def test_ssh_channel_output_ended_makes_the_probe_reconnect(openssh, tmp_p
     assert reply.args == (b"appended", b"0")
     assert journal.read_bytes() == b"once\n"
     assert (client.stats.probe_reconnects, client.stats.resends) == (1, 0)
+
+
+def _authorized_rsa_key(openssh, tmp_path):
+    import subprocess
+
+    key = tmp_path / "id_rsa"
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(key)], check=True)
+    authorized = openssh.base / "authorized_keys"
+    authorized.write_text(authorized.read_text() + key.with_suffix(".pub").read_text())
+    return key
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_rsa_key_logs_in_with_sha2_signatures(openssh, tmp_path):
+    """OpenSSH refuses ssh-rsa (SHA-1) signatures; an RSA key file logs in with rsa-sha2 as OpenSSH's client does."""
+    key = _authorized_rsa_key(openssh, tmp_path)
+    client = ssh_client(openssh, identity_files=[str(key)])
+    try:
+        assert (await client.call(b"hello")).args[0] == b"ok"
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_rsa_key_in_the_agent_logs_in_with_sha2_signatures(openssh, ssh_agent, tmp_path):
+    """The agent is asked for an rsa-sha2 signature for an RSA key."""
+    ssh_agent(_authorized_rsa_key(openssh, tmp_path))
+    client = ssh_client(openssh, identity_files=[], use_agent=True)
+    try:
+        assert (await client.call(b"hello")).args[0] == b"ok"
+    finally:
+        await client.close()
