@@ -170,7 +170,12 @@ class AccessPolicy:
     @staticmethod
     def _load(path: str) -> tuple[tuple[int, int, int], AccessRules]:
         """Read and parse ``path``; return its stat signature and rules."""
-        with open(path, encoding="utf-8") as access_file:
+        with open(path, "rb") as access_file:
             info = os.fstat(access_file.fileno())
-            rules = parse_access(access_file.read(), path)
-        return (info.st_mtime_ns, info.st_size, info.st_ino), rules
+            data = access_file.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = data.count(b"\n", 0, error.start) + 1
+            raise AccessFileError(path, line, "not UTF-8 text") from None
+        return (info.st_mtime_ns, info.st_size, info.st_ino), parse_access(text, path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 from twisted.conch.error import ValidPublicKey
 from twisted.conch.ssh.keys import BadKeyError, Key
 from twisted.cred.checkers import ICredentialsChecker
@@ -40,7 +42,7 @@ class PublicKeyChecker:
         try:
             username = credentials.username.decode("utf-8")
             offered = Key.fromString(credentials.blob)
-        except (UnicodeError, BadKeyError, ValueError):
+        except (UnicodeError, BadKeyError, ValueError, IndexError, struct.error):
             return fail(UnauthorizedLogin("malformed user name or key"))
         if not any(offered == known for known in self.store.authorized_keys(username)):
             return fail(UnauthorizedLogin("key not authorized for this user"))

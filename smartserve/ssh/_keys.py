@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 
 from twisted.conch.ssh.keys import BadKeyError, Key
@@ -43,7 +44,7 @@ def parse_public_keys(text: str, source: str) -> list[Key]:
             continue
         try:
             key = Key.fromString(line.encode("utf-8"))
-        except (BadKeyError, ValueError, IndexError, UnicodeError) as error:
+        except (BadKeyError, ValueError, IndexError, UnicodeError, struct.error) as error:
             _log.warn(
                 "{source}:{line}: not an OpenSSH public key: {error}",
                 source=source,

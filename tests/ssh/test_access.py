@@ -121,3 +121,17 @@ def test_access_doc_example_parses_as_described():
     assert rules.rights_for("robot").read_only
     assert writable_for(rules.rights_for("admin"), allow_writes=True) == Writable.everywhere()
     assert rules.rights_for("anyone").read_only
+
+
+def test_access_file_that_is_not_utf8_is_reported_with_its_line(tmp_path):
+    """A file with a byte that is not UTF-8 fails at startup naming the line, and on reload keeps the last rules."""
+    path = tmp_path / "access"
+    path.write_bytes(b"# \xe9quipe\nbob read-only\n")
+    with pytest.raises(AccessFileError) as error:
+        AccessPolicy(str(path))
+    assert str(error.value) == f"{path}:1: not UTF-8 text"
+    path.write_text("bob read-only\n")
+    policy = AccessPolicy(str(path))
+    path.write_bytes(b"bob write /\n# \xe9\n")
+    os.utime(path, ns=(1, 2))
+    assert policy.rights_for("bob").read_only

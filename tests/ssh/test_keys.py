@@ -139,3 +139,22 @@ def test_checker_refuses_bad_signature():
     failures = []
     checker.requestAvatarId(forged).addErrback(failures.append)
     assert failures and failures[0].check(UnauthorizedLogin)
+
+
+@pytest.mark.parametrize(
+    "truncated", ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5", "ssh-ed25519 AAAA", "ssh-rsa AAAAB3NzaC1yc2E", "ssh-dss AAAAB3NzaC1kc3M"]
+)
+def test_key_folder_skips_a_truncated_key_line(tmp_path, truncated):
+    """A key cut short (a placeholder, a line wrapped early) costs only that line."""
+    good = _new_key()
+    (tmp_path / "alice.pub").write_text(truncated + "\n" + _public_line(good))
+    assert KeyFolder(str(tmp_path)).authorized_keys("alice") == [good.public()]
+
+
+def test_checker_refuses_a_truncated_key_blob():
+    """A client offering a key blob cut short is refused like any unknown key."""
+    checker = PublicKeyChecker(MemoryKeyStore({"alice": [_new_key().public()]}))
+    truncated = SSHPrivateKey(b"alice", b"ssh-ed25519", b"\x00\x00\x00\x0bssh-ed25519", None, None)
+    failures = []
+    checker.requestAvatarId(truncated).addErrback(failures.append)
+    assert failures and failures[0].check(UnauthorizedLogin)
