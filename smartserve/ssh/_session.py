@@ -26,7 +26,7 @@ from collections.abc import Callable
 from twisted.conch.interfaces import ISession
 from twisted.conch.ssh import common, connection
 from twisted.conch.ssh.session import SSHSession, SSHSessionProcessProtocol
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -61,6 +61,8 @@ EXIT_TEMPFAIL = 75
 # channel keeps uploads streaming without letting a paused session buffer
 # much.
 LOCAL_WINDOW_BYTES = 1024 * 1024
+CLOSE_ANSWER_SECONDS = 10.0
+"""How long an aborted session's client has to answer the channel close before its SSH connection is dropped."""
 LOCAL_MAX_PACKET = 32 * 1024
 
 NO_SHELL = "smartserve: no shell here; use a bzr+ssh:// URL with brz"
@@ -95,6 +97,7 @@ class SessionChannel(SSHSession):
         self._after_reply: list[Callable[[], None]] = []
         self._when_flushed: Callable[[], None] | None = None
         self._unsent: collections.deque = collections.deque()
+        self._timer = None
 
     def after_reply(self, action: Callable[[], None]) -> None:
         """Run ``action`` once the reply to the current channel request is sent.
@@ -200,6 +203,7 @@ class SessionChannel(SSHSession):
             _log.failure("could not start {what} on a session channel", what=what)
             return 0
         self.client = client
+        self._cancel_timer()
         return 1
 
     def request_pty_req(self, data: bytes) -> int:
@@ -211,6 +215,7 @@ class SessionChannel(SSHSession):
             return 0
         _log.info("subsystem request refused")
         self.client = SSHSessionProcessProtocol(self)
+        self._cancel_timer()
         self._session.refuse(self.client, NO_SUBSYSTEM)
         return 1
 
@@ -223,7 +228,52 @@ class SessionChannel(SSHSession):
             self.producer.resumeProducing()
 
     def channelOpen(self, specificData: bytes) -> None:
-        """Nothing to do until the exec request; sessions are logged when they start."""
+        """Wait for the exec request, for the idle timeout at most; sessions are logged when they start."""
+        server = self.conn.transport.factory
+        if server.idle_timeout:
+            self._set_timer(server.idle_timeout, self._ran_nothing)
+
+    def _set_timer(self, seconds: float, action: Callable[[], None]) -> None:
+        self._cancel_timer()
+        self._timer = self.conn.transport.factory.clock.callLater(seconds, action)
+
+    def _cancel_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _ran_nothing(self) -> None:
+        self._timer = None
+        if self.client is None and not self.closing:
+            _log.info("closing a session channel of {user} that ran nothing", user=self.conn.transport.avatar.username)
+            self.loseConnection()
+
+    def abort(self) -> None:
+        """Close now, dropping what the client has not taken; drop its SSH connection if the close goes unanswered.
+
+        A client that stopped reading grants no window, so buffered output
+        would never leave and a polite close would wait for it for ever.
+        """
+        self._unsent.clear()
+        self.extBuf = []
+        self._when_flushed = None
+        self.buf = b""
+        self._set_timer(CLOSE_ANSWER_SECONDS, self._close_unanswered)
+        super().loseConnection()
+
+    def _close_unanswered(self) -> None:
+        self._timer = None
+        ssh_transport = self.conn.transport
+        _log.info(
+            "{user}'s client did not answer the close of an aborted session; dropping its SSH connection",
+            user=ssh_transport.avatar.username,
+        )
+        if ssh_transport.transport is not None:
+            ssh_transport.transport.abortConnection()
+
+    def closed(self) -> None:
+        self._cancel_timer()
+        super().closed()
 
     def closeReceived(self) -> None:
         # The client will not add window any more: what is still buffered
@@ -302,12 +352,13 @@ class ChannelTransport:
     the EOF if one came, on resume.
     """
 
-    def __init__(self, channel: SessionChannel, on_close: Callable[[], None]):
+    def __init__(self, channel: SessionChannel, on_close: Callable[[], None], on_abort: Callable[[], None]):
         self.channel = channel
         self.protocol = None
         self.producer: IPushProducer | None = None
         self.disconnecting = False
         self._on_close = on_close
+        self._on_abort = on_abort
         self._held: list[bytes] = []
         self._held_eof = False
 
@@ -354,6 +405,11 @@ class ChannelTransport:
         if not self.disconnecting:
             self.disconnecting = True
             self._on_close()
+
+    def abortConnection(self) -> None:
+        """End the session now, even while output waits for a client that stopped reading."""
+        self.disconnecting = True
+        self._on_abort()
 
     def getPeer(self):
         return self.channel.getPeer()
@@ -417,6 +473,7 @@ class SmartSession(RefusingSession):
         self.protocol = None
         self._transport: ChannelTransport | None = None
         self._ended = False
+        self._end_logged = False
         self._started_at = 0.0
 
     def execCommand(self, proto: SSHSessionProcessProtocol, command: bytes) -> None:
@@ -431,7 +488,7 @@ class SmartSession(RefusingSession):
         rights = self.avatar.server.access.rights_for(user)
         caller = Caller(user, self.avatar.peer, writable_for(rights, serve.allow_writes))
         self.protocol = self.avatar.server.smart_factory.build_protocol(caller)
-        self._transport = ChannelTransport(channel, self._protocol_closed)
+        self._transport = ChannelTransport(channel, self._protocol_closed, self._protocol_aborted)
         self._started_at = self.avatar.server.clock.seconds()
         _log.info(
             "{user} from {peer} started a smart session (conn={connection_id}, read_only={read_only}, key {key})",
@@ -457,7 +514,17 @@ class SmartSession(RefusingSession):
         self._transport.channel.end_with_status(exit_status)
         self._log_end(f"the server, exit status {exit_status}", exit_status=exit_status, drain=drain)
 
+    def _protocol_aborted(self) -> None:
+        """The protocol dropped the session (idle timeout, drain deadline): close the channel without waiting."""
+        if self._ended:
+            return
+        self._transport.channel.abort()
+        if not self._end_logged:
+            self._log_end("the server, aborted", aborted=True)
+        self._end_protocol(Failure(ConnectionAborted()))
+
     def _log_end(self, ended_by: str, **fields) -> None:
+        self._end_logged = True
         protocol = self.protocol
         _log.info(
             "smart session of {user} ended by {ended_by} (conn={connection_id}, requests={requests}, {seconds:.1f} s)",

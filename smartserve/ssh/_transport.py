@@ -227,7 +227,12 @@ class ServerTransport(transport.SSHServerTransport):
         answers or ends it with exit status 75, instead of a cut handshake.
         """
         self.draining = True
-        if self.authenticated and not self.open_channels():
+        if not self.authenticated:
+            return
+        for channel in list(getattr(self.service, "channels", {}).values()):
+            if getattr(channel, "client", True) is None:
+                channel.loseConnection()  # a session channel that runs nothing yet
+        if not self.open_channels():
             self.disconnect_with(b"the server is restarting; try again")
 
     def disconnect_with(self, message: bytes) -> None:

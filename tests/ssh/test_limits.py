@@ -6,12 +6,15 @@ import socket
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from smartserve.metrics import ServerMetrics
 from smartserve.ssh import MemoryKeyStore, PublicKeyChecker, make_ssh_factory
+
+from support import wait_until
 
 from .conftest import SSHServerUnderTest, needs_openssh
 
@@ -141,3 +144,112 @@ def test_reads_without_a_reply_ask_for_a_quick_ack(tmp_path, monkeypatch):
     transport.dataReceived(b"answered at once")
     assert wire.socket.options.count(quick_ack) == 1
     transport.connectionLost(None)
+
+
+async def _bare_session_channel(server, tmp_path):
+    """Log in as alice with the project's client code and open a session channel that never asks to run anything.
+
+    Returns (its SSH transport, closed) once the channel is open: ``closed`` fires when it is closed.
+    """
+    from twisted.conch.ssh.channel import SSHChannel
+    from twisted.internet import defer, reactor
+
+    from smartserve.client._endpoints import parse_url
+    from smartserve.client._ssh import SSHOptions, _ClientTransport, ssh_endpoint
+
+    client = server.client_for("alice", tmp_path)
+    url = f"bzr+ssh://alice@127.0.0.1:{server.port_number}/"
+    options = SSHOptions(identity_files=[str(client.key)], known_hosts=str(client.known_hosts), use_agent=False)
+    endpoint = ssh_endpoint(reactor, parse_url(url), options)
+    ready = defer.Deferred()
+    transport = _ClientTransport(endpoint, ready)
+    await defer.ensureDeferred(_connect_tcp(transport, server.port_number))
+    connection = await ready
+    opened, closed = defer.Deferred(), defer.Deferred()
+
+    class Bare(SSHChannel):
+        name = b"session"
+
+        def channelOpen(self, specificData):
+            opened.callback(None)
+
+        def closed(self):
+            closed.callback(None)
+
+    connection.openChannel(Bare(conn=connection))
+    await opened
+    return transport, closed
+
+
+async def _connect_tcp(protocol, port):
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
+
+
+@needs_openssh
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_session_channel_that_runs_nothing_is_closed_after_the_idle_timeout(tmp_path):
+    """A session channel with no exec request does not hold the user's session slot for ever."""
+    server = SSHServerUnderTest(tmp_path, idle_timeout=0.5)
+    try:
+        transport, closed = await _bare_session_channel(server, tmp_path)
+        await closed.addTimeout(10, reactor)
+        transport.transport.loseConnection()
+    finally:
+        await server.stopped()
+
+
+@needs_openssh
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_drain_closes_a_session_channel_that_runs_nothing(tmp_path):
+    """A drain does not wait for a channel that has no session running: it is closed, then the connection."""
+    server = SSHServerUnderTest(tmp_path, idle_timeout=0)
+    try:
+        transport, closed = await _bare_session_channel(server, tmp_path)
+        drained = server.factory.drain()
+        await closed.addTimeout(10, reactor)
+        await drained.addTimeout(10, reactor)
+    finally:
+        await server.stopped()
+
+
+@needs_openssh
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_idle_timeout_ends_a_session_whose_client_stopped_reading(tmp_path, monkeypatch):
+    """A session stuck writing to a client that reads nothing is ended at the idle timeout, not kept for ever."""
+    from twisted.internet import protocol
+
+    from smartserve.protocol import Connection, EndOfMessage, Request, Role
+    from smartserve.ssh import _session
+
+    from .conftest import SSH
+
+    monkeypatch.setattr(_session, "CLOSE_ANSWER_SECONDS", 0.5)
+    server = SSHServerUnderTest(tmp_path, idle_timeout=1.0)
+    server.smart_factory.idle_timeout = 1.0  # as twistd smartserve sets both from --idle-timeout
+    (server.root / "big").write_bytes(b"x" * (6 << 20))  # more than the client's window and pipe hold
+    client = server.client_for("alice", tmp_path)
+    codec = Connection(Role.CLIENT)
+    request = codec.send(Request((b"get", b"/big"))) + codec.send(EndOfMessage())
+
+    class NotReading(protocol.ProcessProtocol):
+        def connectionMade(self):
+            self.transport.write(request)
+            self.transport.pauseProducing()  # read nothing of what the session sends
+
+    argv = client.argv("alice", "bzr", "serve", "--inet", "--directory=/", "--allow-writes")
+    process = reactor.spawnProcess(NotReading(), SSH, [SSH, *argv], env=client.env)
+    try:
+        await wait_until(lambda: len(server.smart_factory.connections) == 1, 10, "the session to start")
+        await wait_until(lambda: len(server.smart_factory.connections) == 0, 10, "the idle timeout to end the session")
+        await wait_until(lambda: server.factory.open_connections == 0, 10, "the SSH connection to be dropped")
+        assert server.factory.sessions_of("alice") == 0
+    finally:
+        if process.pid is not None:
+            process.signalProcess("KILL")
+        await server.stopped()

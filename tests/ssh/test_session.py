@@ -60,7 +60,7 @@ def _channel(remote_window: int, conn) -> SessionChannel:
 
 def test_channel_transport_provides_interfaces():
     """The transport a smart protocol sees is a transport, a consumer and a producer."""
-    transport = ChannelTransport(_channel(10, _RecordingConnection()), lambda: None)
+    transport = ChannelTransport(_channel(10, _RecordingConnection()), lambda: None, lambda: None)
     assert verifyObject(ITransport, transport)
     assert verifyObject(IConsumer, transport)
     assert verifyObject(IPushProducer, transport)
@@ -70,7 +70,7 @@ def test_channel_transport_pauses_producer_on_full_window():
     """The producer pauses when the client's window is full and resumes when it grows."""
     conn = _RecordingConnection()
     channel = _channel(10, conn)
-    transport = ChannelTransport(channel, lambda: None)
+    transport = ChannelTransport(channel, lambda: None, lambda: None)
     producer = _Producer()
     transport.registerProducer(producer, True)
     transport.write(b"x" * 15)
@@ -84,7 +84,7 @@ def test_channel_transport_pauses_producer_on_full_window():
 def test_channel_transport_registering_on_full_window_pauses_at_once():
     """A producer registered while the window is already full starts paused."""
     channel = _channel(1, _RecordingConnection())
-    transport = ChannelTransport(channel, lambda: None)
+    transport = ChannelTransport(channel, lambda: None, lambda: None)
     transport.write(b"xy")
     producer = _Producer()
     transport.registerProducer(producer, True)
@@ -107,7 +107,7 @@ def _channel_on_connection(remote_id: int) -> tuple:
     conn.transport = _PacketRecorder()
     channel = SessionChannel(conn=conn)
     conn.channelsToRemoteChannel[channel] = remote_id
-    return conn, channel, ChannelTransport(channel, lambda: None)
+    return conn, channel, ChannelTransport(channel, lambda: None, lambda: None)
 
 
 def test_paused_reader_withholds_window():
@@ -187,7 +187,7 @@ def test_channel_large_write_goes_out_window_by_window_in_order():
     """A write far larger than the window is sent a window at a time, in order; the producer resumes only once all of it left, and a close waits for it."""
     conn = _RecordingConnection()
     channel = _channel(3000, conn)
-    transport = ChannelTransport(channel, lambda: None)
+    transport = ChannelTransport(channel, lambda: None, lambda: None)
     producer = _Producer()
     transport.registerProducer(producer, True)
     body = bytes(range(256)) * 40  # 10,240 bytes
