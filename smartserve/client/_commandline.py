@@ -10,6 +10,7 @@ outcome is unknown or the deadline passed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
@@ -40,9 +41,9 @@ def add_call_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``smartserve call``."""
     parser.add_argument("url", help="bzr://host[:port]/path or bzr+ssh://[user@]host[:port]/path")
     parser.add_argument("verb", help="the verb to call, e.g. hello, get, Branch.last_revision_info")
-    parser.add_argument("args", nargs="*", help="the verb's arguments, sent as UTF-8 bytes")
+    parser.add_argument("args", nargs="*", help="the verb's arguments, sent as the bytes given (UTF-8 for text)")
     body = parser.add_mutually_exclusive_group()
-    body.add_argument("--body", help="request body, as UTF-8 text")
+    body.add_argument("--body", help="request body, sent as the bytes given")
     body.add_argument("--body-file", help="request body read from a file ('-' for stdin)")
     parser.add_argument("--raw", action="store_true", help="write the response body unescaped to stdout")
     parser.add_argument("--timeout", type=float, default=30.0, help="overall deadline in seconds [default: 30]")
@@ -61,7 +62,7 @@ def add_call_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _read_body(args: argparse.Namespace) -> Optional[bytes]:
     if args.body is not None:
-        return args.body.encode("utf-8")
+        return os.fsencode(args.body)
     if args.body_file == "-":
         return sys.stdin.buffer.read()
     if args.body_file is not None:
@@ -98,9 +99,9 @@ def run_call(args: argparse.Namespace) -> int:
     except Exception as exc:  # a bad URL, a missing or unreadable key file
         print(f"smartserve call: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    verb = args.verb.encode("utf-8")
+    verb = os.fsencode(args.verb)
     try:
-        reply = client.call(verb, *(arg.encode("utf-8") for arg in args.args), body=body)
+        reply = client.call(verb, *map(os.fsencode, args.args), body=body)
     except RemoteError as exc:
         print(f"error: {exc.error_args!r}", file=sys.stderr)
         if exc.body:

@@ -122,3 +122,21 @@ def test_call_command_over_ssh_uses_key_and_known_hosts(openssh, tmp_path):
     )
     assert refused.returncode == 3
     assert b"not in" in refused.stderr
+
+
+def test_call_command_passes_arguments_as_the_bytes_given(brz_serve, workdir):
+    """An argument that is not UTF-8 (a Latin-1 file name) goes out as the bytes given, not a traceback.
+
+    `brz serve` refuses a path that is not UTF-8, and that answer is what the command prints.
+    """
+    import os
+
+    path, remote = workdir
+    done = subprocess.run(
+        [os.fsencode(sys.executable), b"-m", b"smartserve.cli", b"call", brz_serve.url.encode(), b"get",
+         remote.encode() + b"/caf\xe9"],
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(b"error: (b'error', "), done.stderr
+    assert b"Traceback" not in done.stderr
