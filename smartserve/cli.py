@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Callable, Dict, Optional, Sequence
@@ -16,10 +17,21 @@ def _add_control_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _seconds(text: str) -> float:
+    """A number of seconds from the command line: finite, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, 0 or more, not {text}")
+    return value
+
+
 def _drain_parser(parser: argparse.ArgumentParser) -> None:
     _add_control_option(parser)
     parser.add_argument(
-        "--timeout", type=float, default=None, help="seconds before busy connections are aborted [server default]"
+        "--timeout", type=_seconds, default=None, help="seconds before busy connections are aborted [server default]"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import os
 import resource
 import signal
@@ -97,6 +98,8 @@ class Options(usage.Options):
             "inline-read-bytes", "bzr-max-connections",
         )
         for name in non_negative:
+            if not math.isfinite(self[name]):
+                raise usage.UsageError(f"--{name} must be a finite number")
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must be 0 or more")
         for name in ("threads", "max-unauthenticated", "max-auth-tries", "max-sessions-per-user"):

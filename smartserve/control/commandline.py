@@ -9,12 +9,22 @@ from typing import TextIO
 from twisted.internet import defer, task
 
 from . import client
+from .commands import BadTimeout
 
-__all__ = ["run_drain", "run_status", "EXIT_DRAINED", "EXIT_TIMED_OUT", "EXIT_NO_SERVER", "EXIT_LOST"]
+__all__ = [
+    "run_drain",
+    "run_status",
+    "EXIT_DRAINED",
+    "EXIT_TIMED_OUT",
+    "EXIT_NO_SERVER",
+    "EXIT_USAGE",
+    "EXIT_LOST",
+]
 
 EXIT_DRAINED = 0
 EXIT_TIMED_OUT = 1
 EXIT_NO_SERVER = 2
+EXIT_USAGE = 2  # a bad command line, as argparse exits; here one that the server refused
 EXIT_LOST = 3
 
 POLL_SECONDS = 0.25
@@ -40,7 +50,12 @@ async def drain(reactor, path: str, timeout: float | None, out: TextIO) -> int:
 
     done.addBoth(note_finished)
     try:
-        await client.drain(protocol, timeout)
+        try:
+            await client.drain(protocol, timeout)
+        except BadTimeout as exc:
+            done.addErrback(lambda _: None)  # the connection closes below; nothing waits on it any more
+            print(f"smartserve drain: the server refused the request: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         interactive = out.isatty()
         shown = None
         while not finished:

@@ -2,11 +2,15 @@
 
 from twisted.protocols import amp
 
-__all__ = ["Status", "Drain", "WaitDrained", "TakeOver", "ListenerDescriptor", "NotServing"]
+__all__ = ["Status", "Drain", "WaitDrained", "TakeOver", "ListenerDescriptor", "NotServing", "BadTimeout"]
 
 
 class NotServing(Exception):
     """The server has already started draining and cannot hand its listeners over."""
+
+
+class BadTimeout(Exception):
+    """The drain timeout is not a finite number of seconds, 0 or more; nothing was changed."""
 
 
 class Status(amp.Command):
@@ -28,6 +32,7 @@ class Drain(amp.Command):
 
     arguments = [(b"timeout", amp.Float(optional=True))]
     response = [(b"state", amp.Unicode())]
+    errors = {BadTimeout: b"BAD_TIMEOUT"}
 
 
 class WaitDrained(amp.Command):

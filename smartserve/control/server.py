@@ -11,8 +11,8 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from ..listeners import ListenerGroup
-from ..server.drain import DrainController, DrainState
-from .commands import Drain, ListenerDescriptor, NotServing, Status, TakeOver, WaitDrained
+from ..server.drain import DrainController, DrainState, check_timeout
+from .commands import BadTimeout, Drain, ListenerDescriptor, NotServing, Status, TakeOver, WaitDrained
 
 __all__ = ["Control", "ControlProtocol", "ControlFactory"]
 
@@ -80,6 +80,12 @@ class ControlProtocol(amp.AMP):
 
     @Drain.responder
     def drain(self, timeout=None):
+        if timeout is not None:
+            try:
+                check_timeout(timeout)
+            except ValueError as exc:
+                log.warn("Refused a drain requested on the control socket: {error}", error=str(exc))
+                raise BadTimeout(str(exc)) from None
         log.info("Drain requested on the control socket (timeout {timeout})", timeout=timeout)
         self.control.drain(timeout)
         return {"state": self.control.controller.state.value}

@@ -16,6 +16,7 @@ changes nothing.
 from __future__ import annotations
 
 import enum
+import math
 from typing import Callable, List, Optional
 
 from twisted.internet import defer
@@ -23,9 +24,19 @@ from twisted.logger import Logger
 
 from .interfaces import IDrainable
 
-__all__ = ["DrainState", "DrainController", "OpenConnections", "TRANSITIONS"]
+__all__ = ["DrainState", "DrainController", "OpenConnections", "TRANSITIONS", "check_timeout"]
 
 log = Logger()
+
+
+def check_timeout(timeout: float) -> float:
+    """Return ``timeout`` if it can be a drain deadline: a finite number of seconds, 0 or more.
+
+    Raises ``ValueError`` otherwise (a negative number, NaN, infinity).
+    """
+    if not (math.isfinite(timeout) and timeout >= 0):
+        raise ValueError(f"the drain timeout must be a finite number of seconds, 0 or more, not {timeout!r}")
+    return timeout
 
 
 class OpenConnections:
@@ -128,9 +139,10 @@ class DrainController:
 
         ``timeout`` is the seconds after which what is left gets aborted;
         a later call may shorten the deadline of a drain in progress.
+        Raises ``ValueError``, before anything changes, if ``timeout`` is
+        not a finite number of seconds, 0 or more.
         """
-        if timeout is None:
-            timeout = self.default_timeout
+        timeout = check_timeout(self.default_timeout if timeout is None else timeout)
         d = defer.Deferred()
         if self.state is DrainState.DRAINED:
             d.callback(self.state)

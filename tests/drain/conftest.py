@@ -6,13 +6,15 @@ import dataclasses
 import errno
 import json
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 import pytest
 
@@ -68,6 +70,65 @@ def server_status(server: ServerProcess) -> dict:
     done = run_smartserve("status", "--control", server.control, "--json")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+class ControlConnection:
+    """A blocking connection to a server's control socket that writes and reads AMP boxes by hand.
+
+    It can do what the ``smartserve`` command never does: send arguments
+    the command would refuse, leave in the middle of a hand-over, or never
+    read its answers.
+    """
+
+    def __init__(self, path: Path, timeout: float = 30):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self._asked = 0
+        self._buffer = b""
+
+    @staticmethod
+    def box(fields: Dict[str, bytes]) -> bytes:
+        """One AMP box: each key and value with its 16-bit length, then an empty key."""
+        out = b""
+        for key, value in fields.items():
+            out += struct.pack("!H", len(key)) + key.encode("ascii") + struct.pack("!H", len(value)) + value
+        return out + b"\x00\x00"
+
+    def ask(self, command: str, **arguments: bytes) -> bytes:
+        """The bytes of one command asking for an answer, with a new ``_ask`` tag."""
+        self._asked += 1
+        return self.box({"_command": command.encode("ascii"), "_ask": str(self._asked).encode("ascii"), **arguments})
+
+    def send(self, command: str, **arguments: bytes) -> None:
+        """Send one command without waiting for its answer."""
+        self.sock.sendall(self.ask(command, **arguments))
+
+    def read_box(self) -> Dict[str, bytes]:
+        """The next box the server sent."""
+        fields = {}
+        while True:
+            key = self._read(struct.unpack("!H", self._read(2))[0])
+            if not key:
+                return fields
+            fields[key.decode("ascii")] = self._read(struct.unpack("!H", self._read(2))[0])
+
+    def call(self, command: str, **arguments: bytes) -> Dict[str, bytes]:
+        """Send one command and return its answer or error box."""
+        self.send(command, **arguments)
+        return self.read_box()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _read(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("the server closed the control connection")
+            self._buffer += data
+        out, self._buffer = self._buffer[:size], self._buffer[size:]
+        return out
 
 
 @dataclasses.dataclass

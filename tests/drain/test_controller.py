@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import List
 
+import pytest
+
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from zope.interface import implementer
@@ -237,3 +239,20 @@ def test_controller_listener_failure_does_not_stop_drain():
 
     controller.add_listener_stopper(broken)
     assert results(controller.drain()) == [DrainState.DRAINED]
+
+
+@pytest.mark.parametrize("timeout", [-1.0, float("nan"), float("inf")])
+def test_controller_bad_timeout_raises_and_changes_nothing(timeout):
+    """drain() with a negative, NaN or infinite timeout raises ValueError and leaves the server serving; a later drain works."""
+    clock = Clock()
+    controller = DrainController(clock, default_timeout=10.0)
+    drainable = FakeDrainable(busy=1)
+    controller.add_drainable(drainable)
+    with pytest.raises(ValueError, match="finite number of seconds, 0 or more"):
+        controller.drain(timeout=timeout)
+    assert controller.state is DrainState.SERVING
+    assert not drainable.drained and not clock.getDelayedCalls()
+    fired = results(controller.drain())
+    clock.advance(10.0)
+    assert fired == [DrainState.DRAINED]
+    assert controller.aborted == 1

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 
 import pytest
 
 from smartserve.testing import RawClient
 
-from .conftest import ServerProcess, run_smartserve
+from .conftest import ControlConnection, ServerProcess, run_smartserve, server_status
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -98,3 +99,37 @@ def test_status_no_server_exits_2(tmp_path):
     done = run_smartserve("status", "--control", tmp_path / "nothing.sock")
     assert done.returncode == 2
     assert "no server answers" in done.stderr
+
+
+@pytest.mark.parametrize("timeout", ["-1", "nan", "inf"])
+def test_drain_command_bad_timeout_exits_2_and_server_keeps_serving(server, timeout):
+    """`smartserve drain --timeout` with a negative, NaN or infinite value exits 2 saying why; the server keeps serving and drains later."""
+    done = run_smartserve("drain", "--control", server.control, "--timeout", timeout)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "must be a finite number of seconds, 0 or more" in done.stderr
+    assert server_status(server)["state"] == "serving"
+    client = RawClient.connect("127.0.0.1", server.port)
+    assert client.call(b"hello").args == (b"ok", b"2")
+    client.close()
+    done = run_smartserve("drain", "--control", server.control)
+    assert done.returncode == 0, done.stderr
+    assert server.wait_exit(30) == 0
+
+
+@pytest.mark.parametrize("timeout", [b"-1", b"nan", b"inf"])
+def test_control_drain_bad_timeout_refused_before_anything_changes(server, timeout):
+    """A Drain on the control socket with a negative, NaN or infinite timeout gets BAD_TIMEOUT; the server keeps serving, and SIGTERM still drains it."""
+    control = ControlConnection(server.control)
+    try:
+        answer = control.call("Drain", timeout=timeout)
+    finally:
+        control.close()
+    assert answer.get("_error_code") == b"BAD_TIMEOUT", answer
+    assert b"finite number of seconds, 0 or more" in answer["_error_description"]
+    assert server_status(server)["state"] == "serving"
+    client = RawClient.connect("127.0.0.1", server.port)
+    assert client.call(b"hello").args == (b"ok", b"2")
+    client.close()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.wait_exit(30) == -signal.SIGTERM
+    assert "Drained in" in server.log()
