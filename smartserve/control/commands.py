@@ -6,7 +6,7 @@ __all__ = ["Status", "Drain", "WaitDrained", "TakeOver", "ListenerDescriptor", "
 
 
 class NotServing(Exception):
-    """The server has already started draining and cannot hand its listeners over."""
+    """The server cannot hand its listeners over: it is draining, or another process is taking them."""
 
 
 class BadTimeout(Exception):

@@ -52,6 +52,8 @@ class Control:
         """``(name, descriptor, family)`` of every listener, for a process taking over."""
         if self.controller.state is not DrainState.SERVING:
             raise NotServing("the server is draining and no longer hands over its listeners")
+        if self.handed_over:
+            raise NotServing("the listeners are being handed over to another process already")
         self.handed_over = True
         return self.listeners.handover()
 

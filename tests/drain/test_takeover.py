@@ -9,7 +9,7 @@ import pytest
 
 from support import free_port, wait_for
 
-from .conftest import ConnectionLoop, GatedRelay, ServerProcess
+from .conftest import ConnectionLoop, ControlConnection, GatedRelay, ServerProcess
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,3 +54,26 @@ def test_takeover_long_branch_completes_and_no_connection_lost(tmp_path, brz, bi
     assert brz.run("revno", tmp_path / "copy").stdout == brz.run("revno", big_branch).stdout
     assert brz.run("log", "--line", tmp_path / "copy").stdout == brz.run("log", "--line", big_branch).stdout
     brz.run("check", tmp_path / "copy")
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A server on bzr:// only."""
+    process = ServerProcess(tmp_path / "data", ["--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none"]).start()
+    yield process
+    process.stop()
+
+
+def test_second_takeover_refused_while_one_is_in_progress(server):
+    """While one process is taking the listeners over, a second TakeOver is refused with NOT_SERVING."""
+    first, second = ControlConnection(server.control), ControlConnection(server.control)
+    try:
+        assert "_answer" in first.call("TakeOver")
+        refused = second.call("TakeOver")
+        assert refused.get("_error_code") == b"NOT_SERVING", refused
+        assert b"being handed over to another process already" in refused["_error_description"]
+        assert "_answer" in first.call("Drain")
+    finally:
+        first.close()
+        second.close()
+    assert server.wait_exit(30) == 0
