@@ -62,6 +62,7 @@ class Listener:
         self.stops_on_drain = stops_on_drain
         self._reactor = reactor
         self.port = None
+        self._handed_over = False
 
     def listen(self, adopt: Optional[tuple] = None) -> defer.Deferred:
         """Start listening; ``adopt`` is ``(descriptor, family)`` of a socket to take over."""
@@ -117,7 +118,20 @@ class Listener:
         # would stop it in every process that holds it.
         self.port._shouldShutdown = False
         self.port.stopReading()
+        self._handed_over = True
         return self.port.fileno(), family
+
+    def take_back(self) -> bool:
+        """Accept connections again on a socket handed over to a process that went away; True if it was handed over.
+
+        The socket never closed: connections made meanwhile wait in its
+        accept queue and are accepted now.
+        """
+        if self.port is None or not self._handed_over:
+            return False
+        self._handed_over = False
+        self.port.startReading()
+        return True
 
 
 class ListenerGroup:
@@ -150,3 +164,7 @@ class ListenerGroup:
     def handover(self) -> List[tuple]:
         """``(name, descriptor, family)`` for every listening socket."""
         return [(name, *listener.handover()) for name, listener in self.listeners.items() if listener.port]
+
+    def take_back(self) -> List[str]:
+        """Accept again on every socket handed over; returns their names."""
+        return [name for name, listener in self.listeners.items() if listener.take_back()]

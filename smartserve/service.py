@@ -222,6 +222,7 @@ class SmartserveService(service.MultiService):
             os.unlink(path)
         await self.control_listener.listen()
         self.control.socket_listener = self.control_listener
+        self.control.socket_path = path
         if old is not None:
             state = await control_client.drain(old, self.options["drain-timeout"])
             log.info("Took over {names}; the old server is {state}", names=sorted(adopted), state=state)

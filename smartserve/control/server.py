@@ -1,9 +1,18 @@
-"""The server side of the control socket: a UNIX socket speaking AMP."""
+"""The server side of the control socket: a UNIX socket speaking AMP.
+
+A hand-over (``TakeOver``) ends in one of two ways. The process taking
+over sends ``Drain`` once it serves on the listening sockets: this process
+drains and exits. Or its connection is lost before that (it failed to
+start, could not listen on a port of its own, was killed): this process
+takes the sockets back, accepts on them again and listens on the control
+socket again, as if nothing had been asked.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import List
+import socket
+from typing import List, Optional
 
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
@@ -28,6 +37,8 @@ class Control:
         self.factories = factories
         self.handed_over = False
         self.socket_listener = None  # the control socket's own Listener, once listening
+        self.socket_path: Optional[str] = None  # and its path
+        self._socket_released: Optional[defer.Deferred] = None
 
     def status(self) -> dict:
         """The answer to ``Status``."""
@@ -65,7 +76,68 @@ class Control:
         """
         if self.socket_listener is None:
             return defer.succeed(None)
-        return self.socket_listener.stop_listening()
+        stopping = self.socket_listener.stop_listening()
+        self._socket_released = _when_fired(stopping)
+        return stopping
+
+    def take_back(self) -> defer.Deferred:
+        """Serve on alone: the process taking over went away before it asked this one to drain.
+
+        Accepts again on every listener handed over, and listens on the
+        control socket again once its release has finished, unless another
+        process answers there. Fires once done.
+        """
+        self.handed_over = False
+        names = self.listeners.take_back()
+        log.warn(
+            "The process taking over went away before it asked this one to drain: "
+            "accepting again on {names} and listening on the control socket again",
+            names=names,
+        )
+        released, self._socket_released = self._socket_released or defer.succeed(None), None
+        return released.addCallback(lambda _: self._listen_on_socket_again())
+
+    def _listen_on_socket_again(self) -> Optional[defer.Deferred]:
+        listener, path = self.socket_listener, self.socket_path
+        if listener is None or listener.port is not None or self.controller.state is DrainState.DRAINED:
+            return None
+        if os.path.exists(path):
+            if _answers(path):
+                log.warn(
+                    "Another process answers on the control socket {path}; this one serves without it "
+                    "(SIGTERM drains it)",
+                    path=path,
+                )
+                return None
+            os.unlink(path)  # left behind by the process that went away
+        return listener.listen().addErrback(
+            lambda failure: log.failure("Could not listen on the control socket {path} again", failure, path=path)
+        )
+
+
+def _when_fired(d: defer.Deferred) -> defer.Deferred:
+    """A new Deferred that fires with None once ``d`` has fired, leaving ``d``'s own result alone."""
+    fired = defer.Deferred()
+
+    def note(result):
+        fired.callback(None)
+        return result
+
+    d.addBoth(note)
+    return fired
+
+
+def _answers(path: str) -> bool:
+    """True if a process accepts connections on the UNIX socket ``path``, not a file left by one that is gone."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except BlockingIOError:
+            return True  # listening, with a full accept queue
+        except OSError:
+            return False
+        return True
 
 
 class ControlProtocol(amp.AMP):
@@ -75,6 +147,7 @@ class ControlProtocol(amp.AMP):
         super().__init__()
         self.control = control
         self._handover = None
+        self._handover_finished = False  # the process taking over asked this one to drain
 
     @Status.responder
     def status(self):
@@ -90,6 +163,8 @@ class ControlProtocol(amp.AMP):
                 raise BadTimeout(str(exc)) from None
         log.info("Drain requested on the control socket (timeout {timeout})", timeout=timeout)
         self.control.drain(timeout)
+        if self._handover is not None:
+            self._handover_finished = True
         return {"state": self.control.controller.state.value}
 
     @WaitDrained.responder
@@ -123,6 +198,8 @@ class ControlProtocol(amp.AMP):
     def connectionLost(self, reason):
         super().connectionLost(reason)
         self.factory.connections.discard(self)
+        if self._handover is not None and not self._handover_finished:
+            self.control.take_back()
         if not self.factory.connections:
             waiting, self.factory.all_closed = self.factory.all_closed, []
             for d in waiting:

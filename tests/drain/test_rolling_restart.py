@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from support import VENV_BIN, free_port, wait_for
 
 from .conftest import ConnectionLoop, ServerProcess, server_status
+from .test_takeover import assert_serves, wait_taken_back
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -75,4 +77,26 @@ def test_rolling_restart_bad_options_exits_3(tmp_path):
         assert "the new server exited while starting" in done.stderr
         assert server_status(old)["pid"] == old.pid
     finally:
+        old.stop()
+
+
+def test_rolling_restart_new_server_cannot_listen_old_one_serves_on(tmp_path):
+    """When the new server took the sockets but cannot listen on a port of its own (its --admin port is taken), rolling-restart exits 3 and the old server accepts again and answers on its control socket."""
+    data = tmp_path / "data"
+    old = ServerProcess(data, ["--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none"], name="old").start()
+    taken = socket.create_server(("127.0.0.1", 0))
+    admin = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+    try:
+        done = run_rolling_restart(
+            "--data", data, "--log", tmp_path / "new.log",
+            "--", "--bzr", f"tcp:{old.port}:interface=127.0.0.1", "--ssh", "none", "--admin", admin,
+        )  # fmt: skip
+        assert done.returncode == 3, done.stdout + done.stderr
+        assert "the new server exited while starting" in done.stderr
+        new_log = (tmp_path / "new.log").read_text()
+        assert "(taken over)" in new_log and "could not start" in new_log
+        wait_taken_back(old)
+        assert_serves(old)
+    finally:
+        taken.close()
         old.stop()

@@ -9,11 +9,35 @@ import pytest
 
 from support import free_port, wait_for
 
-from .conftest import ConnectionLoop, ControlConnection, GatedRelay, ServerProcess
+from smartserve.testing import RawClient
+
+from .conftest import ConnectionLoop, ControlConnection, GatedRelay, ServerProcess, server_status
 
 pytestmark = pytest.mark.timeout(120)
 
 _DRAINING = re.compile(r"Draining: (\d+) connections open, (\d+) busy")
+TAKEN_BACK = "The process taking over went away before it asked this one to drain"
+CONTROL_LISTENING = "control listening on"
+
+
+def wait_taken_back(server: ServerProcess) -> None:
+    """Wait until ``server`` took its listeners back and listens on its control socket again."""
+    wait_for(
+        lambda: TAKEN_BACK in server.log() and server.log().count(CONTROL_LISTENING) == 2,
+        30,
+        "the server to take its listeners back",
+    )
+
+
+def assert_serves(server: ServerProcess) -> None:
+    """``server`` answers a new bzr:// connection, and `smartserve status` on its control socket."""
+    client = RawClient.connect("127.0.0.1", server.port, timeout=10)
+    try:
+        assert client.call(b"hello").args == (b"ok", b"2")
+    finally:
+        client.close()
+    status = server_status(server)
+    assert (status["pid"], status["state"]) == (server.pid, "serving")
 
 
 def test_takeover_long_branch_completes_and_no_connection_lost(tmp_path, brz, big_branch, connection_loop):
@@ -77,3 +101,16 @@ def test_second_takeover_refused_while_one_is_in_progress(server):
         first.close()
         second.close()
     assert server.wait_exit(30) == 0
+
+
+def test_takeover_abandoned_before_drain_old_server_serves_again(server):
+    """A process that takes the listeners and goes away before asking for the drain leaves the old server accepting and answering on its control socket."""
+    control = ControlConnection(server.control)
+    try:
+        assert "_answer" in control.call("TakeOver")
+        assert not server.control.exists()
+    finally:
+        control.close()
+    wait_taken_back(server)
+    assert "accepting again on ['bzr']" in server.log()
+    assert_serves(server)
