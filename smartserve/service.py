@@ -167,7 +167,7 @@ class SmartserveService(service.MultiService):
         self.options = options
         self.control = control
         self.listeners = listeners
-        self.control_factory = ControlFactory(control)
+        self.control_factory = ControlFactory(control, clock=reactor)
         self.control_listener = Listener(
             "control", f"unix:{options['control']}:mode=600:lockfile=0", self.control_factory, reactor
         )

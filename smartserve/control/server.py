@@ -27,6 +27,10 @@ __all__ = ["Control", "ControlProtocol", "ControlFactory"]
 
 log = Logger()
 
+# Seconds a control connection has, once closed for the exit, to take the
+# answers still written to it; one that does not read is then cut off.
+CLOSE_TIMEOUT = 2.0
+
 
 class Control:
     """The running server as the control socket sees it."""
@@ -197,34 +201,65 @@ class ControlProtocol(amp.AMP):
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
-        self.factory.connections.discard(self)
         if self._handover is not None and not self._handover_finished:
             self.control.take_back()
-        if not self.factory.connections:
-            waiting, self.factory.all_closed = self.factory.all_closed, []
-            for d in waiting:
-                d.callback(None)
+        self.factory.connection_lost(self)
 
 
 class ControlFactory(Factory):
     """Builds a ``ControlProtocol`` per connection to the control socket."""
 
-    def __init__(self, control: Control):
+    def __init__(self, control: Control, clock=None, close_timeout: float = CLOSE_TIMEOUT):
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.control = control
+        self.clock = clock
+        self.close_timeout = close_timeout
         self.connections: set = set()
         self.all_closed: list = []
+        self._abort_call = None
 
     def buildProtocol(self, addr):
         protocol = ControlProtocol(self.control)
         protocol.factory = self
         return protocol
 
+    def connection_lost(self, protocol: ControlProtocol) -> None:
+        """Called by a protocol once its connection is gone; fires the waiters if it was the last."""
+        self.connections.discard(protocol)
+        if self.connections:
+            return
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
+        waiting, self.all_closed = self.all_closed, []
+        for d in waiting:
+            d.callback(None)
+
     def close_connections(self) -> defer.Deferred:
-        """Close every control connection once its answers are written; fires when all are gone."""
+        """Close every control connection once its answers are written; fires when all are gone.
+
+        A connection whose client has not taken its answers within
+        ``close_timeout`` seconds is aborted: a client that never reads
+        must not keep a drained process alive.
+        """
         if not self.connections:
             return defer.succeed(None)
         d = defer.Deferred()
         self.all_closed.append(d)
         for protocol in list(self.connections):
             protocol.transport.loseConnection()
+        if self._abort_call is None:
+            self._abort_call = self.clock.callLater(self.close_timeout, self._abort_unclosed)
         return d
+
+    def _abort_unclosed(self) -> None:
+        self._abort_call = None
+        left = list(self.connections)
+        log.warn(
+            "Aborting {count} control connections that did not take their answers within {timeout} s",
+            count=len(left),
+            timeout=self.close_timeout,
+        )
+        for protocol in left:
+            protocol.transport.abortConnection()

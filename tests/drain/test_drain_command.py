@@ -10,6 +10,8 @@ import pytest
 
 from smartserve.testing import RawClient
 
+from support import wait_for
+
 from .conftest import ControlConnection, ServerProcess, run_smartserve, server_status
 
 pytestmark = pytest.mark.timeout(90)
@@ -133,3 +135,17 @@ def test_control_drain_bad_timeout_refused_before_anything_changes(server, timeo
     server.process.send_signal(signal.SIGTERM)
     assert server.wait_exit(30) == -signal.SIGTERM
     assert "Drained in" in server.log()
+
+
+def test_control_client_that_never_reads_does_not_keep_drained_server_alive(server):
+    """A control client that never reads its answers is cut off shortly after the drain, and the drained server exits."""
+    control = ControlConnection(server.control)
+    try:
+        # Thousands of answers, more than the socket holds, then the drain:
+        # the answers are all written (queued) before the drain starts.
+        control.sock.sendall(b"".join(control.ask("Status") for _ in range(20000)) + control.ask("Drain"))
+        wait_for(lambda: "Drain requested on the control socket" in server.log(), 30, "the drain to be asked")
+        assert server.wait_exit(30) == 0
+    finally:
+        control.close()
+    assert "Aborting 1 control connections that did not take their answers within 2.0 s" in server.log()
