@@ -9,7 +9,7 @@ import resource
 import signal
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -22,7 +22,7 @@ from .metrics import ServerMetrics
 from .server.accesslog import AccessLogFile, access_logger
 from .server.backends.bzr import DEFAULT_INLINE_READ_BYTES, BzrBackend
 from .server.dispatcher import Dispatcher
-from .server.drain import DrainController
+from .server.drain import DrainController, DrainState
 from .server.jail import Writable
 from .server.protocol import SmartServerFactory
 
@@ -171,12 +171,12 @@ class SmartserveService(service.MultiService):
         self.control_listener = Listener(
             "control", f"unix:{options['control']}:mode=600:lockfile=0", self.control_factory, reactor
         )
-        self._previous_sighup = None
+        self._previous_handlers: dict = {}
         self._exiting = False
 
     def startService(self) -> None:
         super().startService()
-        self._previous_sighup = signal.signal(signal.SIGHUP, self._sighup)
+        self._previous_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._sighup)
         self.control.controller.when_drained().addCallback(self._drained)
         defer.ensureDeferred(self._start()).addErrback(self._failed_to_start)
 
@@ -242,22 +242,50 @@ class SmartserveService(service.MultiService):
         self.reactor.callFromThread(self._drain_then_exit)
 
     def _drain_then_exit(self) -> None:
+        if self._exiting or self.control.controller.state is not DrainState.SERVING:
+            log.info("SIGHUP: already draining")
+            return
         log.info("SIGHUP: draining, then exiting")
         self.control.drain()
 
+    def _stop_signal_while_stopping(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        self.reactor.callFromThread(log.info, "{signal}: already draining", signal=name)
+
     def stopService(self):
+        """Drain, then stop; the Deferred fires once drained and every listener is closed.
+
+        Until then SIGHUP, SIGTERM and SIGINT only say that the drain goes
+        on: the process must not die, nor the reactor be stopped twice,
+        while a response is still being written.
+        """
         self._exiting = True
-        if self._previous_sighup is not None:
-            signal.signal(signal.SIGHUP, self._previous_sighup)
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            previous = signal.signal(signum, self._stop_signal_while_stopping)
+            self._previous_handlers.setdefault(signum, previous)
         d = self.control.drain()
 
         def drained(_):
+            # The answers to WaitDrained are written in this turn: close the
+            # control connections in the next, once they are flushed, so
+            # that `smartserve drain` hears the end before the reactor stops.
             return defer.gatherResults(
-                [self.control_listener.stop_listening(), self.listeners.stop(all_listeners=True)]
+                [
+                    self.control_listener.stop_listening(),
+                    self.listeners.stop(all_listeners=True),
+                    task.deferLater(self.reactor, 0, self.control_factory.close_connections),
+                ]
             )
+
+        def restore_signal_handlers(result):
+            handlers, self._previous_handlers = self._previous_handlers, {}
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            return result
 
         d.addCallback(drained)
         d.addCallback(lambda _: service.MultiService.stopService(self))
+        d.addBoth(restore_signal_handlers)
         return d
 
 

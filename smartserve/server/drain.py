@@ -137,12 +137,14 @@ class DrainController:
     def drain(self, timeout: Optional[float] = None) -> defer.Deferred:
         """Start draining (if not yet) and return a Deferred that fires once DRAINED.
 
-        ``timeout`` is the seconds after which what is left gets aborted;
-        a later call may shorten the deadline of a drain in progress.
-        Raises ``ValueError``, before anything changes, if ``timeout`` is
-        not a finite number of seconds, 0 or more.
+        ``timeout`` is the seconds after which what is left gets aborted,
+        the default timeout if None. A later call with a ``timeout`` may
+        bring the deadline of a drain in progress forward; one without
+        leaves it as it is. Raises ``ValueError``, before anything changes,
+        if ``timeout`` is not a finite number of seconds, 0 or more.
         """
-        timeout = check_timeout(self.default_timeout if timeout is None else timeout)
+        explicit = timeout is not None
+        timeout = check_timeout(timeout if explicit else self.default_timeout)
         d = defer.Deferred()
         if self.state is DrainState.DRAINED:
             d.callback(self.state)
@@ -150,7 +152,7 @@ class DrainController:
         self._waiting.append(d)
         if self.state is DrainState.DRAINING:
             remaining = self._deadline_call.getTime() - self.clock.seconds()
-            if timeout < remaining:
+            if explicit and timeout < remaining:
                 self._deadline_call.reset(timeout)
             return d
         self._move(_Input.DRAIN)

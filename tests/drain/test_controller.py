@@ -193,6 +193,20 @@ def test_controller_second_drain_never_extends_deadline():
     assert fired == [DrainState.DRAINED]
 
 
+def test_controller_second_drain_without_timeout_keeps_deadline():
+    """A second drain() without a timeout (SIGHUP, SIGTERM) joins the drain and leaves its deadline alone."""
+    clock = Clock()
+    controller = DrainController(clock, default_timeout=10.0)
+    controller.add_drainable(FakeDrainable(busy=1))
+    fired = results(controller.drain(timeout=100.0))
+    clock.advance(50.0)
+    again = results(controller.drain())
+    clock.advance(49.9)
+    assert controller.state is DrainState.DRAINING
+    clock.advance(0.1)
+    assert fired == again == [DrainState.DRAINED]
+
+
 def test_controller_drain_when_drained_fires_at_once():
     """drain() after DRAINED fires at once and stops nothing twice."""
     controller = DrainController(Clock())

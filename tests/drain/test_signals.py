@@ -11,7 +11,7 @@ import pytest
 from support import wait_for
 from smartserve.testing import RawClient
 
-from .conftest import ServerProcess, server_status
+from .conftest import ServerProcess, server_status, start_smartserve_command
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -83,3 +83,40 @@ def test_sigterm_waits_for_busy_connection(server):
     # twistd leaves by re-raising the signal that stopped it, as a shell expects.
     assert server.wait_exit(30) == -signal.SIGTERM
     assert "0 aborted" in server.log()
+
+
+def test_second_drain_triggers_during_sigterm_drain_let_response_finish(server):
+    """SIGHUP, a second SIGTERM, SIGINT and `smartserve drain` during a SIGTERM drain change nothing: the response in progress finishes intact, then the server exits."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    client = RawClient(sock)
+    client.send_request([b"get", b"big.bin"])
+    wait_for(lambda: server_status(server)["busy"] == 1, 10, "the response to start")
+    server.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: "Draining: 1 connections open, 1 busy" in server.log(), 10, "the drain to start")
+    for number, (signum, name) in enumerate(
+        [(signal.SIGHUP, "SIGHUP"), (signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")], start=1
+    ):
+        server.process.send_signal(signum)
+        wait_for(lambda: server.log().count(": already draining") == number, 10, f"the server to hear {name}")
+    drain = start_smartserve_command("drain", "--control", server.control)
+    try:
+        wait_for(lambda: "Drain requested on the control socket" in server.log(), 10, "the drain command")
+        assert server.process.poll() is None
+        reply = client.read_reply()
+        assert reply.args == (b"ok",)
+        assert reply.body == bytes(range(256)) * (SIZE // 256)
+        assert client.wait_closed() == b""
+        out, err = drain.communicate(timeout=30)
+    finally:
+        client.close()
+        if drain.poll() is None:
+            drain.kill()
+            drain.wait()
+    assert drain.returncode == 0, err
+    assert out.splitlines()[-1] == "drained"
+    assert server.wait_exit(30) == -signal.SIGTERM
+    log = server.log()
+    assert "Drained in" in log and "(all closed); 0 aborted" in log
+    assert "Unhandled" not in log and "ReactorNotRunning" not in log
