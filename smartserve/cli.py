@@ -8,13 +8,9 @@ import os
 import sys
 from typing import Callable, Dict, Optional, Sequence
 
+from .control import DEFAULT_ANSWER_TIMEOUT
+
 DEFAULT_CONTROL = os.path.join("smartserve-data", "control.sock")
-
-
-def _add_control_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--control", default=DEFAULT_CONTROL, help=f"the server's control socket [default: {DEFAULT_CONTROL}]"
-    )
 
 
 def _seconds(text: str) -> float:
@@ -28,6 +24,28 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    """A number of seconds from the command line: finite, more than 0."""
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def _add_control_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--control", default=DEFAULT_CONTROL, help=f"the server's control socket [default: {DEFAULT_CONTROL}]"
+    )
+    parser.add_argument(
+        "--answer-timeout",
+        type=_positive_seconds,
+        default=DEFAULT_ANSWER_TIMEOUT,
+        metavar="S",
+        help="seconds to wait for each answer of the server; exit 2 if it does not answer in time "
+        f"(a stopped or stuck process) [default: {DEFAULT_ANSWER_TIMEOUT:g}]",
+    )
+
+
 def _drain_parser(parser: argparse.ArgumentParser) -> None:
     _add_control_option(parser)
     parser.add_argument(
@@ -38,7 +56,7 @@ def _drain_parser(parser: argparse.ArgumentParser) -> None:
 def _drain(args: argparse.Namespace) -> int:
     from .control.commandline import run_drain
 
-    return run_drain(args.control, args.timeout)
+    return run_drain(args.control, args.timeout, answer_timeout=args.answer_timeout)
 
 
 def _status_parser(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +67,7 @@ def _status_parser(parser: argparse.ArgumentParser) -> None:
 def _status(args: argparse.Namespace) -> int:
     from .control.commandline import run_status
 
-    return run_status(args.control, args.json)
+    return run_status(args.control, args.json, answer_timeout=args.answer_timeout)
 
 
 def _call_parser(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +85,7 @@ def _call(args: argparse.Namespace) -> int:
 # name -> (help, add arguments, run)
 COMMANDS: Dict[str, tuple] = {
     "drain": ("drain a running server: exit 0 once drained, 1 on timeout, 2 if no server answers", _drain_parser, _drain),
-    "status": ("print a running server's state once", _status_parser, _status),
+    "status": ("print a running server's state once: exit 0, or 2 if no server answers", _status_parser, _status),
     "call": (
         "call one verb on a smart server and print the answer: exit 0 ok, 1 remote error, 2 usage, 3 no answer",
         _call_parser,

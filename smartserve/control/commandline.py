@@ -8,7 +8,7 @@ from typing import TextIO
 
 from twisted.internet import defer, task
 
-from . import client
+from . import DEFAULT_ANSWER_TIMEOUT, client
 from .commands import BadTimeout
 
 __all__ = [
@@ -34,13 +34,24 @@ def _progress_line(status: dict) -> str:
     return f"{status['state']}: {status['connections']} connections open, {status['busy']} busy"
 
 
-async def drain(reactor, path: str, timeout: float | None, out: TextIO) -> int:
-    """Drain the server on ``path`` showing progress; returns the exit status."""
+def _no_server(command: str, exc: client.NoServer) -> int:
+    why = "is its process stopped or stuck?" if isinstance(exc, client.NoAnswer) else "is the server running?"
+    print(f"smartserve {command}: {exc} ({why})", file=sys.stderr)
+    return EXIT_NO_SERVER
+
+
+async def drain(
+    reactor, path: str, timeout: float | None, out: TextIO, answer_timeout: float = DEFAULT_ANSWER_TIMEOUT
+) -> int:
+    """Drain the server on ``path`` showing progress; returns the exit status.
+
+    The server has ``answer_timeout`` seconds to answer the drain request
+    and each progress poll; the drain itself may take as long as it takes.
+    """
     try:
-        protocol = await client.connect(reactor, path)
+        protocol = await client.connect(reactor, path, timeout=answer_timeout, answer_timeout=answer_timeout)
     except client.NoServer as exc:
-        print(f"smartserve drain: {exc} (is the server running?)", file=sys.stderr)
-        return EXIT_NO_SERVER
+        return _no_server("drain", exc)
     done = defer.ensureDeferred(client.wait_drained(protocol))
     finished = []
 
@@ -53,16 +64,19 @@ async def drain(reactor, path: str, timeout: float | None, out: TextIO) -> int:
         try:
             await client.drain(protocol, timeout)
         except BadTimeout as exc:
-            done.addErrback(lambda _: None)  # the connection closes below; nothing waits on it any more
             print(f"smartserve drain: the server refused the request: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        except client.NoAnswer as exc:
+            return _no_server("drain", exc)
         interactive = out.isatty()
         shown = None
         while not finished:
             try:
                 status = await client.status(protocol)
+            except client.NoAnswer:
+                raise
             except Exception:
-                break
+                break  # the connection closed: the answer to WaitDrained says how
             line = _progress_line(status)
             if line != shown:
                 if interactive:
@@ -79,6 +93,7 @@ async def drain(reactor, path: str, timeout: float | None, out: TextIO) -> int:
         print(f"\nsmartserve drain: lost contact with the server: {exc}", file=sys.stderr)
         return EXIT_LOST
     finally:
+        done.addErrback(lambda _: None)  # when leaving early, nothing waits on it any more
         if protocol.transport is not None:
             protocol.transport.loseConnection()
     if out.isatty():
@@ -93,17 +108,18 @@ async def drain(reactor, path: str, timeout: float | None, out: TextIO) -> int:
     return EXIT_DRAINED
 
 
-async def status(reactor, path: str, as_json: bool, out: TextIO) -> int:
-    """Print the server's status once; returns the exit status."""
+async def status(
+    reactor, path: str, as_json: bool, out: TextIO, answer_timeout: float = DEFAULT_ANSWER_TIMEOUT
+) -> int:
+    """Print the server's status once; returns the exit status (``EXIT_NO_SERVER`` with no answer in ``answer_timeout`` s)."""
     try:
-        protocol = await client.connect(reactor, path)
+        protocol = await client.connect(reactor, path, timeout=answer_timeout, answer_timeout=answer_timeout)
+        try:
+            answer = await client.status(protocol)
+        finally:
+            protocol.transport.loseConnection()
     except client.NoServer as exc:
-        print(f"smartserve status: {exc} (is the server running?)", file=sys.stderr)
-        return EXIT_NO_SERVER
-    try:
-        answer = await client.status(protocol)
-    finally:
-        protocol.transport.loseConnection()
+        return _no_server("status", exc)
     if as_json:
         out.write(json.dumps(answer, sort_keys=True) + "\n")
     else:
@@ -127,11 +143,15 @@ def _react(coroutine_function, *args) -> int:
     return codes[0] if codes else EXIT_LOST
 
 
-def run_drain(path: str, timeout: float | None, out: TextIO = sys.stdout) -> int:
+def run_drain(
+    path: str, timeout: float | None, out: TextIO = sys.stdout, answer_timeout: float = DEFAULT_ANSWER_TIMEOUT
+) -> int:
     """Blocking entry point of ``smartserve drain``."""
-    return _react(drain, path, timeout, out)
+    return _react(drain, path, timeout, out, answer_timeout)
 
 
-def run_status(path: str, as_json: bool, out: TextIO = sys.stdout) -> int:
+def run_status(
+    path: str, as_json: bool, out: TextIO = sys.stdout, answer_timeout: float = DEFAULT_ANSWER_TIMEOUT
+) -> int:
     """Blocking entry point of ``smartserve status``."""
-    return _react(status, path, as_json, out)
+    return _react(status, path, as_json, out, answer_timeout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import time
 
 import pytest
 
@@ -149,3 +150,22 @@ def test_control_client_that_never_reads_does_not_keep_drained_server_alive(serv
     finally:
         control.close()
     assert "Aborting 1 control connections that did not take their answers within 2.0 s" in server.log()
+
+
+def test_status_and_drain_of_stopped_server_give_up_and_exit_2(server):
+    """With the server's process stopped (SIGSTOP), `smartserve status` gives up after its default answer timeout and `smartserve drain` after --answer-timeout, both with exit 2."""
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        status = run_smartserve("status", "--control", server.control, timeout=30)
+        status_seconds = time.monotonic() - started
+        drain = run_smartserve("drain", "--control", server.control, "--answer-timeout", "1", timeout=30)
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+    assert status.returncode == 2, status.stdout + status.stderr
+    assert f"no answer from the server on {server.control} within 10 s" in status.stderr
+    assert 10 <= status_seconds < 25
+    assert drain.returncode == 2, drain.stdout + drain.stderr
+    assert f"no answer from the server on {server.control} within 1 s" in drain.stderr
+    # The drain request was written before the command gave up: the server reads it once it runs again.
+    assert server.wait_exit(30) == 0

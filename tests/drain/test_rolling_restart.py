@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,9 +22,9 @@ pytestmark = pytest.mark.timeout(120)
 ROLLING_RESTART = Path(__file__).resolve().parents[2] / "bin" / "rolling-restart"
 
 
-def run_rolling_restart(*args) -> subprocess.CompletedProcess:
-    """Run bin/rolling-restart with the test environment's twistd and smartserve on PATH."""
-    env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+def run_rolling_restart(*args, **environment) -> subprocess.CompletedProcess:
+    """Run bin/rolling-restart with the test environment's twistd and smartserve on PATH, and ``environment`` added."""
+    env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **environment)
     return subprocess.run(
         [str(ROLLING_RESTART), *map(str, args)], capture_output=True, text=True, timeout=90, env=env
     )
@@ -99,4 +101,36 @@ def test_rolling_restart_new_server_cannot_listen_old_one_serves_on(tmp_path):
         assert_serves(old)
     finally:
         taken.close()
+        old.stop()
+
+
+# Stands for a new server that took the control socket over and then got
+# stuck: it listens on the socket and never answers.
+STUCK_TWISTD = """#!{python}
+import os, socket, sys, time
+control = sys.argv[sys.argv.index("--takeover") + 1]
+os.unlink(control)
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(control)
+listener.listen()
+time.sleep(60)
+"""
+
+
+def test_rolling_restart_stuck_new_server_exits_3_at_start_timeout(tmp_path):
+    """A new server that holds the control socket without answering makes rolling-restart exit 3 once --start-timeout has passed, not wait for good."""
+    data = tmp_path / "data"
+    old = ServerProcess(data, ["--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none"], name="old").start()
+    stuck = tmp_path / "stuck-twistd"
+    stuck.write_text(STUCK_TWISTD.format(python=sys.executable))
+    stuck.chmod(0o755)
+    new_pid = None
+    try:
+        done = run_rolling_restart("--data", data, "--start-timeout", "3", "--", "--bzr", "tcp:0", TWISTD=str(stuck))
+        new_pid = int(re.search(r"new server: pid (\d+)", done.stdout).group(1))
+        assert done.returncode == 3, done.stdout + done.stderr
+        assert f"the new server (pid {new_pid}) did not answer on {data / 'control.sock'} within 3 s" in done.stderr
+    finally:
+        if new_pid is not None:
+            os.kill(new_pid, signal.SIGKILL)
         old.stop()
