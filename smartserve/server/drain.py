@@ -126,13 +126,13 @@ class DrainController:
 
     @property
     def open_connections(self) -> int:
-        """Connections open now, over every drainable."""
-        return sum(d.open_connections for d in self._drainables)
+        """Client connections open now, over every drainable, each counted once."""
+        return sum(d.client_connections for d in self._drainables)
 
     @property
     def busy_connections(self) -> int:
-        """Connections running a request now."""
-        return sum(d.busy_connections for d in self._drainables)
+        """Client connections running a request now."""
+        return sum(d.busy_client_connections for d in self._drainables)
 
     def drain(self, timeout: Optional[float] = None) -> defer.Deferred:
         """Start draining (if not yet) and return a Deferred that fires once DRAINED.

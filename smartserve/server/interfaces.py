@@ -55,10 +55,16 @@ class IBodyStream(Interface):
 
 
 class IDrainable(Interface):
-    """A set of connections that can be drained: closed once their work is done."""
+    """A set of connections that can be drained: closed once their work is done.
 
-    open_connections = Attribute("How many connections are open now.")
-    busy_connections = Attribute("How many connections are running a request now.")
+    Counts are of client connections, and each is counted by one drainable
+    only, so that the sum over drainables counts every client once: a smart
+    session carried inside an SSH connection is the SSH connection's, and
+    counts with it.
+    """
+
+    client_connections = Attribute("How many client connections of this set are open now.")
+    busy_client_connections = Attribute("How many of those are running a request now.")
 
     def drain():
         """Close idle connections now and busy ones after their current response.
@@ -71,4 +77,4 @@ class IDrainable(Interface):
         """Return a Deferred that fires once no connection is open."""
 
     def abort():
-        """Abort every connection still open; return how many there were."""
+        """Abort every connection still open; return how many client connections that was, counted as above."""

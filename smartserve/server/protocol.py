@@ -111,10 +111,13 @@ class _CurrentRequest:
 class SmartServerProtocol(Protocol):
     """Serves smart protocol v3 requests on one connection, one at a time."""
 
-    def __init__(self, factory: "SmartServerFactory", caller: Caller, connection_id: int):
+    def __init__(self, factory: "SmartServerFactory", caller: Caller, connection_id: int, carried_by=None):
         self.factory = factory
         self.caller = caller
         self.connection_id = connection_id
+        # The client connection this one runs inside (an SSH session's SSH
+        # connection), which the drain counts instead; None for bzr://.
+        self.carried_by = carried_by
         self.phase = Phase.IDLE
         self.closing_for_drain = False
         self.requests_served = 0
@@ -636,9 +639,14 @@ class SmartServerFactory(Factory):
             return ClosedAtOnce()
         return self.build_protocol(Caller(None, "", self.tcp_writable))
 
-    def build_protocol(self, caller: Caller) -> SmartServerProtocol:
-        """A protocol serving ``caller``; connect it to a transport to start."""
-        protocol = self.protocol(self, caller, next(self._ids))
+    def build_protocol(self, caller: Caller, carried_by=None) -> SmartServerProtocol:
+        """A protocol serving ``caller``; connect it to a transport to start.
+
+        ``carried_by`` is the client connection the protocol runs inside
+        (an SSH session's SSH connection), if any: the drain counts and
+        aborts that connection, not this protocol.
+        """
+        protocol = self.protocol(self, caller, next(self._ids), carried_by)
         if self._draining:
             protocol.drain()
         return protocol
@@ -667,15 +675,31 @@ class SmartServerFactory(Factory):
 
     @property
     def open_connections(self) -> int:
+        """Smart sessions open now: bzr:// connections and SSH sessions."""
         return len(self.connections)
 
     @property
     def busy_connections(self) -> int:
+        """Smart sessions running a request now."""
         return sum(1 for protocol in self.connections if protocol.busy)
 
+    @property
+    def client_connections(self) -> int:
+        """Connections of its own open now (bzr://); SSH sessions count with their SSH connection."""
+        return sum(1 for protocol in self.connections if protocol.carried_by is None)
+
+    @property
+    def busy_client_connections(self) -> int:
+        """Connections of its own running a request now."""
+        return sum(1 for protocol in self.connections if protocol.carried_by is None and protocol.busy)
+
     def abort(self) -> int:
-        """Abort every open connection; returns how many."""
-        protocols = list(self.connections)
+        """Abort every open connection of its own; returns how many.
+
+        SSH sessions are left to their SSH connection, which the SSH
+        factory aborts (and counts): they end with it.
+        """
+        protocols = [protocol for protocol in self.connections if protocol.carried_by is None]
         for protocol in protocols:
             protocol.abort()
         return len(protocols)

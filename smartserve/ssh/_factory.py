@@ -164,12 +164,18 @@ class SSHServerFactory(factory.SSHFactory):
         return len(self.connections)
 
     @property
-    def busy_connections(self) -> int:
-        """Always 0: busy sessions are counted by the smart factory."""
-        return 0
+    def client_connections(self) -> int:
+        """SSH connections open now; their smart sessions are not counted again."""
+        return len(self.connections)
+
+    @property
+    def busy_client_connections(self) -> int:
+        """SSH connections with a smart session running a request now."""
+        carrying = {protocol.carried_by for protocol in self.smart_factory.connections if protocol.busy}
+        return sum(1 for transport in self.connections if transport in carrying)
 
     def abort(self) -> int:
-        """Drop every remaining connection at once; return how many there were."""
+        """Drop every remaining connection, and so its sessions, at once; return how many connections there were."""
         remaining = list(self.connections)
         for transport in remaining:
             transport.transport.abortConnection()

@@ -487,7 +487,7 @@ class SmartSession(RefusingSession):
         channel: SessionChannel = proto.session
         rights = self.avatar.server.access.rights_for(user)
         caller = Caller(user, self.avatar.peer, writable_for(rights, serve.allow_writes))
-        self.protocol = self.avatar.server.smart_factory.build_protocol(caller)
+        self.protocol = self.avatar.server.smart_factory.build_protocol(caller, carried_by=channel.conn.transport)
         self._transport = ChannelTransport(channel, self._protocol_closed, self._protocol_aborted)
         self._started_at = self.avatar.server.clock.seconds()
         _log.info(

@@ -27,11 +27,11 @@ class FakeDrainable:
         self._closed: List[defer.Deferred] = []
 
     @property
-    def open_connections(self) -> int:
+    def client_connections(self) -> int:
         return self.idle + self.busy
 
     @property
-    def busy_connections(self) -> int:
+    def busy_client_connections(self) -> int:
         return self.busy
 
     def drain(self) -> None:
@@ -46,7 +46,7 @@ class FakeDrainable:
         return d
 
     def abort(self) -> int:
-        count = self.open_connections
+        count = self.client_connections
         self.aborted += count
         self.idle = self.busy = 0
         self._check()
@@ -58,7 +58,7 @@ class FakeDrainable:
         self._check()
 
     def _check(self) -> None:
-        if self.drained and not self.open_connections:
+        if self.drained and not self.client_connections:
             closed, self._closed = self._closed, []
             for d in closed:
                 d.callback(None)

@@ -12,7 +12,7 @@ from smartserve.testing import RawClient
 
 from support import wait_for
 
-from .conftest import ServerProcess, make_ssh_key, needs_openssh, server_status, ssh_serve_argv
+from .conftest import ServerProcess, make_ssh_key, needs_openssh, run_smartserve, server_status, ssh_serve_argv
 
 pytestmark = [needs_openssh, pytest.mark.timeout(60)]
 
@@ -75,3 +75,29 @@ def test_ssh_busy_session_finishes_then_exits_75(ssh_server):
         if session.poll() is None:
             session.kill()
         session.wait()
+
+
+def test_ssh_busy_session_counted_once_in_status_and_at_the_deadline(ssh_server):
+    """One bzr+ssh client with a busy session is one connection in `smartserve status`, and the drain deadline aborts and counts it once."""
+    (ssh_server.data / "branches" / "big.bin").write_bytes(b"\x5a" * SIZE)
+    session = start_smart_session(ssh_server)
+    try:
+        client = RawClient.over_pipes(session.stdin, session.stdout)
+        assert client.call(b"hello").args == (b"ok", b"2")
+        client.send_request([b"get", b"big.bin"])
+        # Unread, the response fills the pipe and the SSH window: the request stays busy.
+        wait_for(lambda: server_status(ssh_server)["busy"] == 1, 10, "the request to run")
+        status = server_status(ssh_server)
+        assert (status["connections"], status["busy"]) == (1, 1)
+        done = run_smartserve("drain", "--control", ssh_server.control, "--timeout", "1")
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "draining: 1 connections open, 1 busy" in done.stdout
+        assert "timed out: aborted 1 connections still busy" in done.stderr
+        assert ssh_server.wait_exit(30) == 0
+    finally:
+        if session.poll() is None:
+            session.kill()
+        session.wait()
+    log = ssh_server.log()
+    assert "Draining: 1 connections open, 1 busy" in log
+    assert "Drain deadline passed: aborted 1 connections" in log

@@ -310,8 +310,8 @@ def test_ssh_factory_provides_idrainable(ssh_server):
     from smartserve.server.interfaces import IDrainable
 
     assert verifyObject(IDrainable, ssh_server.factory)
-    assert ssh_server.factory.open_connections == 0
-    assert ssh_server.factory.busy_connections == 0
+    assert ssh_server.factory.client_connections == 0
+    assert ssh_server.factory.busy_client_connections == 0
 
 
 @pytest_twisted.ensureDeferred
