@@ -80,6 +80,9 @@ _JOIN_BELOW = 64 * 1024
 # How much of a response stream one worker-pool call produces.
 STREAM_SLICE_BYTES = 64 * 1024
 
+# The answer to a request the server failed to run for a reason of its own.
+_INTERNAL_ERROR = Reply((b"error", b"InternalError", b"the server failed to run this request"), success=False)
+
 
 class Phase(enum.Enum):
     """Where a connection stands; see the module docstring."""
@@ -346,6 +349,11 @@ class SmartServerProtocol(Protocol):
             current.run = self.factory.dispatcher.start(self.caller, request.args)
         except Refusal as refusal:
             current.refusal = refusal.reply
+        except Exception:
+            # A bug of the server's, or a backend tripping over odd arguments:
+            # this request fails, the connection goes on.
+            log.failure("Request {verb!r} could not be started", verb=request.verb)
+            current.refusal = _INTERNAL_ERROR
 
     def _advance(self, current: _CurrentRequest) -> None:
         if current.refusal is not None:
@@ -359,7 +367,10 @@ class SmartServerProtocol(Protocol):
         current.advancing = True
         if not current.finished:
             self.transport.pauseProducing()
-        d = current.run.advance(chunks, current.finished)
+        try:
+            d = current.run.advance(chunks, current.finished)
+        except Exception:
+            d = defer.fail()  # a backend that raised rather than failing its Deferred
         if d.called and not d.paused and not isinstance(d.result, Failure):
             self._advanced(d.result, current)  # answered at once (an inline read): no callback chain
         else:
@@ -380,10 +391,7 @@ class SmartServerProtocol(Protocol):
 
     def _backend_failed(self, failure: Failure, current: _CurrentRequest) -> None:
         log.failure("Request {verb!r} failed inside the server", failure, verb=current.record.verb)
-        self._advanced(
-            Reply((b"error", b"InternalError", b"the server failed to run this request"), success=False),
-            current,
-        )
+        self._advanced(_INTERNAL_ERROR, current)
 
     # Responding.
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
 import time
 
 import pytest
 
 from smartserve.protocol import MESSAGE_MARKER, BodyChunk, Connection, EndOfMessage, Request, Response, Role
 from smartserve.testing import RawClient
-from support import wait_for
+from support import BRZ, brz_env, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -136,6 +137,45 @@ def test_unknown_verb_keeps_connection_usable(server):
     finally:
         client.close()
     assert (unknown.args, unknown.success) == ((b"UnknownMethod", b"No.such_verb"), False)
+    assert hello.args == (b"ok", b"2")
+
+
+def _brz_serve_reply(tmp_path, args) -> tuple:
+    """What `brz serve --inet` answers to request ``args``: (arguments, success)."""
+    root = tmp_path / "brz-serve-root"
+    root.mkdir(exist_ok=True)
+    process = subprocess.Popen(
+        [BRZ, "serve", "--inet", f"--directory={root}"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=brz_env(tmp_path / "brz-serve-home"),
+    )
+    try:
+        reply = RawClient.over_pipes(process.stdin, process.stdout).call(*args)
+    finally:
+        process.stdin.close()
+        process.wait(timeout=30)
+        process.stdout.close()
+    return reply.args, reply.success
+
+
+@pytest.mark.parametrize(
+    "args",
+    [(b"get", 5), (b"get", [b"a"]), (b"get", {b"k": b"v"}), (b"has", 7)],
+    ids=["int", "list", "dict", "int-to-has"],
+)
+def test_argument_that_is_not_bytes_gets_the_error_brz_serve_sends(server, tmp_path, args):
+    """A request argument of the wrong type gets the error reply `brz serve` sends, and the connection serves on."""
+    expected = _brz_serve_reply(tmp_path, args)
+    client = RawClient.connect("127.0.0.1", server.port)
+    try:
+        reply = client.call(*args)
+        hello = client.call(b"hello")
+    finally:
+        client.close()
+    assert (reply.args, reply.success) == expected
+    assert expected[1] is False
     assert hello.args == (b"ok", b"2")
 
 

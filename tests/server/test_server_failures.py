@@ -2,7 +2,8 @@
 
 Breezy answers such a request with ``("error", class, message)`` and keeps
 the traceback in its own log file; the operator reads the twistd log, where
-the verb, the caller and the error now appear.
+the verb, the caller and the error now appear. A request the server fails
+even to start gets an InternalError reply, and its traceback is logged.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from twisted.python.threadpool import ThreadPool
 from smartserve.server.backends.bzr import BzrBackend
 from smartserve.server.caller import Caller
 from smartserve.server.jail import Writable
+from smartserve.testing import MemoryBackend, encode_request, response_args, serve_in_memory
 from support import logged_events
 
 ALICE = Caller("alice", "192.0.2.7:50312", Writable.nowhere())
@@ -92,3 +94,27 @@ async def test_ordinary_error_replies_are_not_logged(root, warnings_logged):
     reply = await _run_in_pool(root, (b"get", b"/missing"), inline_read_bytes=1000)
     assert reply.args[0] == b"NoSuchFile"
     assert warnings_logged == []
+
+
+class _BrokenStartBackend(MemoryBackend):
+    """A ``MemoryBackend`` whose ``start`` fails for the verb ``put``, as a server bug would."""
+
+    def start(self, caller, args):
+        if args[0] == b"put":
+            raise RuntimeError("bug in start")
+        return super().start(caller, args)
+
+
+def test_request_that_cannot_be_started_gets_an_error_reply_and_is_logged():
+    """An exception while starting a request becomes an InternalError reply and a logged traceback; the connection serves on."""
+    factory, protocol, transport = serve_in_memory(_BrokenStartBackend({b"f": b"data"}))
+    with logged_events(lambda event: "log_failure" in event) as failures:
+        protocol.dataReceived(encode_request([b"put", b"f", b""], b"new"))
+    protocol.dataReceived(encode_request([b"get", b"f"]))
+    assert response_args(transport.value()) == [
+        (b"error", b"InternalError", b"the server failed to run this request"),
+        (b"ok",),
+    ]
+    assert [str(event["log_failure"].value) for event in failures] == ["bug in start"]
+    assert not transport.disconnecting
+    assert protocol.requests_served == 2

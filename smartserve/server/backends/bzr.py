@@ -120,13 +120,14 @@ class BzrBackend:
         verb = args[0]
         if verb in _METADATA_VERBS:
             return True
-        if verb != b"get" or len(args) != 2:
+        # Anything but a small readable file goes to the pool, where Breezy's
+        # handler makes the error reply (for a path that is not bytes too).
+        if verb != b"get" or len(args) != 2 or type(args[1]) is not bytes:
             return False
         try:
             size = transport.file_size(args[1].decode("utf-8"))
         except UnicodeDecodeError:
             return False
-        # Anything but a small readable file goes to the pool, where Breezy's handler makes the error reply.
         return size is not None and size <= self.inline_read_bytes
 
     def _transport_for(self, writable: Writable):
