@@ -142,7 +142,8 @@ class Connection:
         """Return the bytes that send ``event``.
 
         Raises ``LocalProtocolError`` if the protocol does not allow
-        ``event`` now; the state is then unchanged.
+        ``event`` now, or if bencode cannot carry its arguments; the state
+        is then unchanged.
         """
         event_type = type(event)
         new_state = self._our_transitions[self._our_state].get(event_type)

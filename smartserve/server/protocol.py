@@ -53,6 +53,7 @@ from ..protocol import (
     ConnectionClosed,
     EndOfMessage,
     Limits,
+    LocalProtocolError,
     ProtocolError,
     Request,
     Response,
@@ -82,6 +83,12 @@ STREAM_SLICE_BYTES = 64 * 1024
 
 # The answer to a request the server failed to run for a reason of its own.
 _INTERNAL_ERROR = Reply((b"error", b"InternalError", b"the server failed to run this request"), success=False)
+
+
+def _encoding_failed_args(what: str, args) -> tuple:
+    """The error sent in place of a reply or stream error whose ``args`` cannot be encoded."""
+    name = args[0] if args and isinstance(args[0], bytes) else b"unnamed"
+    return (b"error", b"InternalError", b"the server could not encode its %s %s" % (name, what.encode("ascii")))
 
 
 class Phase(enum.Enum):
@@ -397,8 +404,19 @@ class SmartServerProtocol(Protocol):
 
     def _respond(self, current: _CurrentRequest, reply: Reply) -> None:
         self.phase = Phase.RESPONSE
+        try:
+            head = self._codec.send(Response(reply.args, reply.success, _HEADERS))
+        except LocalProtocolError as exc:
+            # Breezy can hand back arguments bencode cannot carry (a
+            # TokenMismatch with no lock token holds a None). brz serve
+            # sends nothing for such a reply; here the client gets an error
+            # it can read, and the connection goes on.
+            self._not_encodable(current, "reply", exc)
+            if reply.stream is not None:
+                reply.stream.close()
+            reply = Reply(_encoding_failed_args("reply", reply.args), success=False)
+            head = self._codec.send(Response(reply.args, reply.success, _HEADERS))
         current.record.outcome = reply.outcome
-        head = self._codec.send(Response(reply.args, reply.success, _HEADERS))
         if reply.stream is not None:
             current.stream = reply.stream
             self._write(current, [head])
@@ -439,7 +457,11 @@ class SmartServerProtocol(Protocol):
         ended = not items
         for item in items:
             if isinstance(item, StreamFailure):
-                parts.append(self._codec.send(BodyError(item.args)))
+                try:
+                    parts.append(self._codec.send(BodyError(item.args)))
+                except LocalProtocolError as exc:
+                    self._not_encodable(current, "stream error", exc)
+                    parts.append(self._codec.send(BodyError(_encoding_failed_args("error", item.args))))
                 current.record.outcome = "stream-error"
                 ended = True
                 break
@@ -456,6 +478,17 @@ class SmartServerProtocol(Protocol):
     def _stream_failed(self, failure: Failure, current: _CurrentRequest) -> None:
         log.failure("Response stream of {verb!r} failed inside the server", failure, verb=current.record.verb)
         self._stream_pulled([StreamFailure((b"error", b"InternalError", b"the server failed"))], current)
+
+    def _not_encodable(self, current: _CurrentRequest, what: str, exc: LocalProtocolError) -> None:
+        log.warn(
+            "The {what} to {verb} from {user} at {peer} could not be encoded; sent InternalError instead: {error}",
+            what=what,
+            verb=current.record.verb.decode("utf-8", "replace"),
+            user=self.caller.user or "-",
+            peer=self.caller.peer,
+            error=str(exc),
+            connection_id=self.connection_id,
+        )
 
     def _write(self, current: _CurrentRequest, parts: list, now: bool = False) -> None:
         """Write a response's parts; with ``now``, send them in this reactor turn (see smartserve._sending)."""

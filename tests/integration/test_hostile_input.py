@@ -226,3 +226,21 @@ def _hello_on_a_new_connection(server) -> bool:
         return _hello_works(server)
     except (ConnectionError, OSError):
         return False
+
+
+def test_reply_that_cannot_be_encoded_becomes_an_error_reply(start_smartserve, brz):
+    """A lock token for an unlocked branch makes Breezy answer TokenMismatch with a None in it: the client
+    gets an error reply instead of silence, the connection serves on, and the server logs the problem once."""
+    server = start_smartserve("--bzr", "tcp:0:interface=127.0.0.1", "--bzr-allow-writes", "--ssh", "none", name="rw")
+    brz.run("init", "-q", server.data / "branches" / "b")
+    client = RawClient.connect("127.0.0.1", server.port)
+    try:
+        reply = client.call(b"Branch.set_last_revision_info", b"b/", b"tok", b"", b"0", b"null:")
+        hello = client.call(b"hello")
+    finally:
+        client.close()
+    assert reply.success is False
+    assert reply.args[:2] == (b"error", b"InternalError") and b"TokenMismatch" in reply.args[2]
+    assert hello.args == (b"ok", b"2")
+    [line] = [line for line in server.log().splitlines() if "could not be encoded" in line]
+    assert "Branch.set_last_revision_info" in line and "TokenMismatch" in line

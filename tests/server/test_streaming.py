@@ -15,7 +15,8 @@ from smartserve.server.interfaces import IBackend, IBodyStream, IRequestRun
 from smartserve.server.jail import Writable
 from smartserve.server.protocol import SmartServerFactory
 from smartserve.server.reply import Reply, StreamFailure
-from smartserve.testing import encode_request
+from smartserve.testing import encode_request, response_args
+from support import logged_events
 
 
 @implementer(IBodyStream)
@@ -171,3 +172,53 @@ def test_stream_pull_that_raises_ends_the_response_with_an_internal_error():
     assert stream.closed and protocol.requests_served == 1
     assert " stream-error " in access_lines[-1]
     assert not transport.disconnecting
+
+
+def test_stream_error_that_cannot_be_encoded_ends_the_response_with_an_internal_error():
+    """A stream error whose arguments bencode cannot carry still ends the response, with InternalError; logged once."""
+    stream = _SlowStream([b"one", StreamFailure((b"TokenMismatch", b"tok", None))])
+    protocol, transport, access_lines = _serving(stream)
+    stream.make_next()
+    with logged_events(lambda event: "could not be encoded" in event.get("log_format", "")) as warnings:
+        stream.make_next()
+    events = _events(transport.value())
+    assert events[1:] == [
+        BodyChunk(b"one"),
+        BodyError((b"error", b"InternalError", b"the server could not encode its TokenMismatch error")),
+        EndOfMessage(),
+    ]
+    assert len(warnings) == 1
+    assert stream.closed and protocol.requests_served == 1
+    assert " stream-error " in access_lines[-1]
+    protocol.dataReceived(encode_request([b"get"]))  # the connection serves on
+    assert len(stream.pulls) == 1
+    assert not transport.disconnecting
+
+
+def test_reply_that_cannot_be_encoded_is_answered_with_an_internal_error():
+    """A reply whose arguments bencode cannot carry becomes an InternalError reply; its stream is closed unsent."""
+    stream = _SlowStream([b"one"])
+    factory = SmartServerFactory(Dispatcher(_UnencodableBackend(stream)), clock=Clock())
+    protocol = factory.build_protocol(Caller(None, "memory", Writable.nowhere()))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    with logged_events(lambda event: "could not be encoded" in event.get("log_format", "")) as warnings:
+        protocol.dataReceived(encode_request([b"get"]))
+    assert response_args(transport.value()) == [
+        (b"error", b"InternalError", b"the server could not encode its TokenMismatch reply")
+    ]
+    assert len(warnings) == 1 and stream.closed and stream.pulls == []
+    assert protocol.requests_served == 1 and not protocol.busy
+    assert not transport.disconnecting
+
+
+@implementer(IBackend)
+class _UnencodableBackend(_StreamingBackend):
+    def start(self, caller, args):
+        return _UnencodableRun(self.stream)
+
+
+@implementer(IRequestRun)
+class _UnencodableRun(_Run):
+    def advance(self, chunks, finished):
+        return defer.succeed(Reply((b"TokenMismatch", b"tok", None), success=False, stream=self.stream))
