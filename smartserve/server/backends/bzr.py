@@ -143,7 +143,17 @@ class BzrBackend:
 
 @implementer(IRequestRun)
 class _BzrRequestRun:
-    """One request, driven step by step through Breezy's request handler."""
+    """One request, driven step by step through Breezy's request handler.
+
+    Each step is a job in the worker pool, and an abort is one more: with
+    several workers, an abort's job may run beside a step still in
+    progress, and a step may still wait for a worker when the connection
+    is lost. So the steps and the abort take turns on a lock, and the
+    abort is remembered, not decided when it is asked for: a step that
+    gets a worker after it does nothing, so a request whose connection is
+    gone never starts (a push would start Breezy's inserter thread, which
+    then waits for good for a body that will never come).
+    """
 
     def __init__(self, backend: BzrBackend, transport, caller: Caller, args, *, inline: bool = False):
         self._backend = backend
@@ -154,8 +164,12 @@ class _BzrRequestRun:
         self._handler = None
         self._reply: Optional[Reply] = None
         self._failure_noted = False
+        self._advanced = False
+        self._aborted = False
+        self._turn = threading.Lock()
 
     def advance(self, chunks: List[bytes], finished: bool):
+        self._advanced = True
         if self._inline:
             try:
                 return defer.succeed(self._note_server_failure(self._advance_in_thread(chunks, finished)))
@@ -185,11 +199,19 @@ class _BzrRequestRun:
         return reply
 
     def abort(self) -> None:
-        if self._handler is not None and self._reply is None:
+        self._aborted = True
+        # An inline request runs whole within advance: nothing of it is left.
+        if self._advanced and not self._inline and self._reply is None:
             self._backend.run_in_pool(self._abort_in_thread)
 
     def _advance_in_thread(self, chunks: List[bytes], finished: bool) -> Optional[Reply]:
         """One step of the request, in a worker thread (or on the reactor thread, for an inline read)."""
+        with self._turn:
+            if self._aborted:
+                return None  # the connection is gone: the abort's own job cleans up
+            return self._step(chunks, finished)
+
+    def _step(self, chunks: List[bytes], finished: bool) -> Optional[Reply]:
         handler = self._handler
         if handler is None:
             request = _registry()
@@ -208,6 +230,11 @@ class _BzrRequestRun:
         return self._reply
 
     def _abort_in_thread(self) -> None:
+        with self._turn:
+            if self._handler is not None and self._reply is None:
+                self._release_handler()
+
+    def _release_handler(self) -> None:
         # The insert_stream family feeds the body to its own thread through
         # a queue; a non-bytes item makes that stream fail, so the write
         # group is aborted rather than committed from a truncated body.
