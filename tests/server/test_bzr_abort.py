@@ -76,3 +76,40 @@ def test_insert_stream_dropped_while_its_first_step_waits_for_a_worker_starts_no
         assert left == [], "an inserter thread was started for a request whose connection was gone"
     finally:
         _release(left)
+
+
+class _SteppedReactor(_QueuedReactor):
+    """Notes when a worker hands a result back, so a test can wait for a step to end."""
+
+    def __init__(self):
+        super().__init__()
+        self.handed_back = threading.Event()
+
+    def callFromThread(self, function, *args, **kwargs):
+        super().callFromThread(function, *args, **kwargs)
+        self.handed_back.set()
+
+
+def test_put_dropped_in_the_middle_of_its_body_leaves_the_file_as_it_was(tmp_path, monkeypatch, brz):
+    """A put whose connection is lost after part of its body was taken is dropped, as brz serve drops it:
+    the file keeps its old bytes instead of getting the part that arrived."""
+    monkeypatch.setenv("BRZ_HOME", str(brz.home))
+    monkeypatch.setenv("BRZ_LOG", str(brz.home / "brz.log"))
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "file").write_bytes(b"original")
+    pool = ThreadPool(minthreads=1, maxthreads=1, name="abort-test")
+    reactor = _SteppedReactor()
+    backend = BzrBackend(str(root), pool, reactor)
+    factory = SmartServerFactory(Dispatcher(backend), clock=Clock(), tcp_writable=Writable.everywhere())
+    protocol = factory.build_protocol(Caller(None, "test", Writable.everywhere()))
+    protocol.makeConnection(StringTransport())
+    client = Connection(Role.CLIENT)
+    pool.start()
+    try:
+        protocol.dataReceived(client.send(Request((b"put", b"/file", b""))) + client.send(BodyChunk(b"half of it")))
+        assert reactor.handed_back.wait(10), "the request's first step never ran"
+        protocol.connectionLost(Failure(ConnectionDone()))
+    finally:
+        pool.stop()  # runs what the abort queued, then waits for the worker
+    assert (root / "file").read_bytes() == b"original"

@@ -235,14 +235,19 @@ class _BzrRequestRun:
                 self._release_handler()
 
     def _release_handler(self) -> None:
-        # The insert_stream family feeds the body to its own thread through
-        # a queue; a non-bytes item makes that stream fail, so the write
-        # group is aborted rather than committed from a truncated body.
+        # A request is dropped half-received, as brz serve drops it: ending
+        # it would run it on the part of its body that arrived (a put would
+        # write half a file, set_tags_bytes half the tags). Only the
+        # insert_stream family holds something, a thread of its own fed the
+        # body through a queue: a non-bytes item makes that stream fail, so
+        # the write group is aborted rather than committed from a truncated
+        # body, and ending the request then waits for the thread.
         command = getattr(self._handler, "_command", None)
         body_queue = getattr(command, "queue", None)
-        if body_queue is not None:
-            body_queue.put(_ABORTED)
-            body_queue.put(StopIteration)
+        if body_queue is None:
+            return
+        body_queue.put(_ABORTED)
+        body_queue.put(StopIteration)
         try:
             self._handler.end_received()
         except Exception:
