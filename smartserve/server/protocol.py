@@ -17,6 +17,13 @@ RESPONSE
 CLOSED
     The connection is gone.
 
+The transport is read only while the next bytes can be taken: not while a
+step of the request runs in the backend, and not from the moment a request
+has wholly arrived until its response has been written. What the client
+sends meanwhile waits in its socket (over SSH, in its channel window), so a
+client that writes without reading costs the server no memory; requests it
+pipelined are answered in order once the one before is done.
+
 A drain closes an IDLE connection at once and any other right after the
 last byte of its current response; a request that has not begun is never
 started. With a drain linger of L seconds, requests that begin within L
@@ -136,6 +143,7 @@ class SmartServerProtocol(Protocol):
         self._draining = False
         self._closing = False
         self._producer_paused = False
+        self._reading_paused = False
         self._idle_timer = None
         self._waiting_since = None
         self._pending_bytes_in = 0
@@ -285,6 +293,20 @@ class SmartServerProtocol(Protocol):
                 self._consume_events()
         finally:
             self._handling_events = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Pause or resume reading the transport, as the module docstring says."""
+        current = self._current
+        paused = current is not None and (current.finished or current.advancing)
+        if paused is self._reading_paused or self._closing:
+            return
+        # Noted first: resuming an SSH channel delivers the data it held at once.
+        self._reading_paused = paused
+        if paused:
+            self.transport.pauseProducing()
+        else:
+            self.transport.resumeProducing()
 
     def _consume_events(self) -> None:
         while not self._closing:
@@ -372,8 +394,6 @@ class SmartServerProtocol(Protocol):
         current.started = True
         chunks, current.chunks = current.chunks, []
         current.advancing = True
-        if not current.finished:
-            self.transport.pauseProducing()
         try:
             d = current.run.advance(chunks, current.finished)
         except Exception:
@@ -387,8 +407,6 @@ class SmartServerProtocol(Protocol):
         current.advancing = False
         if self._current is not current:
             return
-        if not current.finished:
-            self.transport.resumeProducing()
         if reply is not None:
             current.refusal = reply  # the rest of the request body is ignored
             if current.finished:

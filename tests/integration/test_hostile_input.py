@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import select
 import socket
 import struct
 import subprocess
@@ -9,11 +11,22 @@ import time
 
 import pytest
 
-from smartserve.protocol import MESSAGE_MARKER, BodyChunk, Connection, EndOfMessage, Request, Response, Role
+from smartserve.protocol import (
+    MESSAGE_MARKER,
+    NEED_DATA,
+    BodyChunk,
+    Connection,
+    EndOfMessage,
+    Request,
+    Response,
+    Role,
+)
 from smartserve.testing import RawClient
 from support import BRZ, brz_env, wait_for
 
 pytestmark = pytest.mark.timeout(120)
+
+MiB = 1024 * 1024
 
 
 def _connect(server) -> socket.socket:
@@ -244,3 +257,55 @@ def test_reply_that_cannot_be_encoded_becomes_an_error_reply(start_smartserve, b
     assert hello.args == (b"ok", b"2")
     [line] = [line for line in server.log().splitlines() if "could not be encoded" in line]
     assert "Branch.set_last_revision_info" in line and "TokenMismatch" in line
+
+
+def _write_until_stalled(sock: socket.socket, chunk: bytes, cap: int, stall: float) -> int:
+    """Write ``chunk`` after ``chunk`` until the peer takes nothing for ``stall`` seconds or ``cap`` bytes went; returns the bytes written."""
+    sent = 0
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        while sent < cap:
+            _, writable, _ = select.select([], [sock], [], stall)
+            if not writable:
+                break
+            try:
+                sent += sock.send(chunk)
+            except BlockingIOError:
+                pass
+    finally:
+        sock.settimeout(timeout)
+    return sent
+
+
+def test_client_that_writes_without_reading_is_not_read_until_its_answer_is_taken(start_smartserve):
+    """A client that asks for a 20 MB file, reads none of it and keeps writing is not read from while the
+    answer waits: the server does not grow by what the client writes, and the answer then arrives whole."""
+    server = start_smartserve("--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none", name="unread")
+    content = os.urandom(20 * MiB)
+    (server.data / "branches" / "big.bin").write_bytes(content)
+    assert _call(server, b"get", b"big.bin").body == content  # the server has served such a file before
+    before = server.rss_kib()
+
+    client = Connection(Role.CLIENT)
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(client.send(Request((b"get", b"big.bin"))) + client.send(EndOfMessage()))
+        # Then the start of a pipelined put whose one body part never ends.
+        sock.sendall(Connection(Role.CLIENT).send(Request((b"put", b"/p", b""))) + b"b" + struct.pack(">L", 200 * MiB))
+        sent = _write_until_stalled(sock, b"j" * 65536, cap=128 * MiB, stall=2.0)
+        grown_mib = (server.rss_kib() - before) / 1024
+        assert sent < 32 * MiB, f"the server read {sent / MiB:.0f} MiB while its answer waited"
+        assert grown_mib < 32, f"the server grew by {grown_mib:.0f} MiB"
+
+        body = []
+        while not isinstance(event := client.next_event(), EndOfMessage):
+            if event is NEED_DATA:
+                client.receive_data(sock.recv(1024 * 1024))
+            elif isinstance(event, BodyChunk):
+                body.append(event.data)
+    assert b"".join(body) == content
+    assert _hello_works(server)

@@ -68,3 +68,34 @@ def test_protocol_sends_each_whole_response_at_once_over_tcp():
     protocol.dataReceived(encode_request([b"get", b"f"]))
     assert transport.no_delay is True
     assert transport.sent_at_once == [first, len(transport.value())]
+
+
+def test_protocol_stops_reading_while_a_received_request_runs_and_answers_pipelined_ones_after():
+    """Once a request has wholly arrived, the transport is not read until its answer is written;
+    requests received with it are then answered in order, and reading resumes when none is left."""
+    backend = MemoryBackend({b"a": b"1", b"b": b"2"})
+    backend.hold(b"get")
+    factory, protocol, transport = serve_in_memory(backend, clock=Clock())
+    protocol.dataReceived(encode_request([b"get", b"a"]) + encode_request([b"get", b"b"]))
+    assert transport.producerState == "paused"
+    assert response_args(transport.value()) == []
+    backend.release()
+    assert response_bodies(transport.value()) == [b"1", b"2"]
+    assert transport.producerState == "producing"
+    protocol.dataReceived(encode_request([b"hello"]))
+    assert response_args(transport.value())[-1] == (b"ok", b"2")
+    assert transport.producerState == "producing"
+
+
+def test_protocol_keeps_reading_a_request_body_and_a_refused_request():
+    """A request still arriving is read on (between backend steps), and so is one refused before it ran."""
+    backend = MemoryBackend()
+    factory, protocol, transport = serve_in_memory(backend, clock=Clock())
+    client = Connection(Role.CLIENT)
+    protocol.dataReceived(client.send(Request((b"put", b"f", b""))) + client.send(BodyChunk(b"part")))
+    assert transport.producerState == "producing"
+    protocol.dataReceived(client.send(EndOfMessage()))
+    assert backend.files == {b"f": b"part"}
+    client = Connection(Role.CLIENT)
+    protocol.dataReceived(client.send(Request((b"No.such_verb",))) + client.send(BodyChunk(b"x")))
+    assert transport.producerState == "producing"

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import struct
 
-from twisted.conch.ssh import connection
+from twisted.conch.ssh import common, connection
 from twisted.conch.ssh.session import SSHSessionProcessProtocol
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
+from twisted.internet.task import Clock
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from smartserve.protocol import Connection, Request, Role
+from smartserve.server.caller import Caller
+from smartserve.server.dispatcher import Dispatcher
+from smartserve.server.jail import Writable
+from smartserve.server.protocol import SmartServerFactory
 from smartserve.ssh._connection import SmartConnection
-from smartserve.ssh._session import ChannelTransport, SessionChannel
+from smartserve.ssh._session import ChannelTransport, SessionChannel, _Inbound
+from smartserve.testing import MemoryBackend, encode_request, response_args
 
 
 class _RecordingConnection:
@@ -206,3 +213,68 @@ def test_channel_large_write_goes_out_window_by_window_in_order():
     assert sent() == body + b"tail"
     assert all(len(data) <= 1024 for kind, data in conn.log if kind == "data")
     assert conn.log[-1] == ("close", b"")
+
+
+class _WritingClient:
+    """The client end of a session channel that writes whenever its window allows and reads nothing."""
+
+    def __init__(self, conn: SmartConnection, channel: SessionChannel):
+        self.conn = conn
+        self.channel = channel
+        self.window = channel.localWindowSize
+        self.sent = 0
+        self._adjusts_seen = 0
+
+    def send(self, data: bytes) -> None:
+        """Send ``data`` as channel data packets, as the window allows; what does not fit is not sent."""
+        for start in range(0, len(data), self.channel.localMaxPacket):
+            self._take_window_adjustments()
+            piece = data[start : start + min(self.channel.localMaxPacket, self.window)]
+            if not piece:
+                return
+            self.conn.ssh_CHANNEL_DATA(struct.pack(">L", self.channel.id) + common.NS(piece))
+            self.window -= len(piece)
+            self.sent += len(piece)
+
+    def _take_window_adjustments(self) -> None:
+        packets = self.conn.transport.packets
+        for kind, payload in packets[self._adjusts_seen :]:
+            if kind == connection.MSG_CHANNEL_WINDOW_ADJUST:
+                self.window += struct.unpack(">2L", payload)[1]
+        self._adjusts_seen = len(packets)
+
+
+def test_session_client_writing_without_reading_gets_no_window_while_its_request_is_answered():
+    """Over SSH too, a client whose request has arrived gets no more window until the answer is written:
+    it can send at most the window it had, and the window opens again once the server reads on."""
+    backend = MemoryBackend({b"f": b"data"})
+    backend.hold(b"get")
+    factory = SmartServerFactory(Dispatcher(backend), clock=Clock())
+    conn = SmartConnection()
+    conn.transport = _PacketRecorder()
+    channel = SessionChannel(conn=conn, remoteWindow=1 << 20, remoteMaxPacket=32768)
+    channel.id = 0
+    conn.channels[0] = channel
+    conn.channelsToRemoteChannel[channel] = 5
+    transport = ChannelTransport(channel, lambda: None)
+    protocol = factory.build_protocol(Caller("alice", "test", Writable.nowhere()))
+    transport.connect(protocol)
+    channel.client = SSHSessionProcessProtocol(channel)
+    channel.client.makeConnection(_Inbound(transport))
+
+    client = _WritingClient(conn, channel)
+    client.send(encode_request([b"get", b"f"]))
+    # Then a pipelined put whose one body part is far larger than any window.
+    put = Connection(Role.CLIENT).send(Request((b"put", b"p", b"")))
+    body_part_start = put + b"b" + struct.pack(">L", 64 << 20)
+    client.send(body_part_start + b"j" * (16 << 20))
+    assert client.sent <= channel.localWindowSize, f"the client sent {client.sent} bytes while its request ran"
+    assert client.window == 0
+
+    backend.release()
+    answered = b"".join(
+        common.getNS(payload[4:])[0] for kind, payload in conn.transport.packets if kind == connection.MSG_CHANNEL_DATA
+    )
+    assert response_args(answered) == [(b"ok",)]
+    client.send(b"j" * 65536)
+    assert client.sent > channel.localWindowSize, "the window did not open again after the answer"
