@@ -5,7 +5,13 @@ from __future__ import annotations
 from typing import Union
 
 from ._events import BodyChunk, ConnectionClosed, Event, Request, Response
-from ._exceptions import LocalProtocolError, ProtocolError, RemoteProtocolError, UnsupportedProtocolVersion
+from ._exceptions import (
+    LimitExceeded,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    UnsupportedProtocolVersion,
+)
 from ._limits import DEFAULT_LIMITS, Limits
 from ._readers import MessageReader
 from ._receivebuffer import ReceiveBuffer
@@ -91,13 +97,23 @@ class Connection:
     def receive_data(self, data: bytes) -> None:
         """Add bytes received from the peer; ``b""`` means EOF.
 
-        Raises ``RemoteProtocolError`` for data after EOF.
+        Raises ``RemoteProtocolError`` for data after EOF, and
+        ``LimitExceeded`` when, while the peer's message is complete and
+        ``start_next_cycle`` has not been called, the bytes held would go
+        over ``limits.max_pipelined_size``; the data is then dropped and
+        the connection unusable, as after an error from ``next_event``.
         """
         if not data:
             self._their_eof = True
             return
         if self._their_eof:
             raise RemoteProtocolError("data received after EOF")
+        if self._their_state is _DONE:
+            held = len(self._buffer) + len(data)
+            if held > self.limits.max_pipelined_size:
+                exc = LimitExceeded("pipelined data", held, self.limits.max_pipelined_size)
+                self._fail_remote(exc)
+                raise exc
         self._buffer.append(data)
 
     def next_event(self) -> Union[Event, _Sentinel]:

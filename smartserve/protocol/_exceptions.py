@@ -33,9 +33,11 @@ class RemoteProtocolError(ProtocolError):
 
 
 class LimitExceeded(RemoteProtocolError):
-    """A part announced a size over one of the configured limits.
+    """The peer went over one of the configured limits.
 
-    Raised as soon as the length prefix is read, before the part is buffered.
+    A part announcing a size over its limit is refused as soon as the
+    length prefix is read, before the part is buffered; bytes sent ahead of
+    an answer, as soon as there are too many.
     """
 
     def __init__(self, limit: str, size: int, maximum: int):

@@ -16,11 +16,18 @@ class Limits:
 
     ``max_body_part_size`` must hold a whole file, since Breezy sends a
     ``get`` response or a ``put`` request body as one part.
+
+    ``max_pipelined_size`` bounds what the peer may send beyond a complete
+    message before ``start_next_cycle``: the start of its next message, sent
+    before the answer to the last one. An adapter that stops reading while
+    it answers holds at most one read there; the limit is for one that
+    does not.
     """
 
     max_headers_size: int = 64 * KiB
     max_structure_size: int = 4 * MiB
     max_body_part_size: int = 256 * MiB
+    max_pipelined_size: int = 1 * MiB
 
 
 DEFAULT_LIMITS = Limits()

@@ -180,7 +180,11 @@ class SmartServerProtocol(Protocol):
         else:
             self._pending_bytes_in += len(data)
         self._restart_idle_timer()
-        self._codec.receive_data(data)
+        try:
+            self._codec.receive_data(data)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
         self._handle_events()
 
     def eofReceived(self) -> None:

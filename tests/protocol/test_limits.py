@@ -1,4 +1,4 @@
-"""Size limits are enforced as soon as a length prefix arrives."""
+"""Size limits are enforced as soon as a length prefix arrives, or as soon as too much is sent ahead of an answer."""
 
 import pytest
 from breezy import errors
@@ -7,14 +7,18 @@ from smartserve.protocol import (
     DEFAULT_LIMITS,
     MESSAGE_MARKER,
     NEED_DATA,
+    PAUSED,
     Connection,
+    EndOfMessage,
     LimitExceeded,
     Limits,
+    RemoteProtocolError,
+    Response,
     Role,
 )
 from smartserve.protocol._wire import LENGTH
 
-from .helpers import breezy_read_response, prefixed, receive_all, receiver
+from .helpers import HELLO, breezy_read_response, prefixed, receive_all, receiver, send_all
 
 SMALL = Limits(max_headers_size=10, max_structure_size=20, max_body_part_size=30)
 REQUEST_HEAD = MESSAGE_MARKER + prefixed(b"de") + b"s" + prefixed(b"l3:gete")
@@ -81,3 +85,40 @@ def test_limit_exceeded_queues_v3_error_for_breezy():
         breezy_read_response(server.data_to_send()).read_response_tuple()
     assert caught.value.error_tuple[0] == b"error"
     assert b"headers of 1000 bytes" in caught.value.error_tuple[1]
+
+
+HELLO_BYTES = send_all(Connection(Role.CLIENT), HELLO)
+PIPELINED = Limits(max_pipelined_size=3 * len(HELLO_BYTES))
+
+
+def test_bytes_sent_ahead_of_the_answer_up_to_the_limit_wait_for_the_next_cycle():
+    """Pipelined requests that fit the limit are held while the first waits for its answer, then read in turn."""
+    server = Connection(Role.SERVER, limits=PIPELINED)
+    server.receive_data(HELLO_BYTES)
+    assert receive_all(server) == HELLO
+    for _ in range(3):
+        server.receive_data(HELLO_BYTES)
+    for _ in range(3):
+        assert server.next_event() is PAUSED
+        send_all(server, [Response((b"ok",)), EndOfMessage()])
+        server.start_next_cycle()
+        assert receive_all(server) == HELLO
+
+
+def test_bytes_sent_ahead_of_the_answer_over_the_limit_are_refused():
+    """Bytes beyond a complete request that go over the limit raise at once, unbuffered, and queue a v3 error reply."""
+    server = Connection(Role.SERVER, limits=PIPELINED)
+    server.receive_data(HELLO_BYTES)
+    assert receive_all(server) == HELLO
+    maximum = PIPELINED.max_pipelined_size
+    server.receive_data(b"j" * maximum)
+    with pytest.raises(LimitExceeded) as caught:
+        server.receive_data(b"j")
+    assert (caught.value.limit, caught.value.size, caught.value.maximum) == ("pipelined data", maximum + 1, maximum)
+    assert len(server.trailing_data) == maximum
+    with pytest.raises(errors.ErrorFromSmartServer) as error:
+        breezy_read_response(server.data_to_send()).read_response_tuple()
+    expected = b"pipelined data of %d bytes exceeds the limit of %d bytes" % (maximum + 1, maximum)
+    assert expected in error.value.error_tuple[1]
+    with pytest.raises(RemoteProtocolError):
+        server.next_event()

@@ -99,3 +99,20 @@ def test_protocol_keeps_reading_a_request_body_and_a_refused_request():
     client = Connection(Role.CLIENT)
     protocol.dataReceived(client.send(Request((b"No.such_verb",))) + client.send(BodyChunk(b"x")))
     assert transport.producerState == "producing"
+
+
+def test_protocol_refuses_data_sent_ahead_of_an_answer_beyond_the_limit():
+    """A transport that delivers bytes while reading is paused cannot make the server hold more than
+    max_pipelined_size: the client gets an error reply naming the limit and the connection closes."""
+    backend = MemoryBackend({b"a": b"1"})
+    backend.hold(b"get")
+    factory, protocol, transport = serve_in_memory(backend, clock=Clock())
+    protocol.dataReceived(encode_request([b"get", b"a"]))
+    junk = b"j" * 65536
+    for _ in range(factory.limits.max_pipelined_size // len(junk)):
+        protocol.dataReceived(junk)
+    assert not transport.disconnecting
+    protocol.dataReceived(junk)
+    [error] = response_args(transport.value())
+    assert error[0] == b"error" and b"pipelined data" in error[1]
+    assert transport.disconnecting
