@@ -44,7 +44,7 @@ from typing import List, Optional
 
 import breezy
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -124,7 +124,7 @@ class _CurrentRequest:
         self.ready: Optional[list] = None
 
 
-@implementer(IPushProducer)
+@implementer(IPushProducer, IHalfCloseableProtocol)
 class SmartServerProtocol(Protocol):
     """Serves smart protocol v3 requests on one connection, one at a time."""
 
@@ -188,11 +188,24 @@ class SmartServerProtocol(Protocol):
         self._handle_events()
 
     def eofReceived(self) -> None:
-        """The peer will send nothing more (an SSH channel EOF)."""
-        if self._closing:
+        """The peer will send nothing more (an SSH channel EOF).
+
+        What it sent is still answered, the request in progress and any it
+        pipelined before the EOF; then the connection closes.
+        """
+        if self._closing or self._codec.their_eof:
             return
         self._codec.receive_data(b"")
         self._handle_events()
+
+    # IHalfCloseableProtocol: over TCP a client may shut down only its sending side.
+
+    def readConnectionLost(self) -> None:
+        """The TCP peer shut down its sending side: the same as an SSH channel EOF."""
+        self.eofReceived()
+
+    def writeConnectionLost(self) -> None:
+        """Never happens: the server does not shut down its sending side alone."""
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._cancel_idle_timer()

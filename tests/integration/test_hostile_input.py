@@ -21,7 +21,7 @@ from smartserve.protocol import (
     Response,
     Role,
 )
-from smartserve.testing import RawClient
+from smartserve.testing import RawClient, response_args
 from support import BRZ, brz_env, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -309,3 +309,15 @@ def test_client_that_writes_without_reading_is_not_read_until_its_answer_is_take
                 body.append(event.data)
     assert b"".join(body) == content
     assert _hello_works(server)
+
+
+def test_requests_followed_by_a_half_close_are_answered_then_the_connection_closes(server):
+    """A client that sends its requests and shuts down its sending side gets every answer, in order, as from
+    brz serve; then the server closes. The requests run in the worker pool, so none is answered inline."""
+    client = Connection(Role.CLIENT)
+    data = client.send(Request((b"BzrDir.open_2.1", b"missing/"))) + client.send(EndOfMessage())
+    with _connect(server) as sock:
+        sock.sendall(data + data)
+        sock.shutdown(socket.SHUT_WR)
+        received = _read_until_closed(sock)
+    assert response_args(received) == [(b"no",), (b"no",)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -116,3 +117,20 @@ def test_protocol_refuses_data_sent_ahead_of_an_answer_beyond_the_limit():
     [error] = response_args(transport.value())
     assert error[0] == b"error" and b"pipelined data" in error[1]
     assert transport.disconnecting
+
+
+def test_protocol_answers_requests_received_before_a_tcp_half_close_then_closes():
+    """When the peer shuts down its sending side (a TCP half-close), the request running and those already
+    received are answered in order, as brz serve answers them, and then the connection closes."""
+    backend = MemoryBackend({b"a": b"1", b"b": b"2"})
+    backend.hold(b"get")
+    factory, protocol, transport = serve_in_memory(backend, clock=Clock())
+    assert IHalfCloseableProtocol.providedBy(protocol)
+    protocol.dataReceived(encode_request([b"get", b"a"]) + encode_request([b"get", b"b"]))
+    protocol.readConnectionLost()
+    assert not transport.disconnecting
+    backend.release()
+    assert response_bodies(transport.value()) == [b"1", b"2"]
+    assert protocol.requests_served == 2
+    assert transport.disconnecting
+    assert backend.aborted == []
