@@ -256,7 +256,7 @@ def test_session_client_writing_without_reading_gets_no_window_while_its_request
     channel.id = 0
     conn.channels[0] = channel
     conn.channelsToRemoteChannel[channel] = 5
-    transport = ChannelTransport(channel, lambda: None)
+    transport = ChannelTransport(channel, lambda: None, lambda: None)
     protocol = factory.build_protocol(Caller("alice", "test", Writable.nowhere()))
     transport.connect(protocol)
     channel.client = SSHSessionProcessProtocol(channel)
