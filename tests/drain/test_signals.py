@@ -64,8 +64,8 @@ def test_drain_request_after_close_never_applied(server):
     assert "append" not in [record["verb"] for record in server.access_records()]
 
 
-def test_sigterm_waits_for_busy_connection(server):
-    """SIGTERM with a response still being written lets it finish intact, then the server exits."""
+def _busy_client_while_sigterm_drains(server) -> RawClient:
+    """A client whose big response is being written (it reads nothing yet) when SIGTERM has started a drain."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", server.port))
@@ -74,6 +74,12 @@ def test_sigterm_waits_for_busy_connection(server):
     wait_for(lambda: server_status(server)["busy"] == 1, 10, "the response to start")
     server.process.send_signal(signal.SIGTERM)
     wait_for(lambda: "Draining: 1 connections open, 1 busy" in server.log(), 10, "the drain to start")
+    return client
+
+
+def test_sigterm_waits_for_busy_connection(server):
+    """SIGTERM with a response still being written lets it finish intact, then the server exits."""
+    client = _busy_client_while_sigterm_drains(server)
     assert server.process.poll() is None
     reply = client.read_reply()
     assert reply.args == (b"ok",)
@@ -87,14 +93,7 @@ def test_sigterm_waits_for_busy_connection(server):
 
 def test_second_drain_triggers_during_sigterm_drain_let_response_finish(server):
     """SIGHUP, a second SIGTERM, SIGINT and `smartserve drain` during a SIGTERM drain change nothing: the response in progress finishes intact, then the server exits."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", server.port))
-    client = RawClient(sock)
-    client.send_request([b"get", b"big.bin"])
-    wait_for(lambda: server_status(server)["busy"] == 1, 10, "the response to start")
-    server.process.send_signal(signal.SIGTERM)
-    wait_for(lambda: "Draining: 1 connections open, 1 busy" in server.log(), 10, "the drain to start")
+    client = _busy_client_while_sigterm_drains(server)
     for number, (signum, name) in enumerate(
         [(signal.SIGHUP, "SIGHUP"), (signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")], start=1
     ):

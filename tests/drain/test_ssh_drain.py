@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+from contextlib import contextmanager
 
 import pytest
 
@@ -57,8 +58,9 @@ def test_ssh_idle_session_exits_75_on_drain(ssh_server):
     assert ssh_server.wait_exit(30) == 0
 
 
-def test_ssh_busy_session_finishes_then_exits_75(ssh_server):
-    """A session whose request is running when the drain starts gets its whole response, then exit status 75."""
+@contextmanager
+def _busy_session(ssh_server):
+    """A smart session whose big response is being written, unread: (the ssh process, its client); killed if left running."""
     (ssh_server.data / "branches" / "big.bin").write_bytes(b"\x5a" * SIZE)
     session = start_smart_session(ssh_server)
     try:
@@ -67,26 +69,25 @@ def test_ssh_busy_session_finishes_then_exits_75(ssh_server):
         client.send_request([b"get", b"big.bin"])
         # Unread, the response fills the pipe and the SSH window: the request stays busy.
         wait_for(lambda: server_status(ssh_server)["busy"] == 1, 10, "the request to run")
-        ssh_server.process.send_signal(signal.SIGHUP)
-        reply = client.read_reply()
-        assert reply.body == b"\x5a" * SIZE
-        assert session.wait(timeout=10) == EX_TEMPFAIL, session.stderr.read()
+        yield session, client
     finally:
         if session.poll() is None:
             session.kill()
         session.wait()
 
 
+def test_ssh_busy_session_finishes_then_exits_75(ssh_server):
+    """A session whose request is running when the drain starts gets its whole response, then exit status 75."""
+    with _busy_session(ssh_server) as (session, client):
+        ssh_server.process.send_signal(signal.SIGHUP)
+        reply = client.read_reply()
+        assert reply.body == b"\x5a" * SIZE
+        assert session.wait(timeout=10) == EX_TEMPFAIL, session.stderr.read()
+
+
 def test_ssh_busy_session_counted_once_in_status_and_at_the_deadline(ssh_server):
     """One bzr+ssh client with a busy session is one connection in `smartserve status`, and the drain deadline aborts and counts it once."""
-    (ssh_server.data / "branches" / "big.bin").write_bytes(b"\x5a" * SIZE)
-    session = start_smart_session(ssh_server)
-    try:
-        client = RawClient.over_pipes(session.stdin, session.stdout)
-        assert client.call(b"hello").args == (b"ok", b"2")
-        client.send_request([b"get", b"big.bin"])
-        # Unread, the response fills the pipe and the SSH window: the request stays busy.
-        wait_for(lambda: server_status(ssh_server)["busy"] == 1, 10, "the request to run")
+    with _busy_session(ssh_server) as (session, client):
         status = server_status(ssh_server)
         assert (status["connections"], status["busy"]) == (1, 1)
         done = run_smartserve("drain", "--control", ssh_server.control, "--timeout", "1")
@@ -94,10 +95,6 @@ def test_ssh_busy_session_counted_once_in_status_and_at_the_deadline(ssh_server)
         assert "draining: 1 connections open, 1 busy" in done.stdout
         assert "timed out: aborted 1 connections still busy" in done.stderr
         assert ssh_server.wait_exit(30) == 0
-    finally:
-        if session.poll() is None:
-            session.kill()
-        session.wait()
     log = ssh_server.log()
     assert "Draining: 1 connections open, 1 busy" in log
     assert "Drain deadline passed: aborted 1 connections" in log
