@@ -63,7 +63,8 @@ frontend bzr
 backend smartserve
     balance roundrobin
     option httpchk GET /health
-    default-server inter 100ms fall 1 rise 1 send-proxy-v2
+    # rise 2, as doc/operator.md's configuration: one good check does not bring a server back.
+    default-server inter 100ms fall 1 rise 2 send-proxy-v2
     server a 127.0.0.1:{a_port} check port {a_admin}
     server b 127.0.0.1:{b_port} check port {b_admin}
 """
@@ -154,6 +155,7 @@ def check_no_loss(attempts: list, a: ServerProcess, b: ServerProcess, down: floa
     assert all(attempt.started - down < STATE_SETTLES for attempt in reached_a), (
         "connections reached a this long after haproxy marked it down: "
         + ", ".join(f"{attempt.started - down:.3f} s (port {attempt.source_port})" for attempt in reached_a)
+        + "\nhaproxy said:\n" + proxy_output
     )
 
 
