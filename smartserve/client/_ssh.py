@@ -190,6 +190,9 @@ class _UserAuth(SSHUserAuthClient):
     def getPassword(self, prompt=None):
         return None
 
+    def auth_keyboard_interactive(self) -> bool:
+        return False  # a prompt nobody answers; the login fails as refused instead
+
     def auth_publickey(self) -> bool:
         key = self.getPublicKey()
         if key is None:

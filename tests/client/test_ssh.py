@@ -361,3 +361,31 @@ async def test_ssh_rsa_key_in_the_agent_logs_in_with_sha2_signatures(openssh, ss
         assert (await client.call(b"hello")).args[0] == b"ok"
     finally:
         await client.close()
+
+
+def test_ssh_login_never_answers_a_password_or_keyboard_prompt():
+    """A server offering only password and keyboard-interactive gets a disconnect (a refused login), no request."""
+    from twisted.conch.ssh.common import NS
+    from twisted.conch.ssh.connection import SSHConnection
+    from twisted.conch.ssh.transport import DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE
+
+    from smartserve.client._ssh import _UserAuth
+
+    class Transport:
+        peerExtensions: dict = {}
+
+        def __init__(self):
+            self.packets, self.disconnects = [], []
+
+        def sendPacket(self, kind, payload):
+            self.packets.append((kind, payload))
+
+        def sendDisconnect(self, reason, description):
+            self.disconnects.append(reason)
+
+    auth = _UserAuth(b"alice", SSHConnection(), keys=[], agent=None)
+    auth.transport = Transport()
+    auth.lastAuth, auth.authenticatedWith, auth.triedPublicKeys = b"none", [], []
+    auth.ssh_USERAUTH_FAILURE(NS(b"password,keyboard-interactive") + b"\x00")
+    assert auth.transport.packets == []
+    assert auth.transport.disconnects == [DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE]
