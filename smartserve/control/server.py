@@ -14,7 +14,7 @@ import os
 import socket
 from typing import List, Optional
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -30,6 +30,10 @@ log = Logger()
 # Seconds a control connection has, once closed for the exit, to take the
 # answers still written to it; one that does not read is then cut off.
 CLOSE_TIMEOUT = 2.0
+# How often, and how far apart in seconds, a process taking its sockets back
+# looks whether another one still answers on the control socket.
+TAKE_BACK_PROBES = 20
+TAKE_BACK_PROBE_INTERVAL = 0.1
 
 
 class Control:
@@ -101,12 +105,19 @@ class Control:
         released, self._socket_released = self._socket_released or defer.succeed(None), None
         return released.addCallback(lambda _: self._listen_on_socket_again())
 
-    def _listen_on_socket_again(self) -> Optional[defer.Deferred]:
+    def _listen_on_socket_again(self, tries: int = TAKE_BACK_PROBES) -> Optional[defer.Deferred]:
         listener, path = self.socket_listener, self.socket_path
         if listener is None or listener.port is not None or self.controller.state is DrainState.DRAINED:
             return None
         if os.path.exists(path):
             if _answers(path):
+                if tries > 1:
+                    # The process that went away may still be closing its own
+                    # control socket: it answers for a moment after its
+                    # connection here is gone.
+                    return task.deferLater(
+                        self.controller.clock, TAKE_BACK_PROBE_INTERVAL, self._listen_on_socket_again, tries - 1
+                    )
                 log.warn(
                     "Another process answers on the control socket {path}; this one serves without it "
                     "(SIGTERM drains it)",

@@ -132,5 +132,56 @@ def test_rolling_restart_stuck_new_server_exits_3_at_start_timeout(tmp_path):
         assert f"the new server (pid {new_pid}) did not answer on {data / 'control.sock'} within 3 s" in done.stderr
     finally:
         if new_pid is not None:
-            os.kill(new_pid, signal.SIGKILL)
+            try:
+                os.kill(new_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # stopped by rolling-restart
+        old.stop()
+
+
+# Stands for a new server that took the listening sockets over and then got
+# stuck before asking the old one to drain: it holds the hand-over and a
+# control socket of its own, and answers nothing.
+STUCK_AFTER_TAKEOVER = """#!{python}
+import socket, sys, time
+from twisted.internet import defer, task
+from smartserve.control.client import connect, take_over
+control = sys.argv[sys.argv.index("--takeover") + 1]
+async def main(reactor):
+    protocol = await connect(reactor, control)
+    await take_over(protocol)
+    listener = socket.socket(socket.AF_UNIX)
+    for _ in range(100):  # the old process removes its socket file as it hands over
+        try:
+            listener.bind(control)
+            break
+        except OSError:
+            time.sleep(0.05)
+    listener.listen()
+    await defer.Deferred()
+task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+"""
+
+
+def test_rolling_restart_stops_a_new_server_stuck_after_taking_over(tmp_path):
+    """A new server stuck after taking the sockets is stopped at --start-timeout, and the old one takes them back and serves on."""
+    data = tmp_path / "data"
+    old = ServerProcess(data, ["--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none"], name="old").start()
+    stuck = tmp_path / "stuck-twistd"
+    stuck.write_text(STUCK_AFTER_TAKEOVER.format(python=sys.executable))
+    stuck.chmod(0o755)
+    new_pid = None
+    try:
+        done = run_rolling_restart("--data", data, "--start-timeout", "3", "--", "--bzr", "tcp:0", TWISTD=str(stuck))
+        new_pid = int(re.search(r"new server: pid (\d+)", done.stdout).group(1))
+        assert done.returncode == 3, done.stdout + done.stderr
+        assert f"stopped it, so the old server (pid {old.pid}) takes its sockets back" in done.stderr
+        wait_taken_back(old)
+        assert_serves(old)
+    finally:
+        if new_pid is not None:
+            try:
+                os.kill(new_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         old.stop()
