@@ -49,6 +49,12 @@ def brz_env(home: Path) -> dict:
     )
 
 
+def make_key_pair(path: Path, kind: str = "ed25519", comment: str = "test") -> Path:
+    """Create an unencrypted SSH key pair at ``path`` and ``path.pub`` with ssh-keygen; returns ``path``."""
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", comment, "-f", str(path)], check=True)
+    return path
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:

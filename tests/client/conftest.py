@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from twisted.internet import defer, protocol, reactor
 
-from support import BRZ, SmartserveProcess, brz_env, free_port
+from support import BRZ, SmartserveProcess, brz_env, free_port, make_key_pair
 
 
 def _wait_listening(process, port: int, timeout: float, what: str) -> None:
@@ -300,7 +300,7 @@ class OpenSSHServer:
         wrapper.write_text(f'#!/bin/sh\nexec {BRZ} "$@"\n')
         wrapper.chmod(0o755)
         for name in ("host_key", "client_key", "other_key"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / name)], check=True)
+            make_key_pair(base / name)
         (base / "authorized_keys").write_text((base / "client_key.pub").read_text())
         self.port = free_port()
         (base / "sshd_config").write_text(
@@ -362,7 +362,7 @@ class SmartserveServer:
         (self.data / "keys").mkdir(parents=True)
         self.root.mkdir()
         self.client_key = self.base / "client_key"
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.client_key)], check=True)
+        make_key_pair(self.client_key)
         (self.data / "keys" / f"{self.user}.pub").write_text((self.base / "client_key.pub").read_text())
         access = self.base / "access"
         access.write_text(f"{self.user} write /\n")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from twisted.logger import globalLogPublisher
 from smartserve.client import RetryPolicy, SmartClient, SmartClientProtocol, SSHOptions
 
 from drain.conftest import ServerProcess, server_status
-from support import free_port, wait_for, wait_until
+from support import free_port, make_key_pair, wait_for, wait_until
 
 from .conftest import copy_branch
 
@@ -232,7 +231,7 @@ def ssh_takeover(tmp_path):
     """A Takeover serving bzr+ssh:// only, where ``client_key`` logs in as alice with write access."""
     port = free_port()
     client_key = tmp_path / "client_key"
-    subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", str(client_key)], check=True)
+    make_key_pair(client_key)
     access = tmp_path / "access"
     access.write_text("alice write /\n")
     pair = Takeover(tmp_path, ["--ssh", f"tcp:{port}:interface=127.0.0.1", "--access", str(access)])

@@ -7,6 +7,8 @@ import pytest_twisted
 
 from smartserve.client import HostKeyError, LoginRefused, NoSuchFile, RetryPolicy, SmartClient, SSHOptions
 
+from support import make_key_pair
+
 from .conftest import FaultRelay, copy_branch, streamed_revisions
 
 FAST = RetryPolicy(backoff_initial=0.01, deadline=30.0)
@@ -54,10 +56,8 @@ async def test_ssh_get_stream_of_a_real_branch(openssh, sample_branch, tmp_path)
 @pytest_twisted.ensureDeferred
 async def test_ssh_refused_key_fails_at_once_naming_the_login(openssh, tmp_path):
     """A key the server does not accept fails the call with LoginRefused on the first attempt: trying again cannot help."""
-    import subprocess
-
     stranger = tmp_path / "stranger"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    make_key_pair(stranger)
     options = SSHOptions(identity_files=[str(stranger)], known_hosts=str(openssh.known_hosts), use_agent=False)
     policy = RetryPolicy(backoff_initial=0.01, max_connect_attempts=5, deadline=30.0)
     client = SmartClient.from_url(openssh.url(), policy=policy, ssh=options)
@@ -238,10 +238,8 @@ def ssh_agent(tmp_path, monkeypatch):
 @pytest_twisted.ensureDeferred
 async def test_ssh_agent_key_is_offered_after_the_identity_files(openssh, ssh_agent, tmp_path):
     """A refused identity file does not end the login: the agent's key is offered next, and logs in."""
-    import subprocess
-
     stranger = tmp_path / "stranger"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    make_key_pair(stranger)
     ssh_agent(openssh.client_key)
     client = ssh_client(openssh, identity_files=[str(stranger)], use_agent=True)
     try:
@@ -253,10 +251,8 @@ async def test_ssh_agent_key_is_offered_after_the_identity_files(openssh, ssh_ag
 @pytest_twisted.ensureDeferred
 async def test_ssh_agent_without_a_key_the_server_takes_is_a_refused_login(openssh, ssh_agent, tmp_path):
     """With only the agent's keys, none of which the server takes, the call fails with LoginRefused."""
-    import subprocess
-
     stranger = tmp_path / "stranger"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    make_key_pair(stranger)
     ssh_agent(stranger)
     client = ssh_client(openssh, identity_files=[], use_agent=True)
     try:
@@ -294,11 +290,9 @@ async def test_ssh_trust_on_first_use_records_the_host_under_its_port_as_openssh
 @pytest_twisted.ensureDeferred
 async def test_ssh_disconnect_for_too_many_refused_keys_is_a_refused_login(openssh, tmp_path):
     """sshd's MaxAuthTries (6) ends the login with a protocol-error disconnect: LoginRefused at once, not a retry."""
-    import subprocess
-
     strangers = [tmp_path / f"stranger{n}" for n in range(8)]
     for key in strangers:
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        make_key_pair(key)
     client = ssh_client(openssh, identity_files=[str(key) for key in strangers])
     try:
         with pytest.raises(LoginRefused) as raised:
@@ -332,10 +326,8 @@ async def test_ssh_channel_output_ended_makes_the_probe_reconnect(openssh, tmp_p
 
 
 def _authorized_rsa_key(openssh, tmp_path):
-    import subprocess
-
     key = tmp_path / "id_rsa"
-    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(key)], check=True)
+    make_key_pair(key, "rsa")
     authorized = openssh.base / "authorized_keys"
     authorized.write_text(authorized.read_text() + key.with_suffix(".pub").read_text())
     return key

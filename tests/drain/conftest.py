@@ -235,12 +235,6 @@ needs_openssh = pytest.mark.skipif(
 )
 
 
-def make_ssh_key(path: Path, comment: str = "test") -> Path:
-    """Create an unencrypted ed25519 key pair at ``path`` and ``path.pub``."""
-    subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)], check=True)
-    return path
-
-
 def ssh_serve_argv(key: Path, known_hosts: Path, port: int, user: str = "alice") -> List[str]:
     """The real ``ssh`` running ``bzr serve --inet`` on 127.0.0.1:``port``, as bzr+ssh:// does."""
     return [

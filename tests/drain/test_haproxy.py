@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from support import free_port, wait_for
+from support import free_port, make_key_pair, wait_for
 
 from smartserve.testing import RawClient
 
@@ -26,7 +26,6 @@ from .conftest import (
     Attempt,
     ConnectionLoop,
     ServerProcess,
-    make_ssh_key,
     needs_openssh,
     ssh_serve_argv,
     start_smartserve_command,
@@ -225,8 +224,8 @@ def _source_port(pid: int, remote_port: int) -> int:
 @needs_openssh
 def test_haproxy_drain_one_ssh_backend_loses_no_session(tmp_path):
     """Draining backend a behind haproxy while real bzr+ssh sessions arrive: none fails, none reaches a after haproxy saw it down."""
-    key = make_ssh_key(tmp_path / "id_ed25519", "alice")
-    host_key = make_ssh_key(tmp_path / "host_key", "host")
+    key = make_key_pair(tmp_path / "id_ed25519", comment="alice")
+    host_key = make_key_pair(tmp_path / "host_key", comment="host")
     for name in ("a", "b"):
         (tmp_path / f"data-{name}" / "keys").mkdir(parents=True)
         shutil.copy(key.with_suffix(".pub"), tmp_path / f"data-{name}" / "keys" / "alice.pub")

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -117,19 +118,22 @@ time.sleep(60)
 """
 
 
-def test_rolling_restart_stuck_new_server_exits_3_at_start_timeout(tmp_path):
-    """A new server that holds the control socket without answering makes rolling-restart exit 3 once --start-timeout has passed, not wait for good."""
-    data = tmp_path / "data"
-    old = ServerProcess(data, ["--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none"], name="old").start()
-    stuck = tmp_path / "stuck-twistd"
-    stuck.write_text(STUCK_TWISTD.format(python=sys.executable))
-    stuck.chmod(0o755)
+@contextmanager
+def restarted_onto(tmp_path, stand_in: str):
+    """rolling-restart with --start-timeout 3 of a new server onto the ``twistd`` script ``stand_in``.
+
+    Yields (the old server, rolling-restart's result, the stand-in's pid);
+    the stand-in is killed and the old server stopped on the way out.
+    """
+    old = ServerProcess(tmp_path / "data", ["--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none"], name="old").start()
+    twistd = tmp_path / "stuck-twistd"
+    twistd.write_text(stand_in.format(python=sys.executable))
+    twistd.chmod(0o755)
     new_pid = None
     try:
-        done = run_rolling_restart("--data", data, "--start-timeout", "3", "--", "--bzr", "tcp:0", TWISTD=str(stuck))
+        done = run_rolling_restart("--data", old.data, "--start-timeout", "3", "--", "--bzr", "tcp:0", TWISTD=str(twistd))
         new_pid = int(re.search(r"new server: pid (\d+)", done.stdout).group(1))
-        assert done.returncode == 3, done.stdout + done.stderr
-        assert f"the new server (pid {new_pid}) did not answer on {data / 'control.sock'} within 3 s" in done.stderr
+        yield old, done, new_pid
     finally:
         if new_pid is not None:
             try:
@@ -137,6 +141,13 @@ def test_rolling_restart_stuck_new_server_exits_3_at_start_timeout(tmp_path):
             except ProcessLookupError:
                 pass  # stopped by rolling-restart
         old.stop()
+
+
+def test_rolling_restart_stuck_new_server_exits_3_at_start_timeout(tmp_path):
+    """A new server that holds the control socket without answering makes rolling-restart exit 3 once --start-timeout has passed, not wait for good."""
+    with restarted_onto(tmp_path, STUCK_TWISTD) as (old, done, new_pid):
+        assert done.returncode == 3, done.stdout + done.stderr
+        assert f"the new server (pid {new_pid}) did not answer on {old.control} within 3 s" in done.stderr
 
 
 # Stands for a new server that took the listening sockets over and then got
@@ -165,23 +176,8 @@ task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
 
 def test_rolling_restart_stops_a_new_server_stuck_after_taking_over(tmp_path):
     """A new server stuck after taking the sockets is stopped at --start-timeout, and the old one takes them back and serves on."""
-    data = tmp_path / "data"
-    old = ServerProcess(data, ["--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none"], name="old").start()
-    stuck = tmp_path / "stuck-twistd"
-    stuck.write_text(STUCK_AFTER_TAKEOVER.format(python=sys.executable))
-    stuck.chmod(0o755)
-    new_pid = None
-    try:
-        done = run_rolling_restart("--data", data, "--start-timeout", "3", "--", "--bzr", "tcp:0", TWISTD=str(stuck))
-        new_pid = int(re.search(r"new server: pid (\d+)", done.stdout).group(1))
+    with restarted_onto(tmp_path, STUCK_AFTER_TAKEOVER) as (old, done, new_pid):
         assert done.returncode == 3, done.stdout + done.stderr
         assert f"stopped it, so the old server (pid {old.pid}) takes its sockets back" in done.stderr
         wait_taken_back(old)
         assert_serves(old)
-    finally:
-        if new_pid is not None:
-            try:
-                os.kill(new_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        old.stop()

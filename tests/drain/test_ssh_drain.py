@@ -11,9 +11,9 @@ import pytest
 
 from smartserve.testing import RawClient
 
-from support import wait_for
+from support import make_key_pair, wait_for
 
-from .conftest import ServerProcess, make_ssh_key, needs_openssh, run_smartserve, server_status, ssh_serve_argv
+from .conftest import ServerProcess, needs_openssh, run_smartserve, server_status, ssh_serve_argv
 
 pytestmark = [needs_openssh, pytest.mark.timeout(60)]
 
@@ -24,7 +24,7 @@ SIZE = 8 * 1024 * 1024
 @pytest.fixture
 def ssh_server(tmp_path):
     """A server on SSH only, on a free port, where the key ``tmp_path/id_ed25519`` logs in as alice."""
-    key = make_ssh_key(tmp_path / "id_ed25519", "alice")
+    key = make_key_pair(tmp_path / "id_ed25519", comment="alice")
     data = tmp_path / "data"
     (data / "keys").mkdir(parents=True)
     shutil.copy(key.with_suffix(".pub"), data / "keys" / "alice.pub")

@@ -11,7 +11,7 @@ import pytest
 import pytest_twisted
 
 from smartserve.testing import RawClient
-from support import wait_for, wait_until
+from support import make_key_pair, wait_for, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -33,7 +33,7 @@ needs_ipv6 = pytest.mark.skipif(not _has_ipv6_loopback(), reason="this machine h
 def _serve_ssh_on_ipv6(start_smartserve, tmp_path):
     """smartserve's SSH on [::1] with user alice's new key: (server, port, key file, known_hosts naming [::1]:port)."""
     key = tmp_path / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    make_key_pair(key)
     keys = tmp_path / "server-data" / "keys"
     keys.mkdir(parents=True)
     (keys / "alice.pub").write_text(key.with_suffix(".pub").read_text())

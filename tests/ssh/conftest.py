@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from smartserve.server.backends.bzr import BzrBackend
 from smartserve.server.dispatcher import Dispatcher
 from smartserve.server.protocol import SmartServerFactory
 from smartserve.ssh import make_ssh_factory
+from support import make_key_pair
 
 SSH = shutil.which("ssh")
 SSH_KEYGEN = shutil.which("ssh-keygen")
@@ -31,11 +31,7 @@ needs_openssh = pytest.mark.skipif(
 def make_user_key(folder: Path, name: str, kind: str = "ed25519") -> Path:
     """Create an unencrypted key pair ``folder/name`` (and ``.pub``) with ssh-keygen."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    subprocess.run(
-        [SSH_KEYGEN, "-q", "-t", kind, "-N", "", "-C", name, "-f", str(path)], check=True
-    )
-    return path
+    return make_key_pair(folder / name, kind, comment=name)
 
 
 class SSHServerUnderTest:
