@@ -72,6 +72,7 @@ def show_ssh_trace(enabled: bool) -> None:
     """Log Conch's whole trace of the client's SSH connections (as ``ssh -v``), or only its warnings and errors."""
     _client_trace.show(enabled)
 
+
 DEFAULT_REMOTE_COMMAND = "bzr serve --inet --directory=/ --allow-writes"
 """What the client runs on the SSH server, as `brz` does."""
 

@@ -163,10 +163,8 @@ class SSHServerFactory(factory.SSHFactory):
         """SSH connections open now, logged in or not."""
         return len(self.connections)
 
-    @property
-    def client_connections(self) -> int:
-        """SSH connections open now; their smart sessions are not counted again."""
-        return len(self.connections)
+    # Each SSH connection is one client; its smart sessions are not counted again.
+    client_connections = open_connections
 
     @property
     def busy_client_connections(self) -> int:

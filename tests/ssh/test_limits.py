@@ -152,7 +152,8 @@ async def _bare_session_channel(server, tmp_path):
     Returns (its SSH transport, closed) once the channel is open: ``closed`` fires when it is closed.
     """
     from twisted.conch.ssh.channel import SSHChannel
-    from twisted.internet import defer, reactor
+    from twisted.internet import defer
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
     from smartserve.client._endpoints import parse_url
     from smartserve.client._ssh import SSHOptions, _ClientTransport, ssh_endpoint
@@ -163,7 +164,7 @@ async def _bare_session_channel(server, tmp_path):
     endpoint = ssh_endpoint(reactor, parse_url(url), options)
     ready = defer.Deferred()
     transport = _ClientTransport(endpoint, ready)
-    await defer.ensureDeferred(_connect_tcp(transport, server.port_number))
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port_number), transport)
     connection = await ready
     opened, closed = defer.Deferred(), defer.Deferred()
 
@@ -179,13 +180,6 @@ async def _bare_session_channel(server, tmp_path):
     connection.openChannel(Bare(conn=connection))
     await opened
     return transport, closed
-
-
-async def _connect_tcp(protocol, port):
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), protocol)
 
 
 @needs_openssh
