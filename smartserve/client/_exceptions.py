@@ -221,3 +221,11 @@ class HostKeyError(ClientError):
 
 class LoginRefused(ClientError):
     """The SSH server refused every key the client offered; trying again would not change that."""
+
+
+class CommandRefused(ConnectionError):
+    """The SSH server refused to run the remote command: nothing read what was sent on its channel.
+
+    The connection ends with it as the reason; a request written before
+    the refusal arrived counts as never sent, since no server read it.
+    """

@@ -41,7 +41,7 @@ from ..protocol import (
     State,
 )
 from ..verbs import FailurePoint
-from ._exceptions import remote_error, transport_failure
+from ._exceptions import CommandRefused, remote_error, transport_failure
 
 __all__ = ["SmartClientProtocol", "Reply", "Outgoing", "DRAIN_EXIT_STATUS"]
 
@@ -170,6 +170,7 @@ class SmartClientProtocol(Protocol):
         self._lost = False
         self._reusable = True
         self.drain_signal = False
+        self._command_refused = False
         self._close_waiters: list = []
         self.requests_sent = 0
 
@@ -532,7 +533,7 @@ class SmartClientProtocol(Protocol):
         if self._received_in_cycle:
             return FailurePoint.DURING_RESPONSE
         state = self._codec.our_state
-        if state is State.IDLE:
+        if state is State.IDLE or self._command_refused:
             return FailurePoint.BEFORE_WRITE
         if state is State.DONE:
             return FailurePoint.AFTER_WRITE
@@ -557,6 +558,7 @@ class SmartClientProtocol(Protocol):
         value = reason.value if reason is not None else None
         if isinstance(value, ProcessTerminated) and value.exitCode == DRAIN_EXIT_STATUS:
             self.drain_signal = True
+        self._command_refused = isinstance(value, CommandRefused)
         self.resumeProducing()
         if self._pending is not None:
             if not self._codec.their_eof:

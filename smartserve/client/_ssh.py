@@ -57,7 +57,7 @@ from zope.interface import implementer
 from .._conch_trace import ConchTrace
 from .._sending import sending_at_once
 from ._endpoints import SSH_PORT, Target
-from ._exceptions import HostKeyError, LoginRefused
+from ._exceptions import CommandRefused, HostKeyError, LoginRefused
 
 __all__ = ["SSHOptions", "ssh_endpoint", "show_ssh_trace", "DEFAULT_REMOTE_COMMAND"]
 
@@ -159,6 +159,13 @@ class _Quiet(Factory):
 class _UserAuth(SSHUserAuthClient):
     """Offers the identity files' keys, then the agent's, as OpenSSH does; never a password.
 
+    The login costs one round trip for a key the server takes: it starts
+    with a key, not with the ``none`` method that asks which methods the
+    server allows, and a key from a file is sent signed at once, where
+    OpenSSH first asks whether the server would take it. An agent's key
+    is still asked about first, since the agent may need its owner to
+    confirm each signature.
+
     An RSA key signs with SHA-2 (``rsa-sha2-512`` or ``rsa-sha2-256``)
     when the server lists it in ``server-sig-algs``, as OpenSSH's client
     does: OpenSSH servers refuse ``ssh-rsa`` (SHA-1) signatures since 8.8.
@@ -174,6 +181,13 @@ class _UserAuth(SSHUserAuthClient):
         self._from_agent = False
         self._algorithm = b""
         self.refused_keys = 0
+
+    def serviceStarted(self) -> None:
+        self.authenticatedWith = []
+        self.triedPublicKeys = []
+        self.lastPublicKey = None
+        if not self.tryAuth(b"publickey"):
+            self.askForAuth(b"none", b"")  # no key to offer: the failure lists what else the server takes
 
     def ssh_USERAUTH_FAILURE(self, packet: bytes):
         if self.lastAuth == b"publickey":
@@ -201,7 +215,10 @@ class _UserAuth(SSHUserAuthClient):
         self.lastPublicKey = key
         self.triedPublicKeys.append(key)
         self._algorithm = self._algorithm_for(key)
-        self.askForAuth(b"publickey", b"\x00" + NS(self._algorithm) + NS(key.blob()))
+        if self._from_agent:
+            self.askForAuth(b"publickey", b"\x00" + NS(self._algorithm) + NS(key.blob()))
+        else:
+            self._send_signed()
         return True
 
     def _algorithm_for(self, key: Key) -> bytes:
@@ -213,6 +230,9 @@ class _UserAuth(SSHUserAuthClient):
         return key.sshType()
 
     def ssh_USERAUTH_PK_OK_publickey(self, packet: bytes) -> None:
+        self._send_signed()
+
+    def _send_signed(self) -> None:
         key, algorithm = self.lastPublicKey, self._algorithm
         signed = (
             NS(self.transport.sessionID) + bytes((MSG_USERAUTH_REQUEST,)) + NS(self.user) + NS(self.instance.name)
@@ -351,11 +371,16 @@ class _ClientTransport(SSHClientTransport):
 class _CommandChannel(SSHChannel):
     """A session channel that runs the remote command, its stdin and stdout carried to and from a protocol.
 
-    ``started`` fires with the protocol once the server runs the command,
-    or fails if it refuses the channel or the command. The protocol sees
-    the channel close as its connection lost, with ``ProcessTerminated``
-    when the command exited with a status other than 0 (75: a draining
-    smartserve) or a signal.
+    ``started`` fires with the protocol as soon as the server opened the
+    channel and the exec request is sent, without waiting for the
+    server's answer to it (as OpenSSH's client does), so the first
+    request travels with the exec request and a connection costs one
+    round trip less. If the server refuses the command, the protocol
+    sees its connection lost with ``CommandRefused``: whatever it sent
+    was never read by a command. It fails only if the server refuses the
+    channel. The protocol sees the channel close as its connection lost,
+    with ``ProcessTerminated`` when the command exited with a status
+    other than 0 (75: a draining smartserve) or a signal.
     """
 
     name = b"session"
@@ -379,20 +404,16 @@ class _CommandChannel(SSHChannel):
         self._started.errback(ConnectionError(f"the SSH server refused a session channel: {reason}"))
 
     def channelOpen(self, specificData: bytes) -> None:
-        self.conn.sendRequest(self, b"exec", NS(self._command), wantReply=True).addCallbacks(
-            self._command_started, self._command_refused
-        )
-
-    def _command_refused(self, failure: Failure) -> None:
-        self._started.errback(
-            ConnectionError(f"the SSH server refused to run {self._command.decode('utf-8', 'replace')!r}")
-        )
-        self.loseConnection()
-
-    def _command_started(self, _) -> None:
+        self.conn.sendRequest(self, b"exec", NS(self._command), wantReply=True).addErrback(self._command_refused)
         self._protocol = self._factory.buildProtocol(self._address)
         self._protocol.makeConnection(self)
         self._started.callback(self._protocol)
+
+    def _command_refused(self, failure: Failure) -> None:
+        if self.remoteClosed:
+            return  # the channel or the connection ended before the answer came: not a refusal
+        self._ended = CommandRefused(f"the SSH server refused to run {self._command.decode('utf-8', 'replace')!r}")
+        self.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._protocol is not None:
@@ -411,11 +432,8 @@ class _CommandChannel(SSHChannel):
         self._ended = ProcessTerminated(None, signal_name.decode("ascii", "replace"))
 
     def closed(self) -> None:
-        if self._protocol is None:
-            if not self._started.called:
-                self._started.errback(ConnectionError("the SSH channel closed before the command started"))
-            return
-        self._protocol.connectionLost(Failure(self._ended or ConnectionDone("ssh channel closed")))
+        if self._protocol is not None:
+            self._protocol.connectionLost(Failure(self._ended or ConnectionDone("ssh channel closed")))
 
 
 @implementer(IStreamClientEndpoint)

@@ -181,6 +181,9 @@ class _RelayLink(protocol.Protocol):
         if not data:
             return
         relay = self.relay
+        direction = "to server" if to_server else "to client"
+        if not relay.flights or relay.flights[-1] != direction:
+            relay.flights.append(direction)
         if to_server:
             if relay.cut_client_to_server is not None:
                 relay.cut_client_to_server -= len(data)
@@ -230,6 +233,8 @@ class FaultRelay(protocol.Factory):
         self.swallowed = 0
         self.cut_client_to_server = None
         self.cut_server_to_client = None
+        self.flights = []
+        """The directions data went in, one entry per change of direction: "to server", "to client"."""
         self._lost_waiters = []
         self._cut_waiters = []
         self.port = None

@@ -73,7 +73,7 @@ async def test_ssh_refused_key_fails_at_once_naming_the_login(openssh, tmp_path)
 
 
 @pytest_twisted.ensureDeferred
-@pytest.mark.parametrize("cut_after", [100, 2500])
+@pytest.mark.parametrize("cut_after", [100, 2000])
 async def test_ssh_connection_lost_during_the_handshake_is_tried_again(openssh, tmp_path, cut_after):
     """An SSH connection cut during key exchange or login (a server restarting) is a failed attempt, made again."""
     relay = FaultRelay(openssh.port).listen()
@@ -381,3 +381,65 @@ def test_ssh_login_never_answers_a_password_or_keyboard_prompt():
     auth.ssh_USERAUTH_FAILURE(NS(b"password,keyboard-interactive") + b"\x00")
     assert auth.transport.packets == []
     assert auth.transport.disconnects == [DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE]
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_connect_and_first_call_take_six_round_trips(openssh, tmp_path):
+    """A new connection logs in with one signed key and sends its first request with the exec request.
+
+    Counted as the flights of data towards the server through a relay:
+    version and key exchange (2), the service request (1), one signed key
+    (1), the channel (1), the exec request with the call (1). Without
+    asking for ``none`` first, asking whether the key would do, and
+    waiting for the exec's answer, it takes three more. One more is
+    allowed for the server's version and key exchange arriving between
+    the client's.
+    """
+    relay = FaultRelay(openssh.port).listen()
+    port = relay.port.getHost().port
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(openssh.known_hosts.read_text().replace(f"]:{openssh.port} ", f"]:{port} "))
+    options = SSHOptions(identity_files=[str(openssh.client_key)], known_hosts=str(known_hosts), use_agent=False)
+    client = SmartClient.from_url(f"bzr+ssh://root@127.0.0.1:{port}/", policy=FAST, ssh=options)
+    try:
+        reply = await client.call(b"hello")
+        towards_server = relay.flights.count("to server")
+    finally:
+        await client.close()
+        relay.stop()
+    assert reply.args[0] == b"ok"
+    assert towards_server <= 7, relay.flights
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_command_refused_by_the_server_fails_the_call_as_never_sent(tmp_path, monkeypatch):
+    """A server that refuses the exec request, answered after the first request went with it, never ran that request.
+
+    So an append is not "outcome unknown" but a request not sent, tried
+    on new connections as the policy allows, and the error names the
+    refused command.
+    """
+    from smartserve.client import RequestNotSent
+    from smartserve.ssh._session import SessionChannel
+
+    from ssh.conftest import SSHServerUnderTest
+
+    refused = []
+    monkeypatch.setattr(SessionChannel, "request_exec", lambda channel, data: refused.append(data) or 0)
+    server = SSHServerUnderTest(tmp_path)
+    key = make_key_pair(tmp_path / "client_key")
+    server.authorize("alice", key.with_suffix(".pub"))
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{server.port_number} {server.host_public_key}\n")
+    options = SSHOptions(identity_files=[str(key)], known_hosts=str(known_hosts), use_agent=False)
+    policy = RetryPolicy(backoff_initial=0.01, max_resends=2, deadline=30.0)
+    client = SmartClient.from_url(f"bzr+ssh://alice@127.0.0.1:{server.port_number}/", policy=policy, ssh=options)
+    try:
+        with pytest.raises(RequestNotSent) as raised:
+            await client.call(b"append", b"/journal", b"", body=b"one line\n")
+    finally:
+        await client.close()
+        await server.stopped()
+    assert "refused to run 'bzr serve --inet --directory=/ --allow-writes'" in str(raised.value)
+    assert len(refused) == 3  # the first attempt and two resends
+    assert not (server.root / "journal").exists()
