@@ -177,7 +177,7 @@ class SmartClient:
         else:
             from ._ssh import SSHOptions, ssh_endpoint
 
-            endpoint = ssh_endpoint(reactor, target, ssh or SSHOptions())
+            endpoint = ssh_endpoint(reactor, target, ssh or SSHOptions(), policy.connect_timeout)
         connect = connector_for_endpoint(endpoint, kwargs.get("clock", reactor), limits)
         kwargs.setdefault("clock", reactor)
         return cls(connect, policy=policy, pool_size=pool_size, target=target, name=url, **kwargs)

@@ -46,7 +46,7 @@ from twisted.conch.ssh.agent import AGENT_SIGN_RESPONSE, AGENTC_SIGN_REQUEST
 from twisted.conch.ssh.userauth import MSG_USERAUTH_REQUEST, SSHUserAuthClient
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone, ProcessTerminated
-from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
+from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -56,7 +56,7 @@ from zope.interface import implementer
 
 from .._conch_trace import ConchTrace
 from .._sending import sending_at_once
-from ._endpoints import SSH_PORT, Target
+from ._endpoints import SSH_PORT, Target, tcp_endpoint
 from ._exceptions import CommandRefused, HostKeyError, LoginRefused
 
 __all__ = ["SSHOptions", "ssh_endpoint", "show_ssh_trace", "DEFAULT_REMOTE_COMMAND"]
@@ -129,8 +129,11 @@ def _load_keys(options: SSHOptions) -> list:
     return [Key.fromFile(os.path.expanduser(path), passphrase=options.passphrase) for path in options.identity_files]
 
 
-def ssh_endpoint(reactor, target: Target, options: SSHOptions) -> "_SSHCommandEndpoint":
-    """The endpoint that runs the remote command for a ``bzr+ssh://`` target."""
+def ssh_endpoint(reactor, target: Target, options: SSHOptions, connect_timeout: float = 30.0) -> "_SSHCommandEndpoint":
+    """The endpoint that runs the remote command for a ``bzr+ssh://`` target.
+
+    ``connect_timeout`` bounds the TCP connect, as for ``bzr://``.
+    """
     known_path = os.path.expanduser(options.known_hosts or "~/.ssh/known_hosts")
     known_hosts = _PortKnownHosts.fromPath(FilePath(known_path))
     known_hosts.port = target.port
@@ -138,7 +141,7 @@ def ssh_endpoint(reactor, target: Target, options: SSHOptions) -> "_SSHCommandEn
     if options.use_agent and os.environ.get("SSH_AUTH_SOCK"):
         agent = UNIXClientEndpoint(reactor, os.environ["SSH_AUTH_SOCK"])
     return _SSHCommandEndpoint(
-        reactor,
+        tcp_endpoint(reactor, target, connect_timeout),
         target,
         command=options.remote_command.encode("utf-8"),
         username=options.username or target.user or getpass.getuser(),
@@ -445,10 +448,9 @@ class _SSHCommandEndpoint:
     connection is closed.
     """
 
-    def __init__(self, reactor, target: Target, *, command: bytes, username: str, keys, agent, known_hosts,
-                 known_path: str, ui):
-        self._reactor = reactor
-        self._target = target
+    def __init__(self, tcp: IStreamClientEndpoint, target: Target, *, command: bytes, username: str, keys, agent,
+                 known_hosts, known_path: str, ui):
+        self._tcp = tcp
         self.host = target.host.encode("idna")
         self.where = f"{target.host}:{target.port}"
         self.command = command
@@ -469,8 +471,7 @@ class _SSHCommandEndpoint:
 
         ready: Deferred = Deferred(cancel)
         transport = _ClientTransport(self, ready)
-        tcp = HostnameEndpoint(self._reactor, self.host, self._target.port)
-        connecting = tcp.connect(_Quiet.forProtocol(lambda: transport))
+        connecting = self._tcp.connect(_Quiet.forProtocol(lambda: transport))
         connecting.addErrback(lambda failure: None if ready.called else ready.errback(failure))
 
         def open_channel(connection: SSHConnection) -> Deferred:

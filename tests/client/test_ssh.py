@@ -443,3 +443,18 @@ async def test_ssh_command_refused_by_the_server_fails_the_call_as_never_sent(tm
     assert "refused to run 'bzr serve --inet --directory=/ --allow-writes'" in str(raised.value)
     assert len(refused) == 3  # the first attempt and two resends
     assert not (server.root / "journal").exists()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]"])
+def test_ssh_connect_to_an_address_uses_the_connect_timeout_and_no_name_lookup(tmp_path, host):
+    """An SSH connection's TCP connect is bounded by the policy's connect_timeout, as a bzr:// one is, and an IP address is connected to directly, not looked up in a thread."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    reactor = MemoryReactorClock()
+    options = SSHOptions(known_hosts=str(tmp_path / "known_hosts"), use_agent=False)
+    client = SmartClient.from_url(
+        f"bzr+ssh://alice@{host}:2222/", reactor=reactor, policy=RetryPolicy(connect_timeout=2.5), ssh=options
+    )
+    client.call(b"hello")
+    connected = reactor.tcpClients
+    assert [(where, port, timeout) for where, port, _, timeout, _ in connected] == [(host.strip("[]"), 2222, 2.5)]
