@@ -61,6 +61,7 @@ class ClientStats:
     resends: int = 0
     outcome_unknown: int = 0
     keepalive_drops: int = 0
+    retired_connections: int = 0
 
 
 class _FirstAttempt:
@@ -123,7 +124,7 @@ class SmartClient:
     from a URL). ``pool_size`` connections at most are used at once.
     ``clock`` defaults to the reactor; ``jitter`` returns a float in [0, 1)
     for the backoff. ``metrics``, such as ``smartserve.metrics.ClientMetrics``,
-    is told of each reconnect (reason ``probe``, ``failure`` or ``drain``),
+    is told of each reconnect (reason ``probe``, ``failure``, ``drain`` or ``age``),
     resend (verb class, failure point) and unknown outcome (verb class).
     """
 
@@ -149,7 +150,7 @@ class SmartClient:
         self.metrics = metrics
         self.budget = RetryBudget(policy.budget_tokens, policy.budget_ratio)
         self._clock = clock
-        self._pool = Pool(connect, clock, policy, jitter, pool_size, name, self.stats)
+        self._pool = Pool(connect, clock, policy, jitter, pool_size, name, self.stats, metrics)
 
     @classmethod
     def from_url(

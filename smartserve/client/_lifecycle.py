@@ -59,6 +59,9 @@ class ConnectionSlot(Protocol):
     def discard(self, reason: str) -> None:
         """Drop the current connection without penalty (the server closed it)."""
 
+    def retire(self) -> None:
+        """Close the current connection politely; the next ``connection()`` makes a new one."""
+
     def stop(self) -> None:
         """Close the connection and make no more."""
 
@@ -92,6 +95,7 @@ class _Core:
     ready: List[tuple] = field(default_factory=list)
     failures: int = 0
     current: Optional[SmartClientProtocol] = None
+    retire_at: Optional[float] = None
     log: Logger = field(default_factory=Logger)
 
     def wait(self) -> Deferred:
@@ -126,6 +130,8 @@ def _build():
 
     def remember(c: ConnectionSlot, s: _Core, protocol: SmartClientProtocol) -> SmartClientProtocol:
         s.current = protocol
+        age = s.policy.max_connection_age
+        s.retire_at = None if age is None else s.clock.seconds() + age * (1.0 - 0.1 * s.jitter())
 
         def lost(reason):
             if s.current is protocol:
@@ -169,10 +175,12 @@ def _build():
         state.upon(ConnectionSlot.request_succeeded).loop().returns(None)
         state.upon(ConnectionSlot.request_failed).loop().returns(None)
         state.upon(ConnectionSlot.discard).loop().returns(None)
+        state.upon(ConnectionSlot.retire).loop().returns(None)
         state.upon(ConnectionSlot._connection_lost).loop().returns(None)
     Connecting.upon(ConnectionSlot.request_succeeded).loop().returns(None)
     Connecting.upon(ConnectionSlot.request_failed).loop().returns(None)
     Connecting.upon(ConnectionSlot.discard).loop().returns(None)
+    Connecting.upon(ConnectionSlot.retire).loop().returns(None)
     Connecting.upon(ConnectionSlot._connection_lost).loop().returns(None)
     Stopped.upon(ConnectionSlot.stop).loop().returns(None)
     Idle.upon(ConnectionSlot.stop).to(Stopped).returns(None)
@@ -209,6 +217,11 @@ def _build():
     def drop(c: ConnectionSlot, s: _Core, protocol: SmartClientProtocol, reason: str) -> None:
         s.current = None
         protocol.abort(reason)
+
+    @pep614(Connected.upon(ConnectionSlot.retire).to(Idle))
+    def retire(c: ConnectionSlot, s: _Core, protocol: SmartClientProtocol) -> None:
+        s.current = None
+        protocol.close()
 
     Connected.upon(ConnectionSlot._connection_lost).to(Idle).returns(None)
     Connected.upon(ConnectionSlot._connection_refused).to(Waiting).returns(None)
@@ -280,6 +293,19 @@ class _Slot:
 
     def discard(self, reason: str) -> None:
         self._machine.discard(reason)
+
+    def retire_if_old(self, now: float) -> bool:
+        """Close the current connection if it has reached the policy's ``max_connection_age``; True if it did."""
+        core = self._core
+        if core.current is None or core.retire_at is None or now < core.retire_at:
+            return False
+        core.log.info(
+            "{slot}: closing a connection open for max_connection_age ({age:g} s); the next call makes a new one",
+            slot=core.name,
+            age=core.policy.max_connection_age,
+        )
+        self._machine.retire()
+        return True
 
     def stop(self) -> None:
         self._machine.stop()

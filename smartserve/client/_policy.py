@@ -30,6 +30,11 @@ class RetryPolicy:
     bounds one connection attempt. ``keepalive_interval`` sends a ``hello``
     on a connection idle that long, so that a connection silently dropped by
     a NAT or proxy is noticed before a real request uses it (None: off).
+    ``max_connection_age`` closes a connection, between calls, once it has
+    been open that long (less up to a tenth, at random, so that a client's
+    connections do not all go at once); the next call makes a new one,
+    so connections spread again over servers that came back after a
+    restart (None: connections live as long as the server keeps them).
     ``budget_tokens`` and ``budget_ratio`` configure the ``RetryBudget``
     shared by all calls of one client.
     """
@@ -44,6 +49,7 @@ class RetryPolicy:
     request_timeout: Optional[float] = None
     connect_timeout: float = 10.0
     keepalive_interval: Optional[float] = None
+    max_connection_age: Optional[float] = None
     budget_tokens: float = 10.0
     budget_ratio: float = 0.1
 

@@ -50,6 +50,7 @@ class Pool:
         size: int = 1,
         name: str = "smartserve",
         stats=None,
+        metrics=None,
     ):
         if size < 1:
             raise ValueError("a pool needs at least one connection")
@@ -63,6 +64,7 @@ class Pool:
         self._waiting: Deque[Deferred] = deque()
         self.size = size
         self._stats = stats
+        self._metrics = metrics
 
     @property
     def in_use(self) -> int:
@@ -82,7 +84,12 @@ class Pool:
         return waiter
 
     def release(self, entry: PoolEntry) -> None:
-        """Give ``entry`` back; the longest waiting call gets it."""
+        """Give ``entry`` back, closing its connection first if it is too old; the longest waiting call gets it."""
+        if self._policy.max_connection_age is not None and entry.slot.retire_if_old(self._clock.seconds()):
+            if self._stats is not None:
+                self._stats.retired_connections += 1
+            if self._metrics is not None:
+                self._metrics.reconnected("age")
         if self._waiting:
             self._waiting.popleft().callback(entry)
             return

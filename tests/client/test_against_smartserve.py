@@ -54,3 +54,33 @@ async def test_smartserve_get_stream_of_a_real_branch(client, smartserve_server,
     name = "branch-" + request.node.callspec.id.replace("+", "-")
     copy_branch(sample_branch, smartserve_server.root / name)
     assert len(await streamed_revisions(client, f"/{name}/".encode())) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_smartserve_ssh_connections_replaced_for_their_age_lose_no_append(smartserve_server):
+    """With max_connection_age, appends go on over new SSH connections, each applied once, none resent or failed."""
+    from twisted.internet import reactor
+
+    client = SmartClient.from_url(
+        smartserve_server.ssh_url,
+        policy=RetryPolicy(deadline=30.0, max_connection_age=0.2),
+        ssh=SSHOptions(
+            identity_files=[str(smartserve_server.client_key)],
+            known_hosts=str(smartserve_server.known_hosts),
+            use_agent=False,
+        ),
+    )
+    journal = smartserve_server.root / "aged-journal"
+    remote = f"/{journal.name}".encode()
+    try:
+        await client.call(b"put", remote, b"", body=b"")
+        lines = 0
+        started = reactor.seconds()
+        while client.stats.retired_connections < 3 and reactor.seconds() - started < 20:
+            await client.call(b"append", remote, b"", body=b"%d\n" % lines)
+            lines += 1
+    finally:
+        await client.close()
+    assert client.stats.retired_connections >= 3
+    assert client.stats.resends == 0 and client.stats.outcome_unknown == 0
+    assert journal.read_bytes() == b"".join(b"%d\n" % line for line in range(lines))

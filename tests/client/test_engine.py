@@ -812,3 +812,41 @@ def test_a_connection_made_as_the_deadline_passes_sends_nothing_and_stays_usable
     later = outcome(client.call(b"hello"))
     connection.respond(b"ok", b"2")
     assert later == [Reply((b"ok", b"2"), b"")]
+
+
+def test_connection_is_closed_between_calls_once_it_reaches_max_connection_age(server, clock):
+    """An old connection carries its call to the end, then is closed politely; the next call makes a new one."""
+    client = make_client(server, clock, max_connection_age=100.0)  # jitter 1.0: retired after 90 s
+    result = outcome(client.call(b"get", b"/a"))
+    first = server.connections[0]
+    first.respond(b"ok", body=b"a")
+    clock.advance(89.0)
+    outcome(client.call(b"get", b"/a"))
+    first.respond(b"ok", body=b"a")
+    assert not first.transport.disconnecting
+    in_flight = outcome(client.call(b"get", b"/b"))
+    clock.advance(2.0)  # the age passes while the call waits for its answer
+    assert not first.transport.disconnecting
+    first.respond(b"ok", body=b"b")
+    assert in_flight == [Reply((b"ok",), b"b")]
+    assert first.transport.disconnecting
+    assert client.stats.retired_connections == 1
+    later = outcome(client.call(b"get", b"/c"))
+    assert len(server.connections) == 2
+    second = server.connections[1]
+    assert second.requests() == [b"get"]
+    second.respond(b"ok", body=b"c")
+    assert result + later == [Reply((b"ok",), b"a"), Reply((b"ok",), b"c")]
+    assert client.stats.resends == 0 and client.stats.probe_reconnects == 0
+
+
+def test_connection_lives_on_without_max_connection_age(server, clock):
+    """By default a connection is kept however old it gets."""
+    client = make_client(server, clock)
+    for _ in range(3):
+        outcome(client.call(b"get", b"/a"))
+        server.connections[0].respond(b"ok", body=b"a")
+        clock.advance(10_000.0)
+    assert len(server.connections) == 1
+    assert not server.connections[0].transport.disconnecting
+    assert client.stats.retired_connections == 0
