@@ -258,15 +258,17 @@ class NotRun(CallFailed):
 class LibraryClient:
     """The same ``call`` as ``SoakClient``, made by ``smartserve.client.BlockingClient`` over its own SSH.
 
-    ``metrics`` is a ``smartserve.metrics.ClientMetrics`` that the client
+    ``max_connection_age`` is the client's ``RetryPolicy`` setting. ``metrics`` is a ``smartserve.metrics.ClientMetrics`` that the client
     feeds with its reconnects and resends.
     """
 
-    def __init__(self, url: str, identity_file: str, known_hosts: str, metrics, *, call_timeout: float = 60.0):
+    def __init__(self, url: str, identity_file: str, known_hosts: str, max_connection_age: Optional[float], metrics,
+                 *, call_timeout: float = 60.0):
         from smartserve.client import BlockingClient, RetryPolicy
         from smartserve.client import SSHOptions
 
-        policy = RetryPolicy(max_resends=6, max_connect_attempts=12, backoff_max=1.0, deadline=call_timeout)
+        policy = RetryPolicy(max_resends=6, max_connect_attempts=12, backoff_max=1.0, deadline=call_timeout,
+                             max_connection_age=max_connection_age)
         ssh = SSHOptions(identity_files=[identity_file], use_agent=False, known_hosts=known_hosts)
         self._client = BlockingClient(url, policy=policy, ssh=ssh, metrics=metrics)
         self.stats = self._client.client.stats
