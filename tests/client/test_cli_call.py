@@ -140,3 +140,71 @@ def test_call_command_passes_arguments_as_the_bytes_given(brz_serve, workdir):
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith(b"error: (b'error', "), done.stderr
     assert b"Traceback" not in done.stderr
+
+
+
+_IN_THREAD = """
+import threading
+
+def in_thread(function, *args):
+    \"\"\"Start ``function(*args)`` in a daemon thread; the returned join() gives its result or exception.\"\"\"
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(function(*args))
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def join():
+        thread.join(20)
+        return outcome[0] if outcome else "still waiting"
+
+    return join
+"""
+
+
+def run_script(source: str) -> subprocess.CompletedProcess:
+    """Run ``source`` in a new Python process, with ``in_thread`` defined."""
+    return subprocess.run([sys.executable, "-c", _IN_THREAD + textwrap.dedent(source)], capture_output=True, timeout=60)
+
+
+def test_blocking_client_refuses_a_reactor_that_already_ran():
+    """After the reactor ran and stopped, a BlockingClient made in another thread raises RuntimeError, not waits forever."""
+    done = run_script(
+        """
+        from twisted.internet import reactor
+        from smartserve.client import BlockingClient
+        reactor.callWhenRunning(reactor.stop)
+        reactor.run()
+        print(in_thread(BlockingClient, "bzr://127.0.0.1:1/")())
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.endswith(b"it ran before in this process, and a reactor cannot be restarted\n"), done.stdout
+
+
+def test_blocking_client_call_in_progress_fails_when_the_reactor_stops():
+    """A call waiting for an answer when the reactor stops raises RuntimeError, and so does a later call."""
+    done = run_script(
+        """
+        import socket
+        from twisted.internet import reactor
+        from smartserve.client import BlockingClient
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()
+            client = BlockingClient("bzr://127.0.0.1:%d/" % silent.getsockname()[1])
+            call = in_thread(client.call, b"hello")
+            accepted, _ = silent.accept()
+            accepted.recv(1)  # the request is on its way: the call waits for the answer
+            reactor.callFromThread(reactor.stop)
+            print(call())
+            print(in_thread(client.call, b"hello")())
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"the reactor stopped before the call ended\nthe reactor stopped; BlockingClient needs it running\n"
