@@ -10,6 +10,7 @@ outcome is unknown or the deadline passed.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Optional
@@ -37,6 +38,17 @@ def escape_bytes(data: bytes) -> str:
     return "".join(out)
 
 
+def _deadline(text: str) -> float:
+    """The ``--timeout`` value: a finite number of seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, more than 0, not {text}")
+    return value
+
+
 def add_call_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``smartserve call``."""
     parser.add_argument("url", help="bzr://host[:port]/path or bzr+ssh://[user@]host[:port]/path")
@@ -46,7 +58,7 @@ def add_call_arguments(parser: argparse.ArgumentParser) -> None:
     body.add_argument("--body", help="request body, sent as the bytes given")
     body.add_argument("--body-file", help="request body read from a file ('-' for stdin)")
     parser.add_argument("--raw", action="store_true", help="write the response body unescaped to stdout")
-    parser.add_argument("--timeout", type=float, default=30.0, help="overall deadline in seconds [default: 30]")
+    parser.add_argument("--timeout", type=_deadline, default=30.0, help="overall deadline in seconds [default: 30]")
     parser.add_argument("--no-resend", action="store_true", help="never send the request twice")
     parser.add_argument(
         "-v", "--verbose", action="store_true",

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from smartserve.client._commandline import escape_bytes
 
 
@@ -50,6 +52,14 @@ def test_call_command_bad_usage_exits_2():
     done = smartserve_call("http://example.invalid/", "hello")
     assert done.returncode == 2
     assert b"unsupported URL scheme" in done.stderr
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf"])
+def test_call_command_timeout_must_be_a_finite_positive_number(timeout):
+    """A --timeout that cannot bound the call is a usage error (exit 2), not a call that gives up at once."""
+    done = smartserve_call("bzr://127.0.0.1:1/", "hello", f"--timeout={timeout}")
+    assert done.returncode == 2, done.stderr
+    assert b"--timeout: must be a finite number of seconds, more than 0" in done.stderr
 
 
 def test_call_command_no_server_exits_3():
