@@ -4,7 +4,9 @@ Prints the response tuple on the first line as Python bytes literals, then
 the body (if any) with non-printable bytes escaped as ``\\xNN``. Exit
 status: 0 the server answered with success, 1 it answered with an error
 (printed on stderr), 2 bad usage, 3 no answer: the connection failed, the
-outcome is unknown or the deadline passed.
+outcome is unknown or the deadline passed; 141 (128 + SIGPIPE, as a
+command killed by it) when standard output is closed before the answer is
+written (``| head``).
 """
 
 from __future__ import annotations
@@ -12,15 +14,26 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from typing import Optional
 
-__all__ = ["add_call_arguments", "run_call", "escape_bytes", "EXIT_OK", "EXIT_REMOTE_ERROR", "EXIT_USAGE", "EXIT_NO_ANSWER"]
+__all__ = [
+    "add_call_arguments",
+    "run_call",
+    "escape_bytes",
+    "EXIT_OK",
+    "EXIT_REMOTE_ERROR",
+    "EXIT_USAGE",
+    "EXIT_NO_ANSWER",
+    "EXIT_BROKEN_PIPE",
+]
 
 EXIT_OK = 0
 EXIT_REMOTE_ERROR = 1
 EXIT_USAGE = 2
 EXIT_NO_ANSWER = 3
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 _PRINTABLE = frozenset(range(0x20, 0x7F)) | {0x0A, 0x09}
 
@@ -124,11 +137,18 @@ def run_call(args: argparse.Namespace) -> int:
         return EXIT_NO_ANSWER
     finally:
         client.close()
-    print(repr(tuple(reply.args)))
-    if reply.body:
-        if args.raw:
-            sys.stdout.flush()
-            sys.stdout.buffer.write(reply.body)
-        else:
-            print(escape_bytes(reply.body))
+    try:
+        print(repr(tuple(reply.args)))
+        if reply.body:
+            if args.raw:
+                sys.stdout.flush()
+                sys.stdout.buffer.write(reply.body)
+            else:
+                print(escape_bytes(reply.body))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Nothing reads the output any more (`| head`): end as a command killed by SIGPIPE
+        # would, and keep the interpreter's own flush at exit from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     return EXIT_OK

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -134,13 +135,28 @@ def test_call_command_over_ssh_uses_key_and_known_hosts(openssh, tmp_path):
     assert b"not in" in refused.stderr
 
 
+def test_call_command_output_closed_by_its_reader_exits_141_quietly(brz_serve, workdir):
+    """An answer written to a pipe nobody reads any more (`| head`) ends with status 141, as SIGPIPE would, and no traceback."""
+    path, remote = workdir
+    (path / "f").write_bytes(b"data")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "smartserve.cli", "call", brz_serve.url, "get", f"{remote}/f"],
+            stdout=write_end, stderr=subprocess.PIPE, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done.stderr
+    assert done.stderr == b""
+
+
 def test_call_command_passes_arguments_as_the_bytes_given(brz_serve, workdir):
     """An argument that is not UTF-8 (a Latin-1 file name) goes out as the bytes given, not a traceback.
 
     `brz serve` refuses a path that is not UTF-8, and that answer is what the command prints.
     """
-    import os
-
     path, remote = workdir
     done = subprocess.run(
         [os.fsencode(sys.executable), b"-m", b"smartserve.cli", b"call", brz_serve.url.encode(), b"get",
