@@ -7,6 +7,7 @@ import math
 import os
 import resource
 import signal
+import stat
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -154,6 +155,19 @@ def freeze_loaded_objects() -> None:
     gc.freeze()
 
 
+def _check_socket_path(path: str) -> None:
+    """Raise unless ``path`` is free or a UNIX socket, which start-up may replace.
+
+    Anything else there (a file, a folder) is the operator's, never removed.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise RuntimeError(f"{path} exists and is not a socket; give --control a path of its own")
+
+
 class SmartserveService(service.MultiService):
     """The whole server: listeners, control socket, drain on stop and on SIGHUP.
 
@@ -199,6 +213,7 @@ class SmartserveService(service.MultiService):
         if after != before:
             log.info("Open-file limit raised from {before} to {after}", before=before, after=after)
         path = self.options["control"]
+        _check_socket_path(path)
         takeover = self.options["takeover"]
         old = None
         adopted = {}

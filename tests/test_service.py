@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from support import SmartserveProcess
 from smartserve.service import freeze_loaded_objects, raise_open_file_limit
 
 
@@ -97,3 +98,20 @@ def test_option_defaults_for_ssh_logins(tmp_path):
     options = Options()
     options.parseOptions(["--data", str(tmp_path)])
     assert (options["max-auth-tries"], options["ssh-debug"]) == (6, False)
+
+
+def test_control_path_that_is_not_a_socket_is_left_alone(tmp_path):
+    """A --control path naming an existing file stops the start with a clear error; the file is not removed."""
+    precious = tmp_path / "access"
+    precious.write_text("alice read-only\n")
+    server = SmartserveProcess(
+        tmp_path / "data", ["--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none", "--control", str(precious)]
+    )
+    try:
+        with pytest.raises(AssertionError, match="exited early"):
+            server.start()
+    finally:
+        server.stop()
+    assert server.process.returncode == 1
+    assert precious.read_text() == "alice read-only\n"
+    assert f"could not start: {precious} exists and is not a socket" in server.log()
