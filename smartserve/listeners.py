@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
 from zope.interface import implementer
 
-__all__ = ["Listener", "ListenerGroup"]
+__all__ = ["ListenError", "Listener", "ListenerGroup"]
 
 log = Logger()
 
@@ -52,6 +52,10 @@ def _family_of(port) -> int:
     raise ValueError(f"cannot hand over a listener on {host!r}")
 
 
+class ListenError(Exception):
+    """A listener's endpoint description is wrong, or it cannot listen on it; the message names the listener."""
+
+
 class Listener:
     """One named listening socket serving ``factory``."""
 
@@ -67,7 +71,10 @@ class Listener:
     def listen(self, adopt: Optional[tuple] = None) -> defer.Deferred:
         """Start listening; ``adopt`` is ``(descriptor, family)`` of a socket to take over."""
         if adopt is None:
-            endpoint = self._endpoint()
+            try:
+                endpoint = self._endpoint()
+            except Exception as exc:
+                return defer.fail(self._error(exc))
         else:
             endpoint = _AdoptedEndpoint(self._reactor, *adopt)
             if self.description.startswith("haproxy:"):
@@ -84,7 +91,18 @@ class Listener:
             )
             return port
 
-        return d.addCallback(listening)
+        def failed(failure):
+            raise self._error(failure.value)
+
+        return d.addCallbacks(listening, failed)
+
+    def _error(self, exc: Exception) -> ListenError:
+        """``exc``, from parsing or listening on this listener's endpoint, as a one-line error naming it."""
+        if isinstance(exc, ListenError):
+            return exc
+        error = ListenError(f"{self.name} endpoint {self.description!r}: {exc}")
+        error.__cause__ = exc
+        return error
 
     def _endpoint(self):
         try:
@@ -93,7 +111,7 @@ class Listener:
             if "systemd:" not in self.description:
                 raise
             # Twisted looks the socket up in what systemd passed, and finds nothing.
-            raise ValueError(
+            raise ListenError(
                 f"{self.name} endpoint {self.description!r}: no such socket inherited from systemd "
                 "(it sets LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID for the process it starts)"
             ) from exc
@@ -134,6 +152,12 @@ class Listener:
         return True
 
 
+def _first_error(failure):
+    """The failure of the first listener that failed, rather than ``gatherResults``' wrapper around it."""
+    failure.trap(defer.FirstError)
+    return failure.value.subFailure
+
+
 class ListenerGroup:
     """The server's listeners, by name."""
 
@@ -154,7 +178,7 @@ class ListenerGroup:
             if name not in self.listeners:
                 log.warn("Closing handed-over listener {name}: not configured here", name=name)
                 os.close(descriptor)
-        return defer.gatherResults(started, consumeErrors=True)
+        return defer.gatherResults(started, consumeErrors=True).addErrback(_first_error)
 
     def stop(self, *, all_listeners: bool = False) -> defer.Deferred:
         """Stop the listeners that close on a drain, or every one of them."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import resource
+import socket
 import weakref
 from pathlib import Path
 
@@ -115,3 +116,22 @@ def test_control_path_that_is_not_a_socket_is_left_alone(tmp_path):
     assert server.process.returncode == 1
     assert precious.read_text() == "alice read-only\n"
     assert f"could not start: {precious} exists and is not a socket" in server.log()
+
+
+def test_port_in_use_is_a_one_line_error_naming_the_listener(tmp_path):
+    """A port that is taken stops the start with one line naming the listener and the reason, then exit status 1."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        endpoint = f"tcp:{port}:interface=127.0.0.1"
+        server = SmartserveProcess(tmp_path / "data", ["--bzr", endpoint, "--ssh", "none"])
+        try:
+            with pytest.raises(AssertionError, match="exited early"):
+                server.start()
+        finally:
+            server.stop()
+    assert server.process.returncode == 1
+    [line] = [line for line in server.log().splitlines() if "could not start" in line]
+    assert line.endswith(
+        f"smartserve could not start: bzr endpoint '{endpoint}': "
+        f"Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use."
+    )
