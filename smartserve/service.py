@@ -320,11 +320,37 @@ class _ThreadPoolService(service.Service):
 
 
 def makeService(options: Options, reactor=None) -> SmartserveService:
-    """Build the service tree from ``options``."""
+    """Build the service tree from ``options``.
+
+    A file or folder it cannot use (a data folder that is a file, a missing
+    access file, a bad host key) ends the process with a one-line error on
+    stderr and exit status 1, before anything listens.
+    """
+    try:
+        return _make_service(options, reactor)
+    except (OSError, _SetupError) as error:
+        raise SystemExit(f"smartserve could not start: {error}") from None
+
+
+class _SetupError(Exception):
+    """A file the options name cannot be used; the message says which and why."""
+
+
+def _make_folder(option: str, path: str) -> None:
+    """Create the folder ``path`` given by ``--option`` if missing; ``OSError`` naming the option if it cannot be."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(f"--{option} {path} is not a folder") from None
+    except OSError as error:
+        raise OSError(f"--{option} {path}: {error.strerror}") from None
+
+
+def _make_service(options: Options, reactor) -> SmartserveService:
     if reactor is None:
         from twisted.internet import reactor
-    for folder in (options["data"], options["root"]):
-        os.makedirs(folder, exist_ok=True)
+    _make_folder("data", options["data"])
+    _make_folder("root", options["root"])
     pool = ThreadPool(minthreads=1, maxthreads=options["threads"], name="smartserve-worker")
     backend = BzrBackend(options["root"], pool, reactor, inline_read_bytes=options["inline-read-bytes"])
     metrics = ServerMetrics()
@@ -348,22 +374,26 @@ def makeService(options: Options, reactor=None) -> SmartserveService:
     listeners = ListenerGroup()
     factories = [smart_factory]
     if options["ssh"]:
-        from .ssh import make_ssh_factory, show_conch_trace
+        from .ssh import SSHSetupError, make_ssh_factory, show_conch_trace
 
         show_conch_trace(options["ssh-debug"])
-        ssh_factory = make_ssh_factory(
-            smart_factory=smart_factory,
-            data_dir=options["data"],
-            host_key_paths=[options["host-key"]] if options["host-key"] else [],
-            keys_dir=options["keys"],
-            access_file=options["access"],
-            login_grace_time=options["login-grace-time"],
-            max_unauthenticated=options["max-unauthenticated"],
-            max_auth_tries=options["max-auth-tries"],
-            max_sessions_per_user=options["max-sessions-per-user"],
-            idle_timeout=options["idle-timeout"],
-            clock=reactor,
-        )
+        _make_folder("keys", options["keys"])
+        try:
+            ssh_factory = make_ssh_factory(
+                smart_factory=smart_factory,
+                data_dir=options["data"],
+                host_key_paths=[options["host-key"]] if options["host-key"] else [],
+                keys_dir=options["keys"],
+                access_file=options["access"],
+                login_grace_time=options["login-grace-time"],
+                max_unauthenticated=options["max-unauthenticated"],
+                max_auth_tries=options["max-auth-tries"],
+                max_sessions_per_user=options["max-sessions-per-user"],
+                idle_timeout=options["idle-timeout"],
+                clock=reactor,
+            )
+        except SSHSetupError as error:
+            raise _SetupError(str(error)) from None
         listeners.add(Listener("ssh", options["ssh"], ssh_factory, reactor))
         metrics.watch_connections("ssh", ssh_factory)
         metrics.watch_ssh(ssh_factory)

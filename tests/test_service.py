@@ -135,3 +135,33 @@ def test_port_in_use_is_a_one_line_error_naming_the_listener(tmp_path):
         f"smartserve could not start: bzr endpoint '{endpoint}': "
         f"Couldn't listen on 127.0.0.1:{port}: [Errno 98] Address already in use."
     )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "{file}"], "--data {file} is not a folder"),
+        (["--root", "{file}"], "--root {file} is not a folder"),
+        (["--keys", "{file}"], "--keys {file} is not a folder"),
+        (["--access", "{missing}"], "cannot read the access file {missing}: No such file or directory"),
+        (["--access", "{file}"], "{file}:1: not UTF-8 text"),
+        (["--host-key", "{file}"], "cannot load host key {file}: cannot guess the type of b'\\xff'"),
+        (["--host-key", "{missing}"], "cannot load host key {missing}: [Errno 2] No such file or directory"),
+    ],
+)
+def test_unusable_file_or_folder_is_a_one_line_error(tmp_path, args, message):
+    """A path option naming something the server cannot use stops it before it listens: one line on stderr, status 1."""
+    paths = {"file": tmp_path / "a-file", "missing": tmp_path / "missing"}
+    paths["file"].write_bytes(b"\xff")
+    server = SmartserveProcess(
+        tmp_path / "data", ["--ssh", "tcp:0:interface=127.0.0.1", *(arg.format(**paths) for arg in args)]
+    )
+    try:
+        with pytest.raises(AssertionError, match="exited early") as exited:
+            server.start()
+    finally:
+        server.stop()
+    assert server.process.returncode == 1
+    stderr, _ = str(exited.value).split("exited early: ", 1)[1].split("\n", 1)
+    assert stderr.startswith("smartserve could not start: " + message.format(**paths))
+    assert "Traceback" not in str(exited.value)

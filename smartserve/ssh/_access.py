@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
-from ._exceptions import AccessFileError
+from ._exceptions import AccessFileError, SSHSetupError
 from ._username import is_valid_username
 
 __all__ = ["Rights", "AccessRules", "AccessPolicy", "parse_access", "home_prefix"]
@@ -126,7 +126,8 @@ class AccessPolicy:
     """The rights of each user, from an optional access file kept up to date.
 
     With no file everyone gets the defaults. With a file, it is parsed at
-    once (an error is fatal at startup) and parsed again whenever its
+    once (an error is fatal at startup: ``AccessFileError``, or
+    ``SSHSetupError`` for a file that cannot be read) and parsed again whenever its
     modification time or size changes; a file that turns invalid or
     disappears later is logged and the last valid rules stay in force.
     """
@@ -136,7 +137,10 @@ class AccessPolicy:
         self._signature: tuple[int, int, int] | None = None
         self._rules = AccessRules()
         if path is not None:
-            self._signature, self._rules = self._load(path)
+            try:
+                self._signature, self._rules = self._load(path)
+            except OSError as error:
+                raise SSHSetupError(f"cannot read the access file {path}: {error.strerror}") from error
 
     def rights_for(self, username: str) -> Rights:
         """Return ``username``'s current rights."""
