@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -16,6 +17,9 @@ from ._username import is_valid_username
 __all__ = ["KeyFolder", "MemoryKeyStore", "parse_public_keys"]
 
 _log = Logger()
+
+# A user's key file larger than this is ignored: a few thousand keys at most.
+MAX_KEY_FILE_BYTES = 1 << 20
 
 # DSA is broken; RSA keys shorter than this are refused as OpenSSH does.
 _MIN_RSA_BITS = 2048
@@ -69,7 +73,9 @@ class KeyFolder:
 
     Each lookup costs one ``stat`` of that user's file; the file is parsed
     again only when its modification time, size or inode changed, so keys
-    can be added, replaced or removed without a restart.
+    can be added, replaced or removed without a restart. Anything but a
+    regular file of at most ``MAX_KEY_FILE_BYTES`` (a FIFO, a device, a
+    folder) authorizes no key and is logged once per change.
     """
 
     def __init__(self, folder: str):
@@ -93,13 +99,24 @@ class KeyFolder:
         cached = self._cache.get(username)
         if cached is not None and cached[0] == signature:
             return cached[1]
-        try:
-            with open(path, encoding="utf-8", errors="replace") as keys_file:
-                text = keys_file.read()
-        except OSError as error:
-            _log.error("cannot read {path}: {error}", path=path, error=str(error))
-            return ()
-        keys = parse_public_keys(text, path)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_KEY_FILE_BYTES:
+            # Opening a FIFO would block the reactor until a writer came;
+            # reading a device or a huge file would never end or fill memory.
+            _log.error(
+                "ignoring {path}: {why}",
+                path=path,
+                why="not a regular file" if not stat.S_ISREG(info.st_mode) else f"larger than {MAX_KEY_FILE_BYTES} bytes",
+            )
+            keys = []
+        else:
+            try:
+                descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                with os.fdopen(descriptor, encoding="utf-8", errors="replace") as keys_file:
+                    text = keys_file.read(MAX_KEY_FILE_BYTES)
+            except OSError as error:
+                _log.error("cannot read {path}: {error}", path=path, error=str(error))
+                return ()
+            keys = parse_public_keys(text, path)
         self._cache[username] = (signature, keys)
         return keys
 

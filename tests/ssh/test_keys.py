@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -14,6 +15,8 @@ from twisted.cred.error import UnauthorizedLogin
 from zope.interface.verify import verifyObject
 
 from smartserve.ssh import IKeyStore, KeyFolder, MemoryKeyStore, PublicKeyChecker, is_valid_username
+from smartserve.ssh._keys import MAX_KEY_FILE_BYTES
+from support import logged_events
 
 
 def _new_key() -> Key:
@@ -93,6 +96,33 @@ def test_key_folder_refuses_short_rsa_keys(tmp_path):
     short = Key(rsa.generate_private_key(public_exponent=65537, key_size=1024))
     (tmp_path / "alice.pub").write_text(_public_line(short))
     assert list(KeyFolder(str(tmp_path)).authorized_keys("alice")) == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "device", "huge"])
+def test_key_folder_ignores_what_is_not_a_small_regular_file(tmp_path, kind):
+    """A FIFO, folder, device or huge file as ``<user>.pub`` gives no key at once, logged once, not a stuck reactor."""
+    path = tmp_path / "alice.pub"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "device":
+        path.symlink_to("/dev/null")
+    else:
+        path.write_text(_public_line(_new_key()) * (MAX_KEY_FILE_BYTES // 80 + 1))
+    store = KeyFolder(str(tmp_path))
+    found = []
+    with logged_events(lambda event: event.get("log_namespace") == "smartserve.ssh._keys") as events:
+        lookup = threading.Thread(target=lambda: found.extend(list(store.authorized_keys("alice")) for _ in range(2)))
+        lookup.start()
+        lookup.join(timeout=10)
+        stuck = lookup.is_alive()
+        if stuck and kind == "fifo":
+            open(path, "w").close()  # let the stuck open return, so the thread ends
+        lookup.join()
+    assert not stuck
+    assert found == [[], []]
+    assert [event["path"] for event in events] == [str(path)]
 
 
 def test_checker_provides_icredentialschecker():
