@@ -92,6 +92,14 @@ class Options(usage.Options):
             self["access-log"] = os.path.join(self["data"], "access.log")
         if self["control"] is None:
             self["control"] = os.path.join(self["data"], "control.sock")
+        # twistd changes to --rundir after the service is made: a relative
+        # path read later (keys at each login, the access file on change)
+        # would be looked up there.
+        for name in ("keys", "access", "host-key", "control", "takeover"):
+            if self[name] is not None:
+                self[name] = os.path.abspath(self[name])
+        if self["access-log"] != "-":
+            self["access-log"] = os.path.abspath(self["access-log"])
         if self["ssh"] in ("none", "off", ""):
             self["ssh"] = None
         non_negative = (

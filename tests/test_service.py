@@ -101,6 +101,17 @@ def test_option_defaults_for_ssh_logins(tmp_path):
     assert (options["max-auth-tries"], options["ssh-debug"]) == (6, False)
 
 
+def test_relative_paths_are_made_absolute_before_twistd_changes_folder(tmp_path, monkeypatch):
+    """Paths are resolved where twistd was started, not in its --rundir, where the keys and access file are read again later."""
+    from smartserve.service import Options
+
+    monkeypatch.chdir(tmp_path)
+    options = Options()
+    relative = ["keys", "access", "host-key", "control", "takeover", "access-log"]
+    options.parseOptions(["--data", "data", *(f"--{name}=x/{name}" for name in relative)])
+    assert {name: options[name] for name in relative} == {name: str(tmp_path / "x" / name) for name in relative}
+
+
 def test_control_path_that_is_not_a_socket_is_left_alone(tmp_path):
     """A --control path naming an existing file stops the start with a clear error; the file is not removed."""
     precious = tmp_path / "access"
