@@ -136,6 +136,7 @@ class AccessPolicy:
         self.path = path
         self._signature: tuple[int, int, int] | None = None
         self._rules = AccessRules()
+        self._unreadable: str | None = None
         if path is not None:
             try:
                 self._signature, self._rules = self._load(path)
@@ -153,12 +154,16 @@ class AccessPolicy:
         try:
             info = os.stat(path)
         except OSError as error:
-            _log.error(
-                "access file {path} unreadable ({error}); keeping the last rules",
-                path=path,
-                error=str(error),
-            )
+            # Logged once, not at every login, until the file is back.
+            if str(error) != self._unreadable:
+                self._unreadable = str(error)
+                _log.error(
+                    "access file {path} unreadable ({error}); keeping the last rules",
+                    path=path,
+                    error=str(error),
+                )
             return
+        self._unreadable = None
         signature = (info.st_mtime_ns, info.st_size, info.st_ino)
         if signature == self._signature:
             return

@@ -9,6 +9,7 @@ import pytest
 from smartserve.server.jail import Writable
 from smartserve.ssh import AccessFileError, AccessPolicy, Rights, parse_access
 from smartserve.ssh._session import writable_for
+from support import logged_events
 
 EXAMPLE = """\
 # Release managers may also write to the shared trees.
@@ -85,6 +86,22 @@ def test_access_policy_keeps_last_rules_when_file_breaks(tmp_path):
     path.write_text("guest write\n")
     os.utime(path, ns=(1, 2))
     assert policy.rights_for("guest").read_only
+
+
+def test_access_policy_logs_a_vanished_file_once_not_at_every_login(tmp_path):
+    """A removed access file is reported once and the last rules stay; once back, it is read again."""
+    path = tmp_path / "access"
+    path.write_text("guest read-only\n")
+    policy = AccessPolicy(str(path))
+    with logged_events(lambda event: event.get("log_namespace") == "smartserve.ssh._access") as events:
+        path.unlink()
+        assert all(policy.rights_for("guest").read_only for _ in range(3))
+        path.write_text("guest write /shared/\n")
+        assert policy.rights_for("guest") == Rights(False, ("/~guest/", "/shared/"))
+    assert [event["log_format"] for event in events] == [
+        "access file {path} unreadable ({error}); keeping the last rules",
+        "access file {path} reloaded",
+    ]
 
 
 def test_access_policy_invalid_file_fails_at_startup(tmp_path):
