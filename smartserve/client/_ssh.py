@@ -135,8 +135,6 @@ def ssh_endpoint(reactor, target: Target, options: SSHOptions, connect_timeout: 
     ``connect_timeout`` bounds the TCP connect, as for ``bzr://``.
     """
     known_path = os.path.expanduser(options.known_hosts or "~/.ssh/known_hosts")
-    known_hosts = _PortKnownHosts.fromPath(FilePath(known_path))
-    known_hosts.port = target.port
     agent = None
     if options.use_agent and os.environ.get("SSH_AUTH_SOCK"):
         agent = UNIXClientEndpoint(reactor, os.environ["SSH_AUTH_SOCK"])
@@ -147,7 +145,6 @@ def ssh_endpoint(reactor, target: Target, options: SSHOptions, connect_timeout: 
         username=options.username or target.user or getpass.getuser(),
         keys=_load_keys(options),
         agent=agent,
-        known_hosts=known_hosts,
         known_path=known_path,
         ui=_HostKeyDecision(options.trust_on_first_use),
     )
@@ -307,7 +304,9 @@ class _ClientTransport(SSHClientTransport):
     def verifyHostKey(self, hostKey: bytes, fingerprint) -> Deferred:
         endpoint = self._endpoint
         address = self.transport.getPeer().host.encode("ascii")
-        checked = endpoint.known_hosts.verifyHostKey(endpoint.ui, endpoint.host, address, Key.fromString(hostKey))
+        checked = maybeDeferred(endpoint.known_hosts).addCallback(
+            lambda known_hosts: known_hosts.verifyHostKey(endpoint.ui, endpoint.host, address, Key.fromString(hostKey))
+        )
         return checked.addErrback(self._remember_host_key_failure)
 
     def _remember_host_key_failure(self, failure: Failure) -> Failure:
@@ -449,15 +448,15 @@ class _SSHCommandEndpoint:
     """
 
     def __init__(self, tcp: IStreamClientEndpoint, target: Target, *, command: bytes, username: str, keys, agent,
-                 known_hosts, known_path: str, ui):
+                 known_path: str, ui):
         self._tcp = tcp
+        self._port = target.port
         self.host = target.host.encode("idna")
         self.where = f"{target.host}:{target.port}"
         self.command = command
         self.username = username
         self.keys = keys
         self.agent = agent
-        self.known_hosts = known_hosts
         self.known_path = known_path
         self.ui = ui
 
@@ -491,8 +490,33 @@ class _SSHCommandEndpoint:
 
         return ready.addCallback(open_channel)
 
+    def known_hosts(self) -> _PortKnownHosts:
+        """The known_hosts file as it is now, read afresh for each connection as OpenSSH does.
+
+        A missing file knows no host; one that exists but cannot be read
+        raises ``HostKeyError``, where Conch would take it for an empty one
+        (and trust on first use would then accept any key).
+        """
+        try:
+            with open(self.known_path, "rb"):
+                pass
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise HostKeyError(f"cannot read {self.known_path}: {error.strerror or error}") from None
+        known_hosts = _PortKnownHosts.fromPath(FilePath(self.known_path))
+        known_hosts.port = self._port
+        return known_hosts
+
     def host_key_error(self, failure: Failure) -> Exception:
         """The ``HostKeyError`` for a host key refusal, or the failure's own error."""
+        if failure.check(HostKeyError):
+            return failure.value
+        if failure.check(OSError):
+            return HostKeyError(
+                f"cannot record the host key of {self.where} in {self.known_path}: "
+                f"{failure.value.strerror or failure.value}"
+            )
         if failure.check(UserRejectedKey):
             return HostKeyError(
                 f"host key of {self.where} is not in {self.known_path}; add it "

@@ -135,6 +135,36 @@ async def test_ssh_changed_host_key_is_refused_even_with_trust_on_first_use(open
 
 
 @pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("trust_on_first_use", [False, True])
+async def test_ssh_known_hosts_that_cannot_be_read_is_a_host_key_error(openssh, tmp_path, trust_on_first_use):
+    """A known_hosts that exists but cannot be read fails the call at once, and is never taken for an empty file that trust on first use could fill."""
+    unreadable = tmp_path / "known_hosts"
+    unreadable.mkdir()  # tests run as root, who can read any file: a folder is what open() refuses
+    client = ssh_client(openssh, known_hosts=str(unreadable), trust_on_first_use=trust_on_first_use)
+    try:
+        with pytest.raises(HostKeyError) as raised:
+            await client.call(b"hello")
+    finally:
+        await client.close()
+    assert f"cannot read {unreadable}" in str(raised.value)
+    assert client.stats.connect_failures == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_ssh_host_key_trusted_on_first_use_but_not_recorded_is_not_trusted(openssh):
+    """When trust on first use cannot write the key down, the call fails naming the file, and the next connection does not trust the key either."""
+    unwritable = "/proc/smartserve-test-known-hosts"  # a missing file nobody can create
+    client = ssh_client(openssh, known_hosts=unwritable, trust_on_first_use=True)
+    try:
+        for _ in range(2):
+            with pytest.raises(HostKeyError) as raised:
+                await client.call(b"hello")
+            assert f"cannot record the host key of 127.0.0.1:{openssh.port} in {unwritable}" in str(raised.value)
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_ssh_exit_status_75_resends_append_once(openssh, tmp_path):
     """A server command that exits 75 without answering makes the client resend, even `append`, once."""
     marker = tmp_path / "drained-once"
