@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 from typing import Callable, Dict, Optional, Sequence
 
@@ -110,10 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+"""What a shell reports for a command stopped by Ctrl-C."""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the ``smartserve`` command; returns the exit status."""
+    """Run the ``smartserve`` command; returns the exit status (130 when interrupted, without a traceback)."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ status: 0 the server answered with success, 1 it answered with an error
 (printed on stderr), 2 bad usage, 3 no answer: the connection failed, the
 outcome is unknown or the deadline passed; 141 (128 + SIGPIPE, as a
 command killed by it) when standard output is closed before the answer is
-written (``| head``).
+written (``| head``); 130 when interrupted (``smartserve.cli.main``).
 """
 
 from __future__ import annotations

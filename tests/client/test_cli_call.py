@@ -234,3 +234,32 @@ def test_blocking_client_call_in_progress_fails_when_the_reactor_stops():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == b"the reactor stopped before the call ended\nthe reactor stopped; BlockingClient needs it running\n"
+
+
+def test_call_command_interrupted_by_ctrl_c_exits_130_without_a_traceback(tmp_path):
+    """Ctrl-C while waiting for an answer ends the command as a shell expects, with no Python traceback."""
+    import signal
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    port = silent.getsockname()[1]
+    command = subprocess.Popen(
+        [sys.executable, "-m", "smartserve.cli", "call", f"bzr://127.0.0.1:{port}/", "get", "/file"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        silent.settimeout(30)
+        connection, _ = silent.accept()  # the command is connected and waits for the answer
+        with connection:
+            connection.settimeout(30)
+            assert connection.recv(4096)  # the request arrived: it now waits for the answer
+            command.send_signal(signal.SIGINT)
+            _, stderr = command.communicate(timeout=30)
+    finally:
+        command.kill()
+        silent.close()
+    assert command.returncode == 130, stderr
+    assert b"Traceback" not in stderr
