@@ -51,6 +51,11 @@ __all__ = ["SmartClient", "ClientStats"]
 _PROBE_TURNS = 2  # reactor turns to let unread input arrive before writing
 
 
+_CANCELLED = "call cancelled"
+"""Why a cancelled call's connection is dropped: a request half sent or unanswered leaves it unusable, and
+dropping it makes the server discard a request not wholly sent."""
+
+
 @dataclass
 class ClientStats:
     """Counters over a client's life, for logs, metrics and tests."""
@@ -113,6 +118,7 @@ class _FirstAttempt:
             self._resend.cancel()
         elif not self._over:
             self._over = True
+            self._entry.protocol.abandon(_CANCELLED)
             self._client._pool.release(self._entry)
 
 
@@ -361,6 +367,9 @@ class SmartClient:
                 raise DeadlineExceeded(verb, self.policy.deadline, last_error)
             try:
                 reply = await protocol.send_request(outgoing, timeout=self._attempt_timeout(deadline_at))
+            except CancelledError:
+                protocol.abandon(_CANCELLED)
+                raise
             except RemoteError:
                 entry.slot.request_succeeded()
                 self.budget.record_success()

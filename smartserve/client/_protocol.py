@@ -314,6 +314,16 @@ class SmartClientProtocol(Protocol):
                 self.abort(f"cannot encode request: {exc}", exc)
         return result
 
+    def abandon(self, reason: str) -> None:
+        """Drop the connection for a request its caller gave up on, without settling the request's Deferred.
+
+        Nothing more of the request is sent, so a server discards it if it
+        was not wholly sent.
+        """
+        self._listener = None
+        self._clear_request()
+        self.abort(reason)
+
     def abort(self, reason: str, error: Optional[BaseException] = None) -> None:
         """Drop the connection at once; a request in progress fails with ``reason``.
 

@@ -850,3 +850,38 @@ def test_connection_lives_on_without_max_connection_age(server, clock):
     assert len(server.connections) == 1
     assert not server.connections[0].transport.disconnecting
     assert client.stats.retired_connections == 0
+
+
+@pytest.mark.parametrize("while_resending", [False, True], ids=["in flight", "while resent"])
+def test_engine_cancelled_call_drops_its_connection_and_sends_no_more_of_its_body(server, clock, while_resending):
+    """Cancelling a call whose body is still being streamed drops its connection at once: the server discards the
+    incomplete request, and no further part of the body is read or sent."""
+    from twisted.internet.defer import CancelledError
+
+    gates = []
+    pulled = []
+
+    async def parts():
+        for index in range(3):
+            gate = Deferred()
+            gates.append(gate)
+            await gate
+            pulled.append(index)
+            yield b"part %d" % index
+
+    client = make_client(server, clock)
+    cancelled = client.call(b"put", b"/x", b"", body_stream=parts)
+    result = outcome(cancelled)
+    if while_resending:
+        server.connections[0].lose()
+        assert len(server.connections) == 2
+    connection = server.connections[-1]
+    gates[-1].callback(None)
+    assert pulled == [0]
+    cancelled.cancel()
+    assert result[0].check(CancelledError)
+    assert connection.transport.disconnecting
+    sent, asked = connection.transport.value(), len(gates)
+    gates[-1].callback(None)  # the part being read when the call was cancelled comes
+    assert connection.transport.value() == sent
+    assert len(gates) == asked and pulled == [0, 1]
