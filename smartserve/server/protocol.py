@@ -18,8 +18,11 @@ CLOSED
     The connection is gone.
 
 The transport is read only while the next bytes can be taken: not while a
-step of the request runs in the backend, and not from the moment a request
-has wholly arrived until its response has been written. What the client
+step of the request runs in the backend, not from the moment a request
+has wholly arrived until its response has been written, and not while the
+transport still holds more of that response than it takes at once (it has
+paused its producer): the next request waits until the client has read
+the last answer, so pipelined requests cannot pile up answers. What the client
 sends meanwhile waits in its socket (over SSH, in its channel window), so a
 client that writes without reading costs the server no memory; requests it
 pipelined are answered in order once the one before is done.
@@ -233,6 +236,10 @@ class SmartServerProtocol(Protocol):
     def resumeProducing(self) -> None:
         self._producer_paused = False
         self._update_idle_timer()
+        if self.phase is Phase.IDLE and not self._closing:
+            self._restart_idle_timer()  # the client took what was written
+            self._handle_events()  # the next request, held back while the transport was full
+            return
         current = self._current
         if self.phase is Phase.RESPONSE and current is not None and current.stream is not None:
             ready, current.ready = current.ready, None
@@ -315,7 +322,10 @@ class SmartServerProtocol(Protocol):
     def _update_reading(self) -> None:
         """Pause or resume reading the transport, as the module docstring says."""
         current = self._current
-        paused = current is not None and (current.finished or current.advancing)
+        if current is None:
+            paused = self._producer_paused
+        else:
+            paused = current.finished or current.advancing
         if paused is self._reading_paused or self._closing:
             return
         # Noted first: resuming an SSH channel delivers the data it held at once.
@@ -334,6 +344,8 @@ class SmartServerProtocol(Protocol):
                 return
             if self.phase is Phase.IDLE and self._draining and self._close_if_lingered():
                 return
+            if self.phase is Phase.IDLE and self._producer_paused:
+                break  # the last response is not taken yet: begin no other
             try:
                 event = self._codec.next_event()
             except ProtocolError as exc:

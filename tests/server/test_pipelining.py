@@ -134,3 +134,44 @@ def test_protocol_answers_requests_received_before_a_tcp_half_close_then_closes(
     assert protocol.requests_served == 2
     assert transport.disconnecting
     assert backend.aborted == []
+
+
+class _SmallBufferTransport(StringTransport):
+    """A StringTransport that, like a TCP transport, pauses its producer once it holds more than ``limit`` bytes."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def write(self, data):
+        super().write(data)
+        if len(self.value()) > self.limit and self.producer is not None:
+            self.producer.pauseProducing()
+
+    def send(self) -> bytes:
+        """What the client reads: everything held, after which the producer is resumed."""
+        data = self.value()
+        self.clear()
+        if self.producer is not None:
+            self.producer.resumeProducing()
+        return data
+
+
+def test_protocol_answers_no_pipelined_request_while_the_last_answer_waits_in_the_transport():
+    """A client that pipelines requests and reads no answer does not make the server pile up answers:
+    the next request begins once the transport has sent the last answer, and reading waits until then."""
+    content = b"x" * 60000
+    factory = SmartServerFactory(Dispatcher(MemoryBackend({b"f": content})), clock=Clock())
+    protocol = factory.build_protocol(Caller(None, "memory", Writable.nowhere()))
+    transport = _SmallBufferTransport(limit=65536)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(encode_request([b"get", b"f"]) * 100)
+    assert protocol.requests_served == 2  # the second answer filled the buffer
+    assert len(transport.value()) < 3 * len(content)
+    assert transport.producerState == "paused"
+    received = b""
+    while protocol.requests_served < 100:
+        received += transport.send()
+    received += transport.send()
+    assert response_bodies(received) == [content] * 100
+    assert transport.producerState == "producing"

@@ -159,6 +159,26 @@ class OpenSSHClient:
         )
 
 
+async def conch_connection(server: SSHServerUnderTest, client: OpenSSHClient):
+    """Log in to ``server`` with ``client``'s key through smartserve's Conch client code.
+
+    Returns (its SSH transport, its connection service), for tests that
+    need to send what OpenSSH would not.
+    """
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    from smartserve.client._endpoints import parse_url
+    from smartserve.client._ssh import SSHOptions, _ClientTransport, ssh_endpoint
+
+    url = f"bzr+ssh://alice@127.0.0.1:{server.port_number}/"
+    options = SSHOptions(identity_files=[str(client.key)], known_hosts=str(client.known_hosts), use_agent=False)
+    ready = defer.Deferred()
+    transport = _ClientTransport(ssh_endpoint(reactor, parse_url(url), options), ready)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port_number), transport)
+    connection = await ready.addTimeout(10, reactor)
+    return transport, connection
+
+
 @pytest.fixture
 def ssh_server(tmp_path):
     """A running SSH front end with default options and no access file."""

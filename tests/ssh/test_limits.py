@@ -16,7 +16,7 @@ from smartserve.ssh import MemoryKeyStore, PublicKeyChecker, make_ssh_factory
 
 from support import wait_until
 
-from .conftest import SSHServerUnderTest, needs_openssh
+from .conftest import SSHServerUnderTest, conch_connection, needs_openssh
 
 
 def _factory(tmp_path, clock, **limits):
@@ -153,19 +153,8 @@ async def _bare_session_channel(server, tmp_path):
     """
     from twisted.conch.ssh.channel import SSHChannel
     from twisted.internet import defer
-    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-    from smartserve.client._endpoints import parse_url
-    from smartserve.client._ssh import SSHOptions, _ClientTransport, ssh_endpoint
-
-    client = server.client_for("alice", tmp_path)
-    url = f"bzr+ssh://alice@127.0.0.1:{server.port_number}/"
-    options = SSHOptions(identity_files=[str(client.key)], known_hosts=str(client.known_hosts), use_agent=False)
-    endpoint = ssh_endpoint(reactor, parse_url(url), options)
-    ready = defer.Deferred()
-    transport = _ClientTransport(endpoint, ready)
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port_number), transport)
-    connection = await ready
+    transport, connection = await conch_connection(server, server.client_for("alice", tmp_path))
     opened, closed = defer.Deferred(), defer.Deferred()
 
     class Bare(SSHChannel):

@@ -1,0 +1,78 @@
+"""Hostile or broken clients on a logged-in SSH connection: what they send or fail to read costs the server little."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.conch.ssh.channel import SSHChannel
+from twisted.conch.ssh.common import NS
+from twisted.internet import defer, reactor
+
+from smartserve.testing import encode_request, response_args
+from support import wait_until
+
+from .conftest import SSHServerUnderTest, conch_connection, needs_openssh
+
+SERVE = b"bzr serve --inet --directory=/"
+
+
+class _SmartChannel(SSHChannel):
+    """A session channel that keeps what the server sends on it."""
+
+    name = b"session"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.opened = defer.Deferred()
+        self.received = bytearray()
+
+    def channelOpen(self, specificData):
+        self.opened.callback(None)
+
+    def dataReceived(self, data):
+        self.received += data
+
+
+async def _smart_session(server, tmp_path, **channel_options):
+    """Log in as alice and start a smart session; returns (client SSH transport, channel, server protocol)."""
+    transport, connection = await conch_connection(server, server.client_for("alice", tmp_path))
+    channel = _SmartChannel(conn=connection, **channel_options)
+    connection.openChannel(channel)
+    await channel.opened.addTimeout(10, reactor)
+    await connection.sendRequest(channel, b"exec", NS(SERVE), wantReply=True).addTimeout(10, reactor)
+    await wait_until(lambda: len(server.smart_factory.connections) == 1, 10, "the smart session to start")
+    return transport, channel, next(iter(server.smart_factory.connections))
+
+
+def _unsent(protocol) -> int:
+    """Bytes of output the server's session channel holds for a window the client has not granted."""
+    return sum(map(len, protocol.transport.channel._unsent))
+
+
+@needs_openssh
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_pipelined_requests_of_a_client_that_reads_nothing_do_not_pile_up_answers(tmp_path):
+    """A client that pipelines many requests and reads no answer gets the next one answered only once it
+    has taken the last: the server holds about one answer, not one per request; reading on, it gets all."""
+    server = SSHServerUnderTest(tmp_path)
+    content = b"x" * 60000  # answered inline, on the reactor thread
+    (server.root / "f").write_bytes(content)
+    requests = 300
+    try:
+        transport, channel, protocol = await _smart_session(server, tmp_path)
+        transport.transport.pauseProducing()  # read nothing the server sends
+        channel.write(encode_request([b"get", b"/f"]) * requests)
+        await wait_until(
+            lambda: protocol.requests_served == requests or protocol._reading_paused,
+            10,
+            "the session to answer all or stop reading",
+        )
+        assert protocol.requests_served < 5
+        assert _unsent(protocol) < 3 * len(content)
+        transport.transport.resumeProducing()
+        await wait_until(
+            lambda: len(response_args(bytes(channel.received))) == requests, 20, "every answer to arrive"
+        )
+    finally:
+        await server.stopped()
