@@ -62,7 +62,7 @@ EXIT_TEMPFAIL = 75
 # much.
 LOCAL_WINDOW_BYTES = 1024 * 1024
 CLOSE_ANSWER_SECONDS = 10.0
-"""How long an aborted session's client has to answer the channel close before its SSH connection is dropped."""
+"""How long a client has to answer the server's channel close before its SSH connection is dropped."""
 LOCAL_MAX_PACKET = 32 * 1024
 
 NO_SHELL = "smartserve: no shell here; use a bzr+ssh:// URL with brz"
@@ -155,6 +155,8 @@ class SessionChannel(SSHSession):
     def addWindowBytes(self, data: int) -> None:
         self.remoteWindowLeft += data
         self._send_unsent()
+        if self._when_flushed is not None:
+            self._wait_for_flush()  # the client is reading: it has the full time again
         if self.extBuf:
             queued, self.extBuf = self.extBuf, []
             for data_type, extended in queued:
@@ -174,7 +176,13 @@ class SessionChannel(SSHSession):
     def loseConnection(self) -> None:
         self.closing = 1
         if not self._unsent:
+            self._close_sent()
             super().loseConnection()
+
+    def _close_sent(self) -> None:
+        """The channel close is about to be sent: the client has a while to answer it."""
+        if not self.localClosed and not self.remoteClosed:
+            self._set_timer(CLOSE_ANSWER_SECONDS, self._close_unanswered)
 
     def dataReceived(self, data: bytes) -> None:
         if self.client is None or self.client.transport is None:
@@ -258,14 +266,14 @@ class SessionChannel(SSHSession):
         self.extBuf = []
         self._when_flushed = None
         self.buf = b""
-        self._set_timer(CLOSE_ANSWER_SECONDS, self._close_unanswered)
+        self._close_sent()
         super().loseConnection()
 
     def _close_unanswered(self) -> None:
         self._timer = None
         ssh_transport = self.conn.transport
         _log.info(
-            "{user}'s client did not answer the close of an aborted session; dropping its SSH connection",
+            "{user}'s client did not answer the close of a session; dropping its SSH connection",
             user=ssh_transport.avatar.username,
         )
         if ssh_transport.transport is not None:
@@ -284,7 +292,12 @@ class SessionChannel(SSHSession):
         self.loseConnection()
 
     def end_with_status(self, exit_code: int) -> None:
-        """Send ``exit-status`` (after the buffered output) and close the channel."""
+        """Send ``exit-status`` (after the buffered output) and close the channel.
+
+        A client that takes none of the buffered output for the idle
+        timeout would keep the channel open for ever: the session is then
+        aborted, its output dropped.
+        """
         if self.client is None:
             self.loseConnection()
             return
@@ -295,6 +308,23 @@ class SessionChannel(SSHSession):
             self.loseConnection()
 
         self.when_flushed(send_status)
+        if self._when_flushed is not None:
+            self._wait_for_flush()
+
+    def _wait_for_flush(self) -> None:
+        """(Re)start waiting, for the idle timeout, for the client to take some of the output an ending session holds."""
+        timeout = self.conn.transport.factory.idle_timeout
+        if timeout:
+            self._set_timer(timeout, self._flush_stalled)
+
+    def _flush_stalled(self) -> None:
+        self._timer = None
+        _log.info(
+            "{user}'s client took none of the end of a session's output for {timeout} s; aborting the session",
+            user=self.conn.transport.avatar.username,
+            timeout=self.conn.transport.factory.idle_timeout,
+        )
+        self.abort()
 
 
 @implementer(ISession)

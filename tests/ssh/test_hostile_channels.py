@@ -76,3 +76,32 @@ async def test_pipelined_requests_of_a_client_that_reads_nothing_do_not_pile_up_
         )
     finally:
         await server.stopped()
+
+
+@needs_openssh
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "how",
+    ["grants-no-window", "stops-reading"],
+)
+@pytest_twisted.ensureDeferred
+async def test_session_the_server_ends_is_closed_even_if_the_client_never_takes_its_end(tmp_path, monkeypatch, how):
+    """A session the server ends (here for a malformed frame) is gone in bounded time whatever the client does:
+    one that grants no window for the error reply is aborted after the idle timeout, one that never answers
+    the channel close loses its SSH connection; either way the user's session slot comes back."""
+    from smartserve.ssh import _session
+
+    monkeypatch.setattr(_session, "CLOSE_ANSWER_SECONDS", 0.5)
+    server = SSHServerUnderTest(tmp_path, idle_timeout=1.0)
+    server.smart_factory.idle_timeout = 1.0
+    try:
+        # One byte, never added to (Conch reads a window of 0 as its default).
+        window = {"localWindow": 1} if how == "grants-no-window" else {}
+        transport, channel, protocol = await _smart_session(server, tmp_path, **window)
+        if how == "stops-reading":
+            transport.transport.pauseProducing()
+        channel.write(b"bzr message 3 (bzr 1.6)\n" + b"\x00\x00\x00\x03xyz")  # not valid bencode
+        await wait_until(lambda: protocol.transport.disconnecting, 10, "the server to end the session")
+        await wait_until(lambda: server.factory.sessions_of("alice") == 0, 10, "the session to be closed")
+    finally:
+        await server.stopped()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from types import SimpleNamespace
 
 from twisted.conch.ssh import common, connection
 from twisted.conch.ssh.session import SSHSessionProcessProtocol
@@ -17,15 +18,28 @@ from smartserve.server.dispatcher import Dispatcher
 from smartserve.server.jail import Writable
 from smartserve.server.protocol import SmartServerFactory
 from smartserve.ssh._connection import SmartConnection
+from smartserve.ssh import _session
 from smartserve.ssh._session import ChannelTransport, SessionChannel, _Inbound
 from smartserve.testing import MemoryBackend, encode_request, response_args
 
 
 class _RecordingConnection:
-    """Stands in for an SSH connection service and records what the channel sends."""
+    """Stands in for an SSH connection service and records what the channel sends.
 
-    def __init__(self):
+    ``transport`` stands in for its SSH transport: the factory's idle
+    timeout and clock, the avatar, and ``dropped`` once it was aborted.
+    """
+
+    def __init__(self, idle_timeout: float = 300.0):
         self.log: list = []
+        self.clock = Clock()
+        socket = SimpleNamespace(dropped=False)
+        socket.abortConnection = lambda: setattr(socket, "dropped", True)
+        self.transport = SimpleNamespace(
+            factory=SimpleNamespace(idle_timeout=idle_timeout, clock=self.clock),
+            avatar=SimpleNamespace(username="alice"),
+            transport=socket,
+        )
 
     def sendData(self, channel, data):
         self.log.append(("data", data))
@@ -147,6 +161,26 @@ def test_exit_status_follows_buffered_output():
         ("exit-status", struct.pack(">L", 75)),
         ("close", b""),
     ]
+
+
+def test_ending_session_whose_client_takes_nothing_is_aborted_after_the_idle_timeout():
+    """Output an ending session holds is waited for while the client takes some of it, each time for the idle
+    timeout; when it takes nothing that long the channel is closed without it, and a client that does not
+    answer that close loses its SSH connection."""
+    conn = _RecordingConnection(idle_timeout=30)
+    channel = _channel(10, conn)
+    channel.client = SSHSessionProcessProtocol(channel)
+    channel.write(b"y" * 40)
+    channel.end_with_status(0)
+    conn.clock.advance(29)
+    channel.addWindowBytes(10)  # the client read some: it has 30 s again
+    conn.clock.advance(29)
+    assert [entry[0] for entry in conn.log] == ["data", "data"]
+    conn.clock.advance(1)
+    assert conn.log[-1] == ("close", b"")
+    assert [entry[0] for entry in conn.log].count("exit-status") == 0
+    conn.clock.advance(_session.CLOSE_ANSWER_SECONDS)
+    assert conn.transport.transport.dropped
 
 
 def test_close_from_client_drops_unsendable_output():
