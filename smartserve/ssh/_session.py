@@ -64,6 +64,9 @@ LOCAL_WINDOW_BYTES = 1024 * 1024
 CLOSE_ANSWER_SECONDS = 10.0
 """How long a client has to answer the server's channel close before its SSH connection is dropped."""
 LOCAL_MAX_PACKET = 32 * 1024
+# Queued output goes to the socket this much at a time, so that a socket
+# that fills stops it within a piece, however large the client's window.
+SEND_PIECE_BYTES = 256 * 1024
 
 NO_SHELL = "smartserve: no shell here; use a bzr+ssh:// URL with brz"
 NO_PTY = "smartserve: no terminal here"
@@ -129,7 +132,7 @@ class SessionChannel(SSHSession):
         and only the part a window takes is copied. While anything is
         queued the producer stays paused, so at most one write waits here.
         """
-        if not self._unsent and len(data) <= self.remoteWindowLeft:
+        if not self._unsent and len(data) <= self.remoteWindowLeft and not self._socket_full():
             super().write(data)  # the common case: a response the window takes whole
             return
         if data:
@@ -138,9 +141,9 @@ class SessionChannel(SSHSession):
 
     def _send_unsent(self) -> None:
         unsent = self._unsent
-        while unsent and self.remoteWindowLeft > 0:
+        while unsent and self.remoteWindowLeft > 0 and not self._socket_full():
             head = unsent[0]
-            size = min(len(head), self.remoteWindowLeft)
+            size = min(len(head), self.remoteWindowLeft, SEND_PIECE_BYTES)
             if size == len(head):
                 unsent.popleft()
                 piece = head
@@ -151,6 +154,24 @@ class SessionChannel(SSHSession):
         if unsent and self.areWriting:
             self.areWriting = False
             self.stopWriting()
+        elif unsent:
+            self.stopWriting()  # a full socket, not the window, held it back
+
+    def _socket_full(self) -> bool:
+        """True while the SSH connection's socket holds more than it sends at once."""
+        return getattr(getattr(self.conn, "transport", None), "sending_paused", False)
+
+    def socket_full(self) -> None:
+        """The SSH connection's socket is full: the producer waits."""
+        if self.producer is not None:
+            self.producer.pauseProducing()
+
+    def socket_drained(self) -> None:
+        """The SSH connection's socket sent what it held: send on, as when the client adds window."""
+        was_writing = self.areWriting
+        self.addWindowBytes(0)
+        if was_writing and self.areWriting and not self._unsent and not self.closing:
+            self.startWriting()
 
     def addWindowBytes(self, data: int) -> None:
         self.remoteWindowLeft += data
@@ -232,7 +253,7 @@ class SessionChannel(SSHSession):
             self.producer.pauseProducing()
 
     def startWriting(self) -> None:
-        if self.producer is not None:
+        if self.producer is not None and not self._socket_full():
             self.producer.resumeProducing()
 
     def channelOpen(self, specificData: bytes) -> None:
@@ -452,7 +473,7 @@ class ChannelTransport:
             raise ValueError("only streaming (push) producers are supported")
         self.producer = producer
         self.channel.producer = producer
-        if not self.channel.areWriting:
+        if not self.channel.areWriting or self.channel._socket_full():
             producer.pauseProducing()
 
     def unregisterProducer(self) -> None:

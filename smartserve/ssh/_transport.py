@@ -17,7 +17,9 @@ from twisted.conch.ssh.keys import BadKeyError, Key
 from twisted.cred.credentials import ISSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from .._sending import sending_at_once
 from ..server.caller import peer_text
@@ -79,6 +81,7 @@ def host_signature_algorithms(offered: list[bytes]) -> list[bytes]:
     return [name for name in offered if name not in _REFUSED_HOST_SIGNATURES]
 
 
+@implementer(IPushProducer)
 class ServerTransport(transport.SSHServerTransport):
     """An SSH server transport with a login grace time and a drain hook.
 
@@ -99,16 +102,43 @@ class ServerTransport(transport.SSHServerTransport):
         self.draining = False
         self._grace_timer = None
         self._timed_out = False
+        self.sending_paused = False
 
     def makeConnection(self, transport) -> None:
         # Each packet leaves in the turn it is written (see smartserve._sending).
         super().makeConnection(sending_at_once(transport))
+
+    # IPushProducer, for the socket: a client may grant its channels windows
+    # of up to 4 GiB without reading, so the windows alone do not bound
+    # what waits in the socket's buffer.
+
+    def pauseProducing(self) -> None:
+        """The socket's buffer is full: the session channels stop sending."""
+        self.sending_paused = True
+        self._tell_channels("socket_full")
+
+    def resumeProducing(self) -> None:
+        """The socket sent what it held: the session channels send on."""
+        self.sending_paused = False
+        self._tell_channels("socket_drained")
+
+    def stopProducing(self) -> None:
+        """The connection is going; its connectionLost ends the channels."""
+
+    def _tell_channels(self, name: str) -> None:
+        if not self.authenticated:
+            return
+        for channel in list(getattr(self.service, "channels", {}).values()):
+            notify = getattr(channel, name, None)
+            if notify is not None:
+                notify()
 
     def connectionMade(self) -> None:
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)  # small replies must not wait for delayed ACKs
         super().connectionMade()
+        self.transport.registerProducer(self, True)
         self.factory.connection_started(self)
         grace = self.factory.login_grace_time
         if grace:
@@ -189,7 +219,17 @@ class ServerTransport(transport.SSHServerTransport):
                 description=desc.decode("utf-8", "replace"),
                 code=reason,
             )
+        self._unregister_from_socket()
         super().sendDisconnect(reason, desc)
+
+    def ssh_DISCONNECT(self, packet: bytes) -> None:
+        self._unregister_from_socket()
+        super().ssh_DISCONNECT(packet)
+
+    def _unregister_from_socket(self) -> None:
+        # A TCP transport with a paused producer registered never closes.
+        if self.transport is not None:
+            self.transport.unregisterProducer()
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         # A client saying goodbye (OpenSSH sends "disconnected by user",

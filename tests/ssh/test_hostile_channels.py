@@ -9,6 +9,7 @@ from twisted.conch.ssh.common import NS
 from twisted.internet import defer, reactor
 
 from smartserve.testing import encode_request, response_args
+from tests.server.test_pipelining import response_bodies
 from support import wait_until
 
 from .conftest import SSHServerUnderTest, conch_connection, needs_openssh
@@ -103,5 +104,42 @@ async def test_session_the_server_ends_is_closed_even_if_the_client_never_takes_
         channel.write(b"bzr message 3 (bzr 1.6)\n" + b"\x00\x00\x00\x03xyz")  # not valid bencode
         await wait_until(lambda: protocol.transport.disconnecting, 10, "the server to end the session")
         await wait_until(lambda: server.factory.sessions_of("alice") == 0, 10, "the session to be closed")
+    finally:
+        await server.stopped()
+
+
+def _socket_holds(server) -> int:
+    """Bytes the server's one SSH connection holds unsent in its TCP transport."""
+    [ssh_transport] = list(server.factory.connections)
+    tcp = ssh_transport.transport
+    return len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen
+
+
+@needs_openssh
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_client_granting_a_huge_window_and_reading_nothing_gets_socket_back_pressure(tmp_path):
+    """A client may grant a 4 GiB window and then read nothing: the session stops when the SSH connection's
+    socket is full, as over bzr://, instead of the server buffering the whole answer; reading on, the client
+    gets it whole."""
+    server = SSHServerUnderTest(tmp_path)
+    content = b"x" * (32 << 20)  # more than the kernel's socket buffers take
+    (server.root / "big").write_bytes(content)
+    try:
+        transport, channel, protocol = await _smart_session(server, tmp_path, localWindow=2**32 - 1)
+        transport.transport.pauseProducing()  # read nothing the server sends
+        channel.write(encode_request([b"get", b"/big"]))
+        await wait_until(
+            lambda: protocol.requests_served == 1 or protocol._producer_paused,
+            10,
+            "the session to answer or to be paused",
+        )
+        assert protocol.requests_served == 0
+        assert _socket_holds(server) < 1 << 20
+        transport.transport.resumeProducing()
+        await wait_until(lambda: protocol.requests_served == 1, 20, "the answer to be sent")
+        # A v3 message ends with "e"; the body is all "x".
+        await wait_until(lambda: channel.received.endswith(b"e"), 20, "the answer to arrive")
+        assert response_bodies(bytes(channel.received)) == [content]
     finally:
         await server.stopped()
