@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from twisted.conch.ssh import common, connection
+from twisted.conch.ssh import common, connection, transport
 from twisted.logger import Logger
 
 from ._trace import conch_logger
@@ -15,6 +15,11 @@ _log = Logger()
 
 # Seconds a connection that logs in during a drain has to open a channel.
 DRAIN_FIRST_CHANNEL_WINDOW = 5.0
+
+# Messages whose first field is one of the server's channel numbers.
+_CHANNEL_MESSAGES = frozenset(
+    range(connection.MSG_CHANNEL_OPEN_CONFIRMATION, connection.MSG_CHANNEL_FAILURE + 1)
+)
 
 
 class SmartConnection(connection.SSHConnection):
@@ -50,6 +55,26 @@ class SmartConnection(connection.SSHConnection):
     def serviceStarted(self) -> None:
         super().serviceStarted()
         self._start_idle_timer()
+
+    def packetReceived(self, messageNum: int, packet: bytes):
+        """Dispatch as Conch does, after checking that a channel message names a channel that is open.
+
+        Conch looks the number up unchecked: a message for a channel that is
+        not open (or too short to name one) raised out of the transport and
+        was logged as an unhandled error with its traceback, each time a
+        client sent one. Such a client now gets a protocol error and one
+        log line.
+        """
+        if messageNum in _CHANNEL_MESSAGES:
+            if len(packet) < 4 or struct.unpack(">L", packet[:4])[0] not in self.channels:
+                _log.warn(
+                    "{user} sent channel message {channel_message} for a channel that is not open; disconnecting",
+                    user=self._username,
+                    channel_message=messageNum,
+                )
+                self.transport.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"no such channel")
+                return None
+        return super().packetReceived(messageNum, packet)
 
     def serviceStopped(self) -> None:
         self._stopped = True

@@ -143,3 +143,37 @@ async def test_client_granting_a_huge_window_and_reading_nothing_gets_socket_bac
         assert response_bodies(bytes(channel.received)) == [content]
     finally:
         await server.stopped()
+
+
+@needs_openssh
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "message, payload",
+    [
+        (94, b"\x00\x00\x00\x63" + NS(b"data")),  # CHANNEL_DATA for channel 99, which is not open
+        (93, b"\x00\x00"),  # CHANNEL_WINDOW_ADJUST too short to name a channel
+        (91, b"\x00\x00\x00\x00" * 4),  # OPEN_CONFIRMATION of a channel the server never opened
+    ],
+    ids=["no such channel", "short", "never opened"],
+)
+@pytest_twisted.ensureDeferred
+async def test_channel_message_for_no_open_channel_is_a_clean_disconnect(tmp_path, message, payload):
+    """A message naming a channel that is not open ends that SSH connection with a protocol error and one log
+    line, not an unhandled error with a traceback; the server serves the next login."""
+    from support import logged_events
+
+    server = SSHServerUnderTest(tmp_path)
+    try:
+        with logged_events(lambda event: event.get("log_failure") or event.get("isError") or event.get("channel_message")) as events:
+            transport, connection = await conch_connection(server, server.client_for("alice", tmp_path))
+            lost = defer.Deferred()
+            transport.connectionLost = lambda reason=None: lost.callback(None)
+            transport.sendPacket(message, payload)
+            await lost.addTimeout(10, reactor)
+        assert [event for event in events if event.get("log_failure") or event.get("isError")] == []
+        assert [event["channel_message"] for event in events] == [message]
+        (tmp_path / "second").mkdir()
+        again, _ = await conch_connection(server, server.client_for("alice", tmp_path / "second"))
+        again.transport.loseConnection()
+    finally:
+        await server.stopped()
