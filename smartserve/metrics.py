@@ -102,7 +102,7 @@ class _ScrapeTimeCollector(Collector):
             "SSH connections closed as soon as they were made, by reason.",
             labels=["reason"],
         )
-        for reason in ("too_many_unauthenticated", "draining"):
+        for reason in ("too_many_unauthenticated", "too_many_unauthenticated_from_address", "draining"):
             refused.add_metric([reason], factory.refused_connections[reason])
         yield refused
         yield CounterMetricFamily(

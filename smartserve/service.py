@@ -50,6 +50,10 @@ class Options(usage.Options):
         ["host-key", None, None, "SSH host key file [default: DATA/ssh_host_ed25519_key, made if missing]."],
         ["login-grace-time", None, 120.0, "Seconds an SSH client has to log in.", float],
         ["max-unauthenticated", None, 50, "SSH connections allowed at once before login.", int],
+        [
+            "max-unauthenticated-per-address", None, 10,
+            "SSH connections one client address may have at once before login.", int,
+        ],
         ["max-auth-tries", None, 6, "Refused SSH login attempts (each key offered counts) before a disconnect.", int],
         ["max-sessions-per-user", None, 10, "Smart sessions one user may have open at once.", int],
         ["bzr", None, None, "Endpoint for bzr:// (e.g. tcp:4155:interface=127.0.0.1); off when not given."],
@@ -111,7 +115,10 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be a finite number")
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must be 0 or more")
-        for name in ("threads", "max-unauthenticated", "max-auth-tries", "max-sessions-per-user"):
+        for name in (
+            "threads", "max-unauthenticated", "max-unauthenticated-per-address", "max-auth-tries",
+            "max-sessions-per-user",
+        ):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
         if not (self["ssh"] or self["bzr"]):
@@ -395,6 +402,7 @@ def _make_service(options: Options, reactor) -> SmartserveService:
                 access_file=options["access"],
                 login_grace_time=options["login-grace-time"],
                 max_unauthenticated=options["max-unauthenticated"],
+                max_unauthenticated_per_address=options["max-unauthenticated-per-address"],
                 max_auth_tries=options["max-auth-tries"],
                 max_sessions_per_user=options["max-sessions-per-user"],
                 idle_timeout=options["idle-timeout"],

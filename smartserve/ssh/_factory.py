@@ -54,6 +54,7 @@ class SSHServerFactory(factory.SSHFactory):
         access: AccessPolicy,
         login_grace_time: float = 120,
         max_unauthenticated: int = 50,
+        max_unauthenticated_per_address: int = 10,
         max_auth_tries: int = 6,
         max_sessions_per_user: int = 10,
         idle_timeout: float = 300,
@@ -69,6 +70,7 @@ class SSHServerFactory(factory.SSHFactory):
         self.access = access
         self.login_grace_time = login_grace_time
         self.max_unauthenticated = max_unauthenticated
+        self.max_unauthenticated_per_address = max_unauthenticated_per_address
         self.max_auth_tries = max_auth_tries
         self.max_sessions_per_user = max_sessions_per_user
         self.idle_timeout = idle_timeout
@@ -76,6 +78,7 @@ class SSHServerFactory(factory.SSHFactory):
         self.draining = False
         self.connections = OpenConnections()
         self._unauthenticated: set[ServerTransport] = set()
+        self._unauthenticated_by_address: Counter[str] = Counter()
         self._sessions: Counter[str] = Counter()
         # For /metrics: how logins ended, connections and sessions refused, by reason.
         self.logins: Counter[str] = Counter()
@@ -101,16 +104,45 @@ class SSHServerFactory(factory.SSHFactory):
 
     # Bookkeeping called by the transport and connection service.
 
+    def admits(self, transport: ServerTransport) -> bool:
+        """Whether a new connection may begin its handshake.
+
+        Not while its address already has ``max_unauthenticated_per_address``
+        connections logging in (as sshd's ``PerSourceMaxStartups``), so that
+        one address cannot hold every slot ``max_unauthenticated`` allows and
+        lock everyone else out. Behind haproxy the address is the one the
+        PROXY header gives.
+        """
+        logging_in = self._unauthenticated_by_address[transport.peer_address]
+        if logging_in < self.max_unauthenticated_per_address:
+            return True
+        _log.warn(
+            "refusing SSH connection from {peer}: {count} connections from this address are logging in",
+            peer=transport.peer,
+            count=logging_in,
+        )
+        self.refused_connections["too_many_unauthenticated_from_address"] += 1
+        return False
+
     def connection_started(self, transport: ServerTransport) -> None:
         """A connection began its handshake."""
         self.connections.add(transport)
         self._unauthenticated.add(transport)
+        self._unauthenticated_by_address[transport.peer_address] += 1
         if self.draining:
             transport.drain()
 
+    def _logged_in_or_gone(self, transport: ServerTransport) -> None:
+        if transport in self._unauthenticated:
+            self._unauthenticated.remove(transport)
+            address = transport.peer_address
+            self._unauthenticated_by_address[address] -= 1
+            if not self._unauthenticated_by_address[address]:
+                del self._unauthenticated_by_address[address]
+
     def connection_authenticated(self, transport: ServerTransport) -> None:
         """A connection's user logged in."""
-        self._unauthenticated.discard(transport)
+        self._logged_in_or_gone(transport)
         self.logins["accepted"] += 1
 
     def login_failed(self, outcome: str) -> None:
@@ -119,7 +151,7 @@ class SSHServerFactory(factory.SSHFactory):
 
     def connection_ended(self, transport: ServerTransport) -> None:
         """A connection is gone."""
-        self._unauthenticated.discard(transport)
+        self._logged_in_or_gone(transport)
         self.connections.discard(transport)
 
     def session_opening(self, username: str) -> bool:
@@ -189,6 +221,7 @@ def make_ssh_factory(
     access_file: str | None,
     login_grace_time: float = 120,
     max_unauthenticated: int = 50,
+    max_unauthenticated_per_address: int = 10,
     max_auth_tries: int = 6,
     max_sessions_per_user: int = 10,
     idle_timeout: float = 300,
@@ -214,6 +247,7 @@ def make_ssh_factory(
         access=AccessPolicy(access_file),
         login_grace_time=login_grace_time,
         max_unauthenticated=max_unauthenticated,
+        max_unauthenticated_per_address=max_unauthenticated_per_address,
         max_auth_tries=max_auth_tries,
         max_sessions_per_user=max_sessions_per_user,
         idle_timeout=idle_timeout,

@@ -134,6 +134,9 @@ class ServerTransport(transport.SSHServerTransport):
                 notify()
 
     def connectionMade(self) -> None:
+        if not self.factory.admits(self):
+            self.transport.loseConnection()
+            return
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)  # small replies must not wait for delayed ACKs
@@ -185,8 +188,14 @@ class ServerTransport(transport.SSHServerTransport):
         self.factory.connection_ended(self)
 
     @property
-    def _peer(self) -> str:
+    def peer(self) -> str:
+        """The client's address and port, as log lines write it."""
         return peer_text(self.transport.getPeer())
+
+    @property
+    def peer_address(self) -> str:
+        """The client's address without its port, which the per-address limit counts by."""
+        return str(getattr(self.transport.getPeer(), "host", ""))
 
     def _end_of_failed_login(self) -> None:
         service = self.service
@@ -203,7 +212,7 @@ class ServerTransport(transport.SSHServerTransport):
             attempts = f"{asked_as!r} offered no key"
         _log.info(
             "{peer} left without logging in; refused: {attempts}",
-            peer=self._peer,
+            peer=self.peer,
             attempts=attempts,
             refused_logins=refused,
         )
@@ -215,7 +224,7 @@ class ServerTransport(transport.SSHServerTransport):
         if reason != transport.DISCONNECT_BY_APPLICATION and self.transport is not None:
             _log.info(
                 "disconnecting {peer}: {description} (code {code})",
-                peer=self._peer,
+                peer=self.peer,
                 description=desc.decode("utf-8", "replace"),
                 code=reason,
             )
@@ -239,7 +248,7 @@ class ServerTransport(transport.SSHServerTransport):
             return
         _log.info(
             "{peer} disconnected: {description} (code {code})",
-            peer=self._peer,
+            peer=self.peer,
             code=reasonCode,
             description=description.decode("utf-8", "replace"),
         )
@@ -284,7 +293,7 @@ class ServerTransport(transport.SSHServerTransport):
         self._grace_timer = None
         self._timed_out = True
         self.factory.login_failed("timed_out")
-        _log.info("{peer} did not log in within the grace time", peer=self._peer)
+        _log.info("{peer} did not log in within the grace time", peer=self.peer)
         self.disconnect_with(b"login grace time exceeded")
 
     def _cancel_grace(self) -> None:

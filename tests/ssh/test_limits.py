@@ -39,9 +39,10 @@ def _scraped(factory):
     return lambda name, **labels: metrics.registry.get_sample_value(name, labels)
 
 
-def _connect(factory, port: int):
-    transport = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
-    wire = StringTransport()
+def _connect(factory, port: int, host: str = "127.0.0.1"):
+    address = IPv4Address("TCP", host, port)
+    transport = factory.buildProtocol(address)
+    wire = StringTransport(peerAddress=address)
     transport.makeConnection(wire)
     return transport, wire
 
@@ -78,6 +79,30 @@ def test_max_unauthenticated_refuses_extra_connections(tmp_path):
     sample = _scraped(factory)
     assert sample("smartserve_ssh_refused_connections_total", reason="too_many_unauthenticated") == 1
     assert sample("smartserve_ssh_refused_connections_total", reason="draining") == 0
+
+
+def test_max_unauthenticated_per_address_keeps_slots_for_other_addresses(tmp_path):
+    """One address may have only so many connections logging in; others still get in, and so does it once one
+    of its connections logs in or goes."""
+    clock = Clock()
+    factory = _factory(tmp_path, clock, max_unauthenticated=10, max_unauthenticated_per_address=2)
+    first, _ = _connect(factory, 40001, "192.0.2.1")
+    second, _ = _connect(factory, 40002, "192.0.2.1")
+    _, refused = _connect(factory, 40003, "192.0.2.1")
+    assert refused.disconnecting and refused.value() == b""
+    _, other = _connect(factory, 40004, "192.0.2.2")
+    assert not other.disconnecting and other.value().startswith(b"SSH-2.0-")
+    first.connectionLost(None)
+    _, again = _connect(factory, 40005, "192.0.2.1")
+    assert not again.disconnecting
+    factory.connection_authenticated(second)
+    _, after_login = _connect(factory, 40006, "192.0.2.1")
+    assert not after_login.disconnecting
+    _, over = _connect(factory, 40007, "192.0.2.1")
+    assert over.disconnecting
+    sample = _scraped(factory)
+    assert sample("smartserve_ssh_refused_connections_total", reason="too_many_unauthenticated_from_address") == 2
+    assert sample("smartserve_ssh_refused_connections_total", reason="too_many_unauthenticated") == 0
 
 
 def test_drain_lets_login_finish_but_refuses_new_connections(tmp_path):
@@ -235,4 +260,44 @@ async def test_idle_timeout_ends_a_session_whose_client_stopped_reading(tmp_path
     finally:
         if process.pid is not None:
             process.signalProcess("KILL")
+        await server.stopped()
+
+
+@pytest.mark.timeout(30)
+@pytest_twisted.ensureDeferred
+async def test_max_unauthenticated_per_address_over_real_sockets(tmp_path):
+    """A second silent connection from one address is closed without a word; another address is greeted."""
+    from twisted.internet.defer import Deferred
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.protocol import Protocol
+
+    class Silent(Protocol):
+        def __init__(self):
+            self.greeting = Deferred()
+            self.closed = Deferred()
+            self.received = b""
+
+        def dataReceived(self, data):
+            self.received += data
+            if not self.greeting.called:
+                self.greeting.callback(self.received)
+
+        def connectionLost(self, reason=None):
+            if not self.greeting.called:
+                self.greeting.callback(self.received)
+            self.closed.callback(None)
+
+    server = SSHServerUnderTest(tmp_path, max_unauthenticated_per_address=1)
+    opened = []
+    try:
+        for source in ("127.0.0.1", "127.0.0.1", "127.0.0.2"):
+            endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", server.port_number, bindAddress=(source, 0))
+            opened.append(await connectProtocol(endpoint, Silent()))
+        greetings = [await client.greeting.addTimeout(10, reactor) for client in opened]
+        assert greetings[0].startswith(b"SSH-2.0-") and greetings[2].startswith(b"SSH-2.0-")
+        assert greetings[1] == b""
+        await opened[1].closed.addTimeout(10, reactor)
+    finally:
+        for client in opened:
+            client.transport.loseConnection()
         await server.stopped()
