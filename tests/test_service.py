@@ -156,14 +156,16 @@ def test_port_in_use_is_a_one_line_error_naming_the_listener(tmp_path):
         (["--keys", "{file}"], "--keys {file} is not a folder"),
         (["--access", "{missing}"], "cannot read the access file {missing}: No such file or directory"),
         (["--access", "{file}"], "{file}:1: not UTF-8 text"),
+        (["--access", "{fifo}"], "cannot read the access file {fifo}: not a regular file"),
         (["--host-key", "{file}"], "cannot load host key {file}: cannot guess the type of b'\\xff'"),
         (["--host-key", "{missing}"], "cannot load host key {missing}: [Errno 2] No such file or directory"),
     ],
 )
 def test_unusable_file_or_folder_is_a_one_line_error(tmp_path, args, message):
     """A path option naming something the server cannot use stops it before it listens: one line on stderr, status 1."""
-    paths = {"file": tmp_path / "a-file", "missing": tmp_path / "missing"}
+    paths = {"file": tmp_path / "a-file", "missing": tmp_path / "missing", "fifo": tmp_path / "a-fifo"}
     paths["file"].write_bytes(b"\xff")
+    os.mkfifo(paths["fifo"])
     server = SmartserveProcess(
         tmp_path / "data", ["--ssh", "tcp:0:interface=127.0.0.1", *(arg.format(**paths) for arg in args)]
     )

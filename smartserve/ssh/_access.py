@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from twisted.logger import Logger
 
 from ._exceptions import AccessFileError, SSHSetupError
+from ._files import NotASmallFile, read_small_file
 from ._username import is_valid_username
 
 __all__ = ["Rights", "AccessRules", "AccessPolicy", "parse_access", "home_prefix"]
@@ -22,6 +23,9 @@ __all__ = ["Rights", "AccessRules", "AccessPolicy", "parse_access", "home_prefix
 _log = Logger()
 
 DEFAULT_USER = "*"
+
+# An access file larger than this is refused: tens of thousands of rules.
+MAX_ACCESS_FILE_BYTES = 1 << 20
 
 
 def home_prefix(username: str) -> str:
@@ -127,7 +131,8 @@ class AccessPolicy:
 
     With no file everyone gets the defaults. With a file, it is parsed at
     once (an error is fatal at startup: ``AccessFileError``, or
-    ``SSHSetupError`` for a file that cannot be read) and parsed again whenever its
+    ``SSHSetupError`` for a file that cannot be read or is not a regular
+    file of at most ``MAX_ACCESS_FILE_BYTES``) and parsed again whenever its
     modification time or size changes; a file that turns invalid or
     disappears later is logged and the last valid rules stay in force.
     """
@@ -138,10 +143,7 @@ class AccessPolicy:
         self._rules = AccessRules()
         self._unreadable: str | None = None
         if path is not None:
-            try:
-                self._signature, self._rules = self._load(path)
-            except OSError as error:
-                raise SSHSetupError(f"cannot read the access file {path}: {error.strerror}") from error
+            self._signature, self._rules = self._load(path)
 
     def rights_for(self, username: str) -> Rights:
         """Return ``username``'s current rights."""
@@ -171,17 +173,24 @@ class AccessPolicy:
         self._signature = signature
         try:
             self._signature, self._rules = self._load(path)
-        except (AccessFileError, OSError) as error:
+        except SSHSetupError as error:
             _log.error("{error}; keeping the last valid access rules", error=str(error))
         else:
             _log.info("access file {path} reloaded", path=path)
 
     @staticmethod
     def _load(path: str) -> tuple[tuple[int, int, int], AccessRules]:
-        """Read and parse ``path``; return its stat signature and rules."""
-        with open(path, "rb") as access_file:
-            info = os.fstat(access_file.fileno())
-            data = access_file.read()
+        """Read and parse ``path``; return its stat signature and rules.
+
+        Raises ``AccessFileError`` for bad contents, ``SSHSetupError`` for a
+        file that cannot be read or is not a small regular file.
+        """
+        try:
+            info, data = read_small_file(path, MAX_ACCESS_FILE_BYTES)
+        except NotASmallFile as error:
+            raise SSHSetupError(f"cannot read the access file {path}: {error}") from None
+        except OSError as error:
+            raise SSHSetupError(f"cannot read the access file {path}: {error.strerror}") from None
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as error:

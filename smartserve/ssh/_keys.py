@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -11,6 +10,7 @@ from twisted.conch.ssh.keys import BadKeyError, Key
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ._files import NotASmallFile, read_small_file
 from ._interfaces import IKeyStore
 from ._username import is_valid_username
 
@@ -99,24 +99,16 @@ class KeyFolder:
         cached = self._cache.get(username)
         if cached is not None and cached[0] == signature:
             return cached[1]
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_KEY_FILE_BYTES:
-            # Opening a FIFO would block the reactor until a writer came;
-            # reading a device or a huge file would never end or fill memory.
-            _log.error(
-                "ignoring {path}: {why}",
-                path=path,
-                why="not a regular file" if not stat.S_ISREG(info.st_mode) else f"larger than {MAX_KEY_FILE_BYTES} bytes",
-            )
+        try:
+            _, data = read_small_file(path, MAX_KEY_FILE_BYTES, info)
+        except NotASmallFile as error:
+            _log.error("ignoring {path}: {why}", path=path, why=str(error))
             keys = []
+        except OSError as error:
+            _log.error("cannot read {path}: {error}", path=path, error=str(error))
+            return ()
         else:
-            try:
-                descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-                with os.fdopen(descriptor, encoding="utf-8", errors="replace") as keys_file:
-                    text = keys_file.read(MAX_KEY_FILE_BYTES)
-            except OSError as error:
-                _log.error("cannot read {path}: {error}", path=path, error=str(error))
-                return ()
-            keys = parse_public_keys(text, path)
+            keys = parse_public_keys(data.decode("utf-8", errors="replace"), path)
         self._cache[username] = (signature, keys)
         return keys
 

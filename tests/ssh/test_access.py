@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import stat
+import threading
 
 import pytest
 
 from smartserve.server.jail import Writable
-from smartserve.ssh import AccessFileError, AccessPolicy, Rights, parse_access
+from smartserve.ssh import AccessFileError, AccessPolicy, Rights, SSHSetupError, parse_access
+from smartserve.ssh._access import MAX_ACCESS_FILE_BYTES
 from smartserve.ssh._session import writable_for
 from support import logged_events
 
@@ -101,6 +104,69 @@ def test_access_policy_logs_a_vanished_file_once_not_at_every_login(tmp_path):
     assert [event["log_format"] for event in events] == [
         "access file {path} unreadable ({error}); keeping the last rules",
         "access file {path} reloaded",
+    ]
+
+
+def _make_unusual(path, kind):
+    """Put a FIFO, a folder, a device or a file one byte too large at ``path``."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "device":
+        path.symlink_to("/dev/null")
+    else:
+        path.write_text("guest read-only\n" + "#" * MAX_ACCESS_FILE_BYTES)
+
+
+def _in_thread(path, call):
+    """Run ``call`` in a thread; return whether it was stuck after 10 s, then its result or exception."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(("returned", call()))
+        except Exception as error:
+            outcome.append(("raised", error))
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    stuck = worker.is_alive()
+    if stuck and stat.S_ISFIFO(os.stat(path).st_mode):
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # let the stuck open return, so the thread ends
+        worker.join()
+    return stuck, outcome
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "device", "huge"])
+def test_access_file_that_is_not_a_small_regular_file_fails_at_startup(tmp_path, kind):
+    """A FIFO, folder, device or huge access file stops the start at once with one line, not a stuck open or read."""
+    path = tmp_path / "access"
+    _make_unusual(path, kind)
+    stuck, outcome = _in_thread(path, lambda: AccessPolicy(str(path)))
+    assert not stuck
+    [(how, error)] = outcome
+    assert how == "raised" and isinstance(error, SSHSetupError)
+    why = f"larger than {MAX_ACCESS_FILE_BYTES} bytes" if kind == "huge" else "not a regular file"
+    assert str(error) == f"cannot read the access file {path}: {why}"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "device", "huge"])
+def test_access_file_replaced_by_what_is_not_a_small_regular_file_keeps_the_rules(tmp_path, kind):
+    """An access file replaced by a FIFO, folder, device or huge file is logged once and the last rules stay."""
+    path = tmp_path / "access"
+    path.write_text("guest read-only\n")
+    policy = AccessPolicy(str(path))
+    path.unlink()
+    _make_unusual(path, kind)
+    with logged_events(lambda event: event.get("log_namespace") == "smartserve.ssh._access") as events:
+        stuck, outcome = _in_thread(path, lambda: [policy.rights_for("guest") for _ in range(3)])
+    assert not stuck
+    assert outcome == [("returned", [Rights(True, ())] * 3)]
+    assert [event["error"] for event in events] == [
+        f"cannot read the access file {path}: "
+        + (f"larger than {MAX_ACCESS_FILE_BYTES} bytes" if kind == "huge" else "not a regular file")
     ]
 
 
