@@ -420,7 +420,7 @@ def _make_service(options: Options, reactor) -> SmartserveService:
     if options["admin"]:
         # /health keeps answering 503 through a drain, unless the listeners
         # were handed over: then the new process answers it.
-        listeners.add(Listener("admin", options["admin"], admin_site(controller, metrics), reactor, stops_on_drain=False))
+        listeners.add(Listener("admin", options["admin"], admin_site(controller, metrics, clock=reactor), reactor, stops_on_drain=False))
     control = Control(controller, listeners, factories)
     controller.add_listener_stopper(lambda: listeners.stop(all_listeners=control.handed_over))
     top = SmartserveService(reactor, options, control, listeners)

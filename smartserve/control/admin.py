@@ -4,13 +4,24 @@ from __future__ import annotations
 
 from typing import Optional
 
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from ..metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from ..server.drain import DrainController, DrainState
+from ..server.protocol import ClosedAtOnce
 
-__all__ = ["admin_site"]
+__all__ = ["admin_site", "ADMIN_TIMEOUT", "ADMIN_MAX_CONNECTIONS"]
+
+log = Logger()
+
+# A health check or a scrape sends its request at once and is answered in
+# milliseconds; anything slower is a stuck or hostile client.
+ADMIN_TIMEOUT = 5.0
+# Far more than a few load balancers and Prometheus servers ever hold.
+ADMIN_MAX_CONNECTIONS = 64
 
 
 class HealthResource(Resource):
@@ -48,8 +59,57 @@ class MetricsResource(Resource):
         return self._metrics.render()
 
 
-class _QuietSite(Site):
-    """A site that does not log every request: health checks come every second."""
+class _AdminChannel(HTTPChannel):
+    """An HTTP connection that must send each whole request within ``timeOut`` of connecting or of its last answer.
+
+    Twisted's channel restarts its timer at every byte received, so a client
+    trickling its headers a byte at a time would hold the connection for good.
+    """
+
+    def resetTimeout(self) -> None:
+        pass
+
+    def connectionMade(self) -> None:
+        self.site.open_connections += 1
+        super().connectionMade()
+
+    def connectionLost(self, reason) -> None:
+        self.site.open_connections -= 1
+        super().connectionLost(reason)
+
+
+class _AdminSite(Site):
+    """A site with a short timeout and a bound on open connections, which does not log every request.
+
+    Health checks come every second; a client that connects and sends
+    nothing, or half a request, is closed after ``timeout`` seconds (and cut
+    as many seconds later if it does not read), and connections beyond
+    ``max_connections`` are closed as soon as they are made, so such clients
+    cannot use up the process's file descriptors.
+    """
+
+    protocol = _AdminChannel
+
+    def __init__(self, resource, *, timeout: float, max_connections: int, reactor=None):
+        super().__init__(resource, timeout=timeout, reactor=reactor)
+        self.max_connections = max_connections
+        self.open_connections = 0
+        self._refusing = False
+
+    def buildProtocol(self, addr):
+        if self.open_connections >= self.max_connections:
+            if not self._refusing:
+                # Once per burst, not once per connection of a flood.
+                self._refusing = True
+                log.warn(
+                    "refusing admin connections: {count} open, the limit",
+                    count=self.open_connections,
+                )
+            return ClosedAtOnce()
+        self._refusing = False
+        channel = super().buildProtocol(addr)
+        channel.abortTimeout = self.timeOut
+        return channel
 
     def log(self, request) -> None:
         pass
@@ -73,12 +133,24 @@ class _AdminRoot(Resource):
         return _NotFound()
 
 
-def admin_site(controller: DrainController, metrics: Optional[ServerMetrics] = None) -> Site:
-    """The admin web site for ``controller``, with ``/metrics`` when ``metrics`` is given."""
+def admin_site(
+    controller: DrainController,
+    metrics: Optional[ServerMetrics] = None,
+    *,
+    timeout: float = ADMIN_TIMEOUT,
+    max_connections: int = ADMIN_MAX_CONNECTIONS,
+    clock=None,
+) -> Site:
+    """The admin web site for ``controller``, with ``/metrics`` when ``metrics`` is given.
+
+    A connection has ``timeout`` seconds to send each request; at most
+    ``max_connections`` are open at once. ``clock`` times them (the reactor
+    by default).
+    """
     root = _AdminRoot()
     root.putChild(b"health", HealthResource(controller))
     if metrics is not None:
         root.putChild(b"metrics", MetricsResource(metrics))
-    site = _QuietSite(root)
+    site = _AdminSite(root, timeout=timeout, max_connections=max_connections, reactor=clock)
     site.noisy = False
     return site
