@@ -352,11 +352,20 @@ class _SetupError(Exception):
 
 
 def _make_folder(option: str, path: str) -> None:
-    """Create the folder ``path`` given by ``--option`` if missing; ``OSError`` naming the option if it cannot be."""
+    """Create the folder ``path`` given by ``--option`` if missing; ``OSError`` naming the option if it cannot be.
+
+    Its parent is never created: a mistyped path is an error, not a new tree
+    of folders.
+    """
     try:
-        os.makedirs(path, exist_ok=True)
+        os.mkdir(path)
     except FileExistsError:
-        raise NotADirectoryError(f"--{option} {path} is not a folder") from None
+        if not os.path.isdir(path):
+            raise NotADirectoryError(f"--{option} {path} is not a folder") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"--{option} {path}: its parent folder {os.path.dirname(path)} does not exist"
+        ) from None
     except OSError as error:
         raise OSError(f"--{option} {path}: {error.strerror}") from None
 

@@ -178,3 +178,21 @@ def test_unusable_file_or_folder_is_a_one_line_error(tmp_path, args, message):
     stderr, _ = str(exited.value).split("exited early: ", 1)[1].split("\n", 1)
     assert stderr.startswith("smartserve could not start: " + message.format(**paths))
     assert "Traceback" not in str(exited.value)
+
+
+@pytest.mark.parametrize("option", ["data", "root", "keys"])
+def test_folder_whose_parent_is_missing_is_a_one_line_error_and_nothing_is_created(tmp_path, option):
+    """A mistyped --data, --root or --keys stops the start naming the missing parent; no folder is made on the way."""
+    missing = tmp_path / "missing"
+    given = missing / option
+    server = SmartserveProcess(tmp_path / "data", ["--ssh", "tcp:0:interface=127.0.0.1", f"--{option}", str(given)])
+    try:
+        with pytest.raises(AssertionError, match="exited early") as exited:
+            server.start()
+    finally:
+        server.stop()
+    assert server.process.returncode == 1
+    stderr, _ = str(exited.value).split("exited early: ", 1)[1].split("\n", 1)
+    assert stderr == f"smartserve could not start: --{option} {given}: its parent folder {missing} does not exist"
+    assert "Traceback" not in str(exited.value)
+    assert not missing.exists()
