@@ -15,9 +15,12 @@ import socket
 from typing import List, Optional
 
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from ..listeners import ListenerGroup
 from ..server.drain import DrainController, DrainState, check_timeout
@@ -30,6 +33,9 @@ log = Logger()
 # Seconds a control connection has, once closed for the exit, to take the
 # answers still written to it; one that does not read is then cut off.
 CLOSE_TIMEOUT = 2.0
+# Seconds a control connection may wait between commands; the commands
+# themselves (a drain, a hand-over) may take as long as they take.
+IDLE_TIMEOUT = 10.0
 # How often, and how far apart in seconds, a process taking its sockets back
 # looks whether another one still answers on the control socket.
 TAKE_BACK_PROBES = 20
@@ -155,14 +161,56 @@ def _answers(path: str) -> bool:
         return True
 
 
-class ControlProtocol(amp.AMP):
-    """Answers the control commands for one connection to the control socket."""
+@implementer(IPushProducer)
+class ControlProtocol(amp.AMP, TimeoutMixin):
+    """Answers the control commands for one connection to the control socket.
+
+    A connection that sends no whole command for the factory's
+    ``idle_timeout`` seconds, while none of its commands or hand-over is
+    under way, is closed (and cut ``close_timeout`` seconds later if it does
+    not take its answers); one that does not read its answers is not read
+    from either, so its unsent answers cannot fill the server's memory.
+    """
 
     def __init__(self, control: Control):
         super().__init__()
         self.control = control
         self._handover = None
         self._handover_finished = False  # the process taking over asked this one to drain
+        self._commands = 0  # commands received and not yet answered
+        self._abort_call = None
+        self._lost = False
+
+    def dispatchCommand(self, box):
+        self._commands += 1
+        self.setTimeout(None)
+        return super().dispatchCommand(box).addBoth(self._answered)
+
+    def _answered(self, result):
+        self._commands -= 1
+        self._wait_for_next_command()
+        return result
+
+    def _wait_for_next_command(self) -> None:
+        handing_over = self._handover is not None and not self._handover_finished
+        if not self._commands and not handing_over and not self._lost:
+            self.setTimeout(self.factory.idle_timeout)
+
+    def timeoutConnection(self) -> None:
+        log.info(
+            "Closing a control connection that sent no command for {timeout} s", timeout=self.factory.idle_timeout
+        )
+        self.transport.loseConnection()
+        self._abort_call = self.callLater(self.factory.close_timeout, self.transport.abortConnection)
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
 
     @Status.responder
     def status(self):
@@ -209,8 +257,15 @@ class ControlProtocol(amp.AMP):
     def connectionMade(self):
         super().connectionMade()
         self.factory.connections.add(self)
+        self.callLater = self.factory.clock.callLater
+        self.transport.registerProducer(self, True)
+        self._wait_for_next_command()
 
     def connectionLost(self, reason):
+        self._lost = True
+        self.setTimeout(None)
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         super().connectionLost(reason)
         if self._handover is not None and not self._handover_finished:
             self.control.take_back()
@@ -220,12 +275,15 @@ class ControlProtocol(amp.AMP):
 class ControlFactory(Factory):
     """Builds a ``ControlProtocol`` per connection to the control socket."""
 
-    def __init__(self, control: Control, clock=None, close_timeout: float = CLOSE_TIMEOUT):
+    def __init__(
+        self, control: Control, clock=None, close_timeout: float = CLOSE_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT
+    ):
         if clock is None:
             from twisted.internet import reactor as clock
         self.control = control
         self.clock = clock
         self.close_timeout = close_timeout
+        self.idle_timeout = idle_timeout
         self.connections: set = set()
         self.all_closed: list = []
         self._abort_call = None
