@@ -10,12 +10,15 @@ from twisted.conch.ssh.keys import BadKeyError, EncryptedKeyError, FingerprintFo
 from twisted.logger import Logger
 
 from ._exceptions import HostKeyError
+from ._files import NotASmallFile, read_small_file
 
 __all__ = ["DEFAULT_HOST_KEY_NAME", "ensure_host_key", "fingerprint", "load_host_keys"]
 
 _log = Logger()
 
 DEFAULT_HOST_KEY_NAME = "ssh_host_ed25519_key"
+# An OpenSSH private key is a few KiB at most, even RSA with 16384 bits.
+MAX_HOST_KEY_BYTES = 1 << 20
 
 
 def fingerprint(key: Key) -> str:
@@ -51,15 +54,22 @@ def ensure_host_key(data_dir: str) -> str:
 def load_host_keys(paths: Iterable[str]) -> dict[bytes, Key]:
     """Load private host keys, keyed by SSH key type as Conch's factory wants.
 
-    Raises ``HostKeyError`` for a file that is missing, encrypted, not a
-    private key, a DSA key, an RSA key under 2048 bits, or a second key of
-    a type already loaded.
+    Raises ``HostKeyError`` for a file that is missing, not a regular file
+    of at most 1 MiB (a FIFO would block the start until a writer came),
+    encrypted, not a private key, a DSA key, an RSA key under 2048 bits, or
+    a second key of a type already loaded.
     """
     keys: dict[bytes, Key] = {}
     for path in paths:
         try:
-            key = Key.fromFile(path)
-        except (OSError, BadKeyError, EncryptedKeyError, ValueError) as error:
+            _, data = read_small_file(path, MAX_HOST_KEY_BYTES)
+        except NotASmallFile as error:
+            raise HostKeyError(f"cannot load host key {path}: {error}") from None
+        except OSError as error:
+            raise HostKeyError(f"cannot load host key {path}: {error.strerror}") from None
+        try:
+            key = Key.fromString(data)
+        except (BadKeyError, EncryptedKeyError, ValueError) as error:
             raise HostKeyError(f"cannot load host key {path}: {error}") from error
         if key.isPublic():
             raise HostKeyError(f"{path} is a public key; a host key must be private")
