@@ -2,7 +2,9 @@
 
 from twisted.protocols import amp
 
-__all__ = ["Status", "Drain", "WaitDrained", "TakeOver", "ListenerDescriptor", "NotServing", "BadTimeout"]
+__all__ = [
+    "Status", "Drain", "WaitDrained", "TakeOver", "ListenerDescriptor", "NotServing", "BadTimeout", "BadArguments",
+]
 
 
 class NotServing(Exception):
@@ -13,7 +15,38 @@ class BadTimeout(Exception):
     """The drain timeout is not a finite number of seconds, 0 or more; nothing was changed."""
 
 
-class Status(amp.Command):
+class BadArguments(amp.RemoteAmpError):
+    """A command's arguments cannot be read (one is missing, or not of its type); nothing was done."""
+
+    def __init__(self, description: str):
+        super().__init__(b"BAD_ARGUMENTS", description)
+
+
+class _ControlCommand(amp.Command):
+    """A control command whose unreadable arguments are refused with ``BadArguments``.
+
+    AMP would answer them with an unknown error, close the connection and
+    log a traceback, as for a bug in the server.
+    """
+
+    errors = {BadArguments: b"BAD_ARGUMENTS"}
+
+    @classmethod
+    def parseArguments(cls, box, protocol):
+        command = cls.commandName.decode()
+        objects: dict = {}
+        strings = box.copy()
+        for name, argument in cls.arguments:
+            if name not in strings and not argument.optional:
+                raise BadArguments(f"{command}: argument {name.decode()} is missing")
+            try:
+                argument.fromBox(name, strings, objects, protocol)
+            except Exception as error:
+                raise BadArguments(f"{command}: argument {name.decode()} cannot be read: {error}") from None
+        return objects
+
+
+class Status(_ControlCommand):
     """Where the server stands: drain state, connections, requests per verb class."""
 
     arguments = []
@@ -27,7 +60,7 @@ class Status(amp.Command):
     ]
 
 
-class Drain(amp.Command):
+class Drain(_ControlCommand):
     """Start draining (or shorten the deadline of a drain in progress); answers at once."""
 
     arguments = [(b"timeout", amp.Float(optional=True))]
@@ -35,14 +68,14 @@ class Drain(amp.Command):
     errors = {BadTimeout: b"BAD_TIMEOUT"}
 
 
-class WaitDrained(amp.Command):
+class WaitDrained(_ControlCommand):
     """Answer once the server is drained: how many connections the deadline aborted."""
 
     arguments = []
     response = [(b"state", amp.Unicode()), (b"aborted", amp.Integer())]
 
 
-class TakeOver(amp.Command):
+class TakeOver(_ControlCommand):
     """Hand every listening socket to the caller, by file-descriptor passing.
 
     The caller gets one descriptor per listener, in the order of ``names``,
@@ -54,7 +87,7 @@ class TakeOver(amp.Command):
     errors = {NotServing: b"NOT_SERVING"}
 
 
-class ListenerDescriptor(amp.Command):
+class ListenerDescriptor(_ControlCommand):
     """One listening socket's descriptor, by index into ``TakeOver``'s names."""
 
     arguments = [(b"index", amp.Integer())]

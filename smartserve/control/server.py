@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from ..listeners import ListenerGroup
 from ..server.drain import DrainController, DrainState, check_timeout
-from .commands import BadTimeout, Drain, ListenerDescriptor, NotServing, Status, TakeOver, WaitDrained
+from .commands import BadArguments, BadTimeout, Drain, ListenerDescriptor, NotServing, Status, TakeOver, WaitDrained
 
 __all__ = ["Control", "ControlProtocol", "ControlFactory"]
 
@@ -184,7 +184,14 @@ class ControlProtocol(amp.AMP, TimeoutMixin):
     def dispatchCommand(self, box):
         self._commands += 1
         self.setTimeout(None)
-        return super().dispatchCommand(box).addBoth(self._answered)
+        return super().dispatchCommand(box).addErrback(self._refused, box).addBoth(self._answered)
+
+    def _refused(self, failure, box):
+        if not failure.check(BadArguments):
+            return failure
+        log.warn("Refused a control command: {error}", error=failure.value.description)
+        # A command that asks for no answer has no one to tell.
+        return failure if amp.ASK in box else None
 
     def _answered(self, result):
         self._commands -= 1

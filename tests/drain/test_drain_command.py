@@ -137,6 +137,32 @@ def test_control_drain_bad_timeout_refused_before_anything_changes(server, timeo
     assert "Drained in" in server.log()
 
 
+def test_control_command_with_unreadable_arguments_gets_an_error_and_one_log_line(server):
+    """A Drain whose timeout is not a number, or a ListenerDescriptor with no index, is answered BAD_ARGUMENTS naming
+    the argument, on a connection that stays usable; the server logs one line for each, no traceback, and serves on."""
+    control = ControlConnection(server.control)
+    try:
+        bad_timeout = control.call("Drain", timeout=b"abc")
+        no_index = control.call("ListenerDescriptor")
+        status = control.call("Status")
+    finally:
+        control.close()
+    assert bad_timeout["_error_code"] == b"BAD_ARGUMENTS", bad_timeout
+    assert bad_timeout["_error_description"] == (
+        b"Drain: argument timeout cannot be read: could not convert string to float: b'abc'"
+    )
+    assert no_index["_error_code"] == b"BAD_ARGUMENTS", no_index
+    assert no_index["_error_description"] == b"ListenerDescriptor: argument index is missing"
+    assert status["state"] == b"serving"
+    log = server.log()
+    assert "Traceback" not in log and "Unhandled" not in log
+    refused = [line for line in log.splitlines() if "Refused a control command" in line]
+    assert [line.split("] ", 1)[1] for line in refused] == [
+        "Refused a control command: Drain: argument timeout cannot be read: could not convert string to float: b'abc'",
+        "Refused a control command: ListenerDescriptor: argument index is missing",
+    ]
+
+
 def test_control_client_that_never_reads_does_not_keep_drained_server_alive(server):
     """A control client that never reads its answers is cut off shortly after the drain, and the drained server exits."""
     control = ControlConnection(server.control)
