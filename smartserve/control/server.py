@@ -261,6 +261,11 @@ class ControlProtocol(amp.AMP, TimeoutMixin):
         return {"descriptor": self._handover[index][1]}
 
 
+    def makeConnection(self, transport):
+        # Past AMP.makeConnection and AMP.connectionLost, which add nothing
+        # but a line at info each: two lines for every `smartserve status`.
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
     def connectionMade(self):
         super().connectionMade()
         self.factory.connections.add(self)
@@ -273,7 +278,8 @@ class ControlProtocol(amp.AMP, TimeoutMixin):
         self.setTimeout(None)
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
-        super().connectionLost(reason)
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
         if self._handover is not None and not self._handover_finished:
             self.control.take_back()
         self.factory.connection_lost(self)

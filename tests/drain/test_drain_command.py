@@ -61,6 +61,20 @@ def test_status_text_names_state(server):
     assert done.stdout.startswith(f"pid {server.pid}: serving: 0 connections open, 0 busy")
 
 
+def test_status_adds_no_line_to_the_server_log(server):
+    """`smartserve status`, which monitoring may run every few seconds, logs nothing: AMP logged every control
+    connection made and lost at info. The server is stopped first, so that each connection was seen to close."""
+    before = server.log()
+    for _ in range(3):
+        done = run_smartserve("status", "--control", server.control)
+        assert done.returncode == 0, done.stderr
+    server.process.send_signal(signal.SIGTERM)
+    assert server.wait_exit(30) == -signal.SIGTERM
+    added = server.log()[len(before):].splitlines()
+    assert any("Drained in" in line for line in added)
+    assert [line for line in added if "twisted.protocols.amp" in line or "ControlProtocol" in line] == []
+
+
 def test_drain_command_drained_exits_0(server):
     """With only idle connections, `smartserve drain` prints progress and 'drained', exits 0, and the server exits."""
     client = RawClient.connect("127.0.0.1", server.port)
