@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from ._folders import make_folder
 from .control import client as control_client
 from .control.admin import admin_site
 from .control.server import Control, ControlFactory
@@ -351,30 +352,11 @@ class _SetupError(Exception):
     """A file the options name cannot be used; the message says which and why."""
 
 
-def _make_folder(option: str, path: str) -> None:
-    """Create the folder ``path`` given by ``--option`` if missing; ``OSError`` naming the option if it cannot be.
-
-    Its parent is never created: a mistyped path is an error, not a new tree
-    of folders.
-    """
-    try:
-        os.mkdir(path)
-    except FileExistsError:
-        if not os.path.isdir(path):
-            raise NotADirectoryError(f"--{option} {path} is not a folder") from None
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"--{option} {path}: its parent folder {os.path.dirname(path)} does not exist"
-        ) from None
-    except OSError as error:
-        raise OSError(f"--{option} {path}: {error.strerror}") from None
-
-
 def _make_service(options: Options, reactor) -> SmartserveService:
     if reactor is None:
         from twisted.internet import reactor
-    _make_folder("data", options["data"])
-    _make_folder("root", options["root"])
+    make_folder("data", options["data"])
+    make_folder("root", options["root"])
     pool = ThreadPool(minthreads=1, maxthreads=options["threads"], name="smartserve-worker")
     backend = BzrBackend(options["root"], pool, reactor, inline_read_bytes=options["inline-read-bytes"])
     metrics = ServerMetrics()
@@ -401,7 +383,6 @@ def _make_service(options: Options, reactor) -> SmartserveService:
         from .ssh import SSHSetupError, make_ssh_factory, show_conch_trace
 
         show_conch_trace(options["ssh-debug"])
-        _make_folder("keys", options["keys"])
         try:
             ssh_factory = make_ssh_factory(
                 smart_factory=smart_factory,

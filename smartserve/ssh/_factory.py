@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 
 from twisted.conch.ssh import factory
@@ -13,6 +12,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from .._folders import make_folder
 from ..server.caller import peer_text
 from ..server.interfaces import IDrainable
 from ..server.drain import OpenConnections
@@ -234,12 +234,14 @@ def make_ssh_factory(
     on the first run. Users log in with a key from ``KEYS/<user>.pub``
     unless ``checker`` (any ``twisted.cred`` checker of ``ISSHPrivateKey``
     credentials whose avatar ids are user names) replaces the keys folder.
-    Raises ``HostKeyError`` or ``AccessFileError`` for bad files.
+    The keys folder and ``DATA`` are made if missing, but not their parents
+    (``OSError``). Raises ``HostKeyError`` or ``AccessFileError`` for bad
+    files.
     """
-    paths = list(host_key_paths) or [ensure_host_key(data_dir)]
     if checker is None:
-        os.makedirs(keys_dir, mode=0o755, exist_ok=True)
+        make_folder("keys", keys_dir)
         checker = PublicKeyChecker(KeyFolder(keys_dir))
+    paths = list(host_key_paths) or [ensure_host_key(data_dir)]
     return SSHServerFactory(
         smart_factory=smart_factory,
         host_keys=load_host_keys(paths),

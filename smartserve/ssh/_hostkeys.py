@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.conch.ssh.keys import BadKeyError, EncryptedKeyError, FingerprintFormats, Key
 from twisted.logger import Logger
 
+from .._folders import make_folder
 from ._exceptions import HostKeyError
 from ._files import NotASmallFile, read_small_file
 
@@ -31,12 +32,13 @@ def ensure_host_key(data_dir: str) -> str:
 
     A new key is ed25519, written to ``DATA/ssh_host_ed25519_key`` with mode
     0600 (and its public half beside it, ``.pub``); its fingerprint is logged
-    so the operator can publish it to users.
+    so the operator can publish it to users. ``DATA`` is made if missing,
+    but not its parent (``OSError``).
     """
     path = os.path.join(data_dir, DEFAULT_HOST_KEY_NAME)
     if os.path.exists(path):
         return path
-    os.makedirs(data_dir, exist_ok=True)
+    make_folder("data", data_dir)
     key = Key(Ed25519PrivateKey.generate())
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as key_file:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import stat
 import subprocess
 
@@ -32,6 +33,34 @@ def test_ensure_host_key_creates_private_ed25519_key(tmp_path):
     assert stat.S_IMODE((tmp_path / "data" / "ssh_host_ed25519_key").stat().st_mode) == 0o600
     assert ensure_host_key(str(tmp_path / "data")) == path
     assert Key.fromFile(path) == key
+
+
+def test_ensure_host_key_makes_the_data_folder_but_not_its_parent(tmp_path):
+    """As at the start of twistd smartserve: a mistyped data folder is an error, not a new tree of folders."""
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--data {missing / 'data'}: its parent folder {missing} ")):
+        ensure_host_key(str(missing / "data"))
+    assert not missing.exists()
+    ensure_host_key(str(tmp_path / "data"))
+    assert (tmp_path / "data" / "ssh_host_ed25519_key").is_file()
+
+
+def test_ssh_factory_makes_the_keys_folder_but_not_its_parent(tmp_path):
+    """A keys folder whose parent is missing is an error, and nothing is made; a missing keys folder itself is made."""
+    ensure_host_key(str(tmp_path / "data"))
+
+    def factory(keys):
+        return make_ssh_factory(
+            smart_factory=None, data_dir=str(tmp_path / "data"), host_key_paths=[], keys_dir=str(keys),
+            access_file=None, clock=Clock(),
+        )
+
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"--keys {missing / 'keys'}: its parent folder {missing} ")):
+        factory(missing / "keys")
+    assert not missing.exists()
+    factory(tmp_path / "keys")
+    assert (tmp_path / "keys").is_dir()
 
 
 @needs_openssh
