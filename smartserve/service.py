@@ -52,8 +52,8 @@ class Options(usage.Options):
         ["login-grace-time", None, 120.0, "Seconds an SSH client has to log in.", float],
         ["max-unauthenticated", None, 50, "SSH connections allowed at once before login.", int],
         [
-            "max-unauthenticated-per-address", None, 10,
-            "SSH connections one client address may have at once before login.", int,
+            "max-unauthenticated-per-address", None, 0,
+            "SSH connections one client address may have at once before login (0: no limit of its own).", int,
         ],
         ["max-auth-tries", None, 6, "Refused SSH login attempts (each key offered counts) before a disconnect.", int],
         ["max-sessions-per-user", None, 10, "Smart sessions one user may have open at once.", int],
@@ -109,17 +109,14 @@ class Options(usage.Options):
             self["ssh"] = None
         non_negative = (
             "idle-timeout", "drain-timeout", "drain-grace", "drain-linger", "drain-spread", "login-grace-time",
-            "inline-read-bytes", "bzr-max-connections",
+            "inline-read-bytes", "bzr-max-connections", "max-unauthenticated-per-address",
         )
         for name in non_negative:
             if not math.isfinite(self[name]):
                 raise usage.UsageError(f"--{name} must be a finite number")
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must be 0 or more")
-        for name in (
-            "threads", "max-unauthenticated", "max-unauthenticated-per-address", "max-auth-tries",
-            "max-sessions-per-user",
-        ):
+        for name in ("threads", "max-unauthenticated", "max-auth-tries", "max-sessions-per-user"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
         if not (self["ssh"] or self["bzr"]):

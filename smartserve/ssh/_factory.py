@@ -54,7 +54,7 @@ class SSHServerFactory(factory.SSHFactory):
         access: AccessPolicy,
         login_grace_time: float = 120,
         max_unauthenticated: int = 50,
-        max_unauthenticated_per_address: int = 10,
+        max_unauthenticated_per_address: int = 0,
         max_auth_tries: int = 6,
         max_sessions_per_user: int = 10,
         idle_timeout: float = 300,
@@ -108,13 +108,15 @@ class SSHServerFactory(factory.SSHFactory):
         """Whether a new connection may begin its handshake.
 
         Not while its address already has ``max_unauthenticated_per_address``
-        connections logging in (as sshd's ``PerSourceMaxStartups``), so that
-        one address cannot hold every slot ``max_unauthenticated`` allows and
-        lock everyone else out. Behind haproxy the address is the one the
-        PROXY header gives.
+        connections logging in (as sshd's ``PerSourceMaxStartups``; 0, the
+        default as in sshd, sets no limit of its own), so that one address
+        cannot hold every slot ``max_unauthenticated`` allows and lock
+        everyone else out. Behind haproxy the address is the one the PROXY
+        header gives.
         """
+        limit = self.max_unauthenticated_per_address
         logging_in = self._unauthenticated_by_address[transport.peer_address]
-        if logging_in < self.max_unauthenticated_per_address:
+        if not limit or logging_in < limit:
             return True
         _log.warn(
             "refusing SSH connection from {peer}: {count} connections from this address are logging in",
@@ -221,7 +223,7 @@ def make_ssh_factory(
     access_file: str | None,
     login_grace_time: float = 120,
     max_unauthenticated: int = 50,
-    max_unauthenticated_per_address: int = 10,
+    max_unauthenticated_per_address: int = 0,
     max_auth_tries: int = 6,
     max_sessions_per_user: int = 10,
     idle_timeout: float = 300,

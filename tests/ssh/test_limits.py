@@ -105,6 +105,13 @@ def test_max_unauthenticated_per_address_keeps_slots_for_other_addresses(tmp_pat
     assert sample("smartserve_ssh_refused_connections_total", reason="too_many_unauthenticated") == 0
 
 
+def test_no_limit_per_address_by_default(tmp_path):
+    """By default, as in sshd, one address may use every slot: users behind one NAT or proxy are not refused."""
+    factory = _factory(tmp_path, Clock(), max_unauthenticated=20)
+    wires = [_connect(factory, 41000 + index, "192.0.2.1")[1] for index in range(20)]
+    assert not any(wire.disconnecting for wire in wires)
+
+
 def test_drain_lets_login_finish_but_refuses_new_connections(tmp_path):
     """A drain leaves a connection that is logging in to its grace time, and refuses new ones."""
     clock = Clock()
