@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any, Optional, Tuple
 
 __all__ = [
@@ -11,6 +12,20 @@ __all__ = [
     "LimitExceeded",
     "UnsupportedProtocolVersion",
 ]
+
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel = 4
+_BRIEF.maxother = 80
+
+
+def brief(value: Any) -> str:
+    """A short repr of ``value`` for an error message.
+
+    Its depth and length are bounded, so a peer's deeply nested structure
+    cannot make the message itself fail (``repr`` recurses once per level).
+    """
+    return _BRIEF.repr(value)[:80]
 
 
 class ProtocolError(Exception):

@@ -19,7 +19,7 @@ from typing import Optional
 from fastbencode import bdecode_as_tuple
 
 from ._events import BodyChunk, BodyError, EndOfMessage, Event, Request, Response
-from ._exceptions import LimitExceeded, RemoteProtocolError, UnsupportedProtocolVersion
+from ._exceptions import LimitExceeded, RemoteProtocolError, UnsupportedProtocolVersion, brief
 from ._limits import Limits
 from ._receivebuffer import ReceiveBuffer
 from ._state import Role
@@ -117,7 +117,7 @@ class MessageReader:
                 if headers is None:
                     return None
                 if not isinstance(headers, dict):
-                    raise RemoteProtocolError(f"message headers are not a dict: {headers!r:.80}")
+                    raise RemoteProtocolError(f"message headers are not a dict: {brief(headers)}")
                 self._headers = headers
                 self._expect = _ARGS if self._from_client else _STATUS
             elif expect is _STATUS:
@@ -280,11 +280,11 @@ class MessageReader:
         if args is None:
             return None
         if type(args) is not tuple:
-            raise RemoteProtocolError(f"arguments are not a list: {args!r:.80}")
+            raise RemoteProtocolError(f"arguments are not a list: {brief(args)}")
         self._expect = _BODY
         if self._from_client:
             if not args or type(args[0]) is not bytes:
-                raise RemoteProtocolError(f"a request must start with a verb, got {args!r:.80}")
+                raise RemoteProtocolError(f"a request must start with a verb, got {brief(args)}")
             return Request(args, self._headers)
         return Response(args, self._success, self._headers)
 
@@ -325,7 +325,7 @@ class MessageReader:
 
 def _as_args(value, what: str) -> tuple:
     if not isinstance(value, tuple):
-        raise RemoteProtocolError(f"{what} are not a list: {value!r:.80}")
+        raise RemoteProtocolError(f"{what} are not a list: {brief(value)}")
     return value
 
 

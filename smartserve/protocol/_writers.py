@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastbencode import bencode
 
 from ._events import BodyChunk, BodyError, ConnectionClosed, EndOfMessage, Request, Response
-from ._exceptions import LocalProtocolError
+from ._exceptions import LocalProtocolError, brief
 from ._wire import LENGTH, MESSAGE_MARKER
 
 __all__ = ["WRITERS", "body_part_header", "error_response"]
@@ -59,7 +59,7 @@ def _bencode_any(value) -> bytes:
     try:
         return bencode(value)
     except Exception as exc:
-        raise LocalProtocolError(f"cannot bencode {value!r:.80}: {exc}") from None
+        raise LocalProtocolError(f"cannot bencode {brief(value)}: {exc}") from None
 
 
 def _prefixed(value) -> bytes:
@@ -92,7 +92,7 @@ def _prefixed_headers(headers) -> bytes:
 def _write_request(event: Request) -> bytes:
     args = event.args
     if not args or not isinstance(args[0], (bytes, str)):
-        raise LocalProtocolError(f"a request must start with a verb, got {args!r:.80}")
+        raise LocalProtocolError(f"a request must start with a verb, got {brief(args)}")
     return b"".join((MESSAGE_MARKER, _prefixed_headers(event.headers), b"s", _prefixed(args)))
 
 

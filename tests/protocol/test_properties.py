@@ -1,5 +1,7 @@
 """Properties that must hold for any message and any input."""
 
+import pytest
+from breezy import errors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -13,13 +15,15 @@ from smartserve.protocol import (
     ConnectionClosed,
     EndOfMessage,
     Limits,
+    LocalProtocolError,
     ProtocolError,
     Request,
     Response,
     Role,
+    State,
 )
 
-from .helpers import breezy_decode, receive_all, receiver, send_all, sender
+from .helpers import breezy_decode, breezy_read_response, prefixed, receive_all, receiver, send_all, sender
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -148,3 +152,68 @@ def test_mutated_input_raises_only_protocol_error(mutation):
         _feed_bounded(conn, [wire[i : i + step] for i in range(0, len(wire), step)] + [b""])
     except ProtocolError:
         pass
+
+
+def _nest(depth: int, kinds, inner: bytes) -> bytes:
+    """``inner`` bencoded inside ``depth`` lists or dicts, the outermost first in ``kinds``."""
+    opening = b"".join(b"l" if kinds[level % len(kinds)] == "l" else b"d1:k" for level in range(depth))
+    return opening + inner + b"e" * depth
+
+
+nested = st.builds(
+    _nest,
+    st.integers(0, 20_000),
+    st.lists(st.sampled_from("ld"), min_size=1, max_size=3),
+    st.sampled_from([b"0:", b"i7e", b"le", b"de", b"5:hello", b"i-0e", b"i03e", b"x"]),
+)
+
+
+@st.composite
+def nested_messages(draw):
+    """A role and a message with a deeply nested, possibly invalid, bencoded value in one of its parts."""
+    role = draw(st.sampled_from([Role.CLIENT, Role.SERVER]))
+    value = draw(nested)
+    where = draw(st.sampled_from(["headers", "args", "first arg", "error args"]))
+    headers = value if where == "headers" else b"de"
+    if where == "args":
+        args = value
+    elif where == "first arg":
+        args = b"l" + value + b"e"
+    else:
+        args = b"l5:helloe"
+    body = b"oEs" + prefixed(b"l" + value + b"e") if where == "error args" else b""
+    status = b"" if role is Role.CLIENT else b"oE"
+    wire = MESSAGE_MARKER + prefixed(headers) + status + b"s" + prefixed(args) + body + b"e"
+    return role, wire
+
+
+@settings(max_examples=60, deadline=None)
+@given(nested_messages())
+def test_nested_bencode_raises_only_protocol_error(message):
+    """Any nesting in headers, arguments or error arguments gives events or a ProtocolError.
+
+    A server refuses a bad one with an error response Breezy's client reads.
+    """
+    role, wire = message
+    conn = receiver(role)
+    try:
+        receive_all(conn, wire)
+    except ProtocolError:
+        if role is Role.CLIENT:
+            with pytest.raises(errors.ErrorFromSmartServer) as caught:
+                breezy_read_response(conn.data_to_send()).read_response_tuple()
+            assert caught.value.error_tuple[0] == b"error"
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 20_000), st.sampled_from([None, 1.5, b"x"]))
+def test_nested_arguments_give_bytes_or_local_protocol_error(depth, leaf):
+    """Sending arguments nested at any depth gives bytes, or a LocalProtocolError if bencode cannot carry them."""
+    value = leaf
+    for _ in range(depth):
+        value = (value,)
+    conn = Connection(Role.CLIENT)
+    try:
+        assert conn.send(Request((b"get", value))).startswith(MESSAGE_MARKER)
+    except LocalProtocolError:
+        assert conn.our_state is State.IDLE
