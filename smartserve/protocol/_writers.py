@@ -22,7 +22,11 @@ def _bencode(value) -> bytes:
     """
     if type(value) is dict:
         out = [b"d"]
-        for key in sorted(value):
+        try:
+            keys = sorted(value)
+        except TypeError:
+            return _bencode_any(value)  # keys of mixed types: it names the one that is not bytes
+        for key in keys:
             item = value[key]
             if type(key) is not bytes:
                 return _bencode_any(value)

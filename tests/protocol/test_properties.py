@@ -217,3 +217,20 @@ def test_nested_arguments_give_bytes_or_local_protocol_error(depth, leaf):
         assert conn.send(Request((b"get", value))).startswith(MESSAGE_MARKER)
     except LocalProtocolError:
         assert conn.our_state is State.IDLE
+
+
+header_keys = st.one_of(st.binary(max_size=4), st.text(max_size=4), st.integers(-3, 3))
+
+
+@SETTINGS
+@given(st.sampled_from([Role.CLIENT, Role.SERVER]), st.dictionaries(header_keys, st.binary(max_size=4), max_size=4))
+def test_any_header_keys_give_bytes_or_local_protocol_error(role, headers):
+    """Headers with keys of any type, mixed or not, give bytes or a LocalProtocolError."""
+    conn = sender(role)
+    event = Request((b"get",), headers) if role is Role.CLIENT else Response((b"ok",), True, headers)
+    try:
+        data = conn.send(event)
+    except LocalProtocolError:
+        assert conn.our_state is State.IDLE
+    else:
+        assert receive_all(receiver(role), data + conn.send(EndOfMessage())) == [event, EndOfMessage()]
