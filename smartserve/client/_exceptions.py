@@ -10,6 +10,7 @@ not be sent again.
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any, Mapping, Optional, Tuple, Type
 
 from ..verbs import FailurePoint
@@ -40,9 +41,16 @@ __all__ = [
 ]
 
 
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel = 4
+_BRIEF.maxother = 80
+
+
 def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "backslashreplace")
+    if isinstance(value, (tuple, list, dict)):
+        return _BRIEF.repr(value)  # bounded: str() recurses once per nesting level
     return str(value)
 
 
@@ -125,6 +133,8 @@ def remote_error(verb: bytes, error_args: Tuple[Any, ...], body: bytes = b"") ->
     name = error_args[0] if error_args else b""
     if isinstance(name, str):
         name = name.encode("utf-8")
+    if not isinstance(name, bytes):
+        return RemoteError(verb, error_args, body)  # a list or dict names none of them, and cannot be looked up
     return _REMOTE_ERRORS.get(name, RemoteError)(verb, error_args, body)
 
 

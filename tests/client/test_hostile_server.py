@@ -1,0 +1,67 @@
+"""Whatever bytes a server sends, the client settles the call and never leaves it hanging.
+
+The client protocol is fed hand-made and random server bytes over a
+``StringTransport``: each call ends with a reply, a ``RemoteError`` or a
+``TransportFailure``, and nothing else escapes ``dataReceived``.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from smartserve.client import RemoteError, SmartClientProtocol
+from smartserve.client._protocol import Outgoing
+from smartserve.protocol import MESSAGE_MARKER
+from smartserve.protocol._wire import LENGTH
+
+
+def _prefixed(data: bytes) -> bytes:
+    return LENGTH.pack(len(data)) + data
+
+
+def _response(status: bytes, args: bytes, rest: bytes = b"") -> bytes:
+    return MESSAGE_MARKER + _prefixed(b"de") + b"o" + status + b"s" + _prefixed(args) + rest + b"e"
+
+
+def _call(pieces) -> list:
+    """Send a ``get``, feed the server's ``pieces``, then lose the connection; the call's outcomes."""
+    protocol = SmartClientProtocol(Clock())
+    protocol.makeConnection(StringTransport())
+    outcomes = []
+    protocol.send_request(Outgoing(b"get", (b"f",))).addBoth(outcomes.append)
+    for piece in pieces:
+        protocol.dataReceived(piece)
+    protocol.connectionLost(Failure(ConnectionDone()))
+    return outcomes
+
+
+def _error(pieces) -> Exception:
+    [outcome] = _call(pieces)
+    assert isinstance(outcome, Failure)
+    return outcome.value
+
+
+def test_error_named_by_a_dict_is_a_remote_error():
+    """An error tuple whose first element is a dict (unhashable) fails the call with a RemoteError."""
+    error = _error([_response(b"E", b"ld1:ai1eee")])
+    assert isinstance(error, RemoteError)
+    assert error.error_args == ({b"a": 1},)
+
+
+def test_stream_error_named_by_a_dict_is_a_remote_error():
+    """A mid-stream error tuple whose first element is a dict fails the call with a RemoteError."""
+    error = _error([_response(b"S", b"l2:oke", b"b" + _prefixed(b"x") + b"oEs" + _prefixed(b"ldee"))])
+    assert isinstance(error, RemoteError)
+    assert error.error_args == ({},)
+
+
+def test_deeply_nested_error_arguments_are_a_remote_error():
+    """Error arguments nested far deeper than Python's recursion limit fail the call with a short message."""
+    depth = 50_000
+    error = _error([_response(b"E", b"l7:Failure" + b"l" * depth + b"0:" + b"e" * depth + b"e")])
+    assert isinstance(error, RemoteError)
+    assert error.error_name == b"Failure"
+    assert len(str(error)) < 200
