@@ -7,13 +7,15 @@ The client protocol is fed hand-made and random server bytes over a
 
 from __future__ import annotations
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from smartserve.client import RemoteError, SmartClientProtocol
-from smartserve.client._protocol import Outgoing
+from smartserve.client import RemoteError, SmartClientProtocol, TransportFailure
+from smartserve.client._protocol import Outgoing, Reply
 from smartserve.protocol import MESSAGE_MARKER
 from smartserve.protocol._wire import LENGTH
 
@@ -65,3 +67,46 @@ def test_deeply_nested_error_arguments_are_a_remote_error():
     assert isinstance(error, RemoteError)
     assert error.error_name == b"Failure"
     assert len(str(error)) < 200
+
+
+def _valid_responses() -> list:
+    return [
+        _response(b"S", b"l2:oke"),
+        _response(b"S", b"l2:oke", b"b" + _prefixed(b"body")),
+        _response(b"E", b"l10:NoSuchFile1:fe"),
+        _response(b"S", b"l2:oke", b"b" + _prefixed(b"x") + b"oEs" + _prefixed(b"l5:errore")),
+    ]
+
+
+@st.composite
+def server_bytes(draw):
+    """A valid response with bytes flipped, dropped, inserted or cut, or plain random bytes, in pieces."""
+    if draw(st.booleans()):
+        wire = bytearray(draw(st.sampled_from(_valid_responses())))
+        for _ in range(draw(st.integers(0, 4))):
+            kind = draw(st.sampled_from(["flip", "drop", "insert", "cut"]))
+            where = draw(st.integers(0, len(wire)))
+            if kind == "flip" and where < len(wire):
+                wire[where] = draw(st.integers(0, 255))
+            elif kind == "drop" and where < len(wire):
+                del wire[where]
+            elif kind == "insert":
+                wire[where:where] = draw(st.sampled_from([b"\xff\xff\xff\xff", b"ldee", MESSAGE_MARKER, b"e", b"oE"]))
+            elif kind == "cut":
+                del wire[where:]
+        wire = bytes(wire)
+    else:
+        wire = draw(st.binary(max_size=200))
+    step = draw(st.integers(1, 64))
+    return [wire[start : start + step] for start in range(0, len(wire), step)]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(server_bytes())
+def test_any_server_bytes_settle_the_call_once(pieces):
+    """Any bytes from the server settle the call exactly once, with a reply or a client error."""
+    [outcome] = _call(pieces)
+    if isinstance(outcome, Failure):
+        assert isinstance(outcome.value, (RemoteError, TransportFailure))
+    else:
+        assert isinstance(outcome, Reply)
