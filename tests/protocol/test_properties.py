@@ -1,5 +1,7 @@
 """Properties that must hold for any message and any input."""
 
+import time
+
 import pytest
 from breezy import errors
 from hypothesis import HealthCheck, given, settings
@@ -21,9 +23,10 @@ from smartserve.protocol import (
     Response,
     Role,
     State,
+    UnsupportedProtocolVersion,
 )
 
-from .helpers import breezy_decode, breezy_read_response, prefixed, receive_all, receiver, send_all, sender
+from .helpers import HELLO, ConnectionPair, breezy_decode, breezy_read_response, prefixed, receive_all, receiver, send_all, sender
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -234,3 +237,95 @@ def test_any_header_keys_give_bytes_or_local_protocol_error(role, headers):
         assert conn.our_state is State.IDLE
     else:
         assert receive_all(receiver(role), data + conn.send(EndOfMessage())) == [event, EndOfMessage()]
+
+
+@settings(max_examples=30, deadline=None)
+@given(messages())
+def test_every_split_point_and_every_truncation(message):
+    """Split in two at every byte, the same events come out; cut inside the message then EOF, a ProtocolError."""
+    role, events = message
+    wire = send_all(sender(role), events)
+    for cut in range(len(wire) + 1):
+        conn = receiver(role)
+        assert receive_all(conn, wire[:cut]) + receive_all(conn, wire[cut:]) == events
+        if 0 < cut < len(wire):
+            conn = receiver(role)
+            receive_all(conn, wire[:cut])
+            conn.receive_data(b"")
+            with pytest.raises(ProtocolError):
+                receive_all(conn)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.sampled_from([b"hello\n", b"bzr request 2\nhello\n", b"GET / HTTP/1.1\r\n", b"\x00", b"bzr message 2 (bzr 1.6)\n"]),
+    st.binary(max_size=30),
+    st.integers(1, 8),
+)
+def test_legacy_markers_and_garbage_before_the_marker(garbage, more, step):
+    """Anything but the v3 marker first gets a legacy error reply, whatever follows and however it is split."""
+    wire = garbage + more + MESSAGE_MARKER + send_all(Connection(Role.CLIENT), HELLO)[len(MESSAGE_MARKER) :]
+    conn = Connection(Role.SERVER)
+    with pytest.raises(UnsupportedProtocolVersion) as caught:
+        for start in range(0, len(wire), step):
+            receive_all(conn, wire[start : start + step])
+    assert caught.value.version == (2 if garbage.startswith(b"bzr request 2\n") else 1)
+    assert conn.data_to_send() == caught.value.reply
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from([Role.CLIENT, Role.SERVER]), st.binary(min_size=1, max_size=40))
+def test_garbage_after_a_whole_message_is_refused_in_the_next_cycle(role, garbage):
+    """Bytes after a whole message wait for the next cycle, where they are a ProtocolError or the next message's start."""
+    pair = ConnectionPair()
+    pair.send(Role.CLIENT, HELLO)
+    pair.send(Role.SERVER, [Response((b"ok", b"2")), EndOfMessage()])
+    receiving = pair.server if role is Role.CLIENT else pair.client
+    receiving.receive_data(garbage)
+    assert receiving.next_event() is PAUSED
+    pair.start_next_cycle()
+    if role is Role.SERVER:
+        send_all(pair.client, HELLO)
+    try:
+        assert receive_all(receiving) == []
+    except ProtocolError:
+        pass
+    else:
+        assert MESSAGE_MARKER.startswith(garbage[: len(MESSAGE_MARKER)])
+
+
+def _events_per_chunk_time(parts: int, step: int) -> float:
+    """Seconds to decode a request whose body is ``parts`` one-byte parts, fed ``step`` bytes at a time."""
+    wire = send_all(Connection(Role.CLIENT), [Request((b"put", b"f")), *[BodyChunk(b"x")] * parts, EndOfMessage()])
+    conn = Connection(Role.SERVER)
+    started = time.perf_counter()
+    count = 0
+    for start in range(0, len(wire), step):
+        count += len(receive_all(conn, wire[start : start + step]))
+    elapsed = time.perf_counter() - started
+    assert count == parts + 2
+    return elapsed
+
+
+@pytest.mark.parametrize("step", [7, 65536, 10**9])
+def test_many_tiny_body_parts_decode_in_linear_time(step):
+    """Eight times the one-byte body parts take about eight times as long, not more, however they are fed."""
+    small = min(_events_per_chunk_time(25_000, step) for _ in range(3))
+    large = min(_events_per_chunk_time(200_000, step) for _ in range(2))
+    assert large / small < 8 * 2.5
+
+
+@pytest.mark.parametrize("step", [1, 3])
+def test_one_large_body_part_fed_in_tiny_pieces_decodes_in_linear_time(step):
+    """A body part arriving a byte or three at a time costs time linear in its size."""
+    def run(size):
+        wire = send_all(Connection(Role.CLIENT), [Request((b"put", b"f")), BodyChunk(b"x" * size), EndOfMessage()])
+        conn = Connection(Role.SERVER)
+        started = time.perf_counter()
+        for start in range(0, len(wire), step):
+            receive_all(conn, wire[start : start + step])
+        return time.perf_counter() - started
+
+    small = min(run(20_000) for _ in range(3))
+    large = min(run(160_000) for _ in range(2))
+    assert large / small < 8 * 2.5
