@@ -23,7 +23,34 @@ DEFAULT_ACCESS_LOG = Logger(namespace=NAMESPACE)
 # How often a file that cannot be written is complained about in the twistd log.
 COMPLAINT_INTERVAL = 60.0
 
+# Verbs longer than this are cut in the access log: a client may send one of megabytes.
+MAX_VERB_BYTES = 200
+
 _log = Logger()
+
+
+def _escape_char(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"  # a byte that is not UTF-8, kept by surrogateescape
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def verb_text(verb: bytes) -> str:
+    """``verb`` as one field of an access line: no spaces, line breaks or control characters.
+
+    The verb is whatever the client sent; shown raw, a verb holding a
+    newline would forge a line of its own. Those characters and bytes that
+    are not UTF-8 are written as ``\\xNN`` escapes, and a verb longer than
+    ``MAX_VERB_BYTES`` is cut and ends in ``...``.
+    """
+    text = verb[:MAX_VERB_BYTES].decode("utf-8", "surrogateescape")
+    if text.isprintable() and " " not in text and len(verb) <= MAX_VERB_BYTES:
+        return text
+    escaped = "".join(char if char.isprintable() and char != " " else _escape_char(char) for char in text)
+    return escaped + "..." if len(verb) > MAX_VERB_BYTES else escaped
 
 
 def access_logger(observer=None) -> Logger:
@@ -58,7 +85,7 @@ class RequestRecord:
         """Log the finished request to ``logger``."""
         self.finished = finished
         user = self.user or "-"
-        verb = self.verb.decode("utf-8", "replace")
+        verb = verb_text(self.verb)
         duration_ms = (finished - self.started) * 1000.0
         line = (
             f"{self.peer} {user} {verb} {self.verb_class} {self.outcome} {duration_ms:.2f}ms "

@@ -47,6 +47,37 @@ def test_access_log_file_gets_one_line_per_request(tmp_path):
     assert not [event for event in seen_globally if event.get("log_access")]
 
 
+def test_access_log_file_keeps_odd_verbs_to_one_field_of_one_line(tmp_path):
+    """Verbs with a newline, spaces, control characters, bytes that are not UTF-8 or megabytes of text are escaped and cut, so no client can forge or flood lines."""
+    path = tmp_path / "access.log"
+    access_file = AccessLogFile(str(path))
+    verbs = [
+        b"get\n2026-01-01T00:00:00+0000 10.0.0.1:1 root get read ok 0.01ms in=1 out=1 conn=9",
+        b"get read ok",
+        b"\x1b[2J\r\t",
+        b"\xff\xfe\xe2\x80\xa8",
+        b"x" * 1_000_000,
+    ]
+    try:
+        factory, protocol, transport = serve_in_memory(MemoryBackend(), clock=Clock())
+        factory.access_log = access_logger(access_file)
+        for verb in verbs:
+            protocol.dataReceived(encode_request([verb]))
+    finally:
+        access_file.close()
+    lines = path.read_text().splitlines()
+    parsed = [_LINE.match(line) for line in lines]
+    assert len(lines) == len(verbs) and all(parsed), lines
+    assert [match.group(1) for match in parsed[:4]] == [
+        "get\\x0a2026-01-01T00:00:00+0000\\x2010.0.0.1:1\\x20root\\x20get\\x20read\\x20ok\\x200.01ms\\x20in=1\\x20out=1\\x20conn=9",
+        "get\\x20read\\x20ok",
+        "\\x1b[2J\\x0d\\x09",
+        "\\xff\\xfe\\u2028",
+    ]
+    assert parsed[4].group(1) == "x" * 200 + "..."
+    assert [match.group(3) for match in parsed] == ["UnknownMethod"] * len(verbs)
+
+
 def test_access_log_file_appends_and_stamps_each_line_with_its_event_time(tmp_path):
     """An existing file is appended to, and each line starts with its event's own time, not the time it was written."""
     path = tmp_path / "access.log"
