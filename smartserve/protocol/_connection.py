@@ -90,6 +90,11 @@ class Connection:
         return self._their_eof
 
     @property
+    def buffered_size(self) -> int:
+        """How many received bytes no event has consumed yet."""
+        return len(self._buffer)
+
+    @property
     def trailing_data(self) -> bytes:
         """Received bytes that no event has consumed yet."""
         return self._buffer.peek(len(self._buffer))

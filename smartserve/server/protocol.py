@@ -149,7 +149,9 @@ class SmartServerProtocol(Protocol):
         self._reading_paused = False
         self._idle_timer = None
         self._waiting_since = None
-        self._pending_bytes_in = 0
+        # Bytes received in all, and how many of them the messages before the current one took.
+        self._bytes_received = 0
+        self._bytes_before_message = 0
         self._idle_since = 0.0
         self._drain_started = None
         self._linger_call = None
@@ -178,10 +180,7 @@ class SmartServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if self._current is not None:
-            self._current.record.bytes_in += len(data)
-        else:
-            self._pending_bytes_in += len(data)
+        self._bytes_received += len(data)
         self._restart_idle_timer()
         try:
             self._codec.receive_data(data)
@@ -221,6 +220,8 @@ class SmartServerProtocol(Protocol):
                 current.stream.close()
             elif current.run is not None:
                 current.run.abort()
+            if not current.finished:
+                current.record.bytes_in = self._bytes_received - self._bytes_before_message
             current.record.outcome = "aborted"
             current.record.emit(self.factory.clock.seconds(), self.factory.access_log)
             self.factory.request_aborted(self, current.record)
@@ -361,6 +362,9 @@ class SmartServerProtocol(Protocol):
                     current.chunks.append(event.data)
             elif kind is EndOfMessage:
                 current.finished = True
+                consumed = self._bytes_received - self._codec.buffered_size
+                current.record.bytes_in = consumed - self._bytes_before_message
+                self._bytes_before_message = consumed
             elif kind is BodyError:
                 pass  # Breezy's server ignores the client's stream error, then ends the request.
             elif kind is ConnectionClosed:
@@ -397,9 +401,7 @@ class SmartServerProtocol(Protocol):
             self.caller.user,
             request.verb,
             self.factory.clock.seconds(),
-            bytes_in=self._pending_bytes_in,
         )
-        self._pending_bytes_in = 0
         current = self._current = _CurrentRequest(record)
         self.phase = Phase.REQUEST
         self._cancel_linger()

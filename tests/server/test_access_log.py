@@ -47,6 +47,33 @@ def test_access_log_file_gets_one_line_per_request(tmp_path):
     assert not [event for event in seen_globally if event.get("log_access")]
 
 
+def test_access_events_count_the_bytes_of_their_own_request():
+    """Requests pipelined in one read, one sent a byte at a time and one cut mid-body each count exactly their own bytes in."""
+    events = []
+    factory, protocol, transport = serve_in_memory(MemoryBackend({b"f": b"data"}), clock=Clock())
+    factory.access_log = access_logger(events.append)
+    pipelined = [
+        encode_request([b"get", b"f"]),
+        encode_request([b"append", b"f", b""], body=b"more" * 100),
+        encode_request([b"get", b"missing"]),
+    ]
+    protocol.dataReceived(b"".join(pipelined))
+    one_by_one = encode_request([b"put", b"g", b""], body=b"x" * 300)
+    for index in range(len(one_by_one)):
+        protocol.dataReceived(one_by_one[index : index + 1])
+    cut = encode_request([b"put", b"h", b""], body=b"y" * 300)[:200]
+    protocol.dataReceived(cut[:100])
+    protocol.dataReceived(cut[100:])
+    protocol.connectionLost(None)
+    assert [(event["verb"], event["outcome"], event["bytes_in"]) for event in events] == [
+        ("get", "ok", len(pipelined[0])),
+        ("append", "ok", len(pipelined[1])),
+        ("get", "NoSuchFile", len(pipelined[2])),
+        ("put", "ok", len(one_by_one)),
+        ("put", "aborted", len(cut)),
+    ]
+
+
 def test_access_log_file_keeps_odd_verbs_to_one_field_of_one_line(tmp_path):
     """Verbs with a newline, spaces, control characters, bytes that are not UTF-8 or megabytes of text are escaped and cut, so no client can forge or flood lines."""
     path = tmp_path / "access.log"
