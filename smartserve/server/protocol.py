@@ -383,7 +383,8 @@ class SmartServerProtocol(Protocol):
         Behind a PROXY-protocol wrapper (``haproxy:`` endpoints) the real
         client address is known only once the header has arrived, after
         ``connectionMade``, so it is read again when the first request
-        begins; the header precedes every request byte, so it is final then.
+        begins, and before a line about a connection that has made none;
+        the header precedes every request byte, so it is final then.
         """
         if not self._peer_from_transport:
             return
@@ -576,6 +577,7 @@ class SmartServerProtocol(Protocol):
     # Closing.
 
     def _protocol_error(self, exc: ProtocolError) -> None:
+        self._update_peer()  # the PROXY header came, but perhaps no request yet
         log.warn(
             "Protocol error from {peer}, closing: {error}",
             peer=self.caller.peer,
@@ -650,6 +652,7 @@ class SmartServerProtocol(Protocol):
         self._idle_timed_out()
 
     def _idle_timed_out(self) -> None:
+        self._update_peer()
         log.info(
             "Closing connection {connection_id} from {peer}: idle for {timeout} s",
             connection_id=self.connection_id,
