@@ -310,6 +310,16 @@ def _client_path(segments: Segments) -> str:
     return "/" + "/".join(segments)
 
 
+def _os_error(error: OSError, segments: Segments) -> errors.TransportError:
+    """A TransportError for ``error`` that names the client path, and no local one.
+
+    The error's own text is not used: it may quote local paths (Breezy's
+    rename adds both names to ``strerror``).
+    """
+    reason = os.strerror(error.errno) if error.errno else type(error).__name__
+    return errors.TransportError(f"{_client_path(segments)}: {reason}")
+
+
 def _open_url(url: str) -> JailTransport:
     """Transport factory for ``smartserve-jail-<token>:///path`` URLs."""
     token, sep, path = url[len(_SCHEME) :].partition("://")
@@ -371,11 +381,16 @@ class JailTransport(Transport):
             e.path = _client_path(segments)
             e.extra = ""
             raise
+        except errors.TransportError as e:
+            # LocalTransport's generic error (ENAMETOOLONG, EISDIR...) quotes the local path.
+            if not isinstance(e.orig_error, OSError):
+                raise
+            raise _os_error(e.orig_error, segments) from None
         except OSError as e:
             # Errors LocalTransport leaves untranslated (EISDIR on put, ENOSPC...).
             path = _client_path(segments)
             self._translate_error(e, path, raise_generic=False)
-            raise errors.TransportError(f"{path}: {e.strerror}") from None
+            raise _os_error(e, segments) from None
 
     def _changing_names(self, method: str, segments: Segments, *args):
         """Run a method that removes or moves a name, then forget the checked directories."""

@@ -375,6 +375,40 @@ def test_backing_transport_errors_name_client_paths(tmp_path):
     assert str(tmp_path) not in str(raised.value)
 
 
+LONG_NAME = "n" * 300
+
+
+@pytest.mark.parametrize(
+    "args, body",
+    [
+        pytest.param((b"get", LONG_NAME.encode()), None, id="get-long"),
+        pytest.param((b"stat", LONG_NAME.encode()), None, id="stat-long"),
+        pytest.param((b"list_dir", LONG_NAME.encode()), None, id="list_dir-long"),
+        pytest.param((b"mkdir", LONG_NAME.encode(), b""), None, id="mkdir-long"),
+        pytest.param((b"put", LONG_NAME.encode(), b""), b"data", id="put-long"),
+        pytest.param((b"put", b"dir", b""), b"data", id="put-directory"),
+        pytest.param((b"append", b"dir", b""), b"data", id="append-directory"),
+        pytest.param((b"delete", b"dir"), None, id="delete-directory"),
+        pytest.param((b"rename", b"public", b"dir"), None, id="rename-onto-directory"),
+        pytest.param((b"move", b"public", b"dir"), None, id="move-onto-directory"),
+        pytest.param((b"move", b"public", LONG_NAME.encode()), None, id="move-long"),
+        pytest.param((b"readv", LONG_NAME.encode()), b"0,1", id="readv-long"),
+    ],
+)
+def test_backing_transport_operating_system_errors_hide_the_root(tmp_path, args, body):
+    """Errors LocalTransport reports without a path of its own (a name too long, a directory in the way) name
+    the client path, not where the root lives on the server's disk."""
+    root = tmp_path / "root"
+    (root / "dir").mkdir(parents=True)
+    (root / "dir" / "file").write_bytes(b"file")
+    (root / "public").write_bytes(b"public")
+    response = run_request(backing_transport(root, Writable.everywhere()), args, body)
+    assert not response.is_successful()
+    assert not any(str(tmp_path).encode() in arg for arg in response.args if isinstance(arg, bytes)), response.args
+    assert response.args[:2] == (b"error", b"TransportError")
+    assert response.args[2].startswith(b"Transport error: /")
+
+
 def test_writable_prefix_matching():
     """Prefix matching is by whole path segments after normalisation."""
     writable = Writable.under("/~alice/", "/team")
