@@ -278,3 +278,21 @@ class TcpRelay:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def recording_client():
+    """A Twisted client protocol that keeps what it receives in ``received`` and sets ``closed`` when its connection ends."""
+    from twisted.internet.protocol import Protocol
+
+    class RecordingClient(Protocol):
+        def __init__(self):
+            self.received = b""
+            self.closed = False
+
+        def dataReceived(self, data):
+            self.received += data
+
+        def connectionLost(self, reason=None):
+            self.closed = True
+
+    return RecordingClient()

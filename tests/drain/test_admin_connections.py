@@ -7,26 +7,11 @@ import time
 
 import pytest_twisted
 from twisted.internet import defer, endpoints, reactor
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 
 from smartserve.control.admin import ADMIN_TIMEOUT, admin_site
 from smartserve.server.drain import DrainController
-from support import SmartserveProcess, wait_until
-
-
-class _Client(Protocol):
-    """A client connection that keeps what it receives and notes when it is closed."""
-
-    def __init__(self):
-        self.received = b""
-        self.closed = False
-
-    def dataReceived(self, data):
-        self.received += data
-
-    def connectionLost(self, reason):
-        self.closed = True
+from support import SmartserveProcess, recording_client, wait_until
 
 
 class _Endpoint:
@@ -51,13 +36,13 @@ class _Endpoint:
         self.site.protocol = Recording
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
 
-    async def connect(self) -> _Client:
-        client = _Client()
+    async def connect(self):
+        client = recording_client()
         where = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
         await endpoints.connectProtocol(where, client)
         return client
 
-    async def send(self, client: _Client, data: bytes) -> None:
+    async def send(self, client, data: bytes) -> None:
         """Write ``data`` and wait until the server has it, so that the fake clock runs after it arrived."""
         before = b"".join(self.received)
         client.transport.write(data)

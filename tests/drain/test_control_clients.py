@@ -8,28 +8,15 @@ import time
 
 import pytest_twisted
 from twisted.internet import endpoints, reactor
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 
 from smartserve.control.commands import WaitDrained
 from smartserve.control.server import CLOSE_TIMEOUT, IDLE_TIMEOUT, Control, ControlFactory
 from smartserve.listeners import ListenerGroup
 from smartserve.server.drain import DrainController
-from support import VENV_BIN, SmartserveProcess, wait_until
+from support import VENV_BIN, SmartserveProcess, recording_client, wait_until
 
 _STATUS = b"\x00\x04_ask\x00\x011\x00\x08_command\x00\x06Status\x00\x00"
-
-
-class _Client(Protocol):
-    def __init__(self):
-        self.received = b""
-        self.closed = False
-
-    def dataReceived(self, data):
-        self.received += data
-
-    def connectionLost(self, reason):
-        self.closed = True
 
 
 class _ControlSocket:
@@ -42,7 +29,7 @@ class _ControlSocket:
         self.port = reactor.listenUNIX(self.path, self.factory)
 
     async def connect(self, protocol=None):
-        client = protocol or _Client()
+        client = protocol or recording_client()
         await endpoints.connectProtocol(endpoints.UNIXClientEndpoint(reactor, self.path), client)
         await wait_until(lambda: len(self.factory.connections) >= 1, 10, "the server to accept the connection")
         return client
