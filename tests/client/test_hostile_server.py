@@ -19,6 +19,8 @@ from smartserve.client._protocol import Outgoing, Reply
 from smartserve.protocol import MESSAGE_MARKER
 from smartserve.protocol._wire import LENGTH
 
+from protocol.helpers import damaged
+
 
 def _prefixed(data: bytes) -> bytes:
     return LENGTH.pack(len(data)) + data
@@ -82,19 +84,8 @@ def _valid_responses() -> list:
 def server_bytes(draw):
     """A valid response with bytes flipped, dropped, inserted or cut, or plain random bytes, in pieces."""
     if draw(st.booleans()):
-        wire = bytearray(draw(st.sampled_from(_valid_responses())))
-        for _ in range(draw(st.integers(0, 4))):
-            kind = draw(st.sampled_from(["flip", "drop", "insert", "cut"]))
-            where = draw(st.integers(0, len(wire)))
-            if kind == "flip" and where < len(wire):
-                wire[where] = draw(st.integers(0, 255))
-            elif kind == "drop" and where < len(wire):
-                del wire[where]
-            elif kind == "insert":
-                wire[where:where] = draw(st.sampled_from([b"\xff\xff\xff\xff", b"ldee", MESSAGE_MARKER, b"e", b"oE"]))
-            elif kind == "cut":
-                del wire[where:]
-        wire = bytes(wire)
+        inserted = st.sampled_from([b"\xff\xff\xff\xff", b"ldee", MESSAGE_MARKER, b"e", b"oE"])
+        wire = damaged(draw, draw(st.sampled_from(_valid_responses())), inserted)
     else:
         wire = draw(st.binary(max_size=200))
     step = draw(st.integers(1, 64))

@@ -210,3 +210,25 @@ __all__ = [
     "send_all",
     "sender",
 ]
+
+
+def damaged(draw, wire: bytes, insertions, fewest: int = 0) -> bytes:
+    """``wire`` with ``fewest`` to four bytes flipped, dropped, cut, or replaced by an insertion drawn from ``insertions``.
+
+    ``draw`` is a hypothesis ``@composite`` strategy's draw function.
+    """
+    from hypothesis import strategies as st
+
+    damaged_wire = bytearray(wire)
+    for _ in range(draw(st.integers(fewest, 4))):
+        kind = draw(st.sampled_from(["flip", "drop", "insert", "cut"]))
+        where = draw(st.integers(0, len(damaged_wire)))
+        if kind == "flip" and where < len(damaged_wire):
+            damaged_wire[where] = draw(st.integers(0, 255))
+        elif kind == "drop" and where < len(damaged_wire):
+            del damaged_wire[where]
+        elif kind == "insert":
+            damaged_wire[where:where] = draw(insertions)
+        elif kind == "cut":
+            del damaged_wire[where:]
+    return bytes(damaged_wire)

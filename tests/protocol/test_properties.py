@@ -26,7 +26,7 @@ from smartserve.protocol import (
     UnsupportedProtocolVersion,
 )
 
-from .helpers import HELLO, ConnectionPair, breezy_decode, breezy_read_response, prefixed, receive_all, receiver, send_all, sender
+from .helpers import HELLO, ConnectionPair, breezy_decode, damaged, breezy_read_response, prefixed, receive_all, receiver, send_all, sender
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -130,19 +130,8 @@ def test_random_input_raises_only_protocol_error(role, pieces):
 def mutations(draw):
     """A valid message's bytes with a few bytes flipped, dropped, added or cut."""
     role, events = draw(messages())
-    wire = bytearray(send_all(sender(role), events))
-    for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["flip", "drop", "insert", "cut"]))
-        where = draw(st.integers(0, len(wire)))
-        if kind == "flip" and where < len(wire):
-            wire[where] = draw(st.integers(0, 255))
-        elif kind == "drop" and where < len(wire):
-            del wire[where]
-        elif kind == "insert":
-            wire[where:where] = draw(st.binary(min_size=1, max_size=8))
-        elif kind == "cut":
-            del wire[where:]
-    return role, bytes(wire), draw(st.integers(1, 50))
+    wire = damaged(draw, send_all(sender(role), events), st.binary(min_size=1, max_size=8), fewest=1)
+    return role, wire, draw(st.integers(1, 50))
 
 
 @SETTINGS

@@ -18,6 +18,8 @@ from smartserve.protocol._wire import LENGTH
 from smartserve.server.caller import Caller
 from smartserve.testing import MemoryBackend, encode_request, response_args, serve_in_memory
 
+from protocol.helpers import damaged
+
 # The legacy error replies, as they begin; one may follow the responses to
 # whole requests, for bytes that cannot start a version 3 message.
 _LEGACY_REPLIES = (b"error\x01Generic bzr smart protocol error", b"bzr response 2\nfailed\n")
@@ -53,20 +55,8 @@ def _valid_requests() -> list:
 def client_bytes(draw):
     """A few valid requests with bytes flipped, dropped, inserted or cut, or plain random bytes, in pieces."""
     if draw(st.booleans()):
-        wire = bytearray(b"".join(draw(st.lists(st.sampled_from(_valid_requests()), max_size=3))))
-        for _ in range(draw(st.integers(0, 4))):
-            kind = draw(st.sampled_from(["flip", "drop", "insert", "cut"]))
-            where = draw(st.integers(0, len(wire)))
-            if kind == "flip" and where < len(wire):
-                wire[where] = draw(st.integers(0, 255))
-            elif kind == "drop" and where < len(wire):
-                del wire[where]
-            elif kind == "insert":
-                inserted = [b"\xff\xff\xff\xff", b"\x00\x00\x00\x02de", b"ldee", MESSAGE_MARKER, b"e", b"oE", b"b"]
-                wire[where:where] = draw(st.sampled_from(inserted))
-            elif kind == "cut":
-                del wire[where:]
-        wire = bytes(wire)
+        inserted = st.sampled_from([b"\xff\xff\xff\xff", b"\x00\x00\x00\x02de", b"ldee", MESSAGE_MARKER, b"e", b"oE", b"b"])
+        wire = damaged(draw, b"".join(draw(st.lists(st.sampled_from(_valid_requests()), max_size=3))), inserted)
     else:
         wire = draw(st.binary(max_size=200))
     step = draw(st.integers(1, 64))
