@@ -23,6 +23,10 @@ Then, for every operation that touches a path:
    parent writable, as its temporary file is written there)
    ``TransportNotPossible("readonly transport")``, which Breezy's smart
    server sends as ``ReadOnlyError``.  Nothing has been touched by then.
+   A write that names the root itself raises ``ServedRoot``, a
+   ``PermissionDenied``, whatever the rights: an atomic put of the root
+   would write its temporary file outside it, and an rmdir would remove
+   it for everyone.  ``mkdir`` of the root raises ``FileExists``.
 2. The local path must resolve inside the real root (each name below
    the root is checked for being a symlink, and a path through one is
    resolved with ``os.path.realpath``); otherwise ``OutsideRoot``, a
@@ -85,10 +89,10 @@ from typing import Optional, Tuple, Union
 
 from breezy import errors, urlutils
 from breezy import transport as breezy_transport
-from breezy.transport import Transport, register_transport
+from breezy.transport import FileExists, Transport, register_transport
 from breezy.transport.local import LocalTransport
 
-__all__ = ["Writable", "backing_transport", "OutsideRoot"]
+__all__ = ["Writable", "backing_transport", "OutsideRoot", "ServedRoot"]
 
 
 class OutsideRoot(errors.PermissionDenied):
@@ -104,6 +108,21 @@ class OutsideRoot(errors.PermissionDenied):
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.extra = "outside the served root"
+
+
+class ServedRoot(errors.PermissionDenied):
+    """A write would replace, remove or move the served root itself.
+
+    An atomic put of the root would write its temporary file beside the
+    root, outside it, and an rmdir of an empty root would remove it for
+    every caller. Breezy's smart server sends it as ``PermissionDenied``.
+    """
+
+    _fmt = 'Permission denied: "%(path)s": %(extra)s'
+
+    def __init__(self) -> None:
+        super().__init__("/")
+        self.extra = "the served root itself"
 
 
 _READONLY = "readonly transport"
@@ -359,12 +378,15 @@ class JailTransport(Transport):
         """Normalise ``relpath`` and apply the write and symlink checks.
 
         ``sibling`` is for atomic puts, which write a temporary file beside
-        the target: the parent directory must be writable too.
+        the target: the parent directory must be writable too. No write
+        may name the root itself (ServedRoot).
         """
         segments = self._segments(relpath)
         writable = self._caller.writable
         if write and not writable.allows_segments(segments):
             raise errors.TransportNotPossible(_READONLY)
+        if write and not segments:
+            raise ServedRoot()
         if sibling and not writable.allows_segments(segments[:-1]):
             raise errors.TransportNotPossible(_READONLY)
         self._caller.root.check(segments)
@@ -574,7 +596,10 @@ class JailTransport(Transport):
         return self._local("open_write_stream", segments, mode)
 
     def mkdir(self, relpath, mode=None):
-        """See Transport.mkdir."""
+        """See Transport.mkdir; the root exists, as ``ensure_base`` expects to be told."""
+        segments = self._segments(relpath)
+        if not segments and self._caller.writable.allows_segments(segments):
+            raise FileExists("/")
         return self._local("mkdir", self._resolve(relpath, write=True), mode)
 
     def rmdir(self, relpath):

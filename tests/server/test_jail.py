@@ -15,7 +15,7 @@ from breezy import errors, urlutils
 from breezy.bzr.smart import request as smart_request
 from breezy.bzr.smart.server import SmartTCPServer
 from breezy.controldir import ControlDir
-from breezy.transport import NoSuchFile, get_transport
+from breezy.transport import FileExists, NoSuchFile, get_transport
 
 from smartserve.server.jail import OutsideRoot, Writable, backing_transport
 
@@ -237,6 +237,55 @@ def test_backing_transport_write_outside_prefix_refused(tmp_path, kind, target):
         write_attempts(transport, target)[kind]()
     assert raised.value.msg == "readonly transport"
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("relpath", ["", "/", "..", "%2e%2e", "~alice/.."])
+def test_backing_transport_root_itself_is_never_replaced_or_removed(tmp_path, relpath):
+    """A caller who may write everywhere still cannot put a file in place of the root (whose temporary file
+    would be written beside the root, outside it), remove the root or move it; making it says it exists."""
+    root = tmp_path / "root"
+    root.mkdir()
+    transport = backing_transport(root, Writable.everywhere())
+    attempts = [
+        lambda: transport.put_bytes(relpath, b"x"),
+        lambda: transport.put_file(relpath, BytesIO(b"x")),
+        lambda: transport.put_bytes_non_atomic(relpath, b"x", create_parent_dir=True),
+        lambda: transport.append_bytes(relpath, b"x"),
+        lambda: transport.open_write_stream(relpath),
+        lambda: transport.copy("public", relpath),
+        lambda: transport.rmdir(relpath),
+        lambda: transport.delete(relpath),
+        lambda: transport.delete_tree(relpath),
+        lambda: transport.rename(relpath, "moved"),
+        lambda: transport.move(relpath, "moved"),
+        lambda: transport.lock_write(relpath),
+    ]
+    (root / "public").write_bytes(b"public")
+    for attempt in attempts:
+        with pytest.raises(errors.PermissionDenied) as raised:
+            attempt()
+        assert raised.value.path == "/"
+    (root / "public").unlink()
+    for attempt in attempts[6:]:
+        with pytest.raises(errors.PermissionDenied):
+            attempt()
+    with pytest.raises(FileExists):
+        transport.mkdir(relpath)
+    assert os.listdir(tmp_path) == ["root"]
+    assert os.listdir(root) == []
+
+
+def test_backing_transport_request_handler_refuses_put_and_rmdir_of_the_root(tmp_path):
+    """Breezy's put and rmdir verbs on the root answer PermissionDenied and touch nothing, as the root is not the
+    client's to replace or remove."""
+    root = tmp_path / "root"
+    root.mkdir()
+    transport = backing_transport(root, Writable.everywhere())
+    put = run_request(transport, (b"put", b"/", b""), body=b"data")
+    rmdir = run_request(transport, (b"rmdir", b""))
+    for response in (put, rmdir):
+        assert response.args == (b"PermissionDenied", b"/", b"the served root itself")
+    assert os.listdir(tmp_path) == ["root"]
 
 
 def test_backing_transport_write_inside_prefix_allowed(tmp_path):
