@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from twisted.logger import Logger
 
 from ._exceptions import AccessFileError, SSHSetupError
-from ._files import NotASmallFile, read_small_file
+from ._files import read_small_file
 from ._username import is_valid_username
 
 __all__ = ["Rights", "AccessRules", "AccessPolicy", "parse_access", "home_prefix"]
@@ -187,8 +187,6 @@ class AccessPolicy:
         """
         try:
             info, data = read_small_file(path, MAX_ACCESS_FILE_BYTES)
-        except NotASmallFile as error:
-            raise SSHSetupError(f"cannot read the access file {path}: {error}") from None
         except OSError as error:
             raise SSHSetupError(f"cannot read the access file {path}: {error.strerror}") from None
         try:

@@ -8,8 +8,16 @@ import stat
 __all__ = ["NotASmallFile", "read_small_file"]
 
 
-class NotASmallFile(Exception):
-    """The path is not a regular file (a FIFO, a device, a folder) or is larger than allowed; ``str()`` says which."""
+class NotASmallFile(OSError):
+    """The path is not a regular file (a FIFO, a device, a folder) or is larger than allowed.
+
+    An ``OSError`` whose ``strerror`` says which, so that a caller with one
+    message for every file it cannot use needs one ``except``.
+    """
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.strerror = reason
 
 
 def _check(info: os.stat_result, limit: int) -> None:
@@ -26,7 +34,7 @@ def read_small_file(path: str, limit: int, info: os.stat_result | None = None) -
     device or a huge file would never end or fill memory: anything but a
     small regular file raises ``NotASmallFile``, checked on ``info`` (a
     ``stat`` of ``path`` the caller made already) before it is opened and
-    again on what was opened. ``OSError`` if it cannot be read.
+    again on what was opened. Another ``OSError`` if it cannot be read.
     """
     _check(os.stat(path) if info is None else info, limit)
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)

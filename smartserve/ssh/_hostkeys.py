@@ -11,7 +11,7 @@ from twisted.logger import Logger
 
 from .._folders import make_folder
 from ._exceptions import HostKeyError
-from ._files import NotASmallFile, read_small_file
+from ._files import read_small_file
 
 __all__ = ["DEFAULT_HOST_KEY_NAME", "ensure_host_key", "fingerprint", "load_host_keys"]
 
@@ -65,8 +65,6 @@ def load_host_keys(paths: Iterable[str]) -> dict[bytes, Key]:
     for path in paths:
         try:
             _, data = read_small_file(path, MAX_HOST_KEY_BYTES)
-        except NotASmallFile as error:
-            raise HostKeyError(f"cannot load host key {path}: {error}") from None
         except OSError as error:
             raise HostKeyError(f"cannot load host key {path}: {error.strerror}") from None
         try:
