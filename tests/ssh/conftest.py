@@ -34,6 +34,19 @@ def make_user_key(folder: Path, name: str, kind: str = "ed25519") -> Path:
     return make_key_pair(folder / name, kind, comment=name)
 
 
+def make_unusual_file(path: Path, kind: str, too_large: str) -> None:
+    """Put at ``path`` what the server must not open blindly: a ``fifo``, a ``folder``, a ``device`` (a
+    symlink to /dev/null), or, for ``huge``, the text ``too_large``."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "device":
+        path.symlink_to("/dev/null")
+    else:
+        path.write_text(too_large)
+
+
 class SSHServerUnderTest:
     """smartserve's SSH front end and smart server on 127.0.0.1, in this process."""
 

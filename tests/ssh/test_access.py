@@ -14,6 +14,8 @@ from smartserve.ssh._access import MAX_ACCESS_FILE_BYTES
 from smartserve.ssh._session import writable_for
 from support import logged_events
 
+from .conftest import make_unusual_file
+
 EXAMPLE = """\
 # Release managers may also write to the shared trees.
 rm1     write /projects/release/ /shared   # prefixes end in '/' once parsed
@@ -109,14 +111,7 @@ def test_access_policy_logs_a_vanished_file_once_not_at_every_login(tmp_path):
 
 def _make_unusual(path, kind):
     """Put a FIFO, a folder, a device or a file one byte too large at ``path``."""
-    if kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "folder":
-        path.mkdir()
-    elif kind == "device":
-        path.symlink_to("/dev/null")
-    else:
-        path.write_text("guest read-only\n" + "#" * MAX_ACCESS_FILE_BYTES)
+    make_unusual_file(path, kind, "guest read-only\n" + "#" * MAX_ACCESS_FILE_BYTES)
 
 
 def _in_thread(path, call):

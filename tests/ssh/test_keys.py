@@ -18,6 +18,8 @@ from smartserve.ssh import IKeyStore, KeyFolder, MemoryKeyStore, PublicKeyChecke
 from smartserve.ssh._keys import MAX_KEY_FILE_BYTES
 from support import logged_events
 
+from .conftest import make_unusual_file
+
 
 def _new_key() -> Key:
     return Key(Ed25519PrivateKey.generate())
@@ -102,14 +104,7 @@ def test_key_folder_refuses_short_rsa_keys(tmp_path):
 def test_key_folder_ignores_what_is_not_a_small_regular_file(tmp_path, kind):
     """A FIFO, folder, device or huge file as ``<user>.pub`` gives no key at once, logged once, not a stuck reactor."""
     path = tmp_path / "alice.pub"
-    if kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "folder":
-        path.mkdir()
-    elif kind == "device":
-        path.symlink_to("/dev/null")
-    else:
-        path.write_text(_public_line(_new_key()) * (MAX_KEY_FILE_BYTES // 80 + 1))
+    make_unusual_file(path, kind, _public_line(_new_key()) * (MAX_KEY_FILE_BYTES // 80 + 1))
     store = KeyFolder(str(tmp_path))
     found = []
     with logged_events(lambda event: event.get("log_namespace") == "smartserve.ssh._keys") as events:
