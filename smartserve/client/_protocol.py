@@ -444,7 +444,23 @@ class SmartClientProtocol(Protocol):
         except ProtocolError as exc:
             self.abort(f"protocol error: {exc}")
             return
-        self._process_events()
+        events = self._codec.next_message()
+        if events is None:
+            self._process_events()
+            return
+        # A whole response in one read, the common case of a small one.
+        self._response = events[0]
+        on_chunk = self._outgoing.on_chunk
+        for event in events[1:-1]:
+            if on_chunk is None:
+                self._body_parts.append(event.data)
+            else:
+                self._take_chunk(event.data)
+                if self._abort_reason is not None:
+                    return
+        self._finish()
+        if self._codec.buffered_size:
+            self._process_events()
 
     def _process_events(self) -> None:
         next_event = self._codec.next_event

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 from ._events import BodyChunk, ConnectionClosed, Event, Request, Response
 from ._exceptions import (
@@ -158,6 +158,26 @@ class Connection:
         except RemoteProtocolError as exc:
             self._fail_remote(exc)
             raise
+
+    def next_message(self) -> Optional[list]:
+        """All events of the peer's next message at once, or None.
+
+        The same events ``next_event`` would return one by one, ending
+        with ``EndOfMessage``, when the received bytes hold the whole
+        message in one piece with nothing unusual about it: the common
+        case of a small message, parsed in one pass. None means nothing
+        was consumed; call ``next_event`` instead.
+        """
+        if self._their_state is not _IDLE or self._their_eof:
+            return None
+        if not self._request_in_cycle and self.their_role is Role.SERVER:
+            return None  # a response to no request: next_event names the error
+        events = self._reader.read_whole_message(self._buffer)
+        if events is None:
+            return None
+        self._their_state = _DONE
+        self._request_in_cycle = True
+        return events
 
     def send(self, event: Event) -> bytes:
         """Return the bytes that send ``event``.

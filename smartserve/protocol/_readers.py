@@ -154,11 +154,60 @@ class MessageReader:
         (a part cut short, over a limit, or malformed), and the part-by-part
         path then gives the right answer or error.
         """
-        data, pos = buf.contiguous()
+        data, start = buf.contiguous()
+        opening = self._parse_opening(data, start)
+        if opening is None:
+            return None
+        event, end = opening
+        buf.consume(end - start)
+        self._expect = _BODY
+        return event
+
+    def read_whole_message(self, buf: ReceiveBuffer) -> Optional[list]:
+        """All events of the next message, if the buffer's first chunk holds all of it.
+
+        The shortcut for a small message received in one piece: opening,
+        body parts and end parsed in one pass. Returns None, consuming
+        nothing, if the message is not all there or has anything unusual
+        (a status part in its body, a part over a limit, bytes that are not
+        a message), which the part-by-part path then handles.
+        """
+        if self._expect is not _MARKER:
+            return None
+        data, start = buf.contiguous()
+        opening = self._parse_opening(data, start)
+        if opening is None:
+            return None
+        event, pos = opening
+        events = [event]
+        size = len(data)
+        max_part = self._limits.max_body_part_size
+        while pos < size:
+            kind = data[pos]
+            if kind == PART_END:
+                buf.consume(pos + 1 - start)
+                self._expect = _NOTHING
+                events.append(_END)
+                return events
+            if kind != PART_BYTES or pos + 5 > size:
+                return None
+            (length,) = _unpack_length(data, pos + 1)
+            end = pos + 5 + length
+            if end > size or length > max_part:
+                return None
+            events.append(BodyChunk(data[pos + 5 : end]))
+            pos = end
+        return None
+
+    def _parse_opening(self, data: bytes, pos: int) -> Optional[tuple]:
+        """The opening event of a message at ``data[pos:]`` and where it ends, or None.
+
+        None means the opening parts are not all in ``data`` or something
+        about them is unusual. Nothing is recorded: the caller consumes.
+        """
         size = len(data)
         if not data.startswith(MESSAGE_MARKER, pos):
             return None
-        start = pos
         pos += _MARKER_LEN
         if size < pos + 4:
             return None
@@ -199,11 +248,7 @@ class MessageReader:
             event = Request(args, headers)
         else:
             event = Response(args, success, headers)
-        buf.consume(end - start)
-        self._headers = headers
-        self._success = success
-        self._expect = _BODY
-        return event
+        return event, end
 
     def _read_marker(self, buf: ReceiveBuffer) -> bool:
         if buf.startswith(MESSAGE_MARKER):

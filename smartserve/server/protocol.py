@@ -345,8 +345,13 @@ class SmartServerProtocol(Protocol):
                 return
             if self.phase is Phase.IDLE and self._draining and self._close_if_lingered():
                 return
-            if self.phase is Phase.IDLE and self._producer_paused:
-                break  # the last response is not taken yet: begin no other
+            if self.phase is Phase.IDLE:
+                if self._producer_paused:
+                    break  # the last response is not taken yet: begin no other
+                whole = self._codec.next_message()
+                if whole is not None:
+                    self._take_whole_request(whole)
+                    break
             try:
                 event = self._codec.next_event()
             except ProtocolError as exc:
@@ -361,10 +366,7 @@ class SmartServerProtocol(Protocol):
                 if current.run is not None and current.refusal is None:
                     current.chunks.append(event.data)
             elif kind is EndOfMessage:
-                current.finished = True
-                consumed = self._bytes_received - self._codec.buffered_size
-                current.record.bytes_in = consumed - self._bytes_before_message
-                self._bytes_before_message = consumed
+                self._request_ended(current)
             elif kind is BodyError:
                 pass  # Breezy's server ignores the client's stream error, then ends the request.
             elif kind is ConnectionClosed:
@@ -376,6 +378,20 @@ class SmartServerProtocol(Protocol):
         if current is not None and self.phase is Phase.REQUEST:
             self._advance(current)
         self._update_idle_timer()
+
+    def _take_whole_request(self, events: list) -> None:
+        """Begin a request that arrived whole (``Connection.next_message``), body and end included."""
+        self._begin(events[0])
+        current = self._current
+        if current.run is not None and current.refusal is None:
+            current.chunks.extend(event.data for event in events[1:-1])
+        self._request_ended(current)
+
+    def _request_ended(self, current: _CurrentRequest) -> None:
+        current.finished = True
+        consumed = self._bytes_received - self._codec.buffered_size
+        current.record.bytes_in = consumed - self._bytes_before_message
+        self._bytes_before_message = consumed
 
     def _update_peer(self) -> None:
         """Take the caller's address from the transport, when it was not given.

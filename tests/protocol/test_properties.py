@@ -107,6 +107,54 @@ def test_one_byte_at_a_time_decodes_the_same(message):
     assert got == events
 
 
+def _states(conn: Connection) -> tuple:
+    return conn.our_state, conn.their_state, conn.trailing_data
+
+
+@SETTINGS
+@given(messages(), st.binary(max_size=30))
+def test_next_message_gives_what_next_event_gives(message, after):
+    """A whole message in one piece comes out of next_message as next_event would give it.
+
+    Only a message with an error in its body is left to next_event; either
+    way the connection ends in the same state, the bytes after the message
+    still unread.
+    """
+    role, events = message
+    wire = send_all(sender(role), events) + after
+    one_by_one = receiver(role)
+    one_by_one.receive_data(wire)
+    expected = []
+    while not expected or type(expected[-1]) is not EndOfMessage:
+        expected.append(one_by_one.next_event())
+    at_once = receiver(role)
+    at_once.receive_data(wire)
+    got = at_once.next_message()
+    if got is None:
+        assert any(type(event) is BodyError for event in events)
+        assert receive_all(at_once) == events
+    else:
+        assert got == expected == events
+    assert _states(at_once) == _states(one_by_one)
+
+
+@SETTINGS
+@given(messages(), st.data())
+def test_next_message_takes_nothing_from_part_of_a_message(message, data):
+    """Until the last byte of a message has arrived, next_message consumes nothing."""
+    role, events = message
+    wire = send_all(sender(role), events)
+    cut = data.draw(st.integers(0, len(wire) - 1))
+    conn = receiver(role)
+    if cut:
+        conn.receive_data(wire[:cut])  # b"" would be an EOF
+    before = _states(conn)
+    assert conn.next_message() is None
+    assert _states(conn) == before
+    conn.receive_data(wire[cut:])
+    assert receive_all(conn) == events
+
+
 @SETTINGS
 @given(messages())
 def test_breezy_decodes_any_message_we_send(message):
@@ -323,3 +371,29 @@ def test_one_large_body_part_fed_in_tiny_pieces_decodes_in_linear_time(step):
     small = min(run(20_000) for _ in range(3))
     large = min(run(160_000) for _ in range(2))
     assert large / small < 8 * 2.5
+
+
+@SETTINGS
+@given(mutations())
+def test_next_message_on_damaged_input_agrees_with_next_event(mutation):
+    """On damaged bytes next_message raises nothing and gives only what next_event would give."""
+    role, wire, _ = mutation
+    if not wire:
+        return  # b"" would be an EOF
+    slow = receiver(role)
+    slow.receive_data(wire)
+    try:
+        expected = []
+        while not expected or type(expected[-1]) is not EndOfMessage:
+            event = slow.next_event()
+            if event is NEED_DATA:
+                break
+            expected.append(event)
+    except ProtocolError:
+        expected = None
+    fast = receiver(role)
+    fast.receive_data(wire)
+    got = fast.next_message()
+    if got is not None:
+        assert got == expected
+        assert _states(fast) == _states(slow)
