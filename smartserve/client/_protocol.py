@@ -300,11 +300,8 @@ class SmartClientProtocol(Protocol):
                 self._write(Request((outgoing.verb,) + outgoing.args, outgoing.headers))
                 Deferred.fromCoroutine(self._write_stream(outgoing)).addErrback(self._stream_failed)
             else:
-                codec = self._codec
-                head = codec.send(Request((outgoing.verb,) + outgoing.args, outgoing.headers))
-                if outgoing.body is not None:
-                    head += codec.send(BodyChunk(outgoing.body))
-                self._write_now(head + codec.send(_END))
+                parts = self._codec.send_message(Request((outgoing.verb,) + outgoing.args, outgoing.headers), outgoing.body)
+                self._write_now(parts[0] if len(parts) == 1 else b"".join(parts))
         except ProtocolError as exc:
             if self._codec.our_state is _IDLE:
                 # Nothing was encoded, let alone sent: the connection stays as good as it was.

@@ -42,6 +42,7 @@ _TRANSITIONS = {role: transitions_for(role) for role in Role}
 
 # Module-level names for the members, as an Enum attribute lookup is slow.
 _IDLE = State.IDLE
+_BODY = State.BODY
 _DONE = State.DONE
 _CLOSED = State.CLOSED
 _ERROR = State.ERROR
@@ -195,6 +196,23 @@ class Connection:
         if event_type is Request:
             self._request_in_cycle = True
         return data
+
+    def send_message(self, opening: Union[Request, Response], body: Optional[bytes] = None) -> list:
+        """The byte strings, in order, that send a whole message at once.
+
+        The same bytes as ``send`` of ``opening``, of ``body`` as one
+        ``BodyChunk`` when it is given, and of ``EndOfMessage``, for the
+        common message that is ready whole. ``body`` is one of the strings,
+        not copied. Raises as ``send`` does, the state then unchanged.
+        """
+        if self._check_ours(type(opening)) is not _BODY:
+            raise LocalProtocolError(f"a message opens with a request or a response, not {type(opening).__name__}")
+        head = WRITERS[type(opening)](opening)
+        self._our_state = _DONE
+        self._request_in_cycle = True
+        if body is None:
+            return [head + b"e"]
+        return [head + body_part_header(body), body, b"e"]
 
     def send_with_data_passthrough(self, event: Event) -> list:
         """Like ``send``, but return a list of byte strings to write in order.

@@ -470,8 +470,12 @@ class SmartServerProtocol(Protocol):
 
     def _respond(self, current: _CurrentRequest, reply: Reply) -> None:
         self.phase = Phase.RESPONSE
+        whole = reply.stream is None
         try:
-            head = self._codec.send(Response(reply.args, reply.success, _HEADERS))
+            if whole:
+                parts = self._codec.send_message(Response(reply.args, reply.success, _HEADERS), reply.body)
+            else:
+                head = self._codec.send(Response(reply.args, reply.success, _HEADERS))
         except LocalProtocolError as exc:
             # Breezy can hand back arguments bencode cannot carry (a
             # TokenMismatch with no lock token holds a None). brz serve
@@ -481,18 +485,14 @@ class SmartServerProtocol(Protocol):
             if reply.stream is not None:
                 reply.stream.close()
             reply = Reply(_encoding_failed_args("reply", reply.args), success=False)
-            head = self._codec.send(Response(reply.args, reply.success, _HEADERS))
+            whole = True
+            parts = self._codec.send_message(Response(reply.args, reply.success, _HEADERS))
         current.record.outcome = reply.outcome
-        if reply.stream is not None:
+        if not whole:
             current.stream = reply.stream
             self._write(current, [head])
             self._pull_stream(current)
             return
-        if reply.body is not None:
-            parts = [head, *self._codec.send_with_data_passthrough(BodyChunk(reply.body))]
-        else:
-            parts = [head]
-        parts.append(self._codec.send(EndOfMessage()))
         self._write(current, parts, now=True)
         self._response_done(current)
 

@@ -107,6 +107,39 @@ def test_one_byte_at_a_time_decodes_the_same(message):
     assert got == events
 
 
+@SETTINGS
+@given(messages(), st.binary(max_size=40) | st.none())
+def test_send_message_writes_what_send_writes(message, body):
+    """send_message's bytes are those of send for the opening, the body as one part, and the end."""
+    role, events = message
+    events = [events[0], *([BodyChunk(body)] if body is not None else []), EndOfMessage()]
+    one_by_one = sender(role)
+    at_once = sender(role)
+    assert b"".join(at_once.send_message(events[0], body)) == send_all(one_by_one, events)
+    assert at_once.our_state is one_by_one.our_state is State.DONE
+
+
+@pytest.mark.parametrize("opening", [BodyChunk(b"x"), EndOfMessage(), ConnectionClosed()])
+def test_send_message_refuses_what_is_not_an_opening(opening):
+    conn = Connection(Role.CLIENT)
+    with pytest.raises(LocalProtocolError):
+        conn.send_message(opening)
+    assert conn.our_state is State.IDLE
+    assert conn.send_message(Request((b"hello",))) == [send_all(Connection(Role.CLIENT), [Request((b"hello",)), EndOfMessage()])]
+
+
+def test_send_message_refuses_a_response_to_no_request_and_a_second_message():
+    server = Connection(Role.SERVER)
+    with pytest.raises(LocalProtocolError, match="must follow a request"):
+        server.send_message(Response((b"ok",)))
+    assert server.our_state is State.IDLE
+    client = Connection(Role.CLIENT)
+    client.send_message(Request((b"hello",)))
+    with pytest.raises(LocalProtocolError):
+        client.send_message(Request((b"hello",)))
+    assert client.our_state is State.DONE
+
+
 def _states(conn: Connection) -> tuple:
     return conn.our_state, conn.their_state, conn.trailing_data
 
