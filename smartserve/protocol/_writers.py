@@ -81,7 +81,8 @@ def _prefixed_headers(headers) -> bytes:
     if not headers:
         return _NO_HEADERS
     try:
-        key = tuple(headers.items())
+        # Types are part of the key: 1, 1.0 and True are equal keys but not the same bencode.
+        key = (tuple(headers.items()), tuple(map(type, headers.values())))
         return _HEADERS_CACHE[key]
     except KeyError:
         encoded = _prefixed(dict(headers))

@@ -260,3 +260,10 @@ def test_errors_share_one_base():
 def test_receive_nothing_is_need_data():
     """With no bytes yet, a connection needs data."""
     assert Connection(Role.SERVER).next_event() is NEED_DATA
+
+
+def test_header_values_equal_as_numbers_encode_by_their_own_type():
+    """Headers sent before are remembered, but 1.0 after 1 is still refused, not sent as i1e."""
+    assert b"d1:xi1ee" in Connection(Role.CLIENT).send(Request((b"hello",), {b"x": 1}))
+    with pytest.raises(LocalProtocolError):
+        Connection(Role.CLIENT).send(Request((b"hello",), {b"x": 1.0}))
