@@ -447,14 +447,9 @@ class SmartClientProtocol(Protocol):
             return
         # A whole response in one read, the common case of a small one.
         self._response = events[0]
-        on_chunk = self._outgoing.on_chunk
         for event in events[1:-1]:
-            if on_chunk is None:
-                self._body_parts.append(event.data)
-            else:
-                self._take_chunk(event.data)
-                if self._abort_reason is not None:
-                    return
+            if not self._take_body_part(event.data):
+                return
         self._finish()
         if self._codec.buffered_size:
             self._process_events()
@@ -474,12 +469,8 @@ class SmartClientProtocol(Protocol):
                 self.abort("server sent a response to no request")
                 return
             if kind is BodyChunk:
-                if self._outgoing.on_chunk is None:
-                    self._body_parts.append(event.data)
-                else:
-                    self._take_chunk(event.data)
-                    if self._abort_reason is not None:
-                        return  # on_chunk raised: nothing more reaches it, and the call fails with its error
+                if not self._take_body_part(event.data):
+                    return
             elif kind is Response:
                 self._response = event
             elif kind is EndOfMessage:
@@ -488,6 +479,17 @@ class SmartClientProtocol(Protocol):
                     return  # next_event would only say NEED_DATA (or ConnectionClosed)
             else:
                 self._body_error = event.args
+
+    def _take_body_part(self, data: bytes) -> bool:
+        """Collect a response body part or hand it to ``on_chunk``; False once ``on_chunk`` raised.
+
+        After that nothing more reaches ``on_chunk``, and the call fails with its error.
+        """
+        if self._outgoing.on_chunk is None:
+            self._body_parts.append(data)
+            return True
+        self._take_chunk(data)
+        return self._abort_reason is None
 
     def _take_chunk(self, data: bytes) -> None:
         outgoing = self._outgoing

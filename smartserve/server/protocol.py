@@ -126,6 +126,11 @@ class _CurrentRequest:
         self.stream = None
         self.ready: Optional[list] = None
 
+    def take_body(self, data: bytes) -> None:
+        """Keep a body part for the run, unless the request will not run."""
+        if self.run is not None and self.refusal is None:
+            self.chunks.append(data)
+
 
 @implementer(IPushProducer, IHalfCloseableProtocol)
 class SmartServerProtocol(Protocol):
@@ -363,8 +368,7 @@ class SmartServerProtocol(Protocol):
             if kind is Request:
                 self._begin(event)
             elif kind is BodyChunk:
-                if current.run is not None and current.refusal is None:
-                    current.chunks.append(event.data)
+                current.take_body(event.data)
             elif kind is EndOfMessage:
                 self._request_ended(current)
             elif kind is BodyError:
@@ -383,8 +387,8 @@ class SmartServerProtocol(Protocol):
         """Begin a request that arrived whole (``Connection.next_message``), body and end included."""
         self._begin(events[0])
         current = self._current
-        if current.run is not None and current.refusal is None:
-            current.chunks.extend(event.data for event in events[1:-1])
+        for event in events[1:-1]:
+            current.take_body(event.data)
         self._request_ended(current)
 
     def _request_ended(self, current: _CurrentRequest) -> None:
@@ -470,9 +474,8 @@ class SmartServerProtocol(Protocol):
 
     def _respond(self, current: _CurrentRequest, reply: Reply) -> None:
         self.phase = Phase.RESPONSE
-        whole = reply.stream is None
         try:
-            if whole:
+            if reply.stream is None:
                 parts = self._codec.send_message(Response(reply.args, reply.success, _HEADERS), reply.body)
             else:
                 head = self._codec.send(Response(reply.args, reply.success, _HEADERS))
@@ -485,10 +488,9 @@ class SmartServerProtocol(Protocol):
             if reply.stream is not None:
                 reply.stream.close()
             reply = Reply(_encoding_failed_args("reply", reply.args), success=False)
-            whole = True
             parts = self._codec.send_message(Response(reply.args, reply.success, _HEADERS))
         current.record.outcome = reply.outcome
-        if not whole:
+        if reply.stream is not None:
             current.stream = reply.stream
             self._write(current, [head])
             self._pull_stream(current)
