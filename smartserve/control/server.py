@@ -161,6 +161,11 @@ def _answers(path: str) -> bool:
         return True
 
 
+def _command_name(box) -> str:
+    """The command a box names, printable whatever bytes a client sent."""
+    return box.get(amp.COMMAND, b"").decode("ascii", "backslashreplace")[:100]
+
+
 @implementer(IPushProducer)
 class ControlProtocol(amp.AMP, TimeoutMixin):
     """Answers the control commands for one connection to the control socket.
@@ -187,9 +192,13 @@ class ControlProtocol(amp.AMP, TimeoutMixin):
         return super().dispatchCommand(box).addErrback(self._refused, box).addBoth(self._answered)
 
     def _refused(self, failure, box):
-        if not failure.check(BadArguments):
+        if failure.check(BadArguments):
+            error = failure.value.description
+        elif failure.check(amp.RemoteAmpError) and failure.value.errorCode == amp.UNHANDLED_ERROR_CODE:
+            error = f"unknown command {_command_name(box)}"
+        else:
             return failure
-        log.warn("Refused a control command: {error}", error=failure.value.description)
+        log.warn("Refused a control command: {error}", error=error)
         # A command that asks for no answer has no one to tell.
         return failure if amp.ASK in box else None
 

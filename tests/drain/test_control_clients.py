@@ -9,12 +9,13 @@ import time
 import pytest_twisted
 from twisted.internet import endpoints, reactor
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, formatEvent
 
 from smartserve.control.commands import WaitDrained
 from smartserve.control.server import CLOSE_TIMEOUT, IDLE_TIMEOUT, Control, ControlFactory
 from smartserve.listeners import ListenerGroup
 from smartserve.server.drain import DrainController
-from support import VENV_BIN, SmartserveProcess, recording_client, wait_until
+from support import VENV_BIN, SmartserveProcess, logged_events, recording_client, wait_until
 
 _STATUS = b"\x00\x04_ask\x00\x011\x00\x08_command\x00\x06Status\x00\x00"
 
@@ -87,6 +88,23 @@ async def test_control_client_that_never_reads_its_answers_is_not_read_from_and_
         control.clock.advance(IDLE_TIMEOUT)
         control.clock.advance(CLOSE_TIMEOUT)
         await wait_until(lambda: not control.factory.connections, 10, "the server to cut the connection")
+    finally:
+        await control.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_command_asking_no_answer_is_one_log_line_and_the_connection_goes_on(tmp_path):
+    """An unknown command sent without ``_ask`` has no one to tell: one warning, no traceback, later commands answered."""
+    control = _ControlSocket(tmp_path)
+    try:
+        with logged_events(lambda event: event.get("log_namespace", "").startswith("smartserve.control")) as events:
+            client = await control.connect()
+            client.transport.write(b"\x00\x08_command\x00\x03Foo\x00\x00" + _STATUS)
+            await wait_until(lambda: b"_answer" in client.received, 10, "the Status answer")
+        assert not client.closed
+        assert [event for event in events if "log_failure" in event] == []
+        refusals = [formatEvent(event) for event in events if event["log_level"] is LogLevel.warn]
+        assert len(refusals) == 1 and "Foo" in refusals[0], refusals
     finally:
         await control.close()
 
