@@ -8,8 +8,9 @@ from urllib.parse import quote, unquote, urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 
+from .._quiet import connect_quietly
 from ..protocol import DEFAULT_LIMITS, Limits
 from ._protocol import SmartClientProtocol
 
@@ -71,7 +72,7 @@ def connector_for_endpoint(
     """A function that connects a new ``SmartClientProtocol`` through ``endpoint``."""
 
     def connect() -> Deferred:
-        return connectProtocol(endpoint, SmartClientProtocol(clock, limits))
+        return connect_quietly(endpoint, SmartClientProtocol(clock, limits))
 
     return connect
 

@@ -48,13 +48,13 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone, ProcessTerminated
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from .._conch_trace import ConchTrace
+from .._quiet import QuietFactory
 from .._sending import sending_at_once
 from ._endpoints import SSH_PORT, Target, tcp_endpoint
 from ._exceptions import CommandRefused, HostKeyError, LoginRefused
@@ -148,12 +148,6 @@ def ssh_endpoint(reactor, target: Target, options: SSHOptions, connect_timeout: 
         known_path=known_path,
         ui=_HostKeyDecision(options.trust_on_first_use),
     )
-
-
-class _Quiet(Factory):
-    """A factory that does not log its start and stop, which would be two lines per connection."""
-
-    noisy = False
 
 
 class _UserAuth(SSHUserAuthClient):
@@ -319,7 +313,7 @@ class _ClientTransport(SSHClientTransport):
         if endpoint.agent is None:
             self._log_in()
             return
-        factory = _Quiet.forProtocol(SSHAgentClient)
+        factory = QuietFactory.forProtocol(SSHAgentClient)
 
         def agent_ready(agent: SSHAgentClient):
             self._agent = agent
@@ -470,7 +464,7 @@ class _SSHCommandEndpoint:
 
         ready: Deferred = Deferred(cancel)
         transport = _ClientTransport(self, ready)
-        connecting = self._tcp.connect(_Quiet.forProtocol(lambda: transport))
+        connecting = self._tcp.connect(QuietFactory.forProtocol(lambda: transport))
         connecting.addErrback(lambda failure: None if ready.called else ready.errback(failure))
 
         def open_channel(connection: SSHConnection) -> Deferred:

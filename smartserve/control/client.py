@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 from twisted.internet import defer
-from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.protocols import amp
+from twisted.internet.endpoints import UNIXClientEndpoint
 
-from .commands import Drain, ListenerDescriptor, Status, TakeOver, WaitDrained
+from .._quiet import connect_quietly
+from .commands import Drain, ListenerDescriptor, QuietAMP, Status, TakeOver, WaitDrained
 
 __all__ = ["connect", "status", "drain", "wait_drained", "take_over", "ControlClient", "NoServer", "NoAnswer"]
 
@@ -21,7 +21,7 @@ class NoAnswer(NoServer):
     """A server accepted the connection but did not answer in time: its process is stopped or stuck."""
 
 
-class ControlClient(amp.AMP):
+class ControlClient(QuietAMP):
     """The client end of a control connection: AMP, with a bound on the wait for some answers.
 
     ``ask`` fails with ``NoAnswer`` when the answer takes longer than
@@ -57,7 +57,7 @@ async def connect(reactor, path: str, timeout: float = 5.0, answer_timeout: Opti
     """
     endpoint = UNIXClientEndpoint(reactor, path, timeout=timeout)
     try:
-        return await connectProtocol(endpoint, ControlClient(reactor, path, answer_timeout))
+        return await connect_quietly(endpoint, ControlClient(reactor, path, answer_timeout))
     except Exception as exc:
         raise NoServer(f"no server answers on {path}: {exc}") from exc
 

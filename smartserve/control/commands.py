@@ -4,7 +4,19 @@ from twisted.protocols import amp
 
 __all__ = [
     "Status", "Drain", "WaitDrained", "TakeOver", "ListenerDescriptor", "NotServing", "BadTimeout", "BadArguments",
+    "QuietAMP",
 ]
+
+
+class QuietAMP(amp.AMP):
+    """AMP without its info lines when a connection is made and lost: four lines for every `smartserve status`."""
+
+    def makeConnection(self, transport):
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason):
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
 
 
 class NotServing(Exception):

@@ -16,7 +16,6 @@ from typing import List, Optional
 
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.protocols.policies import TimeoutMixin
@@ -24,7 +23,10 @@ from zope.interface import implementer
 
 from ..listeners import ListenerGroup
 from ..server.drain import DrainController, DrainState, check_timeout
-from .commands import BadArguments, BadTimeout, Drain, ListenerDescriptor, NotServing, Status, TakeOver, WaitDrained
+from .._quiet import QuietFactory
+from .commands import (
+    BadArguments, BadTimeout, Drain, ListenerDescriptor, NotServing, QuietAMP, Status, TakeOver, WaitDrained,
+)
 
 __all__ = ["Control", "ControlProtocol", "ControlFactory"]
 
@@ -167,7 +169,7 @@ def _command_name(box) -> str:
 
 
 @implementer(IPushProducer)
-class ControlProtocol(amp.AMP, TimeoutMixin):
+class ControlProtocol(QuietAMP, TimeoutMixin):
     """Answers the control commands for one connection to the control socket.
 
     A connection that sends no whole command for the factory's
@@ -269,12 +271,6 @@ class ControlProtocol(amp.AMP, TimeoutMixin):
             raise NotServing("no such listener: send TakeOver first")
         return {"descriptor": self._handover[index][1]}
 
-
-    def makeConnection(self, transport):
-        # Past AMP.makeConnection and AMP.connectionLost, which add nothing
-        # but a line at info each: two lines for every `smartserve status`.
-        amp.BinaryBoxProtocol.makeConnection(self, transport)
-
     def connectionMade(self):
         super().connectionMade()
         self.factory.connections.add(self)
@@ -287,14 +283,13 @@ class ControlProtocol(amp.AMP, TimeoutMixin):
         self.setTimeout(None)
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
-        amp.BinaryBoxProtocol.connectionLost(self, reason)
-        self.transport = None
+        super().connectionLost(reason)
         if self._handover is not None and not self._handover_finished:
             self.control.take_back()
         self.factory.connection_lost(self)
 
 
-class ControlFactory(Factory):
+class ControlFactory(QuietFactory):
     """Builds a ``ControlProtocol`` per connection to the control socket."""
 
     def __init__(

@@ -48,7 +48,7 @@ from typing import List, Optional
 import breezy
 from twisted.internet import defer
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -69,6 +69,7 @@ from ..protocol import (
     Response,
     Role,
 )
+from .._quiet import QuietFactory
 from .._sending import direct_socket, send_now, write_now
 from .accesslog import DEFAULT_ACCESS_LOG, RequestRecord
 from .caller import Caller, peer_text
@@ -688,7 +689,7 @@ class ClosedAtOnce(Protocol):
 
 
 @implementer(IDrainable)
-class SmartServerFactory(Factory):
+class SmartServerFactory(QuietFactory):
     """Builds a ``SmartServerProtocol`` per connection and keeps track of them.
 
     Over bzr:// (TCP) there is no user: callers get ``tcp_writable`` rights,

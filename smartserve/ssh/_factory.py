@@ -42,6 +42,7 @@ class SSHServerFactory(factory.SSHFactory):
     runs out.
     """
 
+    noisy = False  # its "listening on" line and the connections' own lines say what matters
     protocol = ServerTransport
     services = {b"ssh-userauth": UserAuthServer, b"ssh-connection": SmartConnection}
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 
+from twisted.logger import formatEvent
+
 from smartserve.client import FileExists, NoSuchFile, ReadError, RemoteError, SmartClient, UnknownMethod
+
+from support import logged_events
 
 from .conftest import copy_branch, streamed_revisions
 
@@ -22,6 +26,18 @@ async def test_call_hello_answers_protocol_version(client):
     """`hello` answers ok and protocol version 2, as `brz serve` says it."""
     reply = await client.call(b"hello")
     assert reply.args == (b"ok", b"2")
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_add_nothing_to_the_log_of_the_program(brz_serve):
+    """Connecting, calling and closing log no factory start and stop lines in a service embedding the client."""
+    with logged_events(lambda event: True) as events:
+        client = SmartClient.from_url(brz_serve.url)
+        try:
+            assert (await client.call(b"hello")).args == (b"ok", b"2")
+        finally:
+            await client.close()
+    assert [formatEvent(event) for event in events] == []
 
 
 @pytest_twisted.ensureDeferred

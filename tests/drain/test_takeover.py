@@ -18,6 +18,8 @@ pytestmark = pytest.mark.timeout(120)
 _DRAINING = re.compile(r"Draining: (\d+) connections open, (\d+) busy")
 TAKEN_BACK = "The process taking over went away before it asked this one to drain"
 CONTROL_LISTENING = "control listening on"
+# Lines Twisted's factories and AMP log by default, which smartserve turns off.
+_TWISTED_CONNECTION_NOISE = re.compile(r"(Starting|Stopping) factory|connection (established|lost) \(HOST")
 
 
 def wait_taken_back(server: ServerProcess) -> None:
@@ -74,6 +76,8 @@ def test_takeover_long_branch_completes_and_no_connection_lost(tmp_path, brz, bi
     old_log = old.log()
     assert old_log.index("Draining: ") < old_log.index("Repository.get_stream_1.19"), "the stream ended before the drain"
     assert "Drained in" in old_log and "(all closed); 0 aborted" in old_log
+    for log in (old_log, new.log()):
+        assert not _TWISTED_CONNECTION_NOISE.search(log), "factory or AMP connection lines in the log"
     assert ConnectionLoop.failures(attempts) == []
     assert brz.run("revno", tmp_path / "copy").stdout == brz.run("revno", big_branch).stdout
     assert brz.run("log", "--line", tmp_path / "copy").stdout == brz.run("log", "--line", big_branch).stdout
