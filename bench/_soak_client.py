@@ -235,7 +235,7 @@ class SoakClient:
             except Lost as lost:
                 session.close()
                 self.session = None
-                if not may_resend(verb_class, lost.point, drain_signal=lost.drained):
+                if not may_resend(verb_class, lost.point, not_run=lost.drained):
                     raise OutcomeUnknown(f"{args[0].decode()} lost {lost.point.name}: {lost}") from None
                 if resends >= self.max_resends or time.monotonic() > deadline:
                     raise GaveUp(f"{args[0].decode()}: {resends} resends, last {lost}") from None

@@ -212,15 +212,17 @@ def may_resend(
     verb_class: VerbClass,
     point: FailurePoint,
     *,
-    drain_signal: bool = False,
+    not_run: bool = False,
     body_replayable: bool = True,
 ) -> bool:
     """Whether a request that failed at ``point`` may be sent again.
 
-    ``drain_signal`` is True when the server said it was draining (SSH
-    exit-status 75) before any response byte arrived: a draining server
-    never starts a request it has not begun. ``body_replayable`` is False
-    when the request's body was a one-shot stream that has been read from.
+    ``not_run`` is True when the server said it did not run the request:
+    it was draining (SSH exit-status 75 before any response byte; a
+    draining server never starts a request it has not begun), or it turned
+    the connection away unread (``TooManyConnections``). ``body_replayable``
+    is False when the request's body was a one-shot stream that has been
+    read from.
     """
     if point is FailurePoint.BEFORE_WRITE:
         return True
@@ -230,5 +232,5 @@ def may_resend(
         # The server discards a v3 message that never reached its end.
         return True
     if point is FailurePoint.AFTER_WRITE:
-        return drain_signal or verb_class in _RESEND_AFTER_WRITE
+        return not_run or verb_class in _RESEND_AFTER_WRITE
     return verb_class in _RESEND_DURING_RESPONSE

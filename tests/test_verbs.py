@@ -71,11 +71,11 @@ def test_may_resend_after_write(verb_class, expected):
 
 
 @pytest.mark.parametrize("verb_class", list(VerbClass))
-def test_may_resend_after_write_with_drain_signal(verb_class):
+def test_may_resend_after_write_when_the_server_said_it_did_not_run_it(verb_class):
     """A draining server never began the request, so any verb is resent."""
-    assert may_resend(verb_class, FailurePoint.AFTER_WRITE, drain_signal=True)
+    assert may_resend(verb_class, FailurePoint.AFTER_WRITE, not_run=True)
     assert not may_resend(
-        verb_class, FailurePoint.AFTER_WRITE, drain_signal=True, body_replayable=False
+        verb_class, FailurePoint.AFTER_WRITE, not_run=True, body_replayable=False
     )
 
 

@@ -69,6 +69,14 @@ class ClientStats:
     retired_connections: int = 0
 
 
+class _TurnedAway(Exception):
+    """Inside the engine: the server turned the attempt's connection away; the call goes on on another slot."""
+
+    def __init__(self, resends: int):
+        super().__init__(resends)
+        self.resends = resends
+
+
 class _FirstAttempt:
     """What the engine does with the outcome of a call's first attempt on a connected slot.
 
@@ -105,7 +113,9 @@ class _FirstAttempt:
             except BaseException:
                 client._pool.release(entry)
                 raise
-            self._resend = Deferred.fromCoroutine(client._run(self._outgoing, entry, self._deadline_at, resends=1))
+            self._resend = Deferred.fromCoroutine(
+                client._run(self._outgoing, entry, self._deadline_at, resends=1, turned_away=error.server_busy)
+            )
             return self._resend
         if isinstance(error, RemoteError):
             client._answered(entry)
@@ -304,12 +314,28 @@ class SmartClient:
         entry = await self._bounded(self._pool.acquire(), self._remaining(deadline_at), outgoing.verb, None)
         return await self._run(outgoing, entry, deadline_at)
 
-    async def _run(self, outgoing: Outgoing, entry, deadline_at: float, resends: int = 0) -> Reply:
-        """The attempts on ``entry``'s slot, which goes back to the pool at the end."""
+    async def _run(self, outgoing: Outgoing, entry, deadline_at: float, resends: int = 0, turned_away: bool = False) -> Reply:
+        """The attempts on ``entry``'s slot, which goes back to the pool at the end.
+
+        A server that turned a connection away (``turned_away``) has too
+        many open: the call gives its slot back and waits for one of the
+        pool's live connections, if it has any, rather than ask the server
+        for another.
+        """
         try:
-            return await self._attempts(outgoing, entry, deadline_at, resends)
+            while True:
+                if turned_away:
+                    self._pool.release(entry)
+                    entry = None
+                    live = self._pool.acquire_live()
+                    entry = await self._bounded(live, self._remaining(deadline_at), outgoing.verb, None)
+                try:
+                    return await self._attempts(outgoing, entry, deadline_at, resends)
+                except _TurnedAway as turned:
+                    resends, turned_away = turned.resends, True
         finally:
-            self._pool.release(entry)
+            if entry is not None:
+                self._pool.release(entry)
 
     async def _attempts(self, outgoing: Outgoing, entry, deadline_at: float, resends: int) -> Reply:
         verb = outgoing.verb
@@ -339,6 +365,14 @@ class SmartClient:
                 continue
             entry.protocol = protocol
             reason = await self._probe(protocol)
+            if reason is not None and protocol.turned_away:
+                # Before anything was written: counted as a resend, which bounds how often.
+                entry.slot.request_failed(reason)
+                if self.metrics is not None:
+                    self.metrics.reconnected("busy")
+                if resends >= self.policy.max_resends or self._remaining(deadline_at) <= 0:
+                    raise RequestNotSent(verb, f"{reason} ({resends + 1} times)")
+                raise _TurnedAway(resends + 1)
             if reason is not None and protocol.requests_sent == 0:
                 # Closed before it carried anything: a server that accepts
                 # and hangs up is failing, and gets the backoff.
@@ -377,6 +411,8 @@ class SmartClient:
             except TransportFailure as failure:
                 self._attempt_lost(outgoing, entry, failure, resends, deadline_at)
                 resends += 1
+                if failure.server_busy:
+                    raise _TurnedAway(resends)
                 continue
             entry.slot.request_succeeded()
             self.budget.record_success()
@@ -386,11 +422,15 @@ class SmartClient:
         """Account for an attempt lost with ``failure``; raise the call's error unless it goes out again."""
         if failure.drain_signal:
             entry.slot.discard(failure.reason)
+        elif failure.server_busy:
+            # The slot waits before it connects again; the budget is for
+            # failures, and a refusal that ran nothing cost the server little.
+            entry.slot.request_failed(failure.reason)
         else:
             entry.slot.request_failed(failure.reason)
             self.budget.record_failure()
         if self.metrics is not None:
-            self.metrics.reconnected("drain" if failure.drain_signal else "failure")
+            self.metrics.reconnected("drain" if failure.drain_signal else "busy" if failure.server_busy else "failure")
         why_not = self._why_not_resend(outgoing, failure, resends, deadline_at)
         if why_not is not None:
             raise self._final_error(outgoing, failure, why_not) from failure
@@ -424,7 +464,7 @@ class SmartClient:
         """None if the failed request may go out again, else why not."""
         verb_class = classify(outgoing.verb)
         point = failure.point
-        if not may_resend(verb_class, point, drain_signal=failure.drain_signal, body_replayable=outgoing.body_replayable):
+        if not may_resend(verb_class, point, not_run=failure.not_run, body_replayable=outgoing.body_replayable):
             if not outgoing.body_replayable:
                 return "its one-shot body stream was already read"
             return f"a {verb_class.value} verb is not resent {point.value}"
@@ -441,7 +481,7 @@ class SmartClient:
         return None
 
     def _final_error(self, outgoing: Outgoing, failure: TransportFailure, why_not: str) -> Exception:
-        may_have_run = failure.point in (FailurePoint.AFTER_WRITE, FailurePoint.DURING_RESPONSE) and not failure.drain_signal
+        may_have_run = failure.point in (FailurePoint.AFTER_WRITE, FailurePoint.DURING_RESPONSE) and not failure.not_run
         if may_have_run and classify(outgoing.verb) is not VerbClass.READ:
             self.stats.outcome_unknown += 1
             if self.metrics is not None:

@@ -141,18 +141,26 @@ def remote_error(verb: bytes, error_args: Tuple[Any, ...], body: bytes = b"") ->
 class TransportFailure(ClientError):
     """The connection failed while a request was on it.
 
-    ``point`` says how far the request got, ``reason`` what went wrong and
+    ``point`` says how far the request got, ``reason`` what went wrong,
     ``drain_signal`` whether the server said it was draining (SSH
-    exit-status 75) before any response byte arrived.
+    exit-status 75) before any response byte arrived, and ``server_busy``
+    whether it turned the connection away unread (``TooManyConnections``).
+    Either way the server did not run the request (``not_run``).
     """
 
     point: FailurePoint = FailurePoint.BEFORE_WRITE
 
-    def __init__(self, verb: bytes, reason: str, *, drain_signal: bool = False):
+    def __init__(self, verb: bytes, reason: str, *, drain_signal: bool = False, server_busy: bool = False):
         super().__init__(f"{_text(verb)}: connection lost {self.point.value}: {reason}")
         self.verb = verb
         self.reason = reason
         self.drain_signal = drain_signal
+        self.server_busy = server_busy
+
+    @property
+    def not_run(self) -> bool:
+        """Whether the server said it did not run the request."""
+        return self.drain_signal or self.server_busy
 
 
 class RequestNotSent(TransportFailure):
@@ -186,10 +194,10 @@ _BY_POINT: Mapping[FailurePoint, Type[TransportFailure]] = {
 
 
 def transport_failure(
-    verb: bytes, point: FailurePoint, reason: str, *, drain_signal: bool = False
+    verb: bytes, point: FailurePoint, reason: str, *, drain_signal: bool = False, server_busy: bool = False
 ) -> TransportFailure:
     """The phase exception for a request lost at ``point``."""
-    return _BY_POINT[point](verb, reason, drain_signal=drain_signal)
+    return _BY_POINT[point](verb, reason, drain_signal=drain_signal, server_busy=server_busy)
 
 
 class OutcomeUnknown(ClientError):

@@ -29,6 +29,11 @@ class PoolEntry:
         """Whether its last connection is still open."""
         return self.protocol is not None and not self.protocol.is_closed
 
+    @property
+    def has_usable_connection(self) -> bool:
+        """Whether its last connection is open and may carry another request."""
+        return self.protocol is not None and self.protocol.reusable
+
 
 class Pool:
     """Hands out slots to calls: at most ``size`` at once, live connections first.
@@ -62,6 +67,7 @@ class Pool:
         ]
         self._free: List[PoolEntry] = list(self._entries)
         self._waiting: Deque[Deferred] = deque()
+        self._waiting_live: Deque[Deferred] = deque()  # calls whose connection the server turned away
         self.size = size
         self._stats = stats
         self._metrics = metrics
@@ -83,6 +89,26 @@ class Pool:
         self._waiting.append(waiter)
         return waiter
 
+    def acquire_live(self) -> Deferred:
+        """A slot with a live connection, as soon as one is free; any free slot when the pool has no live connection.
+
+        For a call whose connection the server turned away for having too
+        many: one the pool already has serves it without asking for another.
+        """
+        for index in range(len(self._free) - 1, -1, -1):
+            if self._free[index].has_usable_connection:
+                entry = self._free.pop(index)
+                self._cancel_keepalive(entry)
+                return succeed(entry)
+        if not self._any_live():
+            return self.acquire()
+        waiter: Deferred = Deferred(lambda d: self._waiting_live.remove(d) if d in self._waiting_live else None)
+        self._waiting_live.append(waiter)
+        return waiter
+
+    def _any_live(self) -> bool:
+        return any(entry.has_usable_connection for entry in self._entries)
+
     def release(self, entry: PoolEntry) -> None:
         """Give ``entry`` back, closing its connection first if it is too old; the longest waiting call gets it."""
         if self._policy.max_connection_age is not None and entry.slot.retire_if_old(self._clock.seconds()):
@@ -90,6 +116,9 @@ class Pool:
                 self._stats.retired_connections += 1
             if self._metrics is not None:
                 self._metrics.reconnected("age")
+        if self._waiting_live and (entry.has_usable_connection or not self._any_live()):
+            self._waiting_live.popleft().callback(entry)
+            return
         if self._waiting:
             self._waiting.popleft().callback(entry)
             return
@@ -113,7 +142,7 @@ class Pool:
     def _take(self) -> PoolEntry:
         free = self._free
         for index in range(len(free) - 1, -1, -1):
-            if free[index].has_live_connection:
+            if free[index].has_usable_connection:
                 entry = free.pop(index)
                 break
         else:

@@ -39,14 +39,19 @@ from ..protocol import (
     Response,
     Role,
     State,
+    TOO_MANY_CONNECTIONS,
 )
 from ..verbs import FailurePoint
-from ._exceptions import CommandRefused, remote_error, transport_failure
+from ._exceptions import CommandRefused, _text, remote_error, transport_failure
 
 __all__ = ["SmartClientProtocol", "Reply", "Outgoing", "DRAIN_EXIT_STATUS"]
 
 DRAIN_EXIT_STATUS = 75
 """SSH exit status (EX_TEMPFAIL) of a server that closed because it drains."""
+
+# Enough to hold smartserve's TooManyConnections message whole.
+_TURNED_AWAY_PEEK = 1024
+_TURNED_AWAY_REASON = "the server turned the connection away unread: too many connections"
 
 BodyStream = Union[Iterable[bytes], Callable[[], Iterable[bytes]], Any]
 
@@ -170,6 +175,7 @@ class SmartClientProtocol(Protocol):
         self._lost = False
         self._reusable = True
         self.drain_signal = False
+        self.turned_away = False  # the server answered TooManyConnections: it read nothing
         self._command_refused = False
         self._close_waiters: list = []
         self.requests_sent = 0
@@ -194,6 +200,11 @@ class SmartClientProtocol(Protocol):
         """Whether the connection is gone."""
         return self._lost
 
+    @property
+    def reusable(self) -> bool:
+        """Whether it may carry another request: open, and not being closed."""
+        return self._reusable and not self._lost
+
     def when_closed(self) -> Deferred:
         """A Deferred that fires with None once the connection is gone."""
         if self._lost:
@@ -214,6 +225,8 @@ class SmartClientProtocol(Protocol):
         fed to the codec, the SSH peer's channel close) and at a TCP socket's
         own queue, where a FIN may wait that the reactor has not read yet.
         """
+        if self.turned_away:
+            return _TURNED_AWAY_REASON
         if self._lost:
             return "connection already closed"
         codec = self._codec
@@ -243,7 +256,12 @@ class SmartClientProtocol(Protocol):
                 return None
             except OSError as exc:
                 return f"socket error: {exc}"
-            return "server sent EOF (not yet read)" if peeked == b"" else "server sent bytes outside a response"
+            if peeked == b"":
+                return "server sent EOF (not yet read)"
+            if self.requests_sent == 0 and _says_turned_away(sock.recv(_TURNED_AWAY_PEEK, _PEEK_NOW)):
+                self.turned_away = True
+                return _TURNED_AWAY_REASON
+            return "server sent bytes outside a response"
         return None
 
     def has_unread_input(self) -> bool:
@@ -433,7 +451,11 @@ class SmartClientProtocol(Protocol):
         if self._abort_reason is not None:
             return  # aborted; the loss is reported in a later turn
         if self._pending is None:
-            self.abort("server sent bytes outside a response")
+            if self.requests_sent == 0 and _says_turned_away(data):
+                self.turned_away = True
+                self.abort(_TURNED_AWAY_REASON)
+            else:
+                self.abort("server sent bytes outside a response")
             return
         self._received_in_cycle = True
         try:
@@ -518,10 +540,28 @@ class SmartClientProtocol(Protocol):
         if response.success and self._body_error is None:
             has_body = outgoing.on_chunk is None
             self._settle(pending, Reply(tuple(response.args), body if has_body else None))
+        elif self._turned_away(response):
+            self.turned_away = True
+            self._reusable = False
+            point = FailurePoint.DURING_WRITE if answered_early else FailurePoint.AFTER_WRITE
+            detail = response.args[1] if len(response.args) > 1 else b"too many connections"
+            why = f"the server turned the connection away unread: {_text(detail)}"
+            self._settle(pending, transport_failure(outgoing.verb, point, why, server_busy=True))
+            self.close()
+            return
         else:
             self._settle(pending, remote_error(outgoing.verb, tuple(self._body_error or response.args), body))
         if answered_early:
             self.close()
+
+    def _turned_away(self, response) -> bool:
+        """Whether ``response`` is smartserve's ``TooManyConnections``, which comes before any request is read."""
+        return (
+            not response.success
+            and self.requests_sent == 1
+            and self._body_error is None
+            and response.args[:1] == (TOO_MANY_CONNECTIONS,)
+        )
 
     def _settle(self, pending: Deferred, outcome) -> None:
         """Fire ``pending`` with ``outcome``, a Reply or an exception, once the listener has heard it."""
@@ -592,6 +632,18 @@ class SmartClientProtocol(Protocol):
         waiters, self._close_waiters = self._close_waiters, []
         for waiter in waiters:
             waiter.callback(None)
+
+
+def _says_turned_away(data: bytes) -> bool:
+    """Whether ``data``, the first bytes of a connection that has carried no request, are a whole ``TooManyConnections``."""
+    codec = Connection(Role.CLIENT)
+    codec.send_message(Request((b"hello",)))
+    try:
+        codec.receive_data(data)
+    except ProtocolError:
+        return False
+    events = codec.next_message()
+    return events is not None and not events[0].success and events[0].args[:1] == (TOO_MANY_CONNECTIONS,)
 
 
 def _describe(reason: Optional[Failure]) -> str:

@@ -23,7 +23,8 @@ from ._exceptions import (
 )
 from ._limits import DEFAULT_LIMITS, Limits
 from ._state import Role, State
-from ._wire import MESSAGE_MARKER
+from ._wire import MESSAGE_MARKER, TOO_MANY_CONNECTIONS
+from ._writers import error_response
 
 __all__ = [
     "Connection",
@@ -34,6 +35,8 @@ __all__ = [
     "Limits",
     "DEFAULT_LIMITS",
     "MESSAGE_MARKER",
+    "TOO_MANY_CONNECTIONS",
+    "error_response",
     "Event",
     "Request",
     "Response",

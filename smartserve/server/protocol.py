@@ -68,6 +68,8 @@ from ..protocol import (
     Request,
     Response,
     Role,
+    TOO_MANY_CONNECTIONS,
+    error_response,
 )
 from .._quiet import QuietFactory
 from .._sending import direct_socket, send_now, write_now
@@ -688,6 +690,53 @@ class ClosedAtOnce(Protocol):
         self.transport.loseConnection()
 
 
+# Seconds, and bytes, for which a turned-away connection's input is read and
+# dropped after its error went out; and how many may linger so at once.
+TURNED_AWAY_LINGER = 2.0
+TURNED_AWAY_MAX_BYTES = 1 << 20
+MAX_TURNED_AWAY = 64
+
+
+class TurnedAway(Protocol):
+    """Answers a bzr:// connection over the limit with ``TooManyConnections`` and closes it, reading no request.
+
+    The error goes out first thing, so a client learns that nothing it sent
+    was run, and may send it again later, whatever the verb; a bare close
+    left it not knowing whether an ``append`` had been applied. The server
+    then closes its side and reads and drops what the client sends for up
+    to ``TURNED_AWAY_LINGER`` seconds, as a web server's lingering close:
+    closing a socket with unread input sends a reset, which can destroy the
+    error before the client has read it.
+    """
+
+    def __init__(self, factory: "SmartServerFactory", open_count: int):
+        self.factory = factory
+        self.open_count = open_count
+        self._dropped = 0
+        self._timer = None
+
+    def connectionMade(self) -> None:
+        self.factory.turned_away.add(self)
+        message = f"the server has {self.open_count} bzr:// connections open, its limit; try again later"
+        self.transport.write(error_response((TOO_MANY_CONNECTIONS, message.encode())))
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is None:
+            self.transport.loseConnection()
+            return
+        half_close()
+        self._timer = self.factory.clock.callLater(TURNED_AWAY_LINGER, self.transport.loseConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._dropped += len(data)
+        if self._dropped > TURNED_AWAY_MAX_BYTES:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        self.factory.turned_away.discard(self)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+
+
 @implementer(IDrainable)
 class SmartServerFactory(QuietFactory):
     """Builds a ``SmartServerProtocol`` per connection and keeps track of them.
@@ -736,19 +785,27 @@ class SmartServerFactory(QuietFactory):
         self.connections = OpenConnections()
         self.max_bzr_connections = max_bzr_connections
         self._bzr_connections: set = set()
+        self.turned_away: set = set()  # TurnedAway connections still lingering
         self.requests_by_class: collections.Counter = collections.Counter()
         self._ids = itertools.count(1)
         self._draining = False
 
     def buildProtocol(self, addr) -> Protocol:
-        """A protocol for a bzr:// connection, or one that closes it at once when there are too many."""
+        """A protocol for a bzr:// connection, or one that turns it away when there are too many (``TurnedAway``).
+
+        Past ``MAX_TURNED_AWAY`` connections turned away and not yet closed,
+        further ones are closed at once, without the error.
+        """
         if self.max_bzr_connections and len(self._bzr_connections) >= self.max_bzr_connections:
+            count = len(self._bzr_connections)
             log.warn(
                 "refusing bzr:// connection from {peer}: {count} open, the limit (--bzr-max-connections)",
                 peer=peer_text(addr),
-                count=len(self._bzr_connections),
+                count=count,
             )
-            return ClosedAtOnce()
+            if len(self.turned_away) >= MAX_TURNED_AWAY:
+                return ClosedAtOnce()
+            return TurnedAway(self, count)
         return self.build_protocol(Caller(None, "", self.tcp_writable))
 
     def build_protocol(self, caller: Caller, carried_by=None) -> SmartServerProtocol:

@@ -26,7 +26,17 @@ from smartserve.client import (
     backoff_delay,
     RetryBudget,
 )
-from smartserve.protocol import NEED_DATA, BodyChunk, Connection, EndOfMessage, Request, Response, Role
+from smartserve.protocol import (
+    NEED_DATA,
+    TOO_MANY_CONNECTIONS,
+    BodyChunk,
+    Connection,
+    EndOfMessage,
+    Request,
+    Response,
+    Role,
+    error_response,
+)
 
 
 class FakeTransport(StringTransport):
@@ -81,6 +91,11 @@ class FakeConnection:
         self.codec.start_next_cycle()
         self.protocol.dataReceived(data if cut_after is None else data[:cut_after])
 
+    def turn_away(self) -> None:
+        """Answer TooManyConnections and close, as smartserve over its connection limit, having read nothing."""
+        self.protocol.dataReceived(error_response((TOO_MANY_CONNECTIONS, b"too many")))
+        self.lose()
+
     def lose(self, exit_status: int = None) -> None:
         """Close the connection, optionally as an SSH command exiting with ``exit_status``.
 
@@ -110,6 +125,8 @@ class FakeServer:
             return Deferred()
         connection = FakeConnection(self.clock)
         self.connections.append(connection)
+        if action == "turn away":
+            connection.turn_away()
         return succeed(connection.protocol)
 
 
@@ -885,3 +902,48 @@ def test_engine_cancelled_call_drops_its_connection_and_sends_no_more_of_its_bod
     gates[-1].callback(None)  # the part being read when the call was cancelled comes
     assert connection.transport.value() == sent
     assert len(gates) == asked and pulled == [0, 1]
+
+
+@pytest.mark.parametrize("verb_class", sorted(VERBS))
+def test_request_turned_away_after_write_is_resent_whatever_its_class(server, clock, verb_class):
+    """TooManyConnections as a connection's first answer means the request did not run: every class goes out again."""
+    verb = VERBS[verb_class]
+    client = make_client(server, clock)
+    result = outcome(client.call(verb, b"/path", body=b"body"))
+    first = server.connections[0]
+    assert first.requests() == [verb]
+    first.turn_away()
+    clock.advance(0)
+    second = server.connections[1]
+    assert second.requests() == [verb]
+    second.respond(b"ok")
+    assert result == [Reply((b"ok",), b"")]
+    assert client.stats.outcome_unknown == 0 and client.stats.resends == 1
+
+
+def test_connections_turned_away_before_any_write_are_bounded_by_max_resends(server, clock):
+    """Refusals that arrive before the request is written end the call after max_resends, as never sent."""
+    server.script = ["turn away"] * 10
+    client = make_client(server, clock, max_resends=2)
+    result = outcome(client.call(b"append", b"/journal", b"", body=b"line"))
+    clock.advance(10)
+    assert len(result) == 1 and result[0].check(RequestNotSent)
+    assert "turned the connection away" in str(result[0].value)
+    assert len(server.connections) == 3
+    assert all(connection.requests() == [] for connection in server.connections)
+
+
+def test_call_turned_away_waits_for_a_live_pooled_connection_instead_of_another(server, clock):
+    """With one connection of the pool serving, a call turned away on a second waits for the first, asking for no third."""
+    client = SmartClient(server.connect, pool_size=2, clock=clock, policy=RetryPolicy(backoff_initial=0.0))
+    first_call = outcome(client.call(b"get", b"/a"))
+    second_call = outcome(client.call(b"append", b"/journal", b"", body=b"line"))
+    live, refused = server.connections
+    refused.turn_away()
+    clock.advance(1)
+    assert len(server.connections) == 2, "the turned-away call connected again instead of waiting"
+    live.respond(b"ok", body=b"a")
+    assert first_call == [Reply((b"ok",), b"a")]
+    assert live.requests() == [b"get", b"append"]
+    live.respond(b"appended", b"0")
+    assert second_call == [Reply((b"appended", b"0"), b"")]

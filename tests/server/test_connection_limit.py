@@ -1,4 +1,4 @@
-"""bzr:// connections over the limit are closed as soon as they are made; SSH sessions do not count."""
+"""bzr:// connections over the limit are told TooManyConnections and closed, their input unread; SSH sessions do not count."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from twisted.internet.testing import StringTransport
 from smartserve.server.caller import Caller
 from smartserve.server.dispatcher import Dispatcher
 from smartserve.server.jail import Writable
-from smartserve.server.protocol import ClosedAtOnce, SmartServerFactory
+from smartserve.server.protocol import (
+    MAX_TURNED_AWAY,
+    TURNED_AWAY_LINGER,
+    TURNED_AWAY_MAX_BYTES,
+    ClosedAtOnce,
+    SmartServerFactory,
+    TurnedAway,
+)
 from smartserve.testing import MemoryBackend, encode_request, response_args
 
 
@@ -17,24 +24,63 @@ def _factory(limit: int) -> SmartServerFactory:
     return SmartServerFactory(Dispatcher(MemoryBackend({})), clock=Clock(), max_bzr_connections=limit)
 
 
-def _connect_bzr(factory: SmartServerFactory, port: int):
+class _HalfClosingTransport(StringTransport):
+    """A StringTransport that notes a half-close, as a TCP transport does it."""
+
+    write_closed = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+
+def _connect_bzr(factory: SmartServerFactory, port: int, transport=None):
     protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
-    transport = StringTransport()
+    transport = transport or _HalfClosingTransport()
     protocol.makeConnection(transport)
     return protocol, transport
 
 
-def test_bzr_connection_over_the_limit_is_closed_at_once_and_a_slot_frees_on_close():
+def test_bzr_connection_over_the_limit_is_told_too_many_connections_and_a_slot_frees_on_close():
+    """Over the limit: the TooManyConnections error, a half-close, the close after the linger; a slot frees on close."""
     factory = _factory(2)
     first, _ = _connect_bzr(factory, 40001)
     _connect_bzr(factory, 40002)
     refused, refused_transport = _connect_bzr(factory, 40003)
-    assert isinstance(refused, ClosedAtOnce)
-    assert refused_transport.disconnecting and refused_transport.value() == b""
+    assert isinstance(refused, TurnedAway)
+    assert response_args(refused_transport.value()) == [
+        (b"TooManyConnections", b"the server has 2 bzr:// connections open, its limit; try again later")
+    ]
+    assert refused_transport.write_closed and not refused_transport.disconnecting
+    refused.dataReceived(encode_request([b"append", b"/journal", b""], b"never run"))
+    factory.clock.advance(TURNED_AWAY_LINGER)
+    assert refused_transport.disconnecting
+    refused.connectionLost(None)
+    assert factory.turned_away == set()
     first.connectionLost(None)
     accepted, transport = _connect_bzr(factory, 40004)
     accepted.dataReceived(encode_request([b"hello"]))
     assert response_args(transport.value()) == [(b"ok", b"2")]
+
+
+def test_turned_away_connection_that_keeps_sending_is_closed_past_the_byte_bound():
+    factory = _factory(1)
+    _connect_bzr(factory, 40001)
+    refused, transport = _connect_bzr(factory, 40002)
+    refused.dataReceived(b"x" * TURNED_AWAY_MAX_BYTES)
+    assert not transport.disconnecting
+    refused.dataReceived(b"x")
+    assert transport.disconnecting
+
+
+def test_past_max_turned_away_lingering_further_connections_are_closed_at_once():
+    factory = _factory(1)
+    _connect_bzr(factory, 40001)
+    lingering = [_connect_bzr(factory, 41000 + index)[0] for index in range(MAX_TURNED_AWAY)]
+    assert all(isinstance(protocol, TurnedAway) for protocol in lingering)
+    closed, transport = _connect_bzr(factory, 42000)
+    assert isinstance(closed, ClosedAtOnce) and transport.disconnecting and transport.value() == b""
+    lingering[0].connectionLost(None)
+    assert isinstance(_connect_bzr(factory, 42001)[0], TurnedAway)
 
 
 def test_ssh_sessions_do_not_count_against_the_bzr_limit():

@@ -1,0 +1,80 @@
+"""A bzr:// connection over --bzr-max-connections is told TooManyConnections, runs nothing, and clients cope."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest_twisted
+from twisted.internet import defer
+
+from smartserve.client import SmartClient
+from smartserve.testing import RawClient
+
+_OPTIONS = ("--bzr", "tcp:0:interface=127.0.0.1", "--bzr-allow-writes", "--ssh", "none")
+
+
+def _served_root(server) -> Path:
+    return server.data / "branches"
+
+
+def test_connection_over_the_limit_is_told_too_many_connections_and_nothing_it_sent_runs(start_smartserve):
+    """The error arrives whole although the client sent a large request first, the request is not run, the others are served."""
+    server = start_smartserve(*_OPTIONS, "--bzr-max-connections", "1")
+    first = RawClient.connect("127.0.0.1", server.port)
+    second = None
+    try:
+        assert first.call(b"hello").args == (b"ok", b"2")
+        second = RawClient.connect("127.0.0.1", server.port)
+        # The server reads none of it; without its lingering close the unread
+        # bytes would make the kernel reset the connection, error and all.
+        second.send_request([b"append", b"/journal", b""], body=b"x" * (256 * 1024))
+        refused = second.read_reply()
+        assert (refused.success, refused.args[0]) == (False, b"TooManyConnections")
+        assert b"1 bzr:// connections open" in refused.args[1]
+        assert second.wait_closed() == b""
+        assert first.call(b"hello").args == (b"ok", b"2")
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+    assert not (_served_root(server) / "journal").exists()
+    assert "refusing bzr:// connection" in server.log()
+    after = RawClient.connect("127.0.0.1", server.port)
+    try:
+        assert after.call(b"hello").args == (b"ok", b"2")
+    finally:
+        after.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_pool_larger_than_the_limit_applies_every_append_once(start_smartserve):
+    """Twelve appends at once through six pooled connections to a server taking two: all succeed, none twice."""
+    server = start_smartserve(*_OPTIONS, "--bzr-max-connections", "2")
+    client = SmartClient.from_url(server.url, pool_size=6)
+    lines = [b"entry %d\n" % index for index in range(12)]
+    try:
+        replies = await defer.gatherResults(
+            [defer.ensureDeferred(client.call(b"append", b"/journal", b"", body=line)) for line in lines]
+        )
+    finally:
+        await client.close()
+    assert all(reply.args[0] == b"appended" for reply in replies)
+    assert sorted((_served_root(server) / "journal").read_bytes().splitlines(keepends=True)) == sorted(lines)
+    assert client.stats.outcome_unknown == 0
+    assert client.stats.resends + client.stats.connect_failures >= 1, "no connection was turned away"
+    assert "refusing bzr:// connection" in server.log()
+
+
+def test_brz_against_a_full_server_names_the_error(start_smartserve, brz):
+    """Stock brz turned away gets an error naming TooManyConnections; once a connection frees, it works."""
+    server = start_smartserve(*_OPTIONS, "--bzr-max-connections", "1")
+    brz.run("init", f"{server.url}/branch")
+    holder = RawClient.connect("127.0.0.1", server.port)
+    try:
+        assert holder.call(b"hello").args == (b"ok", b"2")
+        refused = brz.run("revno", f"{server.url}/branch", check=False)
+    finally:
+        holder.close()
+    assert refused.returncode != 0
+    assert "TooManyConnections" in refused.stderr, refused.stderr
+    assert brz.run("revno", f"{server.url}/branch").stdout == "0\n"
