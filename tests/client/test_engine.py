@@ -28,6 +28,7 @@ from smartserve.client import (
 )
 from smartserve.protocol import (
     NEED_DATA,
+    SERVER_DRAINING,
     TOO_MANY_CONNECTIONS,
     BodyChunk,
     Connection,
@@ -947,3 +948,23 @@ def test_call_turned_away_waits_for_a_live_pooled_connection_instead_of_another(
     assert live.requests() == [b"get", b"append"]
     live.respond(b"appended", b"0")
     assert second_call == [Reply((b"appended", b"0"), b"")]
+
+
+@pytest.mark.parametrize("verb_class", sorted(VERBS))
+def test_request_answered_server_draining_is_resent_at_once_whatever_its_class(server, clock, verb_class):
+    """A bzr:// drain's ServerDraining answers a request the server did not read: it goes out again on a new connection, no backoff."""
+    verb = VERBS[verb_class]
+    client = make_client(server, clock, backoff_initial=10.0)
+    warm = outcome(client.call(b"hello"))
+    first = server.connections[0]
+    first.respond(b"ok", b"2")
+    assert warm == [Reply((b"ok", b"2"), b"")]
+    result = outcome(client.call(verb, b"/path", body=b"body"))
+    assert first.requests() == [b"hello", verb]
+    first.protocol.dataReceived(error_response((SERVER_DRAINING, b"the server is draining")))
+    clock.advance(0)
+    second = server.connections[1]
+    assert second.requests() == [verb]
+    second.respond(b"ok")
+    assert result == [Reply((b"ok",), b"")]
+    assert client.stats.outcome_unknown == 0 and client.stats.resends == 1

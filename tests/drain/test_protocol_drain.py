@@ -7,7 +7,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface.verify import verifyObject
 
 from smartserve.server.interfaces import IBackend, IDrainable
-from smartserve.server.protocol import Phase
+from smartserve.server.protocol import DRAIN_CLOSE_LINGER, Phase
 from smartserve.testing import MemoryBackend, encode_request, response_args, serve_in_memory
 
 
@@ -74,6 +74,56 @@ def test_protocol_bytes_after_idle_close_never_run():
     assert backend.ran == []
     assert backend.files[b"file"] == b"before"
     assert transport.value() == b""
+
+
+class _TcpLikeTransport(StringTransport):
+    """A StringTransport that can shut down its sending side alone, as a TCP transport can."""
+
+    write_closed = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+
+_DRAINING = (b"ServerDraining", b"the server is draining: connect again")
+
+
+def test_tcp_connection_closed_by_a_drain_says_server_draining_and_runs_nothing_after():
+    """Over TCP the drain's close writes ServerDraining and shuts down the sending side; what comes later is dropped."""
+    backend = MemoryBackend({b"file": b"before"})
+    factory, protocol, transport = serve_in_memory(backend, transport=_TcpLikeTransport())
+    protocol.dataReceived(encode_request([b"hello"]))
+    factory.drain()
+    assert response_args(transport.value()) == [(b"ok", b"2"), _DRAINING]
+    assert transport.write_closed and not transport.disconnecting
+    protocol.dataReceived(encode_request([b"append", b"file", b""], b"after"))
+    assert backend.files[b"file"] == b"before" and not any(verb == b"append" for verb, *_ in backend.ran)
+    protocol.readConnectionLost()  # the client read the message and closed
+    assert transport.disconnecting
+
+
+def test_tcp_connection_closed_by_a_drain_is_closed_after_the_linger_if_the_client_says_nothing():
+    clock = Clock()
+    factory, protocol, transport = serve_in_memory(MemoryBackend(), clock=clock, transport=_TcpLikeTransport())
+    factory.drain()
+    clock.advance(DRAIN_CLOSE_LINGER - 0.1)
+    assert not transport.disconnecting
+    clock.advance(0.1)
+    assert transport.disconnecting
+
+
+def test_tcp_connection_busy_at_the_drain_says_server_draining_after_its_response():
+    """The response in progress goes out whole, then ServerDraining answers whatever the client sends next."""
+    backend = MemoryBackend({b"file": b"x" * 1000})
+    backend.hold(b"get")
+    factory, protocol, transport = serve_in_memory(backend, transport=_TcpLikeTransport())
+    protocol.dataReceived(encode_request([b"get", b"file"]))
+    factory.drain()
+    protocol.dataReceived(encode_request([b"append", b"file", b""], b"after"))
+    backend.release()
+    assert response_args(transport.value()) == [(b"ok",), _DRAINING]
+    assert backend.files[b"file"] == b"x" * 1000
+    assert transport.write_closed
 
 
 def test_protocol_new_connection_while_draining_closes():

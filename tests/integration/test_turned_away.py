@@ -9,6 +9,7 @@ from twisted.internet import defer
 
 from smartserve.client import SmartClient
 from smartserve.testing import RawClient
+from support import wait_for
 
 _OPTIONS = ("--bzr", "tcp:0:interface=127.0.0.1", "--bzr-allow-writes", "--ssh", "none")
 
@@ -39,11 +40,16 @@ def test_connection_over_the_limit_is_told_too_many_connections_and_nothing_it_s
             second.close()
     assert not (_served_root(server) / "journal").exists()
     assert "refusing bzr:// connection" in server.log()
-    after = RawClient.connect("127.0.0.1", server.port)
+    # The slot frees once the server has seen the first connection close.
+    wait_for(lambda: _hello_on_a_new_connection(server) == (b"ok", b"2"), 10, "a connection to be served again")
+
+
+def _hello_on_a_new_connection(server) -> tuple:
+    client = RawClient.connect("127.0.0.1", server.port)
     try:
-        assert after.call(b"hello").args == (b"ok", b"2")
+        return client.call(b"hello").args
     finally:
-        after.close()
+        client.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -69,12 +75,24 @@ def test_brz_against_a_full_server_names_the_error(start_smartserve, brz):
     """Stock brz turned away gets an error naming TooManyConnections; once a connection frees, it works."""
     server = start_smartserve(*_OPTIONS, "--bzr-max-connections", "1")
     brz.run("init", f"{server.url}/branch")
-    holder = RawClient.connect("127.0.0.1", server.port)
+    holder = wait_for(lambda: _served_connection(server), 10, "brz init's connection to be closed")
     try:
-        assert holder.call(b"hello").args == (b"ok", b"2")
         refused = brz.run("revno", f"{server.url}/branch", check=False)
     finally:
         holder.close()
     assert refused.returncode != 0
     assert "TooManyConnections" in refused.stderr, refused.stderr
-    assert brz.run("revno", f"{server.url}/branch").stdout == "0\n"
+    def revno():
+        done = brz.run("revno", f"{server.url}/branch", check=False)
+        return done.stdout if done.returncode == 0 else None
+
+    assert wait_for(revno, 10, "brz to be served once the holder closed") == "0\n"
+
+
+def _served_connection(server):
+    """A new connection whose hello was answered, or None if it was turned away."""
+    client = RawClient.connect("127.0.0.1", server.port)
+    if client.call(b"hello").args == (b"ok", b"2"):
+        return client
+    client.close()
+    return None

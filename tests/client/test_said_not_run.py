@@ -1,9 +1,12 @@
-"""TooManyConnections, smartserve's answer to a connection it turns away unread: the request did not run.
+"""The errors by which smartserve says it read nothing of a request: the request did not run.
 
-The client treats it as the server saying so, only while it is the first
-thing a connection says: the request goes out again (on a connection the
-pool already has, if any) whatever its verb, and is never reported with
-its outcome unknown.
+``TooManyConnections`` answers a connection over the server's limit; the
+client takes it so only as the first thing a connection says, and sends
+the request again (on a connection the pool already has, if any).
+``ServerDraining`` answers whatever came after the last answer on a bzr://
+connection a drain closes; the client sends the request again on a new
+connection at once, as after SSH exit status 75. Either way, whatever the
+verb, the call is never reported with its outcome unknown.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from twisted.python.failure import Failure
 
 from smartserve.client import RemoteError, RetryPolicy, SmartClient, SmartClientProtocol, TransportFailure
 from smartserve.client._protocol import Outgoing
-from smartserve.protocol import TOO_MANY_CONNECTIONS, error_response
+from smartserve.protocol import SERVER_DRAINING, TOO_MANY_CONNECTIONS, error_response
 from smartserve.verbs import FailurePoint
 
 _TURNED_AWAY = error_response((TOO_MANY_CONNECTIONS, b"the server has 2 bzr:// connections open"))
@@ -123,3 +126,18 @@ async def test_one_shot_body_refused_is_not_resent_and_not_outcome_unknown(turni
         await client.close()
     assert raised.value.not_run and "one-shot" in raised.value.why_not_resent
     assert client.stats.outcome_unknown == 0
+
+
+def test_server_draining_answer_fails_any_request_as_not_run_with_the_drain_signal():
+    """ServerDraining, even on a connection that carried requests before, is a drain signal: not run, connection closed."""
+    protocol = _connected()
+    first = protocol.send_request(Outgoing(b"hello", ()))
+    protocol.dataReceived(_success(b"ok", b"2"))
+    assert _outcome(first).args == (b"ok", b"2")
+    second = protocol.send_request(Outgoing(b"append", (b"/journal", b""), body=b"line\n"))
+    protocol.dataReceived(error_response((SERVER_DRAINING, b"the server is draining: connect again")))
+    failure = _outcome(second)
+    assert isinstance(failure.value, TransportFailure)
+    assert failure.value.drain_signal and failure.value.not_run and not failure.value.server_busy
+    assert "draining" in str(failure.value)
+    assert not protocol.reusable and protocol.transport.disconnecting
