@@ -139,13 +139,17 @@ class _MemoryRun:
 
 
 def serve_in_memory(
-    backend: MemoryBackend, *, clock: Optional[Clock] = None, idle_timeout: float = 300.0
+    backend: MemoryBackend,
+    *,
+    clock: Optional[Clock] = None,
+    idle_timeout: float = 300.0,
+    transport: Optional[StringTransport] = None,
 ) -> Tuple[SmartServerFactory, SmartServerProtocol, StringTransport]:
     """A connected server protocol over ``backend`` with writes allowed everywhere.
 
-    Returns the factory, the protocol and its ``StringTransport``; write
-    request bytes with ``protocol.dataReceived`` and read the replies from
-    ``transport.value()``.
+    Returns the factory, the protocol and its transport (a new
+    ``StringTransport`` unless one is given); write request bytes with
+    ``protocol.dataReceived`` and read the replies from ``transport.value()``.
     """
     factory = SmartServerFactory(
         Dispatcher(backend),
@@ -154,7 +158,7 @@ def serve_in_memory(
         tcp_writable=Writable.everywhere(),
     )
     protocol = factory.build_protocol(Caller(None, "memory", factory.tcp_writable))
-    transport = StringTransport()
+    transport = transport if transport is not None else StringTransport()
     protocol.makeConnection(transport)
     return factory, protocol, transport
 
@@ -268,8 +272,8 @@ class RawClient:
         return self.read_reply()
 
     def wait_closed(self) -> bytes:
-        """Block until the server closes the connection; returns what it sent meanwhile."""
-        received = []
+        """Block until the server closes the connection; returns what it sent after the last reply read."""
+        received = [self._codec.trailing_data]
         while True:
             data = self._read(65536)
             if not data:

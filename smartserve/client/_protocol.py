@@ -38,6 +38,7 @@ from ..protocol import (
     Request,
     Response,
     Role,
+    SERVER_DRAINING,
     State,
     TOO_MANY_CONNECTIONS,
 )
@@ -540,13 +541,15 @@ class SmartClientProtocol(Protocol):
         if response.success and self._body_error is None:
             has_body = outgoing.on_chunk is None
             self._settle(pending, Reply(tuple(response.args), body if has_body else None))
-        elif self._turned_away(response):
-            self.turned_away = True
+        elif self._said_not_run(response):
+            draining = response.args[0] == SERVER_DRAINING
+            self.turned_away = not draining
             self._reusable = False
             point = FailurePoint.DURING_WRITE if answered_early else FailurePoint.AFTER_WRITE
-            detail = response.args[1] if len(response.args) > 1 else b"too many connections"
-            why = f"the server turned the connection away unread: {_text(detail)}"
-            self._settle(pending, transport_failure(outgoing.verb, point, why, server_busy=True))
+            detail = _text(response.args[1]) if len(response.args) > 1 else ""
+            why = f"the server {'is draining' if draining else 'turned the connection away unread'}: {detail}"
+            failure = transport_failure(outgoing.verb, point, why, drain_signal=draining, server_busy=not draining)
+            self._settle(pending, failure)
             self.close()
             return
         else:
@@ -554,14 +557,13 @@ class SmartClientProtocol(Protocol):
         if answered_early:
             self.close()
 
-    def _turned_away(self, response) -> bool:
-        """Whether ``response`` is smartserve's ``TooManyConnections``, which comes before any request is read."""
-        return (
-            not response.success
-            and self.requests_sent == 1
-            and self._body_error is None
-            and response.args[:1] == (TOO_MANY_CONNECTIONS,)
-        )
+    def _said_not_run(self, response) -> bool:
+        """Whether ``response`` is smartserve saying it read nothing of the request: ``ServerDraining``, or
+        ``TooManyConnections`` as a connection's first answer."""
+        if response.success or self._body_error is not None or not response.args:
+            return False
+        name = response.args[0]
+        return name == SERVER_DRAINING or (name == TOO_MANY_CONNECTIONS and self.requests_sent == 1)
 
     def _settle(self, pending: Deferred, outcome) -> None:
         """Fire ``pending`` with ``outcome``, a Reply or an exception, once the listener has heard it."""

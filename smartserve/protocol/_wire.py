@@ -2,7 +2,7 @@
 
 import struct
 
-__all__ = ["MESSAGE_MARKER", "V2_REQUEST_MARKER", "V2_RESPONSE_MARKER", "LENGTH", "TOO_MANY_CONNECTIONS"]
+__all__ = ["MESSAGE_MARKER", "V2_REQUEST_MARKER", "V2_RESPONSE_MARKER", "LENGTH", "TOO_MANY_CONNECTIONS", "SERVER_DRAINING"]
 
 MESSAGE_MARKER = b"bzr message 3 (bzr 1.6)\n"
 V2_REQUEST_MARKER = b"bzr request 2\n"
@@ -11,6 +11,9 @@ V2_RESPONSE_MARKER = b"bzr response 2\n"
 # The error smartserve answers a connection with when it turns it away
 # before reading anything (too many open): nothing the client sent was run.
 TOO_MANY_CONNECTIONS = b"TooManyConnections"
+# The error a draining smartserve writes as it closes a bzr:// connection
+# between requests: nothing the client sent since its last answer was run.
+SERVER_DRAINING = b"ServerDraining"
 
 # Every variable-length part is prefixed by its length: 4 bytes, big-endian.
 LENGTH = struct.Struct(">L")

@@ -68,6 +68,7 @@ from ..protocol import (
     Request,
     Response,
     Role,
+    SERVER_DRAINING,
     TOO_MANY_CONNECTIONS,
     error_response,
 )
@@ -93,6 +94,10 @@ _JOIN_BELOW = 64 * 1024
 
 # How much of a response stream one worker-pool call produces.
 STREAM_SLICE_BYTES = 64 * 1024
+
+# Seconds for which a bzr:// connection a drain closes is read from, after
+# ServerDraining went out, waiting for the client to close.
+DRAIN_CLOSE_LINGER = 2.0
 
 # The answer to a request the server failed to run for a reason of its own.
 _INTERNAL_ERROR = Reply((b"error", b"InternalError", b"the server failed to run this request"), success=False)
@@ -146,6 +151,7 @@ class SmartServerProtocol(Protocol):
         # The client connection this one runs inside (an SSH session's SSH
         # connection), which the drain counts instead; None for bzr://.
         self.carried_by = carried_by
+        self._final_close = None  # a drain's close waiting for the client to close (``_close_saying_draining``)
         self.phase = Phase.IDLE
         self.closing_for_drain = False
         self.requests_served = 0
@@ -212,14 +218,19 @@ class SmartServerProtocol(Protocol):
 
     def readConnectionLost(self) -> None:
         """The TCP peer shut down its sending side: the same as an SSH channel EOF."""
+        if self._final_close is not None:
+            self.transport.loseConnection()  # it has read ServerDraining
+            return
         self.eofReceived()
 
     def writeConnectionLost(self) -> None:
-        """Never happens: the server does not shut down its sending side alone."""
+        """The server shut down its sending side as a drain closes the connection (``_close_saying_draining``)."""
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._cancel_idle_timer()
         self._cancel_linger()
+        if self._final_close is not None and self._final_close.active():
+            self._final_close.cancel()
         self._closing = True
         current = self._current
         self._current = None
@@ -617,7 +628,29 @@ class SmartServerProtocol(Protocol):
         self.closing_for_drain = for_drain
         self._cancel_idle_timer()
         self._cancel_linger()
+        if for_drain and self.carried_by is None and hasattr(self.transport, "loseWriteConnection"):
+            self._close_saying_draining()
+            return
         self.transport.loseConnection()
+
+    def _close_saying_draining(self) -> None:
+        """Close a bzr:// connection for a drain, telling the client first that nothing more of its was run.
+
+        Over SSH a drain's close says so with exit status 75; TCP has no
+        such signal, and a request the client wrote as the server closed was
+        lost with its outcome unknown to the client. The server writes
+        ``ServerDraining``, which the client reads as the answer to whatever
+        it sent since its last answer, shuts down its sending side, and reads
+        and drops the client's bytes until the client closes, at most
+        ``DRAIN_CLOSE_LINGER`` seconds: closing a socket with unread input
+        resets the connection, which can destroy the message unread.
+        """
+        self.transport.write(error_response((SERVER_DRAINING, b"the server is draining: connect again")))
+        self.transport.loseWriteConnection()
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        self._final_close = self.factory.clock.callLater(DRAIN_CLOSE_LINGER, self.transport.loseConnection)
 
     # Idle timeout.
 

@@ -19,7 +19,7 @@ from typing import Dict, List
 import pytest
 
 from support import VENV_BIN, SmartserveProcess, TcpRelay, wait_for
-from smartserve.testing import RawClient
+from smartserve.testing import RawClient, response_args
 
 SMARTSERVE = str(VENV_BIN / "smartserve")
 
@@ -63,6 +63,11 @@ def start_smartserve_command(*args) -> subprocess.Popen:
     return subprocess.Popen(
         [SMARTSERVE, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+
+
+def said_draining(data: bytes) -> bool:
+    """Whether ``data``, all a bzr:// connection got after its last answer, is the drain's ServerDraining and no more."""
+    return response_args(data) == [(b"ServerDraining", b"the server is draining: connect again")]
 
 
 def server_status(server: ServerProcess) -> dict:
