@@ -106,27 +106,31 @@ async def test_local_port_forward_refused(ssh_client):
     args = ssh_client.argv("alice", options=["-N", "-L", f"{local_port}:127.0.0.1:9"])
     process = reactor.spawnProcess(watcher, SSH, [SSH, *args], env=ssh_client.env)
     try:
-        # The first connection that reaches ssh's listener asks for a channel.
-        await _until_listening(local_port, watcher)
-        await watcher.seen
+        await _until_channel_refused(local_port, watcher)
         assert b"open failed: unknown channel type" in watcher.err
     finally:
         process.signalProcess("TERM")
         await watcher.ended
 
 
-async def _until_listening(port: int, watcher: _Collect) -> None:
-    """Wait, a bounded time, until ssh listens on ``port`` for its forward."""
+async def _until_channel_refused(port: int, watcher: _Collect) -> None:
+    """Connect to ssh's forward on ``port`` until ssh reports the refused channel; fail after a bounded time.
+
+    Each connection that reaches ssh's listener asks the server for a
+    channel; one made before ssh listens, or one ssh drops before asking,
+    is simply made again, so a lost probe cannot leave the test waiting.
+    """
     from twisted.internet.task import deferLater
 
-    for _ in range(200):
+    for _ in range(400):
+        if watcher.seen.called:
+            return
         if watcher.ended.called:
             raise AssertionError(f"ssh exited: {watcher.err!r}")
         with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
+            probe.connect_ex(("127.0.0.1", port))
         await deferLater(reactor, 0.025, lambda: None)
-    raise AssertionError("ssh never listened for its forward")
+    raise AssertionError(f"ssh never reported the refused channel: {watcher.err!r}")
 
 
 @pytest_twisted.ensureDeferred
