@@ -95,9 +95,10 @@ _JOIN_BELOW = 64 * 1024
 # How much of a response stream one worker-pool call produces.
 STREAM_SLICE_BYTES = 64 * 1024
 
-# Seconds for which a bzr:// connection a drain closes is read from, after
-# ServerDraining went out, waiting for the client to close.
-DRAIN_CLOSE_LINGER = 2.0
+# Seconds for which a bzr:// connection closed with an answer to a request
+# the server did not read (ServerDraining, TooManyConnections) is read from
+# and its bytes dropped, waiting for the client to close it.
+CLOSE_LINGER = 2.0
 
 # The answer to a request the server failed to run for a reason of its own.
 _INTERNAL_ERROR = Reply((b"error", b"InternalError", b"the server failed to run this request"), success=False)
@@ -151,7 +152,7 @@ class SmartServerProtocol(Protocol):
         # The client connection this one runs inside (an SSH session's SSH
         # connection), which the drain counts instead; None for bzr://.
         self.carried_by = carried_by
-        self._final_close = None  # a drain's close waiting for the client to close (``_close_saying_draining``)
+        self._final_close = None  # a drain's close waiting for the client to close (``_answer_unread_and_close``)
         self.phase = Phase.IDLE
         self.closing_for_drain = False
         self.requests_served = 0
@@ -224,7 +225,7 @@ class SmartServerProtocol(Protocol):
         self.eofReceived()
 
     def writeConnectionLost(self) -> None:
-        """The server shut down its sending side as a drain closes the connection (``_close_saying_draining``)."""
+        """The server shut down its sending side as a drain closes the connection (``_answer_unread_and_close``)."""
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._cancel_idle_timer()
@@ -628,29 +629,18 @@ class SmartServerProtocol(Protocol):
         self.closing_for_drain = for_drain
         self._cancel_idle_timer()
         self._cancel_linger()
-        if for_drain and self.carried_by is None and hasattr(self.transport, "loseWriteConnection"):
-            self._close_saying_draining()
+        if for_drain and self.carried_by is None and _can_half_close(self.transport):
+            # Over SSH the drain's close says it with exit status 75; over
+            # bzr:// ServerDraining answers whatever the client sent since
+            # its last answer, so a request written as the connection closed
+            # is known not to have run.
+            draining = (SERVER_DRAINING, b"the server is draining: connect again")
+            self._final_close = _answer_unread_and_close(self.transport, draining, self.factory.clock)
+            if self._reading_paused:
+                self._reading_paused = False
+                self.transport.resumeProducing()  # the bytes are read and dropped
             return
         self.transport.loseConnection()
-
-    def _close_saying_draining(self) -> None:
-        """Close a bzr:// connection for a drain, telling the client first that nothing more of its was run.
-
-        Over SSH a drain's close says so with exit status 75; TCP has no
-        such signal, and a request the client wrote as the server closed was
-        lost with its outcome unknown to the client. The server writes
-        ``ServerDraining``, which the client reads as the answer to whatever
-        it sent since its last answer, shuts down its sending side, and reads
-        and drops the client's bytes until the client closes, at most
-        ``DRAIN_CLOSE_LINGER`` seconds: closing a socket with unread input
-        resets the connection, which can destroy the message unread.
-        """
-        self.transport.write(error_response((SERVER_DRAINING, b"the server is draining: connect again")))
-        self.transport.loseWriteConnection()
-        if self._reading_paused:
-            self._reading_paused = False
-            self.transport.resumeProducing()
-        self._final_close = self.factory.clock.callLater(DRAIN_CLOSE_LINGER, self.transport.loseConnection)
 
     # Idle timeout.
 
@@ -723,11 +713,33 @@ class ClosedAtOnce(Protocol):
         self.transport.loseConnection()
 
 
-# Seconds, and bytes, for which a turned-away connection's input is read and
-# dropped after its error went out; and how many may linger so at once.
-TURNED_AWAY_LINGER = 2.0
+# Bytes a turned-away connection may send before it is closed anyway, and
+# how many turned-away connections may linger at once.
 TURNED_AWAY_MAX_BYTES = 1 << 20
 MAX_TURNED_AWAY = 64
+
+
+def _answer_unread_and_close(transport, error_args: tuple, clock):
+    """Answer a request the server did not read with the error ``error_args``, and close without a reset.
+
+    The sending side is shut down at once; the caller reads and drops what
+    comes until the client closes, or for ``CLOSE_LINGER`` seconds, when the
+    returned timer closes the connection. Closing a socket with input
+    unread resets the connection, which can destroy the answer before the
+    client has read it. A transport that cannot shut down its sending side
+    alone (``_can_half_close``) is closed at once, and None is returned.
+    """
+    transport.write(error_response(error_args))
+    if not _can_half_close(transport):
+        transport.loseConnection()
+        return None
+    transport.loseWriteConnection()
+    return clock.callLater(CLOSE_LINGER, transport.loseConnection)
+
+
+def _can_half_close(transport) -> bool:
+    """Whether ``transport`` can shut down its sending side alone, as TCP can."""
+    return hasattr(transport, "loseWriteConnection")
 
 
 class TurnedAway(Protocol):
@@ -737,9 +749,7 @@ class TurnedAway(Protocol):
     was run, and may send it again later, whatever the verb; a bare close
     left it not knowing whether an ``append`` had been applied. The server
     then closes its side and reads and drops what the client sends for up
-    to ``TURNED_AWAY_LINGER`` seconds, as a web server's lingering close:
-    closing a socket with unread input sends a reset, which can destroy the
-    error before the client has read it.
+    to ``CLOSE_LINGER`` seconds (``_answer_unread_and_close``).
     """
 
     def __init__(self, factory: "SmartServerFactory", open_count: int):
@@ -751,13 +761,7 @@ class TurnedAway(Protocol):
     def connectionMade(self) -> None:
         self.factory.turned_away.add(self)
         message = f"the server has {self.open_count} bzr:// connections open, its limit; try again later"
-        self.transport.write(error_response((TOO_MANY_CONNECTIONS, message.encode())))
-        half_close = getattr(self.transport, "loseWriteConnection", None)
-        if half_close is None:
-            self.transport.loseConnection()
-            return
-        half_close()
-        self._timer = self.factory.clock.callLater(TURNED_AWAY_LINGER, self.transport.loseConnection)
+        self._timer = _answer_unread_and_close(self.transport, (TOO_MANY_CONNECTIONS, message.encode()), self.factory.clock)
 
     def dataReceived(self, data: bytes) -> None:
         self._dropped += len(data)

@@ -7,7 +7,7 @@ from twisted.internet.testing import StringTransport
 from zope.interface.verify import verifyObject
 
 from smartserve.server.interfaces import IBackend, IDrainable
-from smartserve.server.protocol import DRAIN_CLOSE_LINGER, Phase
+from smartserve.server.protocol import CLOSE_LINGER, Phase
 from smartserve.testing import MemoryBackend, encode_request, response_args, serve_in_memory
 
 
@@ -106,7 +106,7 @@ def test_tcp_connection_closed_by_a_drain_is_closed_after_the_linger_if_the_clie
     clock = Clock()
     factory, protocol, transport = serve_in_memory(MemoryBackend(), clock=clock, transport=_TcpLikeTransport())
     factory.drain()
-    clock.advance(DRAIN_CLOSE_LINGER - 0.1)
+    clock.advance(CLOSE_LINGER - 0.1)
     assert not transport.disconnecting
     clock.advance(0.1)
     assert transport.disconnecting

@@ -10,8 +10,8 @@ from smartserve.server.caller import Caller
 from smartserve.server.dispatcher import Dispatcher
 from smartserve.server.jail import Writable
 from smartserve.server.protocol import (
+    CLOSE_LINGER,
     MAX_TURNED_AWAY,
-    TURNED_AWAY_LINGER,
     TURNED_AWAY_MAX_BYTES,
     ClosedAtOnce,
     SmartServerFactory,
@@ -52,7 +52,7 @@ def test_bzr_connection_over_the_limit_is_told_too_many_connections_and_a_slot_f
     ]
     assert refused_transport.write_closed and not refused_transport.disconnecting
     refused.dataReceived(encode_request([b"append", b"/journal", b""], b"never run"))
-    factory.clock.advance(TURNED_AWAY_LINGER)
+    factory.clock.advance(CLOSE_LINGER)
     assert refused_transport.disconnecting
     refused.connectionLost(None)
     assert factory.turned_away == set()
