@@ -905,6 +905,16 @@ def test_engine_cancelled_call_drops_its_connection_and_sends_no_more_of_its_bod
     assert len(gates) == asked and pulled == [0, 1]
 
 
+def _assert_resent_once_on_a_new_connection(server, clock, client, verb, result) -> None:
+    """The call's request goes out once more, on a second connection, and its answer there settles the call."""
+    clock.advance(0)
+    second = server.connections[1]
+    assert second.requests() == [verb]
+    second.respond(b"ok")
+    assert result == [Reply((b"ok",), b"")]
+    assert client.stats.outcome_unknown == 0 and client.stats.resends == 1
+
+
 @pytest.mark.parametrize("verb_class", sorted(VERBS))
 def test_request_turned_away_after_write_is_resent_whatever_its_class(server, clock, verb_class):
     """TooManyConnections as a connection's first answer means the request did not run: every class goes out again."""
@@ -914,12 +924,7 @@ def test_request_turned_away_after_write_is_resent_whatever_its_class(server, cl
     first = server.connections[0]
     assert first.requests() == [verb]
     first.turn_away()
-    clock.advance(0)
-    second = server.connections[1]
-    assert second.requests() == [verb]
-    second.respond(b"ok")
-    assert result == [Reply((b"ok",), b"")]
-    assert client.stats.outcome_unknown == 0 and client.stats.resends == 1
+    _assert_resent_once_on_a_new_connection(server, clock, client, verb, result)
 
 
 def test_connections_turned_away_before_any_write_are_bounded_by_max_resends(server, clock):
@@ -962,9 +967,4 @@ def test_request_answered_server_draining_is_resent_at_once_whatever_its_class(s
     result = outcome(client.call(verb, b"/path", body=b"body"))
     assert first.requests() == [b"hello", verb]
     first.protocol.dataReceived(error_response((SERVER_DRAINING, b"the server is draining")))
-    clock.advance(0)
-    second = server.connections[1]
-    assert second.requests() == [verb]
-    second.respond(b"ok")
-    assert result == [Reply((b"ok",), b"")]
-    assert client.stats.outcome_unknown == 0 and client.stats.resends == 1
+    _assert_resent_once_on_a_new_connection(server, clock, client, verb, result)

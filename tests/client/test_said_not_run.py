@@ -39,6 +39,15 @@ def _connected() -> SmartClientProtocol:
     return protocol
 
 
+def _append_after_a_hello():
+    """A connection whose ``hello`` was answered, and the Deferred of an ``append`` sent after it."""
+    protocol = _connected()
+    first = protocol.send_request(Outgoing(b"hello", ()))
+    protocol.dataReceived(_success(b"ok", b"2"))
+    assert _outcome(first).args == (b"ok", b"2")
+    return protocol, protocol.send_request(Outgoing(b"append", (b"/journal", b""), body=b"line\n"))
+
+
 def _outcome(deferred):
     outcomes = []
     deferred.addBoth(outcomes.append)
@@ -62,11 +71,7 @@ def test_first_answer_too_many_connections_fails_the_request_as_not_run():
 
 def test_too_many_connections_later_on_a_connection_is_an_ordinary_remote_error():
     """Only a connection's first answer can be the refusal: later, the same error is the server's answer to that request."""
-    protocol = _connected()
-    first = protocol.send_request(Outgoing(b"hello", ()))
-    protocol.dataReceived(_success(b"ok", b"2"))
-    assert _outcome(first).args == (b"ok", b"2")
-    second = protocol.send_request(Outgoing(b"append", (b"/journal", b""), body=b"line\n"))
+    protocol, second = _append_after_a_hello()
     protocol.dataReceived(_TURNED_AWAY)
     failure = _outcome(second)
     assert isinstance(failure.value, RemoteError) and not protocol.turned_away
@@ -130,11 +135,7 @@ async def test_one_shot_body_refused_is_not_resent_and_not_outcome_unknown(turni
 
 def test_server_draining_answer_fails_any_request_as_not_run_with_the_drain_signal():
     """ServerDraining, even on a connection that carried requests before, is a drain signal: not run, connection closed."""
-    protocol = _connected()
-    first = protocol.send_request(Outgoing(b"hello", ()))
-    protocol.dataReceived(_success(b"ok", b"2"))
-    assert _outcome(first).args == (b"ok", b"2")
-    second = protocol.send_request(Outgoing(b"append", (b"/journal", b""), body=b"line\n"))
+    protocol, second = _append_after_a_hello()
     protocol.dataReceived(error_response((SERVER_DRAINING, b"the server is draining: connect again")))
     failure = _outcome(second)
     assert isinstance(failure.value, TransportFailure)
