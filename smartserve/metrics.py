@@ -45,6 +45,7 @@ class _ScrapeTimeCollector(Collector):
         self.connection_counters: Dict[str, Callable[[], int]] = {}
         self.controller = None
         self.ssh_factory = None
+        self.smart_factory = None
         self.access_file = None
 
     def collect(self) -> Iterator:
@@ -56,6 +57,12 @@ class _ScrapeTimeCollector(Collector):
         for kind, count in sorted(self.connection_counters.items()):
             connections.add_metric([kind], count())
         yield connections
+        if self.smart_factory is not None:
+            yield CounterMetricFamily(
+                "smartserve_bzr_refused_connections",
+                "bzr:// connections turned away because --bzr-max-connections were open.",
+                value=self.smart_factory.refused_bzr_connections,
+            )
         if self.ssh_factory is not None:
             yield from self._ssh_families(self.ssh_factory)
         if self.access_file is not None:
@@ -182,6 +189,10 @@ class ServerMetrics:
     def watch_connections(self, kind: str, source) -> None:
         """Report ``source.open_connections`` as the open connections of ``kind``."""
         self._scraped.connection_counters[kind] = lambda: source.open_connections
+
+    def watch_bzr_refusals(self, factory) -> None:
+        """Report the bzr:// connections a ``SmartServerFactory`` turned away."""
+        self._scraped.smart_factory = factory
 
     def watch_ssh(self, factory) -> None:
         """Report the login and refusal counts of an ``SSHServerFactory``."""

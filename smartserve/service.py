@@ -371,6 +371,7 @@ def _make_service(options: Options, reactor) -> SmartserveService:
     )
     controller = DrainController(reactor, grace=options["drain-grace"], default_timeout=options["drain-timeout"])
     metrics.watch_connections("smart", smart_factory)
+    metrics.watch_bzr_refusals(smart_factory)
     if access_file is not None:
         metrics.watch_access_log(access_file)
     metrics.watch_drain(controller)

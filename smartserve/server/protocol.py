@@ -823,6 +823,8 @@ class SmartServerFactory(QuietFactory):
         self.max_bzr_connections = max_bzr_connections
         self._bzr_connections: set = set()
         self.turned_away: set = set()  # TurnedAway connections still lingering
+        self.refused_bzr_connections = 0
+        self._refused_in_a_row = 0  # since the last bzr:// connection accepted
         self.requests_by_class: collections.Counter = collections.Counter()
         self._ids = itertools.count(1)
         self._draining = False
@@ -831,18 +833,28 @@ class SmartServerFactory(QuietFactory):
         """A protocol for a bzr:// connection, or one that turns it away when there are too many (``TurnedAway``).
 
         Past ``MAX_TURNED_AWAY`` connections turned away and not yet closed,
-        further ones are closed at once, without the error.
+        further ones are closed at once, without the error. The log says
+        when refusing starts and when it stops, with the count, rather than
+        a line per connection that a flood would turn into a flood of lines;
+        ``refused_bzr_connections`` counts them all for ``/metrics``.
         """
         if self.max_bzr_connections and len(self._bzr_connections) >= self.max_bzr_connections:
             count = len(self._bzr_connections)
-            log.warn(
-                "refusing bzr:// connection from {peer}: {count} open, the limit (--bzr-max-connections)",
-                peer=peer_text(addr),
-                count=count,
-            )
+            self.refused_bzr_connections += 1
+            self._refused_in_a_row += 1
+            if self._refused_in_a_row == 1:
+                log.warn(
+                    "refusing bzr:// connections: {count} open, the limit (--bzr-max-connections); "
+                    "the first from {peer}",
+                    peer=peer_text(addr),
+                    count=count,
+                )
             if len(self.turned_away) >= MAX_TURNED_AWAY:
                 return ClosedAtOnce()
             return TurnedAway(self, count)
+        if self._refused_in_a_row:
+            log.info("accepting bzr:// connections again; {refused} refused meanwhile", refused=self._refused_in_a_row)
+            self._refused_in_a_row = 0
         return self.build_protocol(Caller(None, "", self.tcp_writable))
 
     def build_protocol(self, caller: Caller, carried_by=None) -> SmartServerProtocol:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent
 
+from smartserve.metrics import ServerMetrics
 from smartserve.server.caller import Caller
 from smartserve.server.dispatcher import Dispatcher
 from smartserve.server.jail import Writable
@@ -18,6 +20,7 @@ from smartserve.server.protocol import (
     TurnedAway,
 )
 from smartserve.testing import MemoryBackend, encode_request, response_args
+from support import logged_events
 
 
 def _factory(limit: int) -> SmartServerFactory:
@@ -97,3 +100,24 @@ def test_no_limit_when_zero():
     protocols = [_connect_bzr(factory, 41000 + index)[0] for index in range(50)]
     assert not any(isinstance(protocol, ClosedAtOnce) for protocol in protocols)
     assert factory.open_connections == 50
+
+
+def test_refusals_are_logged_when_they_start_and_stop_and_counted():
+    """A flood over the limit is one warning and one line with the count once a connection is accepted again, not a line each."""
+    factory = _factory(1)
+    metrics = ServerMetrics()
+    metrics.watch_bzr_refusals(factory)
+    with logged_events(lambda event: "bzr:// connections" in event.get("log_format", "")) as events:
+        first, _ = _connect_bzr(factory, 40001)
+        for index in range(5):
+            _connect_bzr(factory, 41000 + index)[0].connectionLost(None)
+        first.connectionLost(None)
+        _connect_bzr(factory, 40002)
+        _connect_bzr(factory, 40003)[0].connectionLost(None)
+    lines = [formatEvent(event) for event in events]
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("refusing bzr:// connections: 1 open") and "the first from 127.0.0.1:41000" in lines[0]
+    assert lines[1] == "accepting bzr:// connections again; 5 refused meanwhile"
+    assert lines[2].startswith("refusing bzr:// connections: 1 open")
+    assert factory.refused_bzr_connections == 6
+    assert metrics.registry.get_sample_value("smartserve_bzr_refused_connections_total") == 6
