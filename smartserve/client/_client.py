@@ -422,13 +422,12 @@ class SmartClient:
         """Account for an attempt lost with ``failure``; raise the call's error unless it goes out again."""
         if failure.drain_signal:
             entry.slot.discard(failure.reason)
-        elif failure.server_busy:
-            # The slot waits before it connects again; the budget is for
-            # failures, and a refusal that ran nothing cost the server little.
-            entry.slot.request_failed(failure.reason)
         else:
             entry.slot.request_failed(failure.reason)
-            self.budget.record_failure()
+            if not failure.server_busy:
+                # A refusal that ran nothing cost the server little: its slot
+                # waits before connecting again, but the budget is for failures.
+                self.budget.record_failure()
         if self.metrics is not None:
             self.metrics.reconnected("drain" if failure.drain_signal else "busy" if failure.server_busy else "failure")
         why_not = self._why_not_resend(outgoing, failure, resends, deadline_at)

@@ -95,18 +95,16 @@ class Pool:
         For a call whose connection the server turned away for having too
         many: one the pool already has serves it without asking for another.
         """
-        for index in range(len(self._free) - 1, -1, -1):
-            if self._free[index].has_usable_connection:
-                entry = self._free.pop(index)
-                self._cancel_keepalive(entry)
-                return succeed(entry)
-        if not self._any_live():
+        entry = self._take_usable()
+        if entry is not None:
+            return succeed(entry)
+        if not self._any_usable():
             return self.acquire()
         waiter: Deferred = Deferred(lambda d: self._waiting_live.remove(d) if d in self._waiting_live else None)
         self._waiting_live.append(waiter)
         return waiter
 
-    def _any_live(self) -> bool:
+    def _any_usable(self) -> bool:
         return any(entry.has_usable_connection for entry in self._entries)
 
     def release(self, entry: PoolEntry) -> None:
@@ -116,7 +114,7 @@ class Pool:
                 self._stats.retired_connections += 1
             if self._metrics is not None:
                 self._metrics.reconnected("age")
-        if self._waiting_live and (entry.has_usable_connection or not self._any_live()):
+        if self._waiting_live and (entry.has_usable_connection or not self._any_usable()):
             self._waiting_live.popleft().callback(entry)
             return
         if self._waiting:
@@ -140,15 +138,22 @@ class Pool:
                 entry.protocol.abort(reason)
 
     def _take(self) -> PoolEntry:
+        """A free slot, one whose connection can carry a request if there is one."""
+        entry = self._take_usable()
+        if entry is None:
+            entry = self._free.pop()
+            self._cancel_keepalive(entry)
+        return entry
+
+    def _take_usable(self) -> Optional[PoolEntry]:
+        """A free slot whose connection can carry a request, taken off the free list; None if there is none."""
         free = self._free
         for index in range(len(free) - 1, -1, -1):
             if free[index].has_usable_connection:
                 entry = free.pop(index)
-                break
-        else:
-            entry = free.pop()
-        self._cancel_keepalive(entry)
-        return entry
+                self._cancel_keepalive(entry)
+                return entry
+        return None
 
     def _cancel_keepalive(self, entry: PoolEntry) -> None:
         call, entry.keepalive_call = entry.keepalive_call, None
