@@ -22,7 +22,7 @@ from .control.server import Control, ControlFactory
 from .listeners import Listener, ListenerGroup
 from .metrics import ServerMetrics
 from .server.accesslog import AccessLogFile, access_logger
-from .server.backends.bzr import DEFAULT_INLINE_READ_BYTES, BzrBackend
+from .server.backends.bzr import DEFAULT_INLINE_READ_BYTES, DEFAULT_MAX_BODY_BYTES, BzrBackend
 from .server.dispatcher import Dispatcher
 from .server.drain import DrainController, DrainState
 from .server.jail import Writable
@@ -67,6 +67,11 @@ class Options(usage.Options):
         [
             "inline-read-bytes", None, DEFAULT_INLINE_READ_BYTES,
             "Reads of files up to this size run on the reactor thread (0: every request in the worker pool).", int,
+        ],
+        [
+            "max-request-body", None, DEFAULT_MAX_BODY_BYTES,
+            "Bytes of a request body the server keeps whole for its handler (all but a push's); "
+            "a larger one is refused unrun.", int,
         ],
         ["control", None, None, "Control socket path [default: DATA/control.sock]."],
         ["takeover", None, None, "Take the listening sockets of the server on this control socket, then drain it."],
@@ -116,7 +121,7 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be a finite number")
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must be 0 or more")
-        for name in ("threads", "max-unauthenticated", "max-auth-tries", "max-sessions-per-user"):
+        for name in ("threads", "max-unauthenticated", "max-auth-tries", "max-sessions-per-user", "max-request-body"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
         if not (self["ssh"] or self["bzr"]):
@@ -355,7 +360,13 @@ def _make_service(options: Options, reactor) -> SmartserveService:
     make_folder("data", options["data"])
     make_folder("root", options["root"])
     pool = ThreadPool(minthreads=1, maxthreads=options["threads"], name="smartserve-worker")
-    backend = BzrBackend(options["root"], pool, reactor, inline_read_bytes=options["inline-read-bytes"])
+    backend = BzrBackend(
+        options["root"],
+        pool,
+        reactor,
+        inline_read_bytes=options["inline-read-bytes"],
+        max_body_bytes=options["max-request-body"],
+    )
     metrics = ServerMetrics()
     access_file = None if options["access-log"] == "-" else AccessLogFile(options["access-log"])
     smart_factory = SmartServerFactory(

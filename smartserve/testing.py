@@ -237,13 +237,28 @@ class RawClient:
 
     def send_request(self, args: Iterable, body: Optional[bytes] = None) -> None:
         """Write one request without waiting for its response."""
-        if self._sent_one:
-            self._codec.start_next_cycle()
-        self._sent_one = True
-        data = self._codec.send(Request(tuple(args)))
+        data = self._opening(args)
         if body is not None:
             data += self._codec.send(BodyChunk(body))
         self._write(data + self._codec.send(EndOfMessage()))
+
+    def begin_request(self, args: Iterable) -> None:
+        """Write only the opening of a request; ``send_body_part`` and ``end_request`` write the rest."""
+        self._write(self._opening(args))
+
+    def send_body_part(self, data: bytes) -> None:
+        """Write one body part of the request begun with ``begin_request``."""
+        self._write(self._codec.send(BodyChunk(data)))
+
+    def end_request(self) -> None:
+        """Write the end of the request begun with ``begin_request``."""
+        self._write(self._codec.send(EndOfMessage()))
+
+    def _opening(self, args: Iterable) -> bytes:
+        if self._sent_one:
+            self._codec.start_next_cycle()
+        self._sent_one = True
+        return self._codec.send(Request(tuple(args)))
 
     def read_reply(self) -> RawReply:
         """Read the response to the request written last."""

@@ -2,7 +2,7 @@
 
 import struct
 
-__all__ = ["MESSAGE_MARKER", "V2_REQUEST_MARKER", "V2_RESPONSE_MARKER", "LENGTH", "TOO_MANY_CONNECTIONS", "SERVER_DRAINING"]
+__all__ = ["MESSAGE_MARKER", "V2_REQUEST_MARKER", "V2_RESPONSE_MARKER", "LENGTH", "TOO_MANY_CONNECTIONS", "SERVER_DRAINING", "REQUEST_TOO_LARGE"]
 
 MESSAGE_MARKER = b"bzr message 3 (bzr 1.6)\n"
 V2_REQUEST_MARKER = b"bzr request 2\n"
@@ -14,6 +14,9 @@ TOO_MANY_CONNECTIONS = b"TooManyConnections"
 # The error a draining smartserve writes as it closes a bzr:// connection
 # between requests: nothing the client sent since its last answer was run.
 SERVER_DRAINING = b"ServerDraining"
+# The error smartserve answers a request with whose body, kept whole for its
+# handler, grew past the server's limit: the request was not run.
+REQUEST_TOO_LARGE = b"RequestTooLarge"
 
 # Every variable-length part is prefixed by its length: 4 bytes, big-endian.
 LENGTH = struct.Struct(">L")

@@ -14,6 +14,14 @@ reads them by default: handing it to a worker and back costs two thread
 wake-ups, more than the read itself from the page cache. Servers whose
 branches live on a network file system, where a read may take long, set
 ``inline_read_bytes`` to 0 to send every request to the pool.
+
+Request bodies are bounded too. Breezy's handlers keep a body whole until
+its end, except the insert_stream family, whose inserter thread takes the
+body through a queue as it comes: a kept body may grow to
+``max_body_bytes`` and is then refused with ``RequestTooLarge`` before the
+request runs, and a step feeding an inserter waits until the thread has
+taken all but ``STREAM_AHEAD_BYTES``, so a client that sends faster than
+the repository takes its push is slowed down rather than buffered.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from ...protocol import REQUEST_TOO_LARGE
 from ..caller import Caller
 from ..interfaces import IBackend, IBodyStream, IRequestRun
 from ..jail import Writable, backing_transport
@@ -85,6 +94,17 @@ def _registry():
 # Reads of at most this many bytes run on the reactor thread (see the module docstring).
 DEFAULT_INLINE_READ_BYTES = 64 * 1024
 
+# The largest body a handler may keep whole: the largest body part the codec takes.
+DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
+
+# What an inserter thread may have waiting in its queue before the step feeding it waits:
+# at most this many bytes, or this many parts, whichever comes first.
+STREAM_AHEAD_BYTES = 4 * 1024 * 1024
+STREAM_AHEAD_PARTS = 64
+
+# Seconds between looks at whether an inserter thread a step waits for has ended.
+_INSERTER_CHECK_SECONDS = 1.0
+
 # Verbs that read one path's metadata at most.
 _METADATA_VERBS = frozenset((b"hello", b"has", b"stat"))
 
@@ -94,11 +114,18 @@ class BzrBackend:
     """Serves the branches under ``root`` with Breezy's request handlers."""
 
     def __init__(
-        self, root: str, threadpool: ThreadPool, reactor, *, inline_read_bytes: int = DEFAULT_INLINE_READ_BYTES
+        self,
+        root: str,
+        threadpool: ThreadPool,
+        reactor,
+        *,
+        inline_read_bytes: int = DEFAULT_INLINE_READ_BYTES,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ):
         configure_breezy()
         self.root = root
         self.inline_read_bytes = inline_read_bytes
+        self.max_body_bytes = max_body_bytes
         self._pool = threadpool
         self._reactor = reactor
         self._verbs = frozenset(_registry().request_handlers.keys())
@@ -166,6 +193,7 @@ class _BzrRequestRun:
         self._failure_noted = False
         self._advanced = False
         self._aborted = False
+        self._body_bytes = 0  # of a body the handler keeps whole
         self._turn = threading.Lock()
 
     def advance(self, chunks: List[bytes], finished: bool):
@@ -179,23 +207,32 @@ class _BzrRequestRun:
         return advanced.addCallback(self._note_server_failure)
 
     def _note_server_failure(self, reply: Optional[Reply]) -> Optional[Reply]:
-        """Log a reply that carries an unexpected exception, on the reactor thread.
+        """Log a reply that carries an unexpected exception, or refuses a body too large, on the reactor thread.
 
         Breezy answers an exception it has no error reply for with
         ``("error", class, message)`` and writes the traceback to its own
         log file (brz.log); an operator looks in the twistd log, and a full
         disk or an I/O error on the served tree shows up there now.
         """
-        if reply is not None and not reply.success and reply.args[:1] == (b"error",) and not self._failure_noted:
-            self._failure_noted = True  # later steps of the request hand back the same reply
-            error = b": ".join(reply.args[1:3]).decode("utf-8", "replace")
-            log.warn(
-                "{verb} from {user} at {peer} failed on the server: {error}",
-                verb=self._args[0].decode("utf-8", "replace"),
-                user=self._caller.user or "-",
-                peer=self._caller.peer,
-                error=error,
-            )
+        if reply is None or reply.success or self._failure_noted:
+            return reply
+        name = reply.args[:1]
+        if name == (REQUEST_TOO_LARGE,):
+            what = "refused: its body passed {limit} bytes"
+            detail = {"limit": self._backend.max_body_bytes}
+        elif name == (b"error",):
+            what = "failed on the server: {error}"
+            detail = {"error": b": ".join(reply.args[1:3]).decode("utf-8", "replace")}
+        else:
+            return reply
+        self._failure_noted = True  # later steps of the request hand back the same reply
+        log.warn(
+            "{verb} from {user} at {peer} " + what,
+            verb=self._args[0].decode("utf-8", "replace"),
+            user=self._caller.user or "-",
+            peer=self._caller.peer,
+            **detail,
+        )
         return reply
 
     def abort(self) -> None:
@@ -212,6 +249,8 @@ class _BzrRequestRun:
             return self._step(chunks, finished)
 
     def _step(self, chunks: List[bytes], finished: bool) -> Optional[Reply]:
+        if self._reply is not None:
+            return self._reply  # answered: the rest of the body is not the handler's
         handler = self._handler
         if handler is None:
             request = _registry()
@@ -219,15 +258,51 @@ class _BzrRequestRun:
                 self._transport, commands=request.request_handlers, root_client_path="/"
             )
             handler.args_received(self._args)
-        for chunk in chunks:
-            if handler.finished_reading:
-                break
-            handler.accept_body(chunk)
+        inserter = _inserter_of(handler)
+        if inserter is None:
+            for chunk in chunks:
+                if handler.finished_reading:
+                    break
+                self._body_bytes += len(chunk)
+                if self._body_bytes > self._backend.max_body_bytes:
+                    return self._body_too_large()
+                handler.accept_body(chunk)
+        elif chunks:
+            for chunk in chunks:
+                if handler.finished_reading or not inserter.insert_thread.is_alive():
+                    # An inserter that ended takes nothing more; the end of the request reports how it ended.
+                    break
+                handler.accept_body(chunk)
+            self._wait_for_inserter(inserter)
         if finished and not handler.finished_reading:
             handler.end_received()
         if handler.finished_reading and handler.response is not None:
             self._reply = _reply_from(handler.response, self._backend)
         return self._reply
+
+    def _body_too_large(self) -> Reply:
+        """Refuse the request: its body is over the limit. The handler and the parts it kept are dropped unrun."""
+        self._handler = None
+        self._reply = Reply(
+            (REQUEST_TOO_LARGE, b"the request body is over the server's limit of %d bytes" % self._backend.max_body_bytes),
+            success=False,
+        )
+        return self._reply
+
+    def _wait_for_inserter(self, inserter) -> None:
+        """Return once the inserter thread has taken all but a little of the body (or ended, or the request was aborted).
+
+        The thread's queue notifies ``not_full`` on every item it hands out,
+        however long the queue may grow.
+        """
+        body_queue = inserter.queue
+        with body_queue.not_full:
+            while (
+                not self._aborted
+                and _holds_too_much(body_queue.queue)
+                and inserter.insert_thread.is_alive()
+            ):
+                body_queue.not_full.wait(_INSERTER_CHECK_SECONDS)
 
     def _abort_in_thread(self) -> None:
         with self._turn:
@@ -242,16 +317,37 @@ class _BzrRequestRun:
         # body through a queue: a non-bytes item makes that stream fail, so
         # the write group is aborted rather than committed from a truncated
         # body, and ending the request then waits for the thread.
-        command = getattr(self._handler, "_command", None)
-        body_queue = getattr(command, "queue", None)
-        if body_queue is None:
+        inserter = _inserter_of(self._handler)
+        if inserter is None:
             return
-        body_queue.put(_ABORTED)
-        body_queue.put(StopIteration)
+        inserter.queue.put(_ABORTED)
+        inserter.queue.put(StopIteration)
         try:
             self._handler.end_received()
         except Exception:
             log.failure("Cleaning up an aborted {verb!r}", verb=self._args[0])
+
+
+def _inserter_of(handler):
+    """The running command of ``handler`` if it takes its body as it comes (the insert_stream family), else None.
+
+    Such a command has a ``queue`` its ``insert_thread`` reads the body from.
+    """
+    command = getattr(handler, "_command", None)
+    if getattr(command, "queue", None) is None or getattr(command, "insert_thread", None) is None:
+        return None
+    return command
+
+
+def _holds_too_much(items) -> bool:
+    """Whether a body queue's ``items`` are past ``STREAM_AHEAD_PARTS`` or ``STREAM_AHEAD_BYTES``."""
+    if len(items) >= STREAM_AHEAD_PARTS:
+        return True
+    size = 0
+    for item in items:
+        if type(item) is bytes:
+            size += len(item)
+    return size > STREAM_AHEAD_BYTES
 
 
 class _Aborted:

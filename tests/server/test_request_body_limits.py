@@ -1,0 +1,184 @@
+"""A request body never piles up in the server: a body kept whole is refused past --max-request-body, and a
+push's body waits for the repository instead of queueing."""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from smartserve.server.backends import bzr
+from smartserve.testing import RawClient
+
+pytestmark = pytest.mark.timeout(180)
+
+MIB = 1024 * 1024
+_OPTIONS = ("--bzr", "tcp:0:interface=127.0.0.1", "--bzr-allow-writes", "--ssh", "none")
+# What the server may grow by while a body of many MiB goes through it.
+_GROWTH_BOUND_KIB = 48 * 1024
+
+
+class _Upload:
+    """A request sent part by part on a new connection, with the server's memory read as it goes."""
+
+    def __init__(self, server, args):
+        self.server = server
+        self.client = RawClient.connect("127.0.0.1", server.port, timeout=60)
+        self.client.begin_request(args)
+        self.baseline_kib = server.rss_kib()
+        self.peak_kib = self.baseline_kib
+
+    def send_parts(self, part: bytes, count: int) -> None:
+        for index in range(count):
+            self.client.send_body_part(part)
+            if index % 8 == 0:
+                self.peak_kib = max(self.peak_kib, self.server.rss_kib())
+
+    def finish(self) -> RawClient:
+        """End the request; the returned client reads the reply."""
+        self.client.end_request()
+        self.peak_kib = max(self.peak_kib, self.server.rss_kib())
+        return self.client
+
+    @property
+    def growth_kib(self) -> int:
+        return self.peak_kib - self.baseline_kib
+
+
+def test_kept_body_over_the_limit_is_refused_unrun_and_dropped(start_smartserve):
+    """A put whose parts add up past --max-request-body gets RequestTooLarge, writes nothing, holds none of the
+    rest of its body, and the connection serves the next request."""
+    server = start_smartserve(*_OPTIONS, "--max-request-body", str(MIB))
+    RawClient.connect("127.0.0.1", server.port).call(b"hello")  # Breezy loaded before the baseline
+    upload = _Upload(server, [b"put", b"/big", b""])
+    upload.send_parts(os.urandom(MIB // 2), 160)  # 80 MiB
+    client = upload.finish()
+    try:
+        refused = client.read_reply()
+        assert (refused.success, refused.args[0]) == (False, b"RequestTooLarge")
+        assert b"1048576 bytes" in refused.args[1]
+        assert upload.growth_kib < _GROWTH_BOUND_KIB, f"the server grew by {upload.growth_kib} KiB"
+        assert not (server.data / "branches" / "big").exists()
+        written = client.call(b"put", b"/small", b"", body=b"x" * MIB)
+        assert written.args == (b"ok",)
+    finally:
+        client.close()
+    assert (server.data / "branches" / "small").read_bytes() == b"x" * MIB
+    assert "put from - at 127.0.0.1:" in server.log() and "refused: its body passed 1048576 bytes" in server.log()
+    outcomes = [(record["verb"], record["outcome"]) for record in server.access_records()]
+    assert ("put", "RequestTooLarge") in outcomes and ("put", "ok") in outcomes
+
+
+def test_body_within_the_limit_in_many_parts_is_kept_whole(start_smartserve):
+    """A put of exactly the limit, sent in many parts, writes the whole body."""
+    server = start_smartserve(*_OPTIONS, "--max-request-body", str(MIB))
+    upload = _Upload(server, [b"put", b"/whole", b""])
+    part = os.urandom(MIB // 16)
+    upload.send_parts(part, 16)
+    client = upload.finish()
+    try:
+        assert client.read_reply().args == (b"ok",)
+    finally:
+        client.close()
+    assert (server.data / "branches" / "whole").read_bytes() == part * 16
+
+
+def test_push_body_after_its_inserter_failed_is_dropped_not_queued(start_smartserve, brz):
+    """An insert_stream whose stream Breezy has already rejected takes the rest of a large body without keeping
+    it, answers the error at the end, and another client is served meanwhile."""
+    server = start_smartserve(*_OPTIONS)
+    brz.run("init-shared-repo", "-q", server.data / "branches" / "repo")
+    other = RawClient.connect("127.0.0.1", server.port)
+    assert other.call(b"BzrDir.open_2.1", b"repo/").success  # Breezy loaded before the baseline
+    upload = _Upload(server, [b"Repository.insert_stream_1.19", b"repo/", b""])
+    upload.send_parts(b"not a pack container\n", 1)
+    upload.send_parts(os.urandom(MIB), 120)
+    assert other.call(b"hello").args == (b"ok", b"2")
+    client = upload.finish()
+    try:
+        failed = client.read_reply()
+        assert not failed.success
+        assert b"UnknownContainerFormatError" in b" ".join(arg for arg in failed.args if isinstance(arg, bytes))
+    finally:
+        client.close()
+        other.close()
+    assert upload.growth_kib < _GROWTH_BOUND_KIB, f"the server grew by {upload.growth_kib} KiB"
+
+
+def _inserter(items):
+    """A stand-in for Breezy's insert_stream command: a queue holding ``items`` and a thread taking them on cue."""
+    body_queue = queue.Queue()
+    for item in items:
+        body_queue.put(item)
+    take = threading.Semaphore(0)
+
+    def consume():
+        while True:
+            take.acquire()
+            if body_queue.get() is StopIteration:
+                return
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    return SimpleNamespace(queue=body_queue, insert_thread=thread), take
+
+
+def _wait_in_thread(inserter):
+    """A request run waiting for ``inserter`` in a thread of its own, and the event set when the wait returns."""
+    run = bzr._BzrRequestRun(None, None, None, (b"Repository.insert_stream_1.19",))
+    done = threading.Event()
+
+    def wait():
+        run._wait_for_inserter(inserter)
+        done.set()
+
+    threading.Thread(target=wait, daemon=True).start()
+    return run, done
+
+
+def _end(inserter, take) -> None:
+    inserter.queue.put(StopIteration)
+    take.release(inserter.queue.qsize())
+    inserter.insert_thread.join(10)
+
+
+def test_step_feeding_an_inserter_waits_until_it_has_taken_the_body_down_to_the_bound():
+    """With more than STREAM_AHEAD_BYTES waiting in the queue, the step returns only once the thread took enough."""
+    part = b"x" * MIB
+    parts = bzr.STREAM_AHEAD_BYTES // MIB + 3
+    inserter, take = _inserter([part] * parts)
+    run, done = _wait_in_thread(inserter)
+    assert not done.wait(0.2), "the step did not wait for the inserter"
+    take.release(3)
+    assert done.wait(10), "the step went on waiting after the inserter took the body down to the bound"
+    assert inserter.queue.qsize() == parts - 3
+    _end(inserter, take)
+
+
+def test_step_feeding_an_inserter_counts_parts_too():
+    """Many small parts make it wait as well: STREAM_AHEAD_PARTS of them, whatever their size."""
+    inserter, take = _inserter([b"x"] * bzr.STREAM_AHEAD_PARTS)
+    run, done = _wait_in_thread(inserter)
+    assert not done.wait(0.2), "the step did not wait for the inserter"
+    take.release(1)
+    assert done.wait(10)
+    _end(inserter, take)
+
+
+def test_step_stops_waiting_when_the_inserter_ends_or_the_request_is_aborted():
+    """A thread that ended, or a request whose connection is gone, releases the waiting step."""
+    ended, take = _inserter([StopIteration] + [b"x" * MIB] * 8)
+    take.release(1)
+    ended.insert_thread.join(10)
+    _, done = _wait_in_thread(ended)
+    assert done.wait(10), "the step waited for a thread that had ended"
+
+    stuck, take = _inserter([b"x" * MIB] * 8)
+    run, done = _wait_in_thread(stuck)
+    assert not done.wait(0.2)
+    run._aborted = True
+    assert done.wait(bzr._INSERTER_CHECK_SECONDS + 10), "an aborted request's step went on waiting"
+    _end(stuck, take)
