@@ -13,6 +13,7 @@ from __future__ import annotations
 import reprlib
 from typing import Any, Mapping, Optional, Tuple, Type
 
+from ..protocol import REQUEST_TOO_LARGE
 from ..verbs import FailurePoint
 
 __all__ = [
@@ -115,6 +116,10 @@ class TokenMismatch(RemoteError):
     """The lock token does not match the lock held (or no lock is held)."""
 
 
+class RequestTooLarge(RemoteError):
+    """smartserve refused the request unrun: its body was over the server's ``--max-request-body``."""
+
+
 _REMOTE_ERRORS: Mapping[bytes, Type[RemoteError]] = {
     b"UnknownMethod": UnknownMethod,
     b"NoSuchFile": NoSuchFile,
@@ -125,6 +130,7 @@ _REMOTE_ERRORS: Mapping[bytes, Type[RemoteError]] = {
     b"ReadOnlyError": ReadOnlyError,
     b"LockContention": LockContention,
     b"TokenMismatch": TokenMismatch,
+    REQUEST_TOO_LARGE: RequestTooLarge,
 }
 
 
@@ -227,6 +233,19 @@ class DeadlineExceeded(ClientError):
         self.verb = verb
         self.deadline = deadline
         self.last_error = last_error
+
+
+class ResponseTooLarge(ClientError):
+    """A response body collected whole grew past the client's limit; the connection was dropped.
+
+    The server did answer, so the request ran. A body that large is taken
+    part by part with ``on_chunk`` instead.
+    """
+
+    def __init__(self, verb: bytes, limit: int):
+        super().__init__(f"{_text(verb)}: response body over {limit} bytes; take it with on_chunk")
+        self.verb = verb
+        self.limit = limit
 
 
 class ClientClosed(ClientError):

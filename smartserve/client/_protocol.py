@@ -43,7 +43,7 @@ from ..protocol import (
     TOO_MANY_CONNECTIONS,
 )
 from ..verbs import FailurePoint
-from ._exceptions import CommandRefused, _text, remote_error, transport_failure
+from ._exceptions import CommandRefused, ResponseTooLarge, _text, remote_error, transport_failure
 
 __all__ = ["SmartClientProtocol", "Reply", "Outgoing", "DRAIN_EXIT_STATUS"]
 
@@ -157,6 +157,9 @@ class SmartClientProtocol(Protocol):
     def __init__(self, clock, limits: Limits = DEFAULT_LIMITS):
         self._clock = clock
         self._codec = Connection(Role.CLIENT, limits)
+        # A body collected whole is held to the largest part the codec takes.
+        self._max_collected = limits.max_body_part_size
+        self._collected = 0
         self._pending: Optional[Deferred] = None
         self._listener = None
         self._outgoing: Optional[Outgoing] = None
@@ -305,6 +308,7 @@ class SmartClientProtocol(Protocol):
         self._outgoing = outgoing
         self._response = None
         self._body_parts = []
+        self._collected = 0
         self._body_error = None
         self._received_in_cycle = False
         self._abort_reason = None
@@ -509,10 +513,19 @@ class SmartClientProtocol(Protocol):
         After that nothing more reaches ``on_chunk``, and the call fails with its error.
         """
         if self._outgoing.on_chunk is None:
-            self._body_parts.append(data)
-            return True
+            return self._collect(data)
         self._take_chunk(data)
         return self._abort_reason is None
+
+    def _collect(self, data: bytes) -> bool:
+        """Keep a body part of a body collected whole; False, and the connection dropped, once it is over the limit."""
+        self._collected += len(data)
+        if self._collected > self._max_collected:
+            verb = self._outgoing.verb
+            self.abort(f"response body over {self._max_collected} bytes", ResponseTooLarge(verb, self._max_collected))
+            return False
+        self._body_parts.append(data)
+        return True
 
     def _take_chunk(self, data: bytes) -> None:
         outgoing = self._outgoing
@@ -523,7 +536,7 @@ class SmartClientProtocol(Protocol):
             except Exception as exc:
                 self.abort(f"on_chunk raised {exc!r}", exc)
         else:
-            self._body_parts.append(data)
+            self._collect(data)
 
     def _finish(self) -> None:
         answered_early = self._codec.our_state is not _DONE

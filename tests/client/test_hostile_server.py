@@ -14,9 +14,9 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from smartserve.client import RemoteError, SmartClientProtocol, TransportFailure
+from smartserve.client import RemoteError, ResponseTooLarge, SmartClientProtocol, TransportFailure
 from smartserve.client._protocol import Outgoing, Reply
-from smartserve.protocol import MESSAGE_MARKER
+from smartserve.protocol import MESSAGE_MARKER, Limits
 from smartserve.protocol._wire import LENGTH
 
 from protocol.helpers import damaged
@@ -101,3 +101,45 @@ def test_any_server_bytes_settle_the_call_once(pieces):
         assert isinstance(outcome.value, (RemoteError, TransportFailure))
     else:
         assert isinstance(outcome, Reply)
+
+
+def _many_parts(count: int, size: int) -> bytes:
+    return b"".join(b"b" + _prefixed(b"x" * size) for _ in range(count))
+
+
+def _get_with_limit(limit: int, server_bytes: bytes, on_chunk=None):
+    """A ``get`` whose client takes bodies of at most ``limit`` bytes; its outcomes and the transport."""
+    protocol = SmartClientProtocol(Clock(), Limits(max_body_part_size=limit))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    outcomes = []
+    protocol.send_request(Outgoing(b"get", (b"f",), on_chunk=on_chunk)).addBoth(outcomes.append)
+    protocol.dataReceived(server_bytes)
+    if transport.disconnecting:
+        protocol.connectionLost(Failure(ConnectionDone()))
+    return outcomes, transport
+
+
+def test_response_body_collected_past_the_limit_fails_the_call_and_drops_the_connection():
+    """Parts each within the limit that add up past it end the call with ResponseTooLarge, unread further."""
+    outcomes, transport = _get_with_limit(1000, _response(b"S", b"l2:oke", _many_parts(3, 400)))
+    [outcome] = outcomes
+    assert isinstance(outcome, Failure) and isinstance(outcome.value, ResponseTooLarge)
+    assert (outcome.value.verb, outcome.value.limit) == (b"get", 1000)
+    assert transport.disconnecting
+
+
+def test_response_body_of_exactly_the_limit_or_taken_by_on_chunk_is_delivered():
+    """The limit is for what the client collects: a body of the limit arrives whole, a larger one part by part."""
+    outcomes, transport = _get_with_limit(1200, _response(b"S", b"l2:oke", _many_parts(3, 400)))
+    assert outcomes == [Reply((b"ok",), b"x" * 1200)] and not transport.disconnecting
+    chunks = []
+    outcomes, transport = _get_with_limit(1000, _response(b"S", b"l2:oke", _many_parts(5, 400)), chunks.append)
+    assert outcomes == [Reply((b"ok",), None)] and chunks == [b"x" * 400] * 5 and not transport.disconnecting
+
+
+def test_error_body_past_the_limit_fails_the_call_too():
+    """An error response's body is collected as well, and held to the same limit."""
+    outcomes, transport = _get_with_limit(1000, _response(b"E", b"l5:errore", _many_parts(3, 400)))
+    [outcome] = outcomes
+    assert isinstance(outcome.value, ResponseTooLarge) and transport.disconnecting
