@@ -77,6 +77,7 @@ def test_server_started_with_a_low_open_file_limit_raises_it(start_smartserve):
         (["--max-auth-tries", "0"], "--max-auth-tries must be at least 1"),
         (["--max-unauthenticated-per-address", "-1"], "--max-unauthenticated-per-address must be 0 or more"),
         (["--threads", "0"], "--threads must be at least 1"),
+        (["--max-request-body", "0"], "--max-request-body must be at least 1"),
         (["--idle-timeout", "-1"], "--idle-timeout must be 0 or more"),
         (["--drain-timeout", "nan"], "--drain-timeout must be a finite number"),
         (["--drain-timeout", "inf"], "--drain-timeout must be a finite number"),
