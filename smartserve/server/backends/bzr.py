@@ -19,9 +19,13 @@ Request bodies are bounded too. Breezy's handlers keep a body whole until
 its end, except the insert_stream family, whose inserter thread takes the
 body through a queue as it comes: a kept body may grow to
 ``max_body_bytes`` and is then refused with ``RequestTooLarge`` before the
-request runs, and a step feeding an inserter waits until the thread has
-taken all but ``STREAM_AHEAD_BYTES``, so a client that sends faster than
-the repository takes its push is slowed down rather than buffered.
+request runs. A push's body reaches the inserter as whole records
+(``_container.RecordRegrouper``), each at most ``max_body_bytes``, and a
+step feeding an inserter waits until the thread has taken all but
+``STREAM_AHEAD_BYTES``, so a client that sends faster than the repository
+takes its push is slowed down rather than buffered. An error's arguments
+are cut to ``MAX_ERROR_ARGUMENT_BYTES``: Breezy's message for an unexpected
+exception may quote a whole record.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from ..caller import Caller
 from ..interfaces import IBackend, IBodyStream, IRequestRun
 from ..jail import Writable, backing_transport
 from ..reply import Reply, StreamFailure
+from ._container import PushStreamRefused, RecordRegrouper
 
 __all__ = ["BzrBackend", "configure_breezy"]
 
@@ -101,6 +106,9 @@ DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
 # at most this many bytes, or this many parts, whichever comes first.
 STREAM_AHEAD_BYTES = 4 * 1024 * 1024
 STREAM_AHEAD_PARTS = 64
+
+# How much of an error the twistd log quotes.
+_LOGGED_ERROR_BYTES = 1024
 
 # Seconds between looks at whether an inserter thread a step waits for has ended.
 _INSERTER_CHECK_SECONDS = 1.0
@@ -194,6 +202,7 @@ class _BzrRequestRun:
         self._advanced = False
         self._aborted = False
         self._body_bytes = 0  # of a body the handler keeps whole
+        self._regrouper: Optional[RecordRegrouper] = None  # of a push's body
         self._turn = threading.Lock()
 
     def advance(self, chunks: List[bytes], finished: bool):
@@ -218,11 +227,11 @@ class _BzrRequestRun:
             return reply
         name = reply.args[:1]
         if name == (REQUEST_TOO_LARGE,):
-            what = "refused: its body passed {limit} bytes"
-            detail = {"limit": self._backend.max_body_bytes}
+            what = "refused: {reason}"
+            detail = {"reason": reply.args[1].decode("utf-8", "replace")}
         elif name == (b"error",):
             what = "failed on the server: {error}"
-            detail = {"error": b": ".join(reply.args[1:3]).decode("utf-8", "replace")}
+            detail = {"error": b": ".join(reply.args[1:3])[:_LOGGED_ERROR_BYTES].decode("utf-8", "replace")}
         else:
             return reply
         self._failure_noted = True  # later steps of the request hand back the same reply
@@ -267,13 +276,23 @@ class _BzrRequestRun:
                 if self._body_bytes > self._backend.max_body_bytes:
                     return self._body_too_large()
                 handler.accept_body(chunk)
-        elif chunks:
-            for chunk in chunks:
+        else:
+            if self._regrouper is None:
+                self._regrouper = RecordRegrouper(self._backend.max_body_bytes)
+            try:
+                units = [unit for chunk in chunks for unit in self._regrouper.feed(chunk)]
+            except PushStreamRefused as refused:
+                return self._push_refused(refused)
+            if finished:
+                units.append(self._regrouper.rest())
+            for unit in units:
                 if handler.finished_reading or not inserter.insert_thread.is_alive():
                     # An inserter that ended takes nothing more; the end of the request reports how it ended.
                     break
-                handler.accept_body(chunk)
-            self._wait_for_inserter(inserter)
+                if unit:
+                    handler.accept_body(unit)
+            if units:
+                self._wait_for_inserter(inserter)
         if finished and not handler.finished_reading:
             handler.end_received()
         if handler.finished_reading and handler.response is not None:
@@ -287,6 +306,18 @@ class _BzrRequestRun:
             (REQUEST_TOO_LARGE, b"the request body is over the server's limit of %d bytes" % self._backend.max_body_bytes),
             success=False,
         )
+        return self._reply
+
+    def _push_refused(self, refused: PushStreamRefused) -> Reply:
+        """Refuse a push whose stream breaks a limit: its inserter is stopped, as for a lost connection, and nothing is kept."""
+        self._release_handler()
+        self._handler = None
+        message = str(refused).encode("utf-8")
+        if refused.too_large:
+            args = (REQUEST_TOO_LARGE, message)
+        else:
+            args = (b"error", b"breezy.bzr.pack.InvalidRecordError", message)  # as Breezy names its own
+        self._reply = Reply(args, success=False)
         return self._reply
 
     def _wait_for_inserter(self, inserter) -> None:
@@ -366,13 +397,30 @@ _ABORTED = _Aborted()
 LARGE_BODY_BYTES = 1024 * 1024
 
 
+# Each argument of an error is cut to this many bytes: Breezy's message for an
+# unexpected exception quotes what failed, which for a pushed record can be
+# the whole record.
+MAX_ERROR_ARGUMENT_BYTES = 64 * 1024
+
+
+def _bounded_error(args) -> tuple:
+    """An error tuple with each over-long bytes argument cut to ``MAX_ERROR_ARGUMENT_BYTES``, saying so."""
+    limit = MAX_ERROR_ARGUMENT_BYTES
+    return tuple(
+        arg[:limit] + b"... (%d bytes cut)" % (len(arg) - limit) if type(arg) is bytes and len(arg) > limit else arg
+        for arg in args
+    )
+
+
 def _reply_from(response, backend: BzrBackend) -> Reply:
+    success = response.is_successful()
+    args = tuple(response.args) if success else _bounded_error(response.args)
     body, stream = response.body, None
     if response.body_stream is not None:
         stream = _BzrBodyStream(iter(response.body_stream), backend)
     elif body is not None and len(body) > LARGE_BODY_BYTES:
         body, stream = None, _SlicedBody(body, backend._reactor)
-    return Reply(tuple(response.args), response.is_successful(), body, stream)
+    return Reply(args, success, body, stream)
 
 
 @implementer(IBodyStream)
@@ -514,10 +562,10 @@ class _BzrBodyStream:
             except StopIteration:
                 break
             except Exception as exc:
-                pulled.append(StreamFailure(tuple(request._translate_error(exc))))
+                pulled.append(StreamFailure(_bounded_error(request._translate_error(exc))))
                 break
             if isinstance(chunk, request.FailedSmartServerResponse):
-                pulled.append(StreamFailure(tuple(chunk.args)))
+                pulled.append(StreamFailure(_bounded_error(chunk.args)))
                 break
             pulled.append(chunk)
             size += len(chunk)
