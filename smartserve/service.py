@@ -70,7 +70,7 @@ class Options(usage.Options):
         ],
         [
             "max-request-body", None, DEFAULT_MAX_BODY_BYTES,
-            "Bytes of a request body the server keeps whole for its handler (all but a push's); "
+            "Bytes of a request body the server keeps whole for its handler, and of one record of a push; "
             "a larger one is refused unrun.", int,
         ],
         ["control", None, None, "Control socket path [default: DATA/control.sock]."],
