@@ -1,5 +1,5 @@
 """A request body never piles up in the server: a body kept whole is refused past --max-request-body, and a
-push's body waits for the repository instead of queueing."""
+push's body reaches Breezy as whole records within that limit, as fast as the repository takes them."""
 
 from __future__ import annotations
 
