@@ -22,7 +22,6 @@ __all__ = ["RecordRegrouper", "PushStreamRefused", "MAX_HEADER_BYTES"]
 # The longest format line, or length and name lines of one record, taken; Breezy's are tens of bytes.
 MAX_HEADER_BYTES = 64 * 1024
 
-_NEWLINE = 0x0A
 _RECORD = 0x42  # b"B"
 _END = 0x45  # b"E"
 
@@ -162,15 +161,14 @@ class RecordRegrouper:
     def _next_line_end(self, what: str) -> int:
         """Where the line being read ends (just after its newline), or -1 until its newline has arrived."""
         pending = self._pending
-        end = pending.find(b"\n", self._scan)
-        if end < 0:
-            self._scan = len(pending)
-            if len(pending) - self._start > MAX_HEADER_BYTES:
-                raise PushStreamRefused(f"a {what} of the pushed stream is over {MAX_HEADER_BYTES} bytes", too_large=True)
-            return -1
-        if end + 1 - self._start > MAX_HEADER_BYTES:
+        found = pending.find(b"\n", self._scan)
+        end = len(pending) if found < 0 else found + 1
+        if end - self._start > MAX_HEADER_BYTES:
             raise PushStreamRefused(f"a {what} of the pushed stream is over {MAX_HEADER_BYTES} bytes", too_large=True)
-        return end + 1
+        if found < 0:
+            self._scan = end
+            return -1
+        return end
 
     def _emit(self, units: List[bytes], end: int) -> None:
         units.append(bytes(self._pending[self._start : end]))

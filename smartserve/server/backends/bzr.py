@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from ...protocol import REQUEST_TOO_LARGE
+from ...protocol import DEFAULT_LIMITS, REQUEST_TOO_LARGE
 from ..caller import Caller
 from ..interfaces import IBackend, IBodyStream, IRequestRun
 from ..jail import Writable, backing_transport
@@ -100,7 +100,7 @@ def _registry():
 DEFAULT_INLINE_READ_BYTES = 64 * 1024
 
 # The largest body a handler may keep whole: the largest body part the codec takes.
-DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = DEFAULT_LIMITS.max_body_part_size
 
 # What an inserter thread may have waiting in its queue before the step feeding it waits:
 # at most this many bytes, or this many parts, whichever comes first.
@@ -301,22 +301,20 @@ class _BzrRequestRun:
 
     def _body_too_large(self) -> Reply:
         """Refuse the request: its body is over the limit. The handler and the parts it kept are dropped unrun."""
-        self._handler = None
-        self._reply = Reply(
-            (REQUEST_TOO_LARGE, b"the request body is over the server's limit of %d bytes" % self._backend.max_body_bytes),
-            success=False,
-        )
-        return self._reply
+        limit = self._backend.max_body_bytes
+        return self._refuse((REQUEST_TOO_LARGE, b"the request body is over the server's limit of %d bytes" % limit))
 
     def _push_refused(self, refused: PushStreamRefused) -> Reply:
         """Refuse a push whose stream breaks a limit: its inserter is stopped, as for a lost connection, and nothing is kept."""
         self._release_handler()
-        self._handler = None
         message = str(refused).encode("utf-8")
         if refused.too_large:
-            args = (REQUEST_TOO_LARGE, message)
-        else:
-            args = (b"error", b"breezy.bzr.pack.InvalidRecordError", message)  # as Breezy names its own
+            return self._refuse((REQUEST_TOO_LARGE, message))
+        return self._refuse((b"error", b"breezy.bzr.pack.InvalidRecordError", message))  # as Breezy names its own
+
+    def _refuse(self, args: tuple) -> Reply:
+        """Answer ``args`` as the request's error and drop its handler: it never runs."""
+        self._handler = None
         self._reply = Reply(args, success=False)
         return self._reply
 
