@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
@@ -260,10 +260,15 @@ class RawClient:
         self._sent_one = True
         return self._codec.send(Request(tuple(args)))
 
-    def read_reply(self) -> RawReply:
-        """Read the response to the request written last."""
+    def read_reply(self, on_body_part: Optional[Callable[[bytes], None]] = None) -> RawReply:
+        """Read the response to the request written last.
+
+        With ``on_body_part``, each body part is handed to it as it arrives
+        instead of being kept, and the reply's body is empty.
+        """
         response = None
         body = []
+        keep = body.append if on_body_part is None else on_body_part
         while True:
             event = self._codec.next_event()
             if event is NEED_DATA:
@@ -273,7 +278,7 @@ class RawClient:
             if isinstance(event, Response):
                 response = event
             elif isinstance(event, BodyChunk):
-                body.append(event.data)
+                keep(event.data)
             elif isinstance(event, BodyError):
                 raise ConnectionError(f"error in the response body: {event.args!r}")
             elif isinstance(event, EndOfMessage):
