@@ -15,11 +15,10 @@ wake-ups, more than the read itself from the page cache. Servers whose
 branches live on a network file system, where a read may take long, set
 ``inline_read_bytes`` to 0 to send every request to the pool.
 
-A ``get`` of a file over ``LARGE_BODY_BYTES`` is the one request not left
-to Breezy's handler, which reads the whole file before it answers: the
-same path, through the same jail, is opened here and read as the
-connection takes it, so a file of gigabytes costs the server what a
-response stream costs. Every error still comes from Breezy's handler.
+A ``get`` or ``readv`` of more than 1 MiB is read from the file as the
+connection takes it (``_large_reads``) rather than whole, as Breezy's own
+requests do, so a file of gigabytes costs the server what a response
+stream costs.
 
 Request bodies are bounded too. Breezy's handlers keep a body whole until
 its end, except the insert_stream family, whose inserter thread takes the
@@ -36,8 +35,6 @@ exception may quote a whole record.
 
 from __future__ import annotations
 
-import io
-import os
 import threading
 from collections import deque
 from typing import Iterator, List, Optional
@@ -269,14 +266,11 @@ class _BzrRequestRun:
         if self._reply is not None:
             return self._reply  # answered: the rest of the body is not the handler's
         handler = self._handler
-        if handler is None and self._args[0] == b"get":
-            self._reply = _large_file_get(self._transport, self._args, self._backend)
-            if self._reply is not None:
-                return self._reply
         if handler is None:
-            request = _registry()
-            handler = self._handler = request.SmartServerRequestHandler(
-                self._transport, commands=request.request_handlers, root_client_path="/"
+            from ._large_reads import COMMANDS
+
+            handler = self._handler = _registry().SmartServerRequestHandler(
+                self._transport, commands=COMMANDS, root_client_path="/"
             )
             handler.args_received(self._args)
         inserter = _inserter_of(handler)
@@ -405,63 +399,6 @@ _ABORTED = _Aborted()
 # of a big file) goes out slice by slice with back-pressure, as streams do,
 # so a slow connection never has the whole body queued in its buffers.
 LARGE_BODY_BYTES = 1024 * 1024
-
-
-# A file over LARGE_BODY_BYTES is read this much at a time for a ``get``.
-FILE_READ_BYTES = 1024 * 1024
-
-
-def _large_file_get(transport, args, backend: BzrBackend) -> Optional[Reply]:
-    """The reply to a ``get`` of a file over ``LARGE_BODY_BYTES``: the file's content read as it is sent.
-
-    Breezy's ``GetRequest`` reads a file whole before answering, so a
-    reader asking for a file of gigabytes would make the server hold all
-    of it. The path is the one Breezy's request would read (its own
-    translation, through the same jail), and the reply the same ``ok``
-    with the content as a run of body parts. Anything else, and every
-    error, returns None for Breezy's handler to answer exactly as it does.
-    """
-    from breezy.bzr.smart import vfs
-
-    if len(args) != 2 or type(args[1]) is not bytes or not vfs.vfs_enabled():
-        return None
-    try:
-        relpath = vfs.GetRequest(transport, "/").translate_client_path(args[1])
-        file = transport.get(relpath)
-    except Exception:
-        return None
-    try:
-        size = os.fstat(file.fileno()).st_size
-    except (OSError, AttributeError, io.UnsupportedOperation):
-        size = 0
-    if size <= LARGE_BODY_BYTES:
-        file.close()
-        return None
-    return Reply((b"ok",), True, None, _BzrBodyStream(_FileChunks(file), backend))
-
-
-class _FileChunks:
-    """The content of an open binary file to its end, ``FILE_READ_BYTES`` at a time.
-
-    The file is closed at its end or by ``close``, whether or not reading
-    began (a generator closed before its first step would leave it open).
-    """
-
-    def __init__(self, file):
-        self._file = file
-
-    def __iter__(self) -> "_FileChunks":
-        return self
-
-    def __next__(self) -> bytes:
-        chunk = self._file.read(FILE_READ_BYTES)
-        if not chunk:
-            self.close()
-            raise StopIteration
-        return chunk
-
-    def close(self) -> None:
-        self._file.close()
 
 
 # Each argument of an error is cut to this many bytes: Breezy's message for an

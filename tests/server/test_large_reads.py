@@ -1,5 +1,5 @@
-"""A ``get`` of a large file is read as it is sent: the server never holds the file, a stock Breezy client reads it
-intact, and a reader that goes away leaves no file open."""
+"""A ``get`` or ``readv`` of much of a large file is read as it is sent: the server never holds the file, a stock
+Breezy client reads it intact, and a reader that goes away leaves no file open."""
 
 from __future__ import annotations
 
@@ -35,7 +35,15 @@ def sparse_file_with_markers(path, size_mib: int) -> dict:
     return markers
 
 
-def test_large_get_streams_without_holding_the_file(smartserve):
+HALF = SPARSE_MIB * MIB // 2
+
+
+@pytest.mark.parametrize(
+    "args, body",
+    [((b"get", b"/huge"), None), ((b"readv", b"/huge"), b"0,%d\n%d,%d\n" % (HALF, HALF, HALF))],
+    ids=["get", "readv"],
+)
+def test_large_read_streams_without_holding_the_file(smartserve, args, body):
     server = smartserve
     markers = sparse_file_with_markers(server.data / "branches" / "huge", SPARSE_MIB)
     client = RawClient.connect("127.0.0.1", server.port, timeout=60)
@@ -55,7 +63,7 @@ def test_large_get_streams_without_holding_the_file(smartserve):
             grown.append((server.rss_kib() - baseline_kib) / 1024)
 
     take.offset = 0
-    client.send_request((b"get", b"/huge"))
+    client.send_request(args, body)
     reply = client.read_reply(on_body_part=take)
     assert reply.success, reply.args
     assert take.offset == SPARSE_MIB * MIB

@@ -1,0 +1,141 @@
+"""Breezy's ``get`` and ``readv`` requests, answering a large read with the file read as it is sent.
+
+Breezy's own ``GetRequest`` and ``ReadvRequest`` read everything asked for
+into one ``bytes`` before they answer, so a reader asking for a file of
+gigabytes would make the server hold all of it. These subclasses answer a
+read of more than ``LARGE_READ_BYTES`` with a ``body_stream`` that reads
+the file ``FILE_READ_BYTES`` at a time as the connection takes it; on the
+wire that is the same ``ok`` or ``readv`` response, its body in several
+parts. Smaller reads, and every read Breezy would refuse, go to Breezy's
+own code, so their replies and errors are exactly ``brz serve``'s.
+
+Imported only once Breezy is set up (see ``bzr._registry``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+from breezy.bzr.smart import request, vfs
+from breezy.errors import ShortReadvError
+
+# A read of more than this many bytes is sent as it is read.
+LARGE_READ_BYTES = 1024 * 1024
+# A large read reads its file this much at a time.
+FILE_READ_BYTES = 1024 * 1024
+
+
+class StreamedGetRequest(vfs.GetRequest):
+    """``get``: a file over ``LARGE_READ_BYTES`` is read as it is sent."""
+
+    def do(self, relpath):
+        if _size_of(self, relpath) > LARGE_READ_BYTES:
+            opened = _open_with_size(self, relpath)
+            if opened is not None:
+                file, size = opened
+                if size > LARGE_READ_BYTES:
+                    return request.SuccessfulSmartServerResponse((b"ok",), body_stream=_Ranges(file, [(0, size)]))
+                file.close()
+        return super().do(relpath)
+
+
+class StreamedReadvRequest(vfs.ReadvRequest):
+    """``readv``: ranges adding up to more than ``LARGE_READ_BYTES`` are read as they are sent."""
+
+    def do_body(self, body_bytes):
+        offsets = self._deserialise_offsets(body_bytes)
+        if sum(length for _, length in offsets) > LARGE_READ_BYTES:
+            opened = _open_with_size(self, None)
+            if opened is not None:
+                file, size = opened
+                if all(0 <= start and 0 <= length and start + length <= size for start, length in offsets):
+                    return request.SuccessfulSmartServerResponse((b"readv",), body_stream=_Ranges(file, offsets))
+                file.close()
+        return super().do_body(body_bytes)
+
+
+def _size_of(handler: vfs.VfsRequest, client_path: bytes) -> int:
+    """The size of the file a ``get`` reads, without opening it; 0 if it has none.
+
+    A small ``get`` is the commonest request of all, so it is left to
+    Breezy's own ``GetRequest`` (and the jail's fast ``get_bytes``) after
+    one ``stat``, which the jail may even have cached.
+    """
+    transport = handler._backing_transport
+    try:
+        relpath = handler.translate_client_path(client_path)
+        file_size = getattr(transport, "file_size", None)
+        size = file_size(relpath) if file_size is not None else transport.stat(relpath).st_size
+    except Exception:
+        return 0
+    return size or 0
+
+
+def _open_with_size(handler: vfs.VfsRequest, client_path: Optional[bytes]):
+    """``(file, size)`` for the file a request reads, or None if it cannot be opened as a plain file.
+
+    ``client_path`` is the request's path argument; None means the path the
+    request already translated (``readv`` keeps it in ``_relpath``). On
+    None, Breezy's own code meets the same error and reports it.
+    """
+    try:
+        relpath = handler._relpath if client_path is None else handler.translate_client_path(client_path)
+        file = handler._backing_transport.get(relpath)
+    except Exception:
+        return None
+    try:
+        return file, os.fstat(file.fileno()).st_size
+    except Exception:
+        file.close()
+        return None
+
+
+class _Ranges:
+    """The bytes of ranges of an open binary file, ``FILE_READ_BYTES`` at a time.
+
+    The file is closed after the last range or by ``close``, whether or not
+    reading began. A file that shrank meanwhile ends the stream with
+    ``ShortReadvError``, as Breezy's ``readv`` reports it.
+    """
+
+    def __init__(self, file, ranges: List[Tuple[int, int]]):
+        self._file = file
+        self._ranges = iter(ranges)
+        self._start = self._left = 0
+
+    def __iter__(self) -> "_Ranges":
+        return self
+
+    def __next__(self) -> bytes:
+        while not self._left:
+            try:
+                self._start, self._left = next(self._ranges)
+            except StopIteration:
+                self.close()
+                raise
+            self._file.seek(self._start)
+        chunk = self._file.read(min(self._left, FILE_READ_BYTES))
+        if not chunk:
+            path = getattr(self._file, "name", "")
+            self.close()
+            raise ShortReadvError(path, self._start, self._left, 0)
+        self._start += len(chunk)
+        self._left -= len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class Commands:
+    """Breezy's request registry, with ``get`` and ``readv`` answered by the classes above."""
+
+    _OVERRIDES = {b"get": StreamedGetRequest, b"readv": StreamedReadvRequest}
+
+    def get(self, verb: bytes):
+        override = self._OVERRIDES.get(verb)
+        return override if override is not None else request.request_handlers.get(verb)
+
+
+COMMANDS = Commands()

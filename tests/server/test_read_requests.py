@@ -1,0 +1,101 @@
+"""smartserve's ``get`` and ``readv`` answer every request as Breezy's own do, a large read as a stream."""
+
+from __future__ import annotations
+
+import pytest
+from breezy.bzr.smart import request
+from breezy.transport import get_transport
+
+from smartserve.server.backends import _large_reads
+from smartserve.server.backends._large_reads import COMMANDS, LARGE_READ_BYTES
+
+LARGE = LARGE_READ_BYTES + 12345
+
+
+@pytest.fixture
+def transport(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "small").write_bytes(b"small file")
+    (root / "empty").write_bytes(b"")
+    (root / "large").write_bytes(bytes(range(256)) * (LARGE // 256) + b"tail")
+    (root / "dir").mkdir()
+    return get_transport(str(root))
+
+
+def answer(transport, commands, args, body=None):
+    """(success, args, body) of one request, a streamed body joined."""
+    handler = request.SmartServerRequestHandler(transport, commands=commands, root_client_path="/")
+    handler.args_received(args)
+    if body is not None:
+        handler.accept_body(body)
+        handler.end_of_body()
+    response = handler.response
+    streamed = response.body_stream is not None
+    body = b"".join(response.body_stream) if streamed else response.body
+    return (response.is_successful(), response.args, body), streamed
+
+
+def offsets(*ranges):
+    return b"".join(b"%d,%d\n" % pair for pair in ranges)
+
+
+SIZE = LARGE + 4 - (LARGE % 256)
+
+
+@pytest.mark.parametrize(
+    "args, body, streams",
+    [
+        ((b"get", b"/small"), None, False),
+        ((b"get", b"/empty"), None, False),
+        ((b"get", b"/large"), None, True),
+        ((b"get", b"/missing"), None, False),
+        ((b"get", b"/dir"), None, False),
+        ((b"get", b"/../escape"), None, False),
+        ((b"readv", b"/large"), offsets((0, 10), (100, 5)), False),
+        ((b"readv", b"/large"), offsets((0, SIZE)), True),
+        ((b"readv", b"/large"), offsets((5, SIZE - 10), (0, 3), (SIZE - 4, 4)), True),
+        ((b"readv", b"/large"), offsets((0, SIZE + 1)), False),
+        ((b"readv", b"/large"), offsets((10, SIZE)), False),
+        ((b"readv", b"/large"), offsets((-1, SIZE)), False),
+        ((b"readv", b"/small"), offsets((0, SIZE)), False),
+        ((b"readv", b"/missing"), offsets((0, SIZE)), False),
+        ((b"readv", b"/dir"), offsets((0, SIZE)), False),
+    ],
+)
+def test_same_answer_as_breezy(transport, args, body, streams):
+    breezy_answer, _ = answer(transport, request.request_handlers, args, body)
+    ours, streamed = answer(transport, COMMANDS, args, body)
+    assert ours == breezy_answer
+    assert streamed == streams
+
+
+def test_large_read_comes_in_bounded_pieces(transport, monkeypatch):
+    monkeypatch.setattr(_large_reads, "FILE_READ_BYTES", 64 * 1024)
+    handler = request.SmartServerRequestHandler(transport, commands=COMMANDS, root_client_path="/")
+    handler.args_received((b"get", b"/large"))
+    pieces = list(handler.response.body_stream)
+    assert max(map(len, pieces)) == 64 * 1024
+    assert b"".join(pieces) == transport.get_bytes("large")
+
+
+def test_file_that_shrinks_while_read_ends_the_stream_with_short_readv(transport, tmp_path):
+    handler = request.SmartServerRequestHandler(transport, commands=COMMANDS, root_client_path="/")
+    handler.args_received((b"get", b"/large"))
+    stream = handler.response.body_stream
+    first = next(stream)
+    with open(tmp_path / "root" / "large", "r+b") as file:
+        file.truncate(len(first) + 10)
+    assert len(next(stream)) == 10
+    with pytest.raises(Exception) as raised:
+        next(stream)
+    assert type(raised.value).__name__ == "ShortReadvError"
+
+
+def test_stream_closed_unread_closes_its_file(transport):
+    handler = request.SmartServerRequestHandler(transport, commands=COMMANDS, root_client_path="/")
+    handler.args_received((b"get", b"/large"))
+    stream = handler.response.body_stream
+    file = stream._file
+    stream.close()
+    assert file.closed
