@@ -1,13 +1,15 @@
-"""Breezy's ``get`` and ``readv`` requests, answering a large read with the file read as it is sent.
+"""Breezy's requests that answer with a whole file, sending a large one as it is read instead.
 
-Breezy's own ``GetRequest`` and ``ReadvRequest`` read everything asked for
-into one ``bytes`` before they answer, so a reader asking for a file of
-gigabytes would make the server hold all of it. These subclasses answer a
-read of more than ``LARGE_READ_BYTES`` with a ``body_stream`` that reads
-the file ``FILE_READ_BYTES`` at a time as the connection takes it; on the
-wire that is the same ``ok`` or ``readv`` response, its body in several
-parts. Smaller reads, and every read Breezy would refuse, go to Breezy's
-own code, so their replies and errors are exactly ``brz serve``'s.
+Breezy's own ``get``, ``readv`` and ``Repository.tarball`` read everything
+they answer with into one ``bytes`` first, so a reader asking for a file
+(or a repository) of gigabytes would make the server hold all of it.
+These subclasses answer a read of more than ``LARGE_READ_BYTES``, and
+every tarball, with a ``body_stream`` that reads the file
+``FILE_READ_BYTES`` at a time as the connection takes it; on the wire that
+is the same response, its body in several parts. Smaller reads, and every
+read Breezy would refuse, go to Breezy's own code, so their replies and
+errors are exactly ``brz serve``'s. The tarball is the exception: Breezy's
+own fails every request (see ``StreamedTarballRequest``).
 
 Imported only once Breezy is set up (see ``bzr._registry``).
 """
@@ -15,9 +17,11 @@ Imported only once Breezy is set up (see ``bzr._registry``).
 from __future__ import annotations
 
 import os
+import tarfile
+import tempfile
 from typing import List, Optional, Tuple
 
-from breezy.bzr.smart import request, vfs
+from breezy.bzr.smart import repository, request, vfs
 from breezy.errors import ShortReadvError
 
 # A read of more than this many bytes is sent as it is read.
@@ -53,6 +57,34 @@ class StreamedReadvRequest(vfs.ReadvRequest):
                     return request.SuccessfulSmartServerResponse((b"readv",), body_stream=_Ranges(file, offsets))
                 file.close()
         return super().do_body(body_bytes)
+
+
+class StreamedTarballRequest(repository.SmartServerRepositoryTarball):
+    """``Repository.tarball``: Breezy's tarball, sent from its temporary file as it is read.
+
+    The file is unlinked as soon as it is written: nothing is left on disk
+    however the response ends, and its space is freed when the stream closes.
+    """
+
+    COMPRESSIONS = ("", "gz", "bz2")
+
+    def do_repository_request(self, repository, compression):
+        # Breezy's own fails every request, after copying the repository: it hands tarfile bytes where str is due.
+        mode = compression.decode("ascii", "replace")
+        if mode not in self.COMPRESSIONS:
+            raise ValueError(f"unknown tarball compression {mode!r}: use one of {self.COMPRESSIONS}")
+        return super().do_repository_request(repository, mode)
+
+    def _tarball_of_dir(self, dirname, compression, ofile):
+        with tarfile.open(fileobj=ofile, mode="w|" + compression) as tarball:
+            tarball.add(dirname, ".bzr")
+
+    def _tarfile_response(self, tmp_dirname, compression):
+        with tempfile.NamedTemporaryFile(prefix="smartserve-tarball-") as named:
+            self._tarball_of_dir(tmp_dirname, compression, named.file)
+            file = os.fdopen(os.dup(named.file.fileno()), "rb")
+        size = os.fstat(file.fileno()).st_size
+        return request.SuccessfulSmartServerResponse((b"ok",), body_stream=_Ranges(file, [(0, size)]))
 
 
 def _size_of(handler: vfs.VfsRequest, client_path: bytes) -> int:
@@ -129,9 +161,13 @@ class _Ranges:
 
 
 class Commands:
-    """Breezy's request registry, with ``get`` and ``readv`` answered by the classes above."""
+    """Breezy's request registry, with the requests above in place of Breezy's own."""
 
-    _OVERRIDES = {b"get": StreamedGetRequest, b"readv": StreamedReadvRequest}
+    _OVERRIDES = {
+        b"get": StreamedGetRequest,
+        b"readv": StreamedReadvRequest,
+        b"Repository.tarball": StreamedTarballRequest,
+    }
 
     def get(self, verb: bytes):
         override = self._OVERRIDES.get(verb)

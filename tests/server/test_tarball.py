@@ -1,0 +1,111 @@
+"""``Repository.tarball`` sends a tarball of the repository from a temporary file, as the connection takes it."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import tempfile
+
+import pytest
+from breezy import controldir
+from breezy.bzr.smart import request
+from breezy.transport import get_transport
+
+from smartserve.server.backends._large_reads import COMMANDS
+from smartserve.testing import RawClient
+
+pytestmark = pytest.mark.timeout(180)
+
+MIB = 1024 * 1024
+DATA_MIB = 64
+GROWTH_BOUND_MIB = DATA_MIB // 2
+
+
+def tarball(transport, compression: bytes):
+    """The response to ``Repository.tarball`` of ``branch/``, a streamed body joined."""
+    handler = request.SmartServerRequestHandler(transport, commands=COMMANDS, root_client_path="/")
+    handler.args_received((b"Repository.tarball", b"branch/", compression))
+    response = handler.response
+    if response.body_stream is not None:
+        response.body = b"".join(response.body_stream)
+    return response
+
+
+@pytest.fixture
+def served(brz, tmp_path, monkeypatch):
+    """(transport of a root holding a one-revision branch, the revision id, the temporary directory used)."""
+    branch = tmp_path / "root" / "branch"
+    brz.run("init", "-q", "--create-prefix", branch)
+    (branch / "file").write_bytes(b"content\n" * 1000)
+    brz.run("add", "-q", cwd=branch)
+    brz.run("commit", "-q", "-m", "one", cwd=branch)
+    revision = brz.run("revision-info", "-d", branch).stdout.split()[1].encode()
+    monkeypatch.setenv("BRZ_HOME", str(brz.home))
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    return get_transport(str(tmp_path / "root")), revision, temporary
+
+
+@pytest.mark.parametrize("compression", ["", "gz", "bz2"])
+def test_tarball_holds_the_repository(served, tmp_path, compression):
+    """The tarball unpacks to a repository with the branch's revision, and no temporary file is left behind.
+
+    (Breezy's own server answers every tarball request with a TypeError.)
+    """
+    transport, revision, temporary = served
+    response = tarball(transport, compression.encode())
+    assert response.is_successful(), response.args
+    unpacked = tmp_path / "unpacked"
+    with tarfile.open(fileobj=io.BytesIO(response.body), mode="r:" + compression) as tar:
+        tar.extractall(unpacked, filter="tar")
+    repository = controldir.ControlDir.open(str(unpacked)).open_repository()
+    with repository.lock_read():
+        tree = repository.revision_tree(revision)
+        assert tree.get_file_text("file") == b"content\n" * 1000
+    assert os.listdir(temporary) == []
+
+
+def test_unknown_compression_is_refused_before_any_copy(served):
+    transport, _, temporary = served
+    copies = []
+    real_mkdtemp = tempfile.mkdtemp
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "mkdtemp", lambda *a, **k: copies.append(a) or real_mkdtemp(*a, **k))
+        response = tarball(transport, b"xz")
+    assert not response.is_successful()
+    assert response.args[:2] == (b"error", b"ValueError") and b"'xz'" in response.args[2]
+    assert copies == []
+
+
+def test_large_tarball_is_not_held_in_memory(brz, smartserve, tmp_path):
+    branch = smartserve.data / "branches" / "big"
+    brz.run("init", "-q", branch)
+    for index in range(DATA_MIB):
+        (branch / f"part{index}").write_bytes(os.urandom(MIB))
+    brz.run("add", "-q", cwd=branch)
+    brz.run("commit", "-q", "-m", "data", cwd=branch)
+    client = RawClient.connect("127.0.0.1", smartserve.port, timeout=120)
+    assert client.call(b"BzrDir.open_2.1", b"big/").success  # Breezy loaded before the baseline
+    baseline_kib = smartserve.rss_kib()
+    peak_kib = baseline_kib
+    received = tmp_path / "received.tar"
+
+    with open(received, "wb") as out:
+
+        def take(part: bytes) -> None:
+            nonlocal peak_kib
+            out.write(part)
+            peak_kib = max(peak_kib, smartserve.rss_kib())
+
+        client.send_request((b"Repository.tarball", b"big/", b""))
+        reply = client.read_reply(on_body_part=take)
+    assert reply.success, reply.args
+    grown_mib = (peak_kib - baseline_kib) / 1024
+    assert grown_mib < GROWTH_BOUND_MIB, f"the server grew by {grown_mib:.0f} MiB sending a tarball of {DATA_MIB} MiB"
+    with tarfile.open(received) as tar:
+        packed = sum(member.size for member in tar.getmembers() if member.name.startswith(".bzr/repository/packs/"))
+    assert packed > DATA_MIB * MIB
+    assert client.call(b"hello").success
+    client.close()
