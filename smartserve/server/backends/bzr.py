@@ -267,10 +267,13 @@ class _BzrRequestRun:
             return self._reply  # answered: the rest of the body is not the handler's
         handler = self._handler
         if handler is None:
-            from ._large_reads import COMMANDS
-
-            handler = self._handler = _registry().SmartServerRequestHandler(
-                self._transport, commands=COMMANDS, root_client_path="/"
+            request = _registry()
+            if self._inline:  # a small read by construction: Breezy's own classes answer it fastest
+                commands = request.request_handlers
+            else:
+                from ._large_reads import COMMANDS as commands
+            handler = self._handler = request.SmartServerRequestHandler(
+                self._transport, commands=commands, root_client_path="/"
             )
             handler.args_received(self._args)
         inserter = _inserter_of(handler)
