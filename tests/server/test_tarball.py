@@ -67,15 +67,16 @@ def test_tarball_holds_the_repository(served, tmp_path, compression):
     assert os.listdir(temporary) == []
 
 
-def test_unknown_compression_is_refused_before_any_copy(served):
-    transport, _, temporary = served
+@pytest.mark.parametrize("compression, named", [(b"xz", b"'xz'"), (7, b"7")])
+def test_unknown_compression_is_refused_before_any_copy(served, compression, named):
+    transport, _, _ = served
     copies = []
     real_mkdtemp = tempfile.mkdtemp
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tempfile, "mkdtemp", lambda *a, **k: copies.append(a) or real_mkdtemp(*a, **k))
-        response = tarball(transport, b"xz")
+        response = tarball(transport, compression)
     assert not response.is_successful()
-    assert response.args[:2] == (b"error", b"ValueError") and b"'xz'" in response.args[2]
+    assert response.args[:2] == (b"error", b"ValueError") and named in response.args[2]
     assert copies == []
 
 

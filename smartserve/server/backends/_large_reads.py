@@ -70,7 +70,7 @@ class StreamedTarballRequest(repository.SmartServerRepositoryTarball):
 
     def do_repository_request(self, repository, compression):
         # Breezy's own fails every request, after copying the repository: it hands tarfile bytes where str is due.
-        mode = compression.decode("ascii", "replace")
+        mode = compression.decode("ascii", "replace") if isinstance(compression, bytes) else compression
         if mode not in self.COMPRESSIONS:
             raise ValueError(f"unknown tarball compression {mode!r}: use one of {self.COMPRESSIONS}")
         return super().do_repository_request(repository, mode)
@@ -90,9 +90,8 @@ class StreamedTarballRequest(repository.SmartServerRepositoryTarball):
 def _size_of(handler: vfs.VfsRequest, client_path: bytes) -> int:
     """The size of the file a ``get`` reads, without opening it; 0 if it has none.
 
-    A small ``get`` is the commonest request of all, so it is left to
-    Breezy's own ``GetRequest`` (and the jail's fast ``get_bytes``) after
-    one ``stat``, which the jail may even have cached.
+    A file that is not large is left to Breezy's own ``GetRequest`` (and
+    the jail's fast ``get_bytes``) after this one ``stat``.
     """
     transport = handler._backing_transport
     try:
