@@ -53,7 +53,7 @@ class StreamedReadvRequest(vfs.ReadvRequest):
             opened = _open_with_size(self, None)
             if opened is not None:
                 file, size = opened
-                if all(0 <= start and 0 <= length and start + length <= size for start, length in offsets):
+                if _readable_ranges(offsets, size):
                     return request.SuccessfulSmartServerResponse((b"readv",), body_stream=_Ranges(file, offsets))
                 file.close()
         return super().do_body(body_bytes)
@@ -85,6 +85,16 @@ class StreamedTarballRequest(repository.SmartServerRepositoryTarball):
             file = os.fdopen(os.dup(named.file.fileno()), "rb")
         size = os.fstat(file.fileno()).st_size
         return request.SuccessfulSmartServerResponse((b"ok",), body_stream=_Ranges(file, [(0, size)]))
+
+
+def _readable_ranges(offsets: List[Tuple[int, int]], size: int) -> bool:
+    """True if every range lies within ``size`` bytes and none overlaps another, as Breezy's ``readv`` requires."""
+    end = 0
+    for start, length in sorted(offsets):
+        if start < end or length < 0 or start + length > size:
+            return False
+        end = start + length
+    return True
 
 
 def _size_of(handler: vfs.VfsRequest, client_path: bytes) -> int:
@@ -123,11 +133,13 @@ def _open_with_size(handler: vfs.VfsRequest, client_path: Optional[bytes]):
 
 
 class _Ranges:
-    """The bytes of ranges of an open binary file, ``FILE_READ_BYTES`` at a time.
+    """The bytes of ranges of an open binary file, in pieces of ``FILE_READ_BYTES`` (the last one shorter).
 
-    The file is closed after the last range or by ``close``, whether or not
-    reading began. A file that shrank meanwhile ends the stream with
-    ``ShortReadvError``, as Breezy's ``readv`` reports it.
+    Small ranges share a piece, so a ``readv`` of many short ranges costs
+    a few body parts, not one per range. The file is closed after the last
+    range or by ``close``, whether or not reading began. A file that shrank
+    meanwhile ends the stream with ``ShortReadvError``, as Breezy's
+    ``readv`` reports it.
     """
 
     def __init__(self, file, ranges: List[Tuple[int, int]]):
@@ -139,21 +151,29 @@ class _Ranges:
         return self
 
     def __next__(self) -> bytes:
-        while not self._left:
-            try:
-                self._start, self._left = next(self._ranges)
-            except StopIteration:
+        pieces = []
+        size = 0
+        while size < FILE_READ_BYTES:
+            if not self._left:
+                next_range = next(self._ranges, None)
+                if next_range is None:
+                    break
+                self._start, self._left = next_range
+                self._file.seek(self._start)
+                continue
+            chunk = self._file.read(min(self._left, FILE_READ_BYTES - size))
+            if not chunk:
+                path = getattr(self._file, "name", "")
                 self.close()
-                raise
-            self._file.seek(self._start)
-        chunk = self._file.read(min(self._left, FILE_READ_BYTES))
-        if not chunk:
-            path = getattr(self._file, "name", "")
+                raise ShortReadvError(path, self._start, self._left, 0)
+            pieces.append(chunk)
+            size += len(chunk)
+            self._start += len(chunk)
+            self._left -= len(chunk)
+        if not pieces:
             self.close()
-            raise ShortReadvError(path, self._start, self._left, 0)
-        self._start += len(chunk)
-        self._left -= len(chunk)
-        return chunk
+            raise StopIteration
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def close(self) -> None:
         self._file.close()
