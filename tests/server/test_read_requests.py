@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from breezy.bzr.smart import request
 from breezy.transport import get_transport
 
@@ -10,6 +12,7 @@ from smartserve.server.backends import _large_reads
 from smartserve.server.backends._large_reads import COMMANDS, LARGE_READ_BYTES
 
 LARGE = LARGE_READ_BYTES + 12345
+LARGER = 4 * LARGE_READ_BYTES
 
 
 @pytest.fixture
@@ -20,6 +23,7 @@ def transport(tmp_path):
     (root / "empty").write_bytes(b"")
     (root / "large").write_bytes(bytes(range(256)) * (LARGE // 256) + b"tail")
     (root / "dir").mkdir()
+    (root / "larger").write_bytes(bytes(range(251)) * (LARGER // 251))
     return get_transport(str(root))
 
 
@@ -114,3 +118,29 @@ def test_many_short_ranges_share_pieces(transport):
     pieces = list(handler.response.body_stream)
     assert [len(piece) for piece in pieces[:-1]] == [_large_reads.FILE_READ_BYTES] * (len(pieces) - 1)
     assert sum(map(len, pieces)) == 91 * len(ranges)
+
+
+@st.composite
+def disjoint_ranges(draw):
+    """Ranges of the larger file that do not overlap, in any order, sometimes with one range inside another."""
+    cuts = sorted(set(draw(st.lists(st.integers(0, LARGER_SIZE), min_size=2, max_size=12))))
+    kept = [(start, end - start) for start, end in zip(cuts, cuts[1:]) if draw(st.integers(0, 3))]
+    if kept and draw(st.booleans()):  # and one range inside another
+        start, length = draw(st.sampled_from(kept))
+        kept.append((start + length // 2, draw(st.integers(0, length - length // 2))))
+    return draw(st.permutations(kept))
+
+
+LARGER_SIZE = LARGER // 251 * 251
+ANY_RANGES = st.lists(
+    st.tuples(st.integers(-2, LARGER_SIZE + 2), st.integers(-1, LARGER_SIZE // 2)), min_size=1, max_size=6
+)
+
+
+@given(ranges=disjoint_ranges() | ANY_RANGES)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_readv_gets_the_same_answer_as_breezy(transport, ranges):
+    """Whatever the ranges (overlapping, out of bounds, negative, empty, in any order), the answer is Breezy's."""
+    theirs, _ = answer(transport, request.request_handlers, (b"readv", b"/larger"), offsets(*ranges))
+    ours, _ = answer(transport, COMMANDS, (b"readv", b"/larger"), offsets(*ranges))
+    assert ours == theirs
