@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -69,9 +70,14 @@ def test_large_read_streams_without_holding_the_file(smartserve, args, body):
     assert take.offset == SPARSE_MIB * MIB
     assert found == markers
     assert grown and grown[0] < GROWTH_BOUND_MIB, f"the server grew by {grown[0]:.0f} MiB sending a {SPARSE_MIB} MiB file"
-    # The connection goes on serving.
+    # The connection goes on serving, and the access log counts every byte sent.
     assert client.call(b"get", b"/huge-missing").args[0] == b"NoSuchFile"
     client.close()
+    verb = args[0].decode()
+    sent = wait_for(
+        lambda: re.findall(rf" {verb} read ok .* out=(\d+) ", server.access_lines()), 10, "the access log line"
+    )
+    assert SPARSE_MIB * MIB < int(sent[0]) < SPARSE_MIB * MIB + MIB
 
 
 def test_stock_breezy_client_reads_a_large_file_intact(smartserve):
