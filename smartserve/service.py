@@ -22,7 +22,7 @@ from .control.server import Control, ControlFactory
 from .listeners import Listener, ListenerGroup
 from .metrics import ServerMetrics
 from .server.accesslog import AccessLogFile, access_logger
-from .server.backends.bzr import DEFAULT_INLINE_READ_BYTES, DEFAULT_MAX_BODY_BYTES, BzrBackend
+from .server.backends.bzr import DEFAULT_INLINE_READ_BYTES, DEFAULT_MAX_BODY_BYTES, MAX_INLINE_READ_BYTES, BzrBackend
 from .server.dispatcher import Dispatcher
 from .server.drain import DrainController, DrainState
 from .server.jail import Writable
@@ -121,6 +121,11 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be a finite number")
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must be 0 or more")
+        if self["inline-read-bytes"] > MAX_INLINE_READ_BYTES:
+            raise usage.UsageError(
+                f"--inline-read-bytes must be at most {MAX_INLINE_READ_BYTES}: "
+                "an inline read stops every connection while it runs"
+            )
         for name in ("threads", "max-unauthenticated", "max-auth-tries", "max-sessions-per-user", "max-request-body"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")

@@ -103,6 +103,8 @@ def _registry():
 
 # Reads of at most this many bytes run on the reactor thread (see the module docstring).
 DEFAULT_INLINE_READ_BYTES = 64 * 1024
+# An inline read is read whole while every connection waits: never more than this.
+MAX_INLINE_READ_BYTES = 1024 * 1024
 
 # The largest body a handler may keep whole: the largest body part the codec takes.
 DEFAULT_MAX_BODY_BYTES = DEFAULT_LIMITS.max_body_part_size
