@@ -12,7 +12,9 @@ revisions over 200 files by default) and a 1 KiB file. Figures:
   connections, each warmed by one untimed ``get``;
 - peak server RSS while serving the branch runs: the process's RSS
   high-water mark, reset just before the first branch (both servers are
-  one process; ``brz serve`` uses a thread per connection).
+  one process; ``brz serve`` uses a thread per connection);
+- one ``get`` of a ``--bulk-mib`` file with the same client: MB/s, and how
+  far the server's RSS high-water mark rose above its RSS before the get.
 
 Goal (issue 3): smartserve's time at most 1.0 times the reference's.
 """
@@ -47,12 +49,34 @@ def small_get_figure(port: int, count: int) -> float:
         connection.disconnect()
 
 
+def bulk_get_figure(server, size: int) -> tuple[float, float]:
+    """(MB/s, MiB the server's peak RSS rose) for one ``get`` of the bulk file on a new connection."""
+    import time
+
+    connection, client = tcp_client(server.ports["bzr"])
+    try:
+        _common.small_gets(client, _common.SMALL_FILE.encode(), 1)
+        before = _common.rss_kib(server.pid)
+        _common.reset_peak_rss(server.pid)
+        started = time.perf_counter()
+        response, protocol = client.call_expecting_body(b"get", b"bulk.bin")
+        received = len(protocol.read_body_bytes())
+        elapsed = time.perf_counter() - started
+        risen = (_common.peak_rss_kib(server.pid) - before) / 1024
+    finally:
+        connection.disconnect()
+    if response != (b"ok",) or received != size:
+        raise RuntimeError(f"bulk get answered {response!r} with {received} bytes")
+    return size / 1e6 / elapsed, risen
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15, help="runs per figure (median)")
     parser.add_argument("--gets", type=int, default=1000, help="small gets per connection")
     parser.add_argument("--revisions", type=int, default=300)
     parser.add_argument("--files", type=int, default=200)
+    parser.add_argument("--bulk-mib", type=int, default=128, help="size of the file of the bulk get, in MiB")
     args = parser.parse_args(argv)
     print("$ " + _common.command_line())
     print(_common.machine())
@@ -62,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     source = _common.branch(args.revisions, args.files)
     work = _common.fresh_dir("tcp-")
     smart_data = work / "smartserve"
-    _common.populate(smart_data / "branches", source)
-    _common.populate(work / "reference", source)
+    bulk_size = args.bulk_mib << 20
+    _common.populate(smart_data / "branches", source, bulk_size=bulk_size)
+    _common.populate(work / "reference", source, bulk_size=bulk_size)
     servers = []
     with breezy.initialize(setup_ui=False):
         try:
@@ -98,6 +123,7 @@ def measure(servers, args, work: Path) -> list[Row]:
     gets, gets_cpu = _common.alternating(
         servers, args.runs, lambda server: small_get_figure(server.ports["bzr"], args.gets)
     )
+    bulk = [bulk_get_figure(server, args.bulk_mib << 20) for server in servers]
     for index, server in enumerate(servers):
         print(
             f"{server.name}: branch runs (s) {', '.join(f'{t:.3f}' for t in branch[index])}; "
@@ -117,6 +143,8 @@ def measure(servers, args, work: Path) -> list[Row]:
         Row(f"{args.gets} small gets, µs per call", median(gets[0]), median(gets[1]), goal=1.0, unit_format="{:,.0f}"),
         Row("peak server RSS serving branch (MiB)", peak_rss[0] / 1024, peak_rss[1] / 1024),
         Row("server RSS before (MiB)", idle_rss[0] / 1024, idle_rss[1] / 1024),
+        Row(f"{args.bulk_mib} MiB get (MB/s)", bulk[0][0], bulk[1][0], lower_is_better=False),
+        Row(f"server peak RSS rise during the {args.bulk_mib} MiB get (MiB)", bulk[0][1], bulk[1][1]),
         Row("server CPU per branch (ms)", median(branch_cpu[0]) * 1e3, median(branch_cpu[1]) * 1e3, unit_format="{:,.0f}"),
         Row(
             "server CPU per small get (µs)",
