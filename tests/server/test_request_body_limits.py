@@ -3,9 +3,13 @@ push's body reaches Breezy as whole records within that limit, as fast as the re
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -71,6 +75,65 @@ def test_kept_body_over_the_limit_is_refused_unrun_and_dropped(start_smartserve)
     assert "refused: the request body is over the server's limit of 1048576 bytes" in server.log()
     outcomes = [(record["verb"], record["outcome"]) for record in server.access_records()]
     assert ("put", "RequestTooLarge") in outcomes and ("put", "ok") in outcomes
+
+
+def _peak_rss_kib(server) -> int:
+    with open(f"/proc/{server.process.pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
+def test_readv_range_list_past_its_own_limit_is_refused_unparsed(start_smartserve):
+    """A readv whose list of ranges passes READV_MAX_BODY_BYTES gets RequestTooLarge without Breezy parsing it
+    (16 MiB of tiny ranges made the server grow by some 800 MiB), and the connection serves the next readv."""
+    server = start_smartserve(*_OPTIONS)
+    (server.data / "branches" / "file").write_bytes(bytes(range(256)) * 64)
+    client = RawClient.connect("127.0.0.1", server.port, timeout=60)
+    try:
+        assert client.call(b"readv", b"/file", body=b"0,1\n").body == b"\0"  # Breezy loaded before the baseline
+        Path(f"/proc/{server.process.pid}/clear_refs").write_text("5")  # the peak is now the current RSS
+        baseline_kib = server.rss_kib()
+        refused = client.call(b"readv", b"/file", body=b"0,1\n" * (bzr.READV_MAX_BODY_BYTES // 4 * 8))
+        assert (refused.success, refused.args[0]) == (False, b"RequestTooLarge")
+        assert b"%d bytes" % bzr.READV_MAX_BODY_BYTES in refused.args[1]
+        grown_kib = _peak_rss_kib(server) - baseline_kib
+        assert grown_kib < _GROWTH_BOUND_KIB, f"the server grew by {grown_kib} KiB"
+        assert client.call(b"readv", b"/file", body=b"1,2\n300,1\n").body == b"\1\2" + bytes([300 % 256])
+    finally:
+        client.close()
+
+
+def test_stock_client_readv_of_many_short_ranges_fits_the_limit(smartserve):
+    """Breezy's client at its largest readv (5 MiB a request) of ranges of 100 bytes, the offsets in the tens of
+    millions: its lists of ranges stay under READV_MAX_BODY_BYTES and every byte comes back right."""
+    size = 12 * MIB
+    pattern = os.urandom(1 << 16)
+    with open(smartserve.data / "branches" / "sparse", "wb") as out:
+        out.truncate(60 * MIB)
+        out.seek(60 * MIB - size)
+        out.write(pattern * (size // len(pattern)))
+    script = (
+        "import sys, hashlib, breezy\n"
+        "with breezy.initialize():\n"
+        "    from breezy.transport import get_transport\n"
+        "    base, size = 60 * 1024 * 1024 - int(sys.argv[2]), int(sys.argv[2])\n"
+        "    offsets = [(start, 100) for start in range(base, base + size, 200)]\n"
+        "    digest = hashlib.sha256()\n"
+        "    for offset, data in get_transport(sys.argv[1]).readv('sparse', offsets):\n"
+        "        digest.update(data)\n"
+        "    print(len(offsets), digest.hexdigest())\n"
+    )
+    read = subprocess.run(
+        [sys.executable, "-c", script, f"bzr://127.0.0.1:{smartserve.port}/", str(size)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "BRZ_HOME": str(smartserve.data.parent / "brz-home")},
+    )
+    assert read.returncode == 0, read.stderr
+    whole = pattern * (size // len(pattern))
+    expected = hashlib.sha256(b"".join(whole[at : at + 100] for at in range(0, size, 200))).hexdigest()
+    assert read.stdout.split() == [str(len(range(0, size, 200))), expected]
+    assert "RequestTooLarge" not in smartserve.access_lines()
 
 
 def test_body_within_the_limit_in_many_parts_is_kept_whole(start_smartserve):

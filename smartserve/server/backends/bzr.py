@@ -24,7 +24,8 @@ Request bodies are bounded too. Breezy's handlers keep a body whole until
 its end, except the insert_stream family, whose inserter thread takes the
 body through a queue as it comes: a kept body may grow to
 ``max_body_bytes`` and is then refused with ``RequestTooLarge`` before the
-request runs. A push's body reaches the inserter as whole records
+request runs (a ``readv``'s list of ranges at ``READV_MAX_BODY_BYTES``
+already). A push's body reaches the inserter as whole records
 (``_container.RecordRegrouper``), each at most ``max_body_bytes``, and a
 step feeding an inserter waits until the thread has taken all but
 ``STREAM_AHEAD_BYTES``, so a client that sends faster than the repository
@@ -105,6 +106,10 @@ def _registry():
 DEFAULT_INLINE_READ_BYTES = 64 * 1024
 # An inline read is read whole while every connection waits: never more than this.
 MAX_INLINE_READ_BYTES = 1024 * 1024
+# A readv's body, its list of ranges, is kept to this (or max_body_bytes, if less): Breezy
+# parses the list into Python objects some 50 times its size, and its own client asks for
+# at most 5 MiB a request, whose list stays under 1 MiB even for ranges of 100 bytes.
+READV_MAX_BODY_BYTES = 2 * 1024 * 1024
 
 # The largest body a handler may keep whole: the largest body part the codec takes.
 DEFAULT_MAX_BODY_BYTES = DEFAULT_LIMITS.max_body_part_size
@@ -145,6 +150,12 @@ class BzrBackend:
         self._reactor = reactor
         self._verbs = frozenset(_registry().request_handlers.keys())
         self._transports = {}
+
+    def body_limit(self, verb: bytes) -> int:
+        """Bytes of a ``verb`` request's body that may be kept whole for its handler."""
+        if verb == b"readv":
+            return min(self.max_body_bytes, READV_MAX_BODY_BYTES)
+        return self.max_body_bytes
 
     def knows(self, verb: bytes) -> bool:
         return verb in self._verbs
@@ -280,11 +291,12 @@ class _BzrRequestRun:
             handler.args_received(self._args)
         inserter = _inserter_of(handler)
         if inserter is None:
+            limit = self._backend.body_limit(self._args[0])
             for chunk in chunks:
                 if handler.finished_reading:
                     break
                 self._body_bytes += len(chunk)
-                if self._body_bytes > self._backend.max_body_bytes:
+                if self._body_bytes > limit:
                     return self._body_too_large()
                 handler.accept_body(chunk)
         else:
@@ -312,8 +324,8 @@ class _BzrRequestRun:
 
     def _body_too_large(self) -> Reply:
         """Refuse the request: its body is over the limit. The handler and the parts it kept are dropped unrun."""
-        limit = self._backend.max_body_bytes
-        return self._refuse((REQUEST_TOO_LARGE, b"the request body is over the server's limit of %d bytes" % limit))
+        message = b"the request body is over the server's limit of %d bytes" % self._backend.body_limit(self._args[0])
+        return self._refuse((REQUEST_TOO_LARGE, message))
 
     def _push_refused(self, refused: PushStreamRefused) -> Reply:
         """Refuse a push whose stream breaks a limit: its inserter is stopped, as for a lost connection, and nothing is kept."""
