@@ -83,7 +83,7 @@ def _peak_rss_kib(server) -> int:
 
 
 def test_readv_range_list_past_its_own_limit_is_refused_unparsed(start_smartserve):
-    """A readv whose list of ranges passes READV_MAX_BODY_BYTES gets RequestTooLarge without Breezy parsing it
+    """A readv whose list of ranges passes its limit gets RequestTooLarge without Breezy parsing it
     (16 MiB of tiny ranges made the server grow by some 800 MiB), and the connection serves the next readv."""
     server = start_smartserve(*_OPTIONS)
     (server.data / "branches" / "file").write_bytes(bytes(range(256)) * 64)
@@ -92,9 +92,9 @@ def test_readv_range_list_past_its_own_limit_is_refused_unparsed(start_smartserv
         assert client.call(b"readv", b"/file", body=b"0,1\n").body == b"\0"  # Breezy loaded before the baseline
         Path(f"/proc/{server.process.pid}/clear_refs").write_text("5")  # the peak is now the current RSS
         baseline_kib = server.rss_kib()
-        refused = client.call(b"readv", b"/file", body=b"0,1\n" * (bzr.READV_MAX_BODY_BYTES // 4 * 8))
+        refused = client.call(b"readv", b"/file", body=b"0,1\n" * (bzr.PARSED_BODY_LIMITS[b"readv"] // 4 * 8))
         assert (refused.success, refused.args[0]) == (False, b"RequestTooLarge")
-        assert b"%d bytes" % bzr.READV_MAX_BODY_BYTES in refused.args[1]
+        assert b"%d bytes" % bzr.PARSED_BODY_LIMITS[b"readv"] in refused.args[1]
         grown_kib = _peak_rss_kib(server) - baseline_kib
         assert grown_kib < _GROWTH_BOUND_KIB, f"the server grew by {grown_kib} KiB"
         assert client.call(b"readv", b"/file", body=b"1,2\n300,1\n").body == b"\1\2" + bytes([300 % 256])
@@ -102,9 +102,31 @@ def test_readv_range_list_past_its_own_limit_is_refused_unparsed(start_smartserv
         client.close()
 
 
+def test_graph_search_past_its_own_limit_is_refused_unparsed(start_smartserve, brz):
+    """A get_parent_map whose search passes its limit gets RequestTooLarge before Breezy parses it, and the same
+    connection then maps parents."""
+    server = start_smartserve(*_OPTIONS)
+    brz.run("init-shared-repo", "-q", server.data / "branches" / "repo")
+    client = RawClient.connect("127.0.0.1", server.port, timeout=60)
+    args = (b"Repository.get_parent_map", b"repo/", b"include-missing:", b"null:")
+    try:
+        assert client.call(*args, body=b"null:\n\n1").success  # Breezy loaded before the baseline
+        Path(f"/proc/{server.process.pid}/clear_refs").write_text("5")
+        baseline_kib = server.rss_kib()
+        limit = bzr.PARSED_BODY_LIMITS[b"Repository.get_parent_map"]
+        keys = b" ".join(b"%07d" % index for index in range(limit // 8 + 1))
+        refused = client.call(*args, body=keys + b"\n\n0")
+        assert (refused.success, refused.args[0]) == (False, b"RequestTooLarge")
+        grown_kib = _peak_rss_kib(server) - baseline_kib
+        assert grown_kib < _GROWTH_BOUND_KIB, f"the server grew by {grown_kib} KiB"
+        assert client.call(*args, body=b"null:\n\n1").success
+    finally:
+        client.close()
+
+
 def test_stock_client_readv_of_many_short_ranges_fits_the_limit(smartserve):
     """Breezy's client at its largest readv (5 MiB a request) of ranges of 100 bytes, the offsets in the tens of
-    millions: its lists of ranges stay under READV_MAX_BODY_BYTES and every byte comes back right."""
+    millions: its lists of ranges stay under their limit and every byte comes back right."""
     size = 12 * MIB
     pattern = os.urandom(1 << 16)
     with open(smartserve.data / "branches" / "sparse", "wb") as out:

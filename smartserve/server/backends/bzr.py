@@ -24,8 +24,8 @@ Request bodies are bounded too. Breezy's handlers keep a body whole until
 its end, except the insert_stream family, whose inserter thread takes the
 body through a queue as it comes: a kept body may grow to
 ``max_body_bytes`` and is then refused with ``RequestTooLarge`` before the
-request runs (a ``readv``'s list of ranges at ``READV_MAX_BODY_BYTES``
-already). A push's body reaches the inserter as whole records
+request runs (a body Breezy parses into many times its size, such as a
+``readv``'s list of ranges, already at its ``PARSED_BODY_LIMITS``). A push's body reaches the inserter as whole records
 (``_container.RecordRegrouper``), each at most ``max_body_bytes``, and a
 step feeding an inserter waits until the thread has taken all but
 ``STREAM_AHEAD_BYTES``, so a client that sends faster than the repository
@@ -106,10 +106,17 @@ def _registry():
 DEFAULT_INLINE_READ_BYTES = 64 * 1024
 # An inline read is read whole while every connection waits: never more than this.
 MAX_INLINE_READ_BYTES = 1024 * 1024
-# A readv's body, its list of ranges, is kept to this (or max_body_bytes, if less): Breezy
-# parses the list into Python objects some 50 times its size, and its own client asks for
-# at most 5 MiB a request, whose list stays under 1 MiB even for ranges of 100 bytes.
-READV_MAX_BODY_BYTES = 2 * 1024 * 1024
+# Request bodies Breezy parses into Python objects many times their size are kept to these
+# (or max_body_bytes, if less). A readv's list of ranges costs some 50 times its size; Breezy's
+# own client asks for at most 5 MiB a request, whose list stays under 1 MiB even for ranges of
+# 100 bytes. The graph searches of get_parent_map and get_stream cost some 15 times theirs;
+# Breezy's client sends a few hundred bytes (a search of at most 100 generations).
+PARSED_BODY_LIMITS = {
+    b"readv": 2 * 1024 * 1024,
+    b"Repository.get_parent_map": 16 * 1024 * 1024,
+    b"Repository.get_stream": 16 * 1024 * 1024,
+    b"Repository.get_stream_1.19": 16 * 1024 * 1024,
+}
 
 # The largest body a handler may keep whole: the largest body part the codec takes.
 DEFAULT_MAX_BODY_BYTES = DEFAULT_LIMITS.max_body_part_size
@@ -153,9 +160,7 @@ class BzrBackend:
 
     def body_limit(self, verb: bytes) -> int:
         """Bytes of a ``verb`` request's body that may be kept whole for its handler."""
-        if verb == b"readv":
-            return min(self.max_body_bytes, READV_MAX_BODY_BYTES)
-        return self.max_body_bytes
+        return min(self.max_body_bytes, PARSED_BODY_LIMITS.get(verb, self.max_body_bytes))
 
     def knows(self, verb: bytes) -> bool:
         return verb in self._verbs
