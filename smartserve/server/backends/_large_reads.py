@@ -19,13 +19,15 @@ from __future__ import annotations
 import os
 import tarfile
 import tempfile
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 from breezy.bzr.smart import repository, request, vfs
 from breezy.errors import ShortReadvError
 
-# A read of more than this many bytes is sent as it is read.
-LARGE_READ_BYTES = 1024 * 1024
+from .bzr import LARGE_BODY_BYTES
+
+# A read of more than this many bytes is sent as it is read: a body the server would otherwise slice.
+LARGE_READ_BYTES = LARGE_BODY_BYTES
 # A large read reads its file this much at a time.
 FILE_READ_BYTES = 1024 * 1024
 
@@ -34,8 +36,12 @@ class StreamedGetRequest(vfs.GetRequest):
     """``get``: a file over ``LARGE_READ_BYTES`` is read as it is sent."""
 
     def do(self, relpath):
-        if _size_of(self, relpath) > LARGE_READ_BYTES:
-            opened = _open_with_size(self, relpath)
+        try:
+            translated = self.translate_client_path(relpath)
+        except Exception:
+            translated = None  # Breezy's own code meets the same error and reports it
+        if translated is not None and _size_of(self._backing_transport, translated) > LARGE_READ_BYTES:
+            opened = _open_with_size(self._backing_transport, translated)
             if opened is not None:
                 file, size = opened
                 if size > LARGE_READ_BYTES:
@@ -50,7 +56,7 @@ class StreamedReadvRequest(vfs.ReadvRequest):
     def do_body(self, body_bytes):
         offsets = self._deserialise_offsets(body_bytes)
         if sum(length for _, length in offsets) > LARGE_READ_BYTES:
-            opened = _open_with_size(self, None)
+            opened = _open_with_size(self._backing_transport, self._relpath)
             if opened is not None:
                 file, size = opened
                 if _readable_ranges(offsets, size):
@@ -97,32 +103,27 @@ def _readable_ranges(offsets: List[Tuple[int, int]], size: int) -> bool:
     return True
 
 
-def _size_of(handler: vfs.VfsRequest, client_path: bytes) -> int:
-    """The size of the file a ``get`` reads, without opening it; 0 if it has none.
+def _size_of(transport, relpath: str) -> int:
+    """The size of the file at ``relpath``, without opening it; 0 if there is none.
 
     A file that is not large is left to Breezy's own ``GetRequest`` (and
     the jail's fast ``get_bytes``) after this one ``stat``.
     """
-    transport = handler._backing_transport
+    file_size = getattr(transport, "file_size", None)
     try:
-        relpath = handler.translate_client_path(client_path)
-        file_size = getattr(transport, "file_size", None)
         size = file_size(relpath) if file_size is not None else transport.stat(relpath).st_size
     except Exception:
         return 0
     return size or 0
 
 
-def _open_with_size(handler: vfs.VfsRequest, client_path: Optional[bytes]):
-    """``(file, size)`` for the file a request reads, or None if it cannot be opened as a plain file.
+def _open_with_size(transport, relpath: str):
+    """``(file, size)`` for the file at ``relpath``, or None if it cannot be opened as a plain file.
 
-    ``client_path`` is the request's path argument; None means the path the
-    request already translated (``readv`` keeps it in ``_relpath``). On
-    None, Breezy's own code meets the same error and reports it.
+    On None, Breezy's own code meets the same error and reports it.
     """
     try:
-        relpath = handler._relpath if client_path is None else handler.translate_client_path(client_path)
-        file = handler._backing_transport.get(relpath)
+        file = transport.get(relpath)
     except Exception:
         return None
     try:

@@ -104,8 +104,14 @@ def _registry():
 
 # Reads of at most this many bytes run on the reactor thread (see the module docstring).
 DEFAULT_INLINE_READ_BYTES = 64 * 1024
-# An inline read is read whole while every connection waits: never more than this.
-MAX_INLINE_READ_BYTES = 1024 * 1024
+# A body up to this size is written in one piece; a larger one (a large
+# ``get_parent_map`` answer, say) goes out slice by slice with back-pressure,
+# as streams do, so a slow connection never has the whole body queued in its
+# buffers. A ``get`` or ``readv`` larger than this is streamed from its file.
+LARGE_BODY_BYTES = 1024 * 1024
+# An inline read is read whole while every connection waits, by Breezy's own
+# classes rather than streamed: never more than a body that is not large.
+MAX_INLINE_READ_BYTES = LARGE_BODY_BYTES
 # Request bodies Breezy parses into Python objects many times their size are kept to these
 # (or max_body_bytes, if less). A readv's list of ranges costs some 50 times its size; Breezy's
 # own client asks for at most 5 MiB a request, whose list stays under 1 MiB even for ranges of
@@ -415,12 +421,6 @@ class _Aborted:
 
 
 _ABORTED = _Aborted()
-
-
-# A body up to this size is written in one piece; a larger one (a ``get``
-# of a big file) goes out slice by slice with back-pressure, as streams do,
-# so a slow connection never has the whole body queued in its buffers.
-LARGE_BODY_BYTES = 1024 * 1024
 
 
 # Each argument of an error is cut to this many bytes: Breezy's message for an
