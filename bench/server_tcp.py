@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -51,8 +52,6 @@ def small_get_figure(port: int, count: int) -> float:
 
 def bulk_get_figure(server, size: int) -> tuple[float, float]:
     """(MB/s, MiB the server's peak RSS rose) for one ``get`` of the bulk file on a new connection."""
-    import time
-
     connection, client = tcp_client(server.ports["bzr"])
     try:
         _common.small_gets(client, _common.SMALL_FILE.encode(), 1)

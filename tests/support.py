@@ -207,11 +207,22 @@ class SmartserveProcess:
 
     def rss_kib(self) -> int:
         """The server process's resident memory now, in KiB."""
+        return self._status_kib("VmRSS")
+
+    def peak_rss_kib(self) -> int:
+        """The server process's highest resident memory since it started or since ``reset_peak_rss``, in KiB."""
+        return self._status_kib("VmHWM")
+
+    def reset_peak_rss(self) -> None:
+        """Make the server process's peak resident memory its resident memory now (Linux ``clear_refs`` 5)."""
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+
+    def _status_kib(self, field: str) -> int:
         with open(f"/proc/{self.process.pid}/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
-        raise AssertionError("no VmRSS in /proc/PID/status")
+        raise AssertionError(f"no {field} in /proc/PID/status")
 
     def stop(self) -> None:
         """Stop the server and wait for it to exit."""

@@ -9,7 +9,6 @@ import queue
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -77,11 +76,6 @@ def test_kept_body_over_the_limit_is_refused_unrun_and_dropped(start_smartserve)
     assert ("put", "RequestTooLarge") in outcomes and ("put", "ok") in outcomes
 
 
-def _peak_rss_kib(server) -> int:
-    with open(f"/proc/{server.process.pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-
-
 def test_readv_range_list_past_its_own_limit_is_refused_unparsed(start_smartserve):
     """A readv whose list of ranges passes its limit gets RequestTooLarge without Breezy parsing it
     (16 MiB of tiny ranges made the server grow by some 800 MiB), and the connection serves the next readv."""
@@ -90,12 +84,12 @@ def test_readv_range_list_past_its_own_limit_is_refused_unparsed(start_smartserv
     client = RawClient.connect("127.0.0.1", server.port, timeout=60)
     try:
         assert client.call(b"readv", b"/file", body=b"0,1\n").body == b"\0"  # Breezy loaded before the baseline
-        Path(f"/proc/{server.process.pid}/clear_refs").write_text("5")  # the peak is now the current RSS
+        server.reset_peak_rss()
         baseline_kib = server.rss_kib()
         refused = client.call(b"readv", b"/file", body=b"0,1\n" * (bzr.PARSED_BODY_LIMITS[b"readv"] // 4 * 8))
         assert (refused.success, refused.args[0]) == (False, b"RequestTooLarge")
         assert b"%d bytes" % bzr.PARSED_BODY_LIMITS[b"readv"] in refused.args[1]
-        grown_kib = _peak_rss_kib(server) - baseline_kib
+        grown_kib = server.peak_rss_kib() - baseline_kib
         assert grown_kib < _GROWTH_BOUND_KIB, f"the server grew by {grown_kib} KiB"
         assert client.call(b"readv", b"/file", body=b"1,2\n300,1\n").body == b"\1\2" + bytes([300 % 256])
     finally:
@@ -111,13 +105,13 @@ def test_graph_search_past_its_own_limit_is_refused_unparsed(start_smartserve, b
     args = (b"Repository.get_parent_map", b"repo/", b"include-missing:", b"null:")
     try:
         assert client.call(*args, body=b"null:\n\n1").success  # Breezy loaded before the baseline
-        Path(f"/proc/{server.process.pid}/clear_refs").write_text("5")
+        server.reset_peak_rss()
         baseline_kib = server.rss_kib()
         limit = bzr.PARSED_BODY_LIMITS[b"Repository.get_parent_map"]
         keys = b" ".join(b"%07d" % index for index in range(limit // 8 + 1))
         refused = client.call(*args, body=keys + b"\n\n0")
         assert (refused.success, refused.args[0]) == (False, b"RequestTooLarge")
-        grown_kib = _peak_rss_kib(server) - baseline_kib
+        grown_kib = server.peak_rss_kib() - baseline_kib
         assert grown_kib < _GROWTH_BOUND_KIB, f"the server grew by {grown_kib} KiB"
         assert client.call(*args, body=b"null:\n\n1").success
     finally:
