@@ -22,7 +22,13 @@ from .control.server import Control, ControlFactory
 from .listeners import Listener, ListenerGroup
 from .metrics import ServerMetrics
 from .server.accesslog import AccessLogFile, access_logger
-from .server.backends.bzr import DEFAULT_INLINE_READ_BYTES, DEFAULT_MAX_BODY_BYTES, MAX_INLINE_READ_BYTES, BzrBackend
+from .server.backends.bzr import (
+    DEFAULT_INLINE_READ_BYTES,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_BODY_ENTRIES,
+    MAX_INLINE_READ_BYTES,
+    BzrBackend,
+)
 from .server.dispatcher import Dispatcher
 from .server.drain import DrainController, DrainState
 from .server.jail import Writable
@@ -72,6 +78,11 @@ class Options(usage.Options):
             "max-request-body", None, DEFAULT_MAX_BODY_BYTES,
             "Bytes of a request body the server keeps whole for its handler, and of one record of a push; "
             "a larger one is refused unrun.", int,
+        ],
+        [
+            "max-request-entries", None, DEFAULT_MAX_BODY_ENTRIES,
+            "Lines of a request body that lists keys (a checkout's files, a log's revisions); "
+            "a longer list is refused unrun.", int,
         ],
         ["control", None, None, "Control socket path [default: DATA/control.sock]."],
         ["takeover", None, None, "Take the listening sockets of the server on this control socket, then drain it."],
@@ -126,7 +137,11 @@ class Options(usage.Options):
                 f"--inline-read-bytes must be at most {MAX_INLINE_READ_BYTES}: "
                 "an inline read stops every connection while it runs"
             )
-        for name in ("threads", "max-unauthenticated", "max-auth-tries", "max-sessions-per-user", "max-request-body"):
+        at_least_one = (
+            "threads", "max-unauthenticated", "max-auth-tries", "max-sessions-per-user", "max-request-body",
+            "max-request-entries",
+        )
+        for name in at_least_one:
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
         if not (self["ssh"] or self["bzr"]):
@@ -371,6 +386,7 @@ def _make_service(options: Options, reactor) -> SmartserveService:
         reactor,
         inline_read_bytes=options["inline-read-bytes"],
         max_body_bytes=options["max-request-body"],
+        max_body_entries=options["max-request-entries"],
     )
     metrics = ServerMetrics()
     access_file = None if options["access-log"] == "-" else AccessLogFile(options["access-log"])

@@ -117,7 +117,8 @@ class TokenMismatch(RemoteError):
 
 
 class RequestTooLarge(RemoteError):
-    """smartserve refused the request unrun: its body was over the server's ``--max-request-body``."""
+    """smartserve refused the request unrun: its body was over the server's ``--max-request-body``, or listed
+    more keys than its ``--max-request-entries``."""
 
 
 _REMOTE_ERRORS: Mapping[bytes, Type[RemoteError]] = {

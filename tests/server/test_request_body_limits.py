@@ -118,6 +118,78 @@ def test_graph_search_past_its_own_limit_is_refused_unparsed(start_smartserve, b
         client.close()
 
 
+_FORMAT_2A = b"Bazaar repository format 2a (needs bzr 1.16 or later)\n"
+# Each verb whose body Breezy splits into lines, the arguments before its body, and one line of it.
+_LISTED_BODIES = [
+    ((b"Repository.iter_files_bytes", b"repo/"), b"file-id\0revision-id"),
+    ((b"Repository.iter_revisions", b"repo/"), b"revision-id"),
+    ((b"VersionedFileRepository.get_inventories", b"repo/", b"unordered"), b"revision-id"),
+    ((b"Repository.get_stream_for_missing_keys", b"repo/", _FORMAT_2A), b"inventories\trevision-id"),
+]
+
+
+@pytest.mark.parametrize("args, line", _LISTED_BODIES, ids=[args[0].decode() for args, _ in _LISTED_BODIES])
+def test_listed_body_of_more_entries_than_the_limit_is_refused_unparsed(start_smartserve, brz, args, line):
+    """A body Breezy splits into one entry per line is held to --max-request-entries lines: one line more gets
+    RequestTooLarge naming the limit, before Breezy sees it; exactly the limit is answered, and so is the next
+    request on the connection."""
+    server = start_smartserve(*_OPTIONS, "--max-request-entries", "100")
+    brz.run("init-shared-repo", "-q", server.data / "branches" / "repo")
+    client = RawClient.connect("127.0.0.1", server.port, timeout=60)
+    try:
+        refused = client.call(*args, body=b"\n".join([line] * 101))
+        assert (refused.success, refused.args) == (
+            False,
+            (b"RequestTooLarge", b"the request body lists more than the server's limit of 100 entries"),
+        )
+        assert client.call(*args, body=b"\n".join([line] * 100)).success
+    finally:
+        client.close()
+    verb = args[0].decode()
+    assert f"{verb} from - at 127.0.0.1:" in server.log()
+    assert "refused: the request body lists more than the server's limit of 100 entries" in server.log()
+    outcomes = [(record["verb"], record["outcome"]) for record in server.access_records()]
+    assert outcomes == [(verb, "RequestTooLarge"), (verb, "ok")]
+
+
+def test_millions_of_tiny_entries_are_refused_with_bounded_growth(start_smartserve, brz):
+    """Two million distinct file keys of a few bytes (16 MiB) would cost Breezy some 800 MiB and 40 s of a
+    worker; at the default limit they are refused with the server barely growing, and the connection goes on."""
+    server = start_smartserve(*_OPTIONS)
+    brz.run("init-shared-repo", "-q", server.data / "branches" / "repo")
+    client = RawClient.connect("127.0.0.1", server.port, timeout=60)
+    args = (b"Repository.iter_files_bytes", b"repo/")
+    try:
+        assert client.call(*args, body=b"a\0b").success  # Breezy loaded before the baseline
+        server.reset_peak_rss()
+        baseline_kib = server.rss_kib()
+        refused = client.call(*args, body=b"\n".join(b"%x\0r" % index for index in range(2 * MIB)))
+        assert (refused.success, refused.args[0]) == (False, b"RequestTooLarge")
+        assert b"limit of %d entries" % bzr.DEFAULT_MAX_BODY_ENTRIES in refused.args[1]
+        grown_kib = server.peak_rss_kib() - baseline_kib
+        assert grown_kib < _GROWTH_BOUND_KIB, f"the server grew by {grown_kib} KiB"
+        assert client.call(*args, body=b"a\0b").success
+    finally:
+        client.close()
+
+
+def test_stock_checkout_of_a_tree_over_the_entry_limit_fails_with_the_reason(start_smartserve, brz, tmp_path):
+    """A lightweight checkout asks for the whole tree's files in one request: with more files than
+    --max-request-entries, brz fails and shows the server's reason; with the limit at the tree's size it works."""
+    branch = brz.make_branch(tmp_path / "source", revisions=1, files=30)
+    for limit, works in ((29, False), (30, True)):
+        server = start_smartserve(*_OPTIONS, "--max-request-entries", str(limit), name=f"limit-{limit}")
+        brz.run("push", "-q", f"{server.url}/trunk", cwd=branch)
+        checkout = tmp_path / f"checkout-{limit}"
+        result = brz.run("checkout", "--lightweight", f"{server.url}/trunk", checkout, check=False)
+        if works:
+            assert result.returncode == 0, result.stderr
+            assert (checkout / "file29.txt").read_text() == (branch / "file29.txt").read_text()
+        else:
+            assert result.returncode != 0
+            assert f"the request body lists more than the server's limit of {limit} entries" in result.stderr
+
+
 def test_stock_client_readv_of_many_short_ranges_fits_the_limit(smartserve):
     """Breezy's client at its largest readv (5 MiB a request) of ranges of 100 bytes, the offsets in the tens of
     millions: its lists of ranges stay under their limit and every byte comes back right."""
