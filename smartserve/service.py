@@ -21,6 +21,7 @@ from .control.admin import admin_site
 from .control.server import Control, ControlFactory
 from .listeners import Listener, ListenerGroup
 from .metrics import ServerMetrics
+from .protocol import Limits
 from .server.accesslog import AccessLogFile, access_logger
 from .server.backends.bzr import (
     DEFAULT_INLINE_READ_BYTES,
@@ -394,6 +395,8 @@ def _make_service(options: Options, reactor) -> SmartserveService:
         Dispatcher(backend),
         clock=reactor,
         idle_timeout=options["idle-timeout"],
+        # A body part over the limit is refused whatever it holds: it is taken as it comes, never held whole.
+        limits=Limits(max_whole_part_size=options["max-request-body"]),
         tcp_writable=Writable.everywhere() if options["bzr-allow-writes"] else Writable.nowhere(),
         metrics=metrics,
         drain_linger=options["drain-linger"],

@@ -31,6 +31,7 @@ from .protocol import (
     Response,
     Role,
 )
+from .protocol._wire import LENGTH
 from .server.caller import Caller
 from .server.dispatcher import Dispatcher
 from .server.interfaces import IBackend, IRequestRun
@@ -249,6 +250,19 @@ class RawClient:
     def send_body_part(self, data: bytes) -> None:
         """Write one body part of the request begun with ``begin_request``."""
         self._write(self._codec.send(BodyChunk(data)))
+
+    def send_large_body_part(self, length: int, pieces: Iterable[bytes]) -> None:
+        """Write one body part of ``length`` bytes made of ``pieces``, each written as it comes: a part
+        larger than a test wants to hold, such as one over a server's limit."""
+        self._write(b"b" + LENGTH.pack(length))
+        written = 0
+        for piece in pieces:
+            written += len(piece)
+            if written > length:
+                raise ValueError(f"the pieces hold more than the {length} bytes announced")
+            self._write(piece)
+        if written != length:
+            raise ValueError(f"the pieces hold {written} bytes, not the {length} announced")
 
     def end_request(self) -> None:
         """Write the end of the request begun with ``begin_request``."""

@@ -54,6 +54,7 @@ class _Expect(enum.Enum):
     ERROR_ARGS = "error args"
     END = "end"
     NOTHING = "nothing"
+    PART_REST = "rest of a body part handed on in pieces"
 
 
 # Module-level names for the members: looking up an Enum attribute costs
@@ -66,17 +67,21 @@ _BODY = _Expect.BODY
 _ERROR_ARGS = _Expect.ERROR_ARGS
 _END_PART = _Expect.END
 _NOTHING = _Expect.NOTHING
+_PART_REST = _Expect.PART_REST
 
 
 class MessageReader:
     """Reads the messages sent by ``sender``, part by part."""
 
-    __slots__ = ("_sender", "_from_client", "_limits", "_expect", "_headers", "_success")
+    __slots__ = ("_sender", "_from_client", "_limits", "_max_whole_part", "_part_left", "_expect", "_headers", "_success")
 
     def __init__(self, sender: Role, limits: Limits):
         self._sender = sender
         self._from_client = sender is Role.CLIENT
         self._limits = limits
+        whole = limits.max_whole_part_size
+        self._max_whole_part = limits.max_body_part_size if whole is None else min(whole, limits.max_body_part_size)
+        self._part_left = 0  # bytes of a part handed on in pieces still to come
         self._expect = _MARKER
         self._headers: dict = {}
         self._success = True
@@ -89,6 +94,7 @@ class MessageReader:
     def reset(self) -> None:
         """Get ready for the next message."""
         self._expect = _MARKER
+        self._part_left = 0
 
     def read(self, buf: ReceiveBuffer) -> Optional[Event]:
         """Consume parts from ``buf`` until one makes an event.
@@ -101,6 +107,8 @@ class MessageReader:
         expect = self._expect
         if expect is _BODY:
             return self._read_body_part(buf)
+        if expect is _PART_REST:
+            return self._read_part_piece(buf)
         if expect is _MARKER:
             event = self._read_opening_in_place(buf)
             if event is not None:
@@ -181,7 +189,7 @@ class MessageReader:
         event, pos = opening
         events = [event]
         size = len(data)
-        max_part = self._limits.max_body_part_size
+        max_part = self._max_whole_part
         while pos < size:
             kind = data[pos]
             if kind == PART_END:
@@ -340,7 +348,7 @@ class MessageReader:
             if kind == PART_BYTES and pos + 5 <= len(data):
                 (length,) = _unpack_length(data, pos + 1)
                 end = pos + 5 + length
-                if end <= len(data) and length <= self._limits.max_body_part_size:
+                if end <= len(data) and length <= self._max_whole_part:
                     buf.consume(end - pos)
                     return BodyChunk(data[pos + 5 : end])
             elif kind == PART_END:
@@ -351,6 +359,13 @@ class MessageReader:
             return None
         kind = buf.byte_at(0)
         if kind == PART_BYTES:
+            if len(buf) >= 5:
+                length = buf.length_at(1)
+                if self._max_whole_part < length <= self._limits.max_body_part_size:
+                    buf.consume(5)
+                    self._part_left = length
+                    self._expect = _PART_REST
+                    return self._read_part_piece(buf)
             data = self._take_length_prefixed(buf, 1, self._limits.max_body_part_size, "body part")
             if data is None:
                 return None
@@ -366,6 +381,16 @@ class MessageReader:
             self._expect = _END_PART if status else _ERROR_ARGS
             return self.read(buf)
         raise RemoteProtocolError(f"bad message part kind {bytes([kind])!r}")
+
+    def _read_part_piece(self, buf: ReceiveBuffer) -> Optional[Event]:
+        """The received bytes of a part larger than ``max_whole_part_size``, as one ``BodyChunk``; None if none."""
+        if not buf:
+            return None
+        piece = buf.take(min(len(buf), self._part_left))
+        self._part_left -= len(piece)
+        if not self._part_left:
+            self._expect = _BODY
+        return BodyChunk(piece)
 
 
 def _as_args(value, what: str) -> tuple:

@@ -8,17 +8,19 @@ from smartserve.protocol import (
     MESSAGE_MARKER,
     NEED_DATA,
     PAUSED,
+    BodyChunk,
     Connection,
     EndOfMessage,
     LimitExceeded,
     Limits,
     RemoteProtocolError,
+    Request,
     Response,
     Role,
 )
 from smartserve.protocol._wire import LENGTH
 
-from .helpers import HELLO, breezy_read_response, prefixed, receive_all, receiver, send_all
+from .helpers import HELLO, breezy_read_response, prefixed, receive_all, receiver, send_all, sender
 
 SMALL = Limits(max_headers_size=10, max_structure_size=20, max_body_part_size=30)
 REQUEST_HEAD = MESSAGE_MARKER + prefixed(b"de") + b"s" + prefixed(b"l3:gete")
@@ -122,3 +124,56 @@ def test_bytes_sent_ahead_of_the_answer_over_the_limit_are_refused():
     assert expected in error.value.error_tuple[1]
     with pytest.raises(RemoteProtocolError):
         server.next_event()
+
+
+WHOLE_TEN = Limits(max_body_part_size=30, max_whole_part_size=10)
+
+
+@pytest.mark.parametrize("role", [Role.CLIENT, Role.SERVER])
+def test_part_over_the_whole_limit_is_handed_on_as_its_bytes_arrive(role):
+    """With max_whole_part_size, a larger part is handed on in pieces as it comes, never held whole; a part within
+    it still arrives as one BodyChunk, and the message goes on as usual after."""
+    part = bytes(range(25))
+    small = b"0123456789"
+    wire = send_all(sender(role), [opening(role), BodyChunk(part), BodyChunk(small), EndOfMessage()])
+    conn = receiver(role, limits=WHOLE_TEN)
+    events = receive_all(conn, wire[: wire.index(part)])
+    assert [type(event) for event in events] == [type(opening(role))]
+    pieces = []
+    for start in range(0, len(part), 7):
+        received = receive_all(conn, part[start : start + 7])
+        assert received == [BodyChunk(part[start : start + 7])]
+        assert conn.trailing_data == b""
+        pieces.append(received[0].data)
+    assert b"".join(pieces) == part
+    assert receive_all(conn, wire[wire.index(part) + len(part) :]) == [BodyChunk(small), EndOfMessage()]
+
+
+def test_part_over_the_whole_limit_in_one_read_is_one_piece_and_a_whole_message_still_parses():
+    """A message holding a large part, received at once, gives the part as one piece (the bytes that are there)
+    through the part-by-part path; and a part over max_body_part_size is still refused."""
+    part = b"x" * 25
+    wire = send_all(sender(Role.CLIENT), [opening(Role.CLIENT), BodyChunk(part), EndOfMessage()])
+    conn = receiver(Role.CLIENT, limits=WHOLE_TEN)
+    conn.receive_data(wire)
+    assert conn.next_message() is None
+    assert receive_all(conn)[1:] == [BodyChunk(part), EndOfMessage()]
+    conn = receiver(Role.CLIENT, limits=WHOLE_TEN)
+    receive_all(conn, REQUEST_HEAD + b"b")
+    conn.receive_data(LENGTH.pack(WHOLE_TEN.max_body_part_size + 1))
+    with pytest.raises(LimitExceeded):
+        conn.next_event()
+
+
+def test_connection_closed_in_a_part_handed_on_in_pieces_is_an_error():
+    """An EOF inside a part handed on in pieces is the end of the connection in the middle of a message."""
+    conn = receiver(Role.CLIENT, limits=WHOLE_TEN)
+    receive_all(conn, REQUEST_HEAD + b"b" + LENGTH.pack(20) + b"y" * 5)
+    conn.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="middle of a message"):
+        conn.next_event()
+
+
+def opening(role: Role):
+    """A request or response opening from ``role``."""
+    return Request((b"put", b"/file", b"")) if role is Role.CLIENT else Response((b"ok",))

@@ -95,6 +95,35 @@ def test_any_split_decodes_the_same(message, data):
     assert got == events
 
 
+def _parts_joined(events) -> list:
+    """``events`` with each run of BodyChunks as one BodyChunk of their bytes (an empty run as none)."""
+    joined: list = []
+    for event in events:
+        if type(event) is BodyChunk and joined and type(joined[-1]) is BodyChunk:
+            joined[-1] = BodyChunk(joined[-1].data + event.data)
+        elif type(event) is not BodyChunk or event.data:
+            joined.append(event)
+    return joined
+
+
+@SETTINGS
+@given(messages(), st.data(), st.integers(0, 40))
+def test_large_parts_in_pieces_carry_the_same_bytes(message, data, whole):
+    """With max_whole_part_size, however the bytes are split: the same events but for how body bytes are cut,
+    and a part larger than the limit handed on as its bytes come (no piece bigger than the bytes just received)."""
+    role, events = message
+    wire = send_all(sender(role), events)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=8)))
+    pieces = [wire[start:end] for start, end in zip([0, *cuts], [*cuts, len(wire)])]
+    conn = receiver(role, limits=Limits(max_whole_part_size=whole))
+    got = []
+    for piece in pieces:
+        received = receive_all(conn, piece)
+        assert all(len(event.data) <= max(whole, len(piece)) for event in received if type(event) is BodyChunk)
+        got += received
+    assert _parts_joined(got) == _parts_joined(events)
+
+
 @settings(max_examples=40, deadline=None)
 @given(messages())
 def test_one_byte_at_a_time_decodes_the_same(message):

@@ -76,6 +76,33 @@ def test_kept_body_over_the_limit_is_refused_unrun_and_dropped(start_smartserve)
     assert ("put", "RequestTooLarge") in outcomes and ("put", "ok") in outcomes
 
 
+def test_body_part_over_the_limit_is_refused_without_being_held_whole(start_smartserve):
+    """One body part of 160 MiB to a server whose --max-request-body is 1 MiB is taken as it comes and dropped
+    past the limit, never held whole: RequestTooLarge, bounded growth, nothing written, the connection goes on."""
+    server = start_smartserve(*_OPTIONS, "--max-request-body", str(MIB))
+    RawClient.connect("127.0.0.1", server.port).call(b"hello")  # Breezy loaded before the baseline
+    upload = _Upload(server, [b"put", b"/big", b""])
+    piece = os.urandom(MIB)
+
+    def pieces():
+        for index in range(160):
+            if index % 8 == 0:
+                upload.peak_kib = max(upload.peak_kib, server.rss_kib())
+            yield piece
+
+    upload.client.send_large_body_part(160 * MIB, pieces())
+    client = upload.finish()
+    try:
+        refused = client.read_reply()
+        assert (refused.success, refused.args[0]) == (False, b"RequestTooLarge")
+        assert upload.growth_kib < _GROWTH_BOUND_KIB, f"the server grew by {upload.growth_kib} KiB"
+        assert client.call(b"put", b"/small", b"", body=b"x" * MIB).args == (b"ok",)
+    finally:
+        client.close()
+    assert not (server.data / "branches" / "big").exists()
+    assert (server.data / "branches" / "small").read_bytes() == b"x" * MIB
+
+
 def test_readv_range_list_past_its_own_limit_is_refused_unparsed(start_smartserve):
     """A readv whose list of ranges passes its limit gets RequestTooLarge without Breezy parsing it
     (16 MiB of tiny ranges made the server grow by some 800 MiB), and the connection serves the next readv."""
