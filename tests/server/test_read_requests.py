@@ -9,7 +9,8 @@ from breezy.bzr.smart import request
 from breezy.transport import get_transport
 
 from smartserve.server.backends import _large_reads
-from smartserve.server.backends._large_reads import COMMANDS, LARGE_READ_BYTES
+from smartserve.server.backends._commands import COMMANDS
+from smartserve.server.backends._large_reads import LARGE_READ_BYTES
 
 LARGE = LARGE_READ_BYTES + 12345
 LARGER = 4 * LARGE_READ_BYTES

@@ -13,7 +13,7 @@ from breezy.bzr.smart import request
 from breezy.transport import get_transport
 
 from smartserve.server.backends import _large_reads
-from smartserve.server.backends._large_reads import COMMANDS
+from smartserve.server.backends._commands import COMMANDS
 from smartserve.testing import RawClient
 
 pytestmark = pytest.mark.timeout(180)

@@ -178,20 +178,3 @@ class _Ranges:
 
     def close(self) -> None:
         self._file.close()
-
-
-class Commands:
-    """Breezy's request registry, with the requests above in place of Breezy's own."""
-
-    _OVERRIDES = {
-        b"get": StreamedGetRequest,
-        b"readv": StreamedReadvRequest,
-        b"Repository.tarball": StreamedTarballRequest,
-    }
-
-    def get(self, verb: bytes):
-        override = self._OVERRIDES.get(verb)
-        return override if override is not None else request.request_handlers.get(verb)
-
-
-COMMANDS = Commands()

@@ -18,7 +18,9 @@ branches live on a network file system, where a read may take long, set
 A ``get`` or ``readv`` of more than 1 MiB is read from the file as the
 connection takes it (``_large_reads``) rather than whole, as Breezy's own
 requests do, so a file of gigabytes costs the server what a response
-stream costs.
+stream costs. ``Repository.tarball`` and ``Repository.pack``, which
+Breezy's own server fails or ignores, work (``_large_reads``,
+``_repairs``); ``_commands`` puts these requests in place of Breezy's.
 
 Request bodies are bounded too. Breezy's handlers keep a body whole until
 its end, except the insert_stream family, whose inserter thread takes the
@@ -318,7 +320,7 @@ class _BzrRequestRun:
             if self._inline:  # a small read by construction: Breezy's own classes answer it fastest
                 commands = request.request_handlers
             else:
-                from ._large_reads import COMMANDS as commands
+                from ._commands import COMMANDS as commands
             handler = self._handler = request.SmartServerRequestHandler(
                 self._transport, commands=commands, root_client_path="/"
             )

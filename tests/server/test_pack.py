@@ -1,0 +1,63 @@
+"""``Repository.pack`` packs over the smart protocol (Breezy's own server request packs nothing, and says ok)."""
+
+from __future__ import annotations
+
+import pytest
+from breezy import repository
+
+from smartserve.testing import RawClient
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _packs(branch) -> list:
+    return sorted(path.name for path in (branch / ".bzr" / "repository" / "packs").iterdir())
+
+
+@pytest.fixture
+def served_branch(smartserve, brz):
+    """A served standalone branch of five commits, which leave five packs."""
+    branch = smartserve.data / "branches" / "project"
+    brz.run("init", "-q", branch)
+    for number in range(5):
+        (branch / f"file{number}").write_text(f"content {number}\n")
+        brz.run("add", "-q", cwd=branch)
+        brz.run("commit", "-q", "-m", f"commit {number}", cwd=branch)
+    assert len(_packs(branch)) == 5
+    return branch
+
+
+def test_stock_pack_over_bzr_packs_the_repository(smartserve, brz, served_branch):
+    """``brz pack bzr://...`` leaves one pack, the history whole and ``brz check`` clean."""
+    brz.run("pack", f"{smartserve.url}/project")
+    assert len(_packs(served_branch)) == 1
+    assert brz.run("revno", f"{smartserve.url}/project").stdout.strip() == "5"
+    brz.run("check", served_branch)
+    outcomes = [(record["verb"], record["outcome"]) for record in smartserve.access_records()]
+    assert ("Repository.pack", "ok") in outcomes
+
+
+def test_pack_with_a_hint_packs_only_the_packs_it_names(smartserve, brz, served_branch):
+    """A client's hint (pack names) is followed: the two packs it names become one, the other three stay."""
+    before = _packs(served_branch)
+    named = [name[: -len(".pack")] for name in before[:2]]
+    remote = repository.Repository.open(f"{smartserve.url}/project")
+    with remote.lock_write():
+        remote.pack(hint=named)
+    after = _packs(served_branch)
+    assert len(after) == 4
+    assert set(before[2:]) <= set(after)
+    assert not set(before[:2]) & set(after)
+    brz.run("check", served_branch)
+
+
+def test_pack_body_that_is_not_ascii_is_answered_with_an_error(smartserve, served_branch):
+    """Pack names are ASCII: a body that is not gets an error reply, nothing is packed, the connection goes on."""
+    client = RawClient.connect("127.0.0.1", smartserve.port)
+    try:
+        reply = client.call(b"Repository.pack", b"project/", b"", b"False", body=b"\xff\n")
+        assert (reply.success, reply.args) == (False, (b"error", b"ValueError", b"pack names must be ASCII"))
+        assert client.call(b"hello").args[0] == b"ok"
+    finally:
+        client.close()
+    assert len(_packs(served_branch)) == 5
