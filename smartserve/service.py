@@ -69,6 +69,11 @@ class Options(usage.Options):
             "bzr-max-connections", None, 500,
             "bzr:// connections open at once; more are closed as soon as they are made (0: no limit).", int,
         ],
+        [
+            "bzr-max-connections-per-address", None, 0,
+            "bzr:// connections open at once from one client address, the one a PROXY header gives behind "
+            "haproxy; more are turned away (0: no limit of its own).", int,
+        ],
         ["idle-timeout", None, 300.0, "Seconds a connection may sit idle before it is closed (0: never).", float],
         ["threads", None, 16, "Worker threads that run requests.", int],
         [
@@ -126,7 +131,8 @@ class Options(usage.Options):
             self["ssh"] = None
         non_negative = (
             "idle-timeout", "drain-timeout", "drain-grace", "drain-linger", "drain-spread", "login-grace-time",
-            "inline-read-bytes", "bzr-max-connections", "max-unauthenticated-per-address",
+            "inline-read-bytes", "bzr-max-connections", "bzr-max-connections-per-address",
+            "max-unauthenticated-per-address",
         )
         for name in non_negative:
             if not math.isfinite(self[name]):
@@ -403,6 +409,7 @@ def _make_service(options: Options, reactor) -> SmartserveService:
         drain_spread=options["drain-spread"],
         access_log=access_logger(access_file),
         max_bzr_connections=options["bzr-max-connections"],
+        max_bzr_connections_per_address=options["bzr-max-connections-per-address"],
     )
     controller = DrainController(reactor, grace=options["drain-grace"], default_timeout=options["drain-timeout"])
     metrics.watch_connections("smart", smart_factory)

@@ -76,6 +76,7 @@ def test_server_started_with_a_low_open_file_limit_raises_it(start_smartserve):
     [
         (["--max-auth-tries", "0"], "--max-auth-tries must be at least 1"),
         (["--max-unauthenticated-per-address", "-1"], "--max-unauthenticated-per-address must be 0 or more"),
+        (["--bzr-max-connections-per-address", "-1"], "--bzr-max-connections-per-address must be 0 or more"),
         (["--threads", "0"], "--threads must be at least 1"),
         (["--max-request-body", "0"], "--max-request-body must be at least 1"),
         (["--max-request-entries", "0"], "--max-request-entries must be at least 1"),

@@ -50,6 +50,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -174,6 +175,8 @@ class SmartServerProtocol(Protocol):
         self._handling_events = False
         self._handle_again = False
         self._socket = None
+        self._admission_due = False  # a bzr:// connection counted per address at its first bytes
+        self.counted_host: Optional[str] = None  # the address it is counted under, once admitted
 
     # Twisted callbacks.
 
@@ -185,6 +188,11 @@ class SmartServerProtocol(Protocol):
         self._socket = direct_socket(self.transport)
         self._peer_from_transport = not self.caller.peer
         self._update_peer()
+        if self.caller.user is None and self.factory.max_bzr_connections_per_address:
+            if isinstance(self.transport, ProtocolWrapper):
+                self._admission_due = True  # a PROXY header may yet name the client, ahead of its first bytes
+            elif not self._admit():
+                return
         self.transport.registerProducer(self, True)
         self.factory.connection_made(self)
         self._idle_since = self.factory.clock.seconds()
@@ -195,6 +203,11 @@ class SmartServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
+        if self._admission_due:
+            self._admission_due = False
+            self._update_peer()
+            if not self._admit():
+                return
         self._bytes_received += len(data)
         self._restart_idle_timer()
         try:
@@ -246,6 +259,7 @@ class SmartServerProtocol(Protocol):
             current.record.emit(self.factory.clock.seconds(), self.factory.access_log)
             self.factory.request_aborted(self, current.record)
         self.phase = Phase.CLOSED
+        self.factory.turned_away.discard(self)
         self.factory.connection_lost(self)
 
     # IPushProducer: the transport tells us when its buffer is full.
@@ -609,6 +623,32 @@ class SmartServerProtocol(Protocol):
 
     # Closing.
 
+    def _admit(self) -> bool:
+        """Count this bzr:// connection under its client's address; past the address's limit, turn it away.
+
+        A connection turned away is answered ``TooManyConnections`` before
+        anything it sent is read, as one over ``--bzr-max-connections`` is,
+        so its client knows nothing ran.
+        """
+        host = getattr(self.transport.getPeer(), "host", None)
+        if host is None:
+            return True  # not an address of a host (a UNIX socket): no limit per address
+        refusal = self.factory.admit_bzr_host(host)
+        if refusal is None:
+            self.counted_host = host
+            return True
+        self._closing = True
+        self._cancel_idle_timer()
+        turned_away = self.factory.turned_away
+        if len(turned_away) >= MAX_TURNED_AWAY:
+            self.transport.loseConnection()
+            return False
+        turned_away.add(self)
+        self._final_close = _answer_unread_and_close(
+            self.transport, (TOO_MANY_CONNECTIONS, refusal.encode()), self.factory.clock
+        )
+        return False
+
     def _protocol_error(self, exc: ProtocolError) -> None:
         self._update_peer()  # the PROXY header came, but perhaps no request yet
         log.warn(
@@ -806,6 +846,7 @@ class SmartServerFactory(QuietFactory):
         drain_spread: float = 0.0,
         access_log=DEFAULT_ACCESS_LOG,
         max_bzr_connections: int = 0,
+        max_bzr_connections_per_address: int = 0,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
@@ -821,8 +862,11 @@ class SmartServerFactory(QuietFactory):
         self.tcp_writable = tcp_writable
         self.connections = OpenConnections()
         self.max_bzr_connections = max_bzr_connections
+        self.max_bzr_connections_per_address = max_bzr_connections_per_address
+        self._bzr_by_host: collections.Counter = collections.Counter()
+        self._refusing_hosts: set = set()  # addresses whose connections are being turned away
         self._bzr_connections: set = set()
-        self.turned_away: set = set()  # TurnedAway connections still lingering
+        self.turned_away: set = set()  # connections turned away (over a limit) still lingering
         self.refused_bzr_connections = 0
         self._refused_in_a_row = 0  # since the last bzr:// connection accepted
         self.requests_by_class: collections.Counter = collections.Counter()
@@ -879,6 +923,38 @@ class SmartServerFactory(QuietFactory):
         """Called by a protocol once its connection is gone."""
         self.connections.discard(protocol)
         self._bzr_connections.discard(protocol)
+        host = protocol.counted_host
+        if host is not None:
+            protocol.counted_host = None
+            self._bzr_by_host[host] -= 1
+            if not self._bzr_by_host[host]:
+                del self._bzr_by_host[host]
+
+    def admit_bzr_host(self, host: str) -> Optional[str]:
+        """Count one more bzr:// connection from ``host``, or return why it is refused.
+
+        ``host`` may have ``max_bzr_connections_per_address`` open at once.
+        The log says when an address starts being refused and when it is
+        accepted again, not a line per connection; ``refused_bzr_connections``
+        counts every refusal.
+        """
+        count = self._bzr_by_host[host]
+        if count >= self.max_bzr_connections_per_address:
+            self.refused_bzr_connections += 1
+            if host not in self._refusing_hosts:
+                self._refusing_hosts.add(host)
+                log.warn(
+                    "refusing bzr:// connections from {host}: {count} open from there, the limit "
+                    "(--bzr-max-connections-per-address)",
+                    host=host,
+                    count=count,
+                )
+            return f"the server has {count} bzr:// connections open from your address, its limit; try again later"
+        if host in self._refusing_hosts:
+            self._refusing_hosts.discard(host)
+            log.info("accepting bzr:// connections from {host} again", host=host)
+        self._bzr_by_host[host] = count + 1
+        return None
 
     def request_finished(self, protocol: SmartServerProtocol, record: RequestRecord) -> None:
         """Called after each request's last response byte was written."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest_twisted
@@ -96,3 +97,61 @@ def _served_connection(server):
         return client
     client.close()
     return None
+
+
+def _connect_from(server, source: str) -> RawClient:
+    """A raw bzr:// client whose connection comes from ``source``, one of the loopback addresses."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10, source_address=(source, 0))
+    return RawClient(sock)
+
+
+def test_one_address_past_its_limit_is_turned_away_and_another_is_served(start_smartserve):
+    """With --bzr-max-connections-per-address 2, a third connection from 127.0.0.1 is told TooManyConnections and
+    its append never runs, while one from 127.0.0.2 is served; the log names the address."""
+    server = start_smartserve(*_OPTIONS, "--bzr-max-connections-per-address", "2")
+    held = [_connect_from(server, "127.0.0.1") for _ in range(2)]
+    try:
+        for client in held:
+            assert client.call(b"hello").args == (b"ok", b"2")
+        third = _connect_from(server, "127.0.0.1")
+        third.send_request([b"append", b"/journal", b""], body=b"never run\n")
+        refused = third.read_reply()
+        assert (refused.success, refused.args[0]) == (False, b"TooManyConnections")
+        assert b"open from your address" in refused.args[1]
+        third.close()
+        other = _connect_from(server, "127.0.0.2")
+        assert other.call(b"append", b"/journal", b"", body=b"served\n").args[0] == b"appended"
+        other.close()
+    finally:
+        for client in held:
+            client.close()
+    assert (_served_root(server) / "journal").read_bytes() == b"served\n"
+    assert "refusing bzr:// connections from 127.0.0.1: 2 open from there" in server.log()
+    wait_for(lambda: _hello_on_a_new_connection(server) == (b"ok", b"2"), 10, "127.0.0.1 to be served again")
+
+
+def _via_proxy(server, client_address: str) -> RawClient:
+    """A raw client on a new connection that starts with a PROXY header naming ``client_address``, as haproxy sends."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(b"PROXY TCP4 %s 127.0.0.1 40000 4155\r\n" % client_address.encode())
+    return RawClient(sock)
+
+
+def test_behind_haproxy_the_limit_counts_the_address_the_proxy_names(start_smartserve):
+    """On a haproxy: endpoint every connection comes from the proxy's address; the limit counts the client address
+    its PROXY header names instead."""
+    server = start_smartserve(
+        "--bzr", "haproxy:tcp:0:interface=127.0.0.1", "--ssh", "none", "--bzr-max-connections-per-address", "1"
+    )
+    first = _via_proxy(server, "192.0.2.1")
+    second = _via_proxy(server, "192.0.2.2")
+    third = _via_proxy(server, "192.0.2.1")
+    try:
+        assert first.call(b"hello").args == (b"ok", b"2")
+        assert second.call(b"hello").args == (b"ok", b"2")
+        refused = third.call(b"hello")
+        assert (refused.success, refused.args[0]) == (False, b"TooManyConnections")
+    finally:
+        for client in (first, second, third):
+            client.close()
+    assert "refusing bzr:// connections from 192.0.2.1" in server.log()

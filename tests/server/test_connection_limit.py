@@ -121,3 +121,59 @@ def test_refusals_are_logged_when_they_start_and_stop_and_counted():
     assert lines[2].startswith("refusing bzr:// connections: 1 open")
     assert factory.refused_bzr_connections == 6
     assert metrics.registry.get_sample_value("smartserve_bzr_refused_connections_total") == 6
+
+
+def _per_address_factory(limit: int) -> SmartServerFactory:
+    return SmartServerFactory(Dispatcher(MemoryBackend({})), clock=Clock(), max_bzr_connections_per_address=limit)
+
+
+def _connect_from(factory, host: str, port: int):
+    """A bzr:// connection whose peer is ``host``."""
+    transport = _HalfClosingTransport(peerAddress=IPv4Address("TCP", host, port))
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_connections_from_one_address_past_its_limit_are_turned_away_and_others_served():
+    """Two connections from one address are served, its third is told TooManyConnections before anything it sent
+    runs, another address is served meanwhile, and the address gets a slot again once one of its two closes."""
+    factory = _per_address_factory(2)
+    with logged_events(lambda event: "bzr:// connections from" in event.get("log_format", "")) as events:
+        first, _ = _connect_from(factory, "10.0.0.1", 40001)
+        _connect_from(factory, "10.0.0.1", 40002)
+        refused, refused_transport = _connect_from(factory, "10.0.0.1", 40003)
+        refused.dataReceived(encode_request([b"append", b"/journal", b""], b"never run"))
+        assert response_args(refused_transport.value()) == [
+            (b"TooManyConnections", b"the server has 2 bzr:// connections open from your address, its limit; "
+             b"try again later")
+        ]
+        assert refused_transport.write_closed
+        factory.clock.advance(CLOSE_LINGER)
+        assert refused_transport.disconnecting
+        refused.connectionLost(None)
+        other, other_transport = _connect_from(factory, "10.0.0.2", 40004)
+        other.dataReceived(encode_request([b"hello"]))
+        assert response_args(other_transport.value()) == [(b"ok", b"2")]
+        first.connectionLost(None)
+        again, again_transport = _connect_from(factory, "10.0.0.1", 40005)
+        again.dataReceived(encode_request([b"hello"]))
+        assert response_args(again_transport.value()) == [(b"ok", b"2")]
+    assert factory.refused_bzr_connections == 1
+    assert factory.open_connections == 3
+    lines = [formatEvent(event) for event in events]
+    assert lines == [
+        "refusing bzr:// connections from 10.0.0.1: 2 open from there, the limit (--bzr-max-connections-per-address)",
+        "accepting bzr:// connections from 10.0.0.1 again",
+    ]
+
+
+def test_ssh_sessions_and_no_limit_are_not_counted_per_address():
+    factory = _per_address_factory(1)
+    session = factory.build_protocol(Caller("alice", "10.0.0.1:50000", Writable.everywhere()))
+    session.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 50000)))
+    protocol, transport = _connect_from(factory, "10.0.0.1", 40001)
+    assert not transport.disconnecting and protocol.counted_host == "10.0.0.1"
+    unlimited = _per_address_factory(0)
+    assert all(not _connect_from(unlimited, "10.0.0.1", 41000 + index)[1].value() for index in range(5))
+    assert unlimited.open_connections == 5
