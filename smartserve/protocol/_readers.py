@@ -73,7 +73,9 @@ _PART_REST = _Expect.PART_REST
 class MessageReader:
     """Reads the messages sent by ``sender``, part by part."""
 
-    __slots__ = ("_sender", "_from_client", "_limits", "_max_whole_part", "_part_left", "_expect", "_headers", "_success")
+    __slots__ = (
+        "_sender", "_from_client", "_limits", "_max_whole_part", "_part_left", "_expect", "_headers", "_success"
+    )
 
     def __init__(self, sender: Role, limits: Limits):
         self._sender = sender

@@ -6,6 +6,7 @@ import pytest
 from breezy import repository
 
 from smartserve.testing import RawClient
+from support import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,8 +34,11 @@ def test_stock_pack_over_bzr_packs_the_repository(smartserve, brz, served_branch
     assert len(_packs(served_branch)) == 1
     assert brz.run("revno", f"{smartserve.url}/project").stdout.strip() == "5"
     brz.run("check", served_branch)
-    outcomes = [(record["verb"], record["outcome"]) for record in smartserve.access_records()]
-    assert ("Repository.pack", "ok") in outcomes
+    wait_for(
+        lambda: ("Repository.pack", "ok") in [(line["verb"], line["outcome"]) for line in smartserve.access_records()],
+        10,
+        "the access line of Repository.pack",
+    )
 
 
 def test_pack_with_a_hint_packs_only_the_packs_it_names(smartserve, brz, served_branch):

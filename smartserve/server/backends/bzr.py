@@ -28,8 +28,9 @@ body through a queue as it comes: a kept body may grow to
 ``max_body_bytes`` and is then refused with ``RequestTooLarge`` before the
 request runs (a body Breezy parses into many times its size, such as a
 ``readv``'s list of ranges, already at its ``PARSED_BODY_LIMITS``, and a
-list of keys at ``max_body_entries`` lines). A push's body reaches the inserter as whole records
-(``_container.RecordRegrouper``), each at most ``max_body_bytes``, and a
+list of keys at ``max_body_entries`` lines). A push's body reaches the
+inserter as whole records (``_container.RecordRegrouper``), each at most
+``max_body_bytes``, and a
 step feeding an inserter waits until the thread has taken all but
 ``STREAM_AHEAD_BYTES``, so a client that sends faster than the repository
 takes its push is slowed down rather than buffered. An error's arguments
@@ -256,6 +257,7 @@ class _BzrRequestRun:
         self._aborted = False
         self._body_bytes = 0  # of a body the handler keeps whole
         self._body_newlines = 0  # of a body Breezy splits into lines (LISTED_BODY_VERBS)
+        self._body_ends_line = True  # whether what came of that body so far ends with a newline
         self._regrouper: Optional[RecordRegrouper] = None  # of a push's body
         self._turn = threading.Lock()
 
@@ -335,11 +337,14 @@ class _BzrRequestRun:
                 self._body_bytes += len(chunk)
                 if self._body_bytes > limit:
                     return self._body_too_large()
-                if entry_limit is not None:
+                if entry_limit is not None and chunk:
                     self._body_newlines += chunk.count(b"\n")
-                    if self._body_newlines >= entry_limit:  # at least entry_limit + 1 lines
+                    self._body_ends_line = chunk.endswith(b"\n")
+                    if self._body_newlines > entry_limit:
                         return self._too_many_entries(entry_limit)
                 handler.accept_body(chunk)
+            if finished and entry_limit is not None and self._body_lines() > entry_limit:
+                return self._too_many_entries(entry_limit)
         else:
             if self._regrouper is None:
                 self._regrouper = RecordRegrouper(self._backend.max_body_bytes)
@@ -367,6 +372,10 @@ class _BzrRequestRun:
         """Refuse the request: its body is over the limit. The handler and the parts it kept are dropped unrun."""
         message = b"the request body is over the server's limit of %d bytes" % self._backend.body_limit(self._args[0])
         return self._refuse((REQUEST_TOO_LARGE, message))
+
+    def _body_lines(self) -> int:
+        """Lines of the body received, the last one counted whether or not a newline ends it."""
+        return self._body_newlines + (0 if self._body_ends_line else 1)
 
     def _too_many_entries(self, entry_limit: int) -> Reply:
         """Refuse the request: its body lists more entries than Breezy may split it into. Nothing of it is kept."""
