@@ -22,20 +22,19 @@ stream costs. ``Repository.tarball`` and ``Repository.pack``, which
 Breezy's own server fails or ignores, work (``_large_reads``,
 ``_repairs``); ``_commands`` puts these requests in place of Breezy's.
 
-Request bodies are bounded too. Breezy's handlers keep a body whole until
-its end, except the insert_stream family, whose inserter thread takes the
-body through a queue as it comes: a kept body may grow to
-``max_body_bytes`` and is then refused with ``RequestTooLarge`` before the
-request runs (a body Breezy parses into many times its size, such as a
-``readv``'s list of ranges, already at its ``PARSED_BODY_LIMITS``, and a
-list of keys at ``max_body_entries`` lines). A push's body reaches the
+Request bodies are bounded too. Breezy's handlers keep a body whole
+until its end, except the insert_stream family, whose inserter thread
+takes the body through a queue as it comes: a kept body may grow to
+``max_body_bytes`` and is then refused with ``RequestTooLarge`` before
+the request runs (a body Breezy parses into many times its size, such as
+a ``readv``'s list of ranges, already at its ``PARSED_BODY_LIMITS``, and
+a list of keys at ``max_body_entries`` lines). A push's body reaches the
 inserter as whole records (``_container.RecordRegrouper``), each at most
-``max_body_bytes``, and a
-step feeding an inserter waits until the thread has taken all but
-``STREAM_AHEAD_BYTES``, so a client that sends faster than the repository
-takes its push is slowed down rather than buffered. An error's arguments
-are cut to ``MAX_ERROR_ARGUMENT_BYTES``: Breezy's message for an unexpected
-exception may quote a whole record.
+``max_body_bytes``, and a step feeding an inserter waits until the
+thread has taken all but ``STREAM_AHEAD_BYTES``, so a client that sends
+faster than the repository takes its push is slowed down rather than
+buffered. An error's arguments are cut to ``MAX_ERROR_ARGUMENT_BYTES``:
+Breezy's message for an unexpected exception may quote a whole record.
 """
 
 from __future__ import annotations
