@@ -65,3 +65,18 @@ def test_pack_body_that_is_not_ascii_is_answered_with_an_error(smartserve, serve
     finally:
         client.close()
     assert len(_packs(served_branch)) == 5
+
+
+def test_read_only_caller_cannot_pack(start_smartserve, brz, tmp_path):
+    """Packing writes: over read-only bzr:// ``brz pack`` fails as for any write, and every pack stays."""
+    server = start_smartserve("--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none")
+    branch = server.data / "branches" / "project"
+    brz.run("init", "-q", branch)
+    for number in range(2):
+        (branch / f"file{number}").write_text(f"content {number}\n")
+        brz.run("add", "-q", cwd=branch)
+        brz.run("commit", "-q", "-m", f"commit {number}", cwd=branch)
+    refused = brz.run("pack", f"{server.url}/project", check=False)
+    assert refused.returncode != 0
+    assert "read-only" in refused.stderr.lower() or "readonly" in refused.stderr.lower(), refused.stderr
+    assert len(_packs(branch)) == 2
