@@ -31,7 +31,7 @@ from .protocol import (
     Response,
     Role,
 )
-from .protocol._wire import LENGTH
+from .protocol._wire import LENGTH, PART_BYTES
 from .server.caller import Caller
 from .server.dispatcher import Dispatcher
 from .server.interfaces import IBackend, IRequestRun
@@ -254,7 +254,7 @@ class RawClient:
     def send_large_body_part(self, length: int, pieces: Iterable[bytes]) -> None:
         """Write one body part of ``length`` bytes made of ``pieces``, each written as it comes: a part
         larger than a test wants to hold, such as one over a server's limit."""
-        self._write(b"b" + LENGTH.pack(length))
+        self._write(bytes((PART_BYTES,)) + LENGTH.pack(length))
         written = 0
         for piece in pieces:
             written += len(piece)

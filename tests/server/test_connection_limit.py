@@ -36,9 +36,10 @@ class _HalfClosingTransport(StringTransport):
         self.write_closed = True
 
 
-def _connect_bzr(factory: SmartServerFactory, port: int, transport=None):
-    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", port))
-    transport = transport or _HalfClosingTransport()
+def _connect_bzr(factory: SmartServerFactory, port: int, transport=None, host: str = "127.0.0.1"):
+    """A bzr:// connection from ``host``:``port``, on ``transport`` or a new one with that peer."""
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    transport = transport or _HalfClosingTransport(peerAddress=IPv4Address("TCP", host, port))
     protocol.makeConnection(transport)
     return protocol, transport
 
@@ -127,22 +128,14 @@ def _per_address_factory(limit: int) -> SmartServerFactory:
     return SmartServerFactory(Dispatcher(MemoryBackend({})), clock=Clock(), max_bzr_connections_per_address=limit)
 
 
-def _connect_from(factory, host: str, port: int):
-    """A bzr:// connection whose peer is ``host``."""
-    transport = _HalfClosingTransport(peerAddress=IPv4Address("TCP", host, port))
-    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
-    protocol.makeConnection(transport)
-    return protocol, transport
-
-
 def test_connections_from_one_address_past_its_limit_are_turned_away_and_others_served():
     """Two connections from one address are served, its third is told TooManyConnections before anything it sent
     runs, another address is served meanwhile, and the address gets a slot again once one of its two closes."""
     factory = _per_address_factory(2)
     with logged_events(lambda event: "bzr:// connections from" in event.get("log_format", "")) as events:
-        first, _ = _connect_from(factory, "10.0.0.1", 40001)
-        _connect_from(factory, "10.0.0.1", 40002)
-        refused, refused_transport = _connect_from(factory, "10.0.0.1", 40003)
+        first, _ = _connect_bzr(factory, 40001, host="10.0.0.1")
+        _connect_bzr(factory, 40002, host="10.0.0.1")
+        refused, refused_transport = _connect_bzr(factory, 40003, host="10.0.0.1")
         refused.dataReceived(encode_request([b"append", b"/journal", b""], b"never run"))
         assert response_args(refused_transport.value()) == [
             (b"TooManyConnections", b"the server has 2 bzr:// connections open from your address, its limit; "
@@ -152,11 +145,11 @@ def test_connections_from_one_address_past_its_limit_are_turned_away_and_others_
         factory.clock.advance(CLOSE_LINGER)
         assert refused_transport.disconnecting
         refused.connectionLost(None)
-        other, other_transport = _connect_from(factory, "10.0.0.2", 40004)
+        other, other_transport = _connect_bzr(factory, 40004, host="10.0.0.2")
         other.dataReceived(encode_request([b"hello"]))
         assert response_args(other_transport.value()) == [(b"ok", b"2")]
         first.connectionLost(None)
-        again, again_transport = _connect_from(factory, "10.0.0.1", 40005)
+        again, again_transport = _connect_bzr(factory, 40005, host="10.0.0.1")
         again.dataReceived(encode_request([b"hello"]))
         assert response_args(again_transport.value()) == [(b"ok", b"2")]
     assert factory.refused_bzr_connections == 1
@@ -172,8 +165,8 @@ def test_ssh_sessions_and_no_limit_are_not_counted_per_address():
     factory = _per_address_factory(1)
     session = factory.build_protocol(Caller("alice", "10.0.0.1:50000", Writable.everywhere()))
     session.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 50000)))
-    protocol, transport = _connect_from(factory, "10.0.0.1", 40001)
+    protocol, transport = _connect_bzr(factory, 40001, host="10.0.0.1")
     assert not transport.disconnecting and protocol.counted_host == "10.0.0.1"
     unlimited = _per_address_factory(0)
-    assert all(not _connect_from(unlimited, "10.0.0.1", 41000 + index)[1].value() for index in range(5))
+    assert all(not _connect_bzr(unlimited, 41000 + index, host="10.0.0.1")[1].value() for index in range(5))
     assert unlimited.open_connections == 5

@@ -18,12 +18,7 @@ def _packs(branch) -> list:
 @pytest.fixture
 def served_branch(smartserve, brz):
     """A served standalone branch of five commits, which leave five packs."""
-    branch = smartserve.data / "branches" / "project"
-    brz.run("init", "-q", branch)
-    for number in range(5):
-        (branch / f"file{number}").write_text(f"content {number}\n")
-        brz.run("add", "-q", cwd=branch)
-        brz.run("commit", "-q", "-m", f"commit {number}", cwd=branch)
+    branch = brz.make_branch(smartserve.data / "branches" / "project", revisions=5, files=1)
     assert len(_packs(branch)) == 5
     return branch
 
@@ -67,15 +62,10 @@ def test_pack_body_that_is_not_ascii_is_answered_with_an_error(smartserve, serve
     assert len(_packs(served_branch)) == 5
 
 
-def test_read_only_caller_cannot_pack(start_smartserve, brz, tmp_path):
+def test_read_only_caller_cannot_pack(start_smartserve, brz):
     """Packing writes: over read-only bzr:// ``brz pack`` fails as for any write, and every pack stays."""
     server = start_smartserve("--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none")
-    branch = server.data / "branches" / "project"
-    brz.run("init", "-q", branch)
-    for number in range(2):
-        (branch / f"file{number}").write_text(f"content {number}\n")
-        brz.run("add", "-q", cwd=branch)
-        brz.run("commit", "-q", "-m", f"commit {number}", cwd=branch)
+    branch = brz.make_branch(server.data / "branches" / "project", revisions=2, files=1)
     refused = brz.run("pack", f"{server.url}/project", check=False)
     assert refused.returncode != 0
     assert "read-only" in refused.stderr.lower() or "readonly" in refused.stderr.lower(), refused.stderr
