@@ -242,6 +242,15 @@ class Connection:
         self._reader.reset()
         self._request_in_cycle = False
 
+    def take_rest_in_pieces(self) -> None:
+        """Hand on the rest of the peer's current message's body parts as their bytes arrive.
+
+        For a receiver that will drop that body (it refused the message):
+        no part is then held until it is whole, whatever its size. The next
+        message is read as ``limits`` say again.
+        """
+        self._reader.hand_on_in_pieces()
+
     def data_to_send(self) -> bytes:
         """Bytes produced by receiving, such as an error reply; taken once."""
         data, self._outgoing = self._outgoing, b""

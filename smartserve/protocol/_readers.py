@@ -74,7 +74,15 @@ class MessageReader:
     """Reads the messages sent by ``sender``, part by part."""
 
     __slots__ = (
-        "_sender", "_from_client", "_limits", "_max_whole_part", "_part_left", "_expect", "_headers", "_success"
+        "_sender",
+        "_from_client",
+        "_limits",
+        "_whole_part_limit",
+        "_max_whole_part",
+        "_part_left",
+        "_expect",
+        "_headers",
+        "_success",
     )
 
     def __init__(self, sender: Role, limits: Limits):
@@ -82,7 +90,8 @@ class MessageReader:
         self._from_client = sender is Role.CLIENT
         self._limits = limits
         whole = limits.max_whole_part_size
-        self._max_whole_part = limits.max_body_part_size if whole is None else min(whole, limits.max_body_part_size)
+        self._whole_part_limit = limits.max_body_part_size if whole is None else min(whole, limits.max_body_part_size)
+        self._max_whole_part = self._whole_part_limit  # for the message being read
         self._part_left = 0  # bytes of a part handed on in pieces still to come
         self._expect = _MARKER
         self._headers: dict = {}
@@ -97,6 +106,11 @@ class MessageReader:
         """Get ready for the next message."""
         self._expect = _MARKER
         self._part_left = 0
+        self._max_whole_part = self._whole_part_limit
+
+    def hand_on_in_pieces(self) -> None:
+        """Hand on every body part of the message being read in pieces, as its bytes arrive, until ``reset``."""
+        self._max_whole_part = 0
 
     def read(self, buf: ReceiveBuffer) -> Optional[Event]:
         """Consume parts from ``buf`` until one makes an event.

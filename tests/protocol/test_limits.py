@@ -174,6 +174,30 @@ def test_connection_closed_in_a_part_handed_on_in_pieces_is_an_error():
         conn.next_event()
 
 
+def test_rest_of_a_message_taken_in_pieces_frees_a_part_half_held_and_the_next_message_is_read_whole():
+    """After take_rest_in_pieces, the part being received is handed on at once with what arrived of it, later
+    parts come in pieces too, and the next message's parts are held whole again."""
+    part = bytes(range(28))
+    wire = send_all(sender(Role.CLIENT), [opening(Role.CLIENT), BodyChunk(part), BodyChunk(part), EndOfMessage()])
+    conn = receiver(Role.CLIENT, limits=SMALL)
+    half = wire.index(part) + 12
+    assert [type(event) for event in receive_all(conn, wire[:half])] == [Request]
+    assert conn.buffered_size == 5 + 12
+    conn.take_rest_in_pieces()
+    assert receive_all(conn) == [BodyChunk(part[:12])]
+    assert conn.buffered_size == 0
+    second = wire.index(part, half)
+    assert receive_all(conn, wire[half:second + 3]) == [BodyChunk(part[12:]), BodyChunk(part[:3])]
+    assert receive_all(conn, wire[second + 3 :]) == [BodyChunk(part[3:]), EndOfMessage()]
+    conn.send(Response((b"ok",)))
+    conn.send(EndOfMessage())
+    conn.start_next_cycle()
+    later = wire.index(part) + 20
+    assert [type(event) for event in receive_all(conn, wire[:later])] == [Request]
+    assert conn.buffered_size == 5 + 20, "a part of the next message is held until it is whole"
+    assert receive_all(conn, wire[later:]) == [BodyChunk(part), BodyChunk(part), EndOfMessage()]
+
+
 def opening(role: Role):
     """A request or response opening from ``role``."""
     return Request((b"put", b"/file", b"")) if role is Role.CLIENT else Response((b"ok",))
