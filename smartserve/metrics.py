@@ -63,6 +63,11 @@ class _ScrapeTimeCollector(Collector):
                 "bzr:// connections turned away because --bzr-max-connections were open.",
                 value=self.smart_factory.refused_bzr_connections,
             )
+            yield GaugeMetricFamily(
+                "smartserve_request_body_bytes",
+                "Bytes of request bodies held now, all connections together (limit: --max-request-memory).",
+                value=self.smart_factory.body_memory.held,
+            )
         if self.ssh_factory is not None:
             yield from self._ssh_families(self.ssh_factory)
         if self.access_file is not None:

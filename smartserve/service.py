@@ -30,6 +30,7 @@ from .server.backends.bzr import (
     MAX_INLINE_READ_BYTES,
     BzrBackend,
 )
+from .server.bodymemory import DEFAULT_MAX_REQUEST_MEMORY
 from .server.dispatcher import Dispatcher
 from .server.drain import DrainController, DrainState
 from .server.jail import Writable
@@ -90,6 +91,11 @@ class Options(usage.Options):
             "Lines of a request body that lists keys (a checkout's files, a log's revisions); "
             "a longer list is refused unrun.", int,
         ],
+        [
+            "max-request-memory", None, DEFAULT_MAX_REQUEST_MEMORY,
+            "Bytes of request bodies all connections together may hold; a request whose body arrives "
+            "past it is refused unrun with ServerBusy (0: no limit).", int,
+        ],
         ["control", None, None, "Control socket path [default: DATA/control.sock]."],
         ["takeover", None, None, "Take the listening sockets of the server on this control socket, then drain it."],
         ["drain-timeout", None, 600.0, "Seconds a drain waits for busy connections before aborting them.", float],
@@ -132,7 +138,7 @@ class Options(usage.Options):
         non_negative = (
             "idle-timeout", "drain-timeout", "drain-grace", "drain-linger", "drain-spread", "login-grace-time",
             "inline-read-bytes", "bzr-max-connections", "bzr-max-connections-per-address",
-            "max-unauthenticated-per-address",
+            "max-unauthenticated-per-address", "max-request-memory",
         )
         for name in non_negative:
             if not math.isfinite(self[name]):
@@ -151,6 +157,11 @@ class Options(usage.Options):
         for name in at_least_one:
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
+        if 0 < self["max-request-memory"] < self["max-request-body"]:
+            raise usage.UsageError(
+                "--max-request-memory must be 0 or at least --max-request-body: "
+                "a request the size of the body limit would always be refused"
+            )
         if not (self["ssh"] or self["bzr"]):
             raise usage.UsageError("nothing to serve: give --ssh or --bzr")
 
@@ -410,6 +421,7 @@ def _make_service(options: Options, reactor) -> SmartserveService:
         access_log=access_logger(access_file),
         max_bzr_connections=options["bzr-max-connections"],
         max_bzr_connections_per_address=options["bzr-max-connections-per-address"],
+        max_request_memory=options["max-request-memory"],
     )
     controller = DrainController(reactor, grace=options["drain-grace"], default_timeout=options["drain-timeout"])
     metrics.watch_connections("smart", smart_factory)

@@ -135,6 +135,10 @@ class _MemoryRun:
         d = self._backend._gate(self._args[0])
         return d.addCallback(lambda _: self._backend._execute(self._args, b"".join(self._body)))
 
+    @property
+    def held_body_bytes(self) -> int:
+        return sum(len(chunk) for chunk in self._body)
+
     def abort(self) -> None:
         self._backend.aborted.append(self._args)
 

@@ -80,6 +80,11 @@ def test_server_started_with_a_low_open_file_limit_raises_it(start_smartserve):
         (["--threads", "0"], "--threads must be at least 1"),
         (["--max-request-body", "0"], "--max-request-body must be at least 1"),
         (["--max-request-entries", "0"], "--max-request-entries must be at least 1"),
+        (["--max-request-memory", "-1"], "--max-request-memory must be 0 or more"),
+        (
+            ["--max-request-body", "2000", "--max-request-memory", "1999"],
+            "--max-request-memory must be 0 or at least --max-request-body",
+        ),
         (["--idle-timeout", "-1"], "--idle-timeout must be 0 or more"),
         (["--inline-read-bytes", "1048577"], "--inline-read-bytes must be at most 1048576"),
         (["--drain-timeout", "nan"], "--drain-timeout must be a finite number"),

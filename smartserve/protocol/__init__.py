@@ -23,7 +23,7 @@ from ._exceptions import (
 )
 from ._limits import DEFAULT_LIMITS, Limits
 from ._state import Role, State
-from ._wire import MESSAGE_MARKER, REQUEST_TOO_LARGE, SERVER_DRAINING, TOO_MANY_CONNECTIONS
+from ._wire import MESSAGE_MARKER, REQUEST_TOO_LARGE, SERVER_BUSY, SERVER_DRAINING, TOO_MANY_CONNECTIONS
 from ._writers import error_response
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "TOO_MANY_CONNECTIONS",
     "SERVER_DRAINING",
     "REQUEST_TOO_LARGE",
+    "SERVER_BUSY",
     "error_response",
     "Event",
     "Request",

@@ -2,7 +2,7 @@
 
 import struct
 
-__all__ = ["MESSAGE_MARKER", "V2_REQUEST_MARKER", "V2_RESPONSE_MARKER", "LENGTH", "TOO_MANY_CONNECTIONS", "SERVER_DRAINING", "REQUEST_TOO_LARGE"]
+__all__ = ["MESSAGE_MARKER", "V2_REQUEST_MARKER", "V2_RESPONSE_MARKER", "LENGTH", "TOO_MANY_CONNECTIONS", "SERVER_DRAINING", "REQUEST_TOO_LARGE", "SERVER_BUSY"]
 
 MESSAGE_MARKER = b"bzr message 3 (bzr 1.6)\n"
 V2_REQUEST_MARKER = b"bzr request 2\n"
@@ -17,6 +17,9 @@ SERVER_DRAINING = b"ServerDraining"
 # The error smartserve answers a request with whose body, kept whole for its
 # handler, grew past the server's limit: the request was not run.
 REQUEST_TOO_LARGE = b"RequestTooLarge"
+# The error smartserve answers a request with whose body arrived while request
+# bodies held the server's memory limit for all of them: the request was not run.
+SERVER_BUSY = b"ServerBusy"
 
 # Every variable-length part is prefixed by its length: 4 bytes, big-endian.
 LENGTH = struct.Struct(">L")

@@ -35,7 +35,12 @@ class IRequestRun(Interface):
         """
 
     def abort():
-        """The connection is gone: release what the request holds."""
+        """The request goes no further (its connection is gone, or the server refused it): release what it holds."""
+
+    held_body_bytes = Attribute(
+        "Bytes of the request body the run holds now (a body kept whole for its handler), read between steps;"
+        " counted against the server's memory for request bodies."
+    )
 
 
 class IBodyStream(Interface):

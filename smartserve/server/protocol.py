@@ -69,6 +69,7 @@ from ..protocol import (
     Request,
     Response,
     Role,
+    SERVER_BUSY,
     SERVER_DRAINING,
     TOO_MANY_CONNECTIONS,
     error_response,
@@ -76,6 +77,7 @@ from ..protocol import (
 from .._quiet import QuietFactory
 from .._sending import direct_socket, send_now, write_now
 from .accesslog import DEFAULT_ACCESS_LOG, RequestRecord
+from .bodymemory import RequestBodyMemory
 from .caller import Caller, peer_text
 from .dispatcher import Dispatcher, Refusal
 from .drain import OpenConnections
@@ -123,7 +125,20 @@ class Phase(enum.Enum):
 class _CurrentRequest:
     """The request in progress on a connection."""
 
-    __slots__ = ("record", "run", "refusal", "chunks", "finished", "started", "advancing", "stream", "ready")
+    __slots__ = (
+        "record",
+        "run",
+        "refusal",
+        "chunks",
+        "chunk_bytes",
+        "advancing_bytes",
+        "body_bytes",
+        "finished",
+        "started",
+        "advancing",
+        "stream",
+        "ready",
+    )
 
     def __init__(self, record: RequestRecord):
         self.record = record
@@ -131,6 +146,9 @@ class _CurrentRequest:
         self.started = False
         self.refusal: Optional[Reply] = None
         self.chunks: List[bytes] = []
+        self.chunk_bytes = 0  # in chunks
+        self.advancing_bytes = 0  # of the chunks the step in progress was handed
+        self.body_bytes = 0  # received in all
         self.finished = False
         self.advancing = False
         self.stream = None
@@ -138,8 +156,16 @@ class _CurrentRequest:
 
     def take_body(self, data: bytes) -> None:
         """Keep a body part for the run, unless the request will not run."""
+        self.body_bytes += len(data)
         if self.run is not None and self.refusal is None:
             self.chunks.append(data)
+            self.chunk_bytes += len(data)
+
+    def held_bytes(self) -> int:
+        """Bytes of the body held for the run: waiting for it, handed to it, kept by it."""
+        if self.run is None or self.refusal is not None:
+            return 0
+        return self.chunk_bytes + self.advancing_bytes + self.run.held_body_bytes
 
 
 @implementer(IPushProducer, IHalfCloseableProtocol)
@@ -177,6 +203,7 @@ class SmartServerProtocol(Protocol):
         self._socket = None
         self._admission_due = False  # a bzr:// connection counted per address at its first bytes
         self.counted_host: Optional[str] = None  # the address it is counted under, once admitted
+        self._body_memory_share = 0  # what this connection counts in the factory's body_memory
 
     # Twisted callbacks.
 
@@ -259,6 +286,8 @@ class SmartServerProtocol(Protocol):
             current.record.emit(self.factory.clock.seconds(), self.factory.access_log)
             self.factory.request_aborted(self, current.record)
         self.phase = Phase.CLOSED
+        self.factory.body_memory.update(self._body_memory_share, 0)
+        self._body_memory_share = 0
         self.factory.turned_away.discard(self)
         self.factory.connection_lost(self)
 
@@ -350,9 +379,50 @@ class SmartServerProtocol(Protocol):
             while self._handle_again:
                 self._handle_again = False
                 self._consume_events()
+                if not self._closing and not self._count_body_memory():
+                    self._refuse_for_body_memory()
         finally:
             self._handling_events = False
         self._update_reading()
+
+    def _count_body_memory(self) -> bool:
+        """Report this connection's share of the server's request body memory; False if it grew past the limit.
+
+        The share is what the codec holds of received bytes and what the
+        request in progress holds of its body.
+        """
+        current = self._current
+        now = self._codec.buffered_size
+        if current is not None:
+            now += current.held_bytes()
+        before, self._body_memory_share = self._body_memory_share, now
+        return self.factory.body_memory.update(before, now)
+
+    def _refuse_for_body_memory(self) -> None:
+        """Refuse the request in progress unrun, if its body is still arriving: request bodies fill the server.
+
+        Its body so far is dropped, and the rest as it arrives.
+        """
+        current = self._current
+        if current is None or current.refusal is not None or current.advancing or current.finished or not current.body_bytes:
+            return
+        limit = self.factory.body_memory.limit
+        log.warn(
+            "{verb} from {user} at {peer} refused: request bodies held by the server are at its limit "
+            "of {limit} bytes (--max-request-memory)",
+            verb=current.record.verb.decode("utf-8", "replace"),
+            user=self.caller.user or "-",
+            peer=self.caller.peer,
+            limit=limit,
+        )
+        message = b"the server holds its limit of %d bytes of request bodies; nothing of this request ran, send it again later" % limit
+        current.refusal = Reply((SERVER_BUSY, message), success=False)
+        current.chunks, current.chunk_bytes = [], 0
+        if current.run is not None:
+            current.run.abort()
+            current.run = None
+        self._codec.take_rest_in_pieces()
+        self._handle_again = True  # drop what the codec holds of it, and count again
 
     def _update_reading(self) -> None:
         """Pause or resume reading the transport, as the module docstring says."""
@@ -464,6 +534,8 @@ class SmartServerProtocol(Protocol):
             # this request fails, the connection goes on.
             log.failure("Request {verb!r} could not be started", verb=request.verb)
             current.refusal = _INTERNAL_ERROR
+        if current.refusal is not None:
+            self._codec.take_rest_in_pieces()  # its body is dropped: never hold a part of it whole
 
     def _advance(self, current: _CurrentRequest) -> None:
         if current.refusal is not None:
@@ -474,6 +546,7 @@ class SmartServerProtocol(Protocol):
             return
         current.started = True
         chunks, current.chunks = current.chunks, []
+        current.advancing_bytes, current.chunk_bytes = current.chunk_bytes, 0
         current.advancing = True
         try:
             d = current.run.advance(chunks, current.finished)
@@ -486,6 +559,7 @@ class SmartServerProtocol(Protocol):
 
     def _advanced(self, reply: Optional[Reply], current: _CurrentRequest) -> None:
         current.advancing = False
+        current.advancing_bytes = 0
         if self._current is not current:
             return
         if reply is not None:
@@ -493,6 +567,7 @@ class SmartServerProtocol(Protocol):
             if current.finished:
                 self._respond(current, reply)
                 return
+            self._codec.take_rest_in_pieces()
         self._handle_events()
 
     def _backend_failed(self, failure: Failure, current: _CurrentRequest) -> None:
@@ -847,6 +922,7 @@ class SmartServerFactory(QuietFactory):
         access_log=DEFAULT_ACCESS_LOG,
         max_bzr_connections: int = 0,
         max_bzr_connections_per_address: int = 0,
+        max_request_memory: int = 0,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
@@ -863,6 +939,7 @@ class SmartServerFactory(QuietFactory):
         self.connections = OpenConnections()
         self.max_bzr_connections = max_bzr_connections
         self.max_bzr_connections_per_address = max_bzr_connections_per_address
+        self.body_memory = RequestBodyMemory(max_request_memory)
         self._bzr_by_host: collections.Counter = collections.Counter()
         self._refusing_hosts: set = set()  # addresses whose connections are being turned away
         self._bzr_connections: set = set()

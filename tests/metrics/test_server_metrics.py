@@ -23,6 +23,8 @@ from smartserve.verbs import VerbClass
 class _InstantRun:
     """A request run that answers at once, or never when ``hang``."""
 
+    held_body_bytes = 0
+
     def __init__(self, args, hang):
         self.args = args
         self.hang = hang

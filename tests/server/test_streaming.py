@@ -58,6 +58,8 @@ class _StreamingBackend:
 
 @implementer(IRequestRun)
 class _Run:
+    held_body_bytes = 0
+
     def __init__(self, stream):
         self.stream = stream
 

@@ -88,6 +88,11 @@ class RecordRegrouper:
             self._body_end -= shift
         return units
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held of the unit in progress."""
+        return len(self._pending)
+
     def rest(self) -> bytes:
         """What is left of an incomplete unit at the end of the body."""
         rest, self._pending = bytes(self._pending[self._start :]), bytearray()

@@ -260,6 +260,13 @@ class _BzrRequestRun:
         self._regrouper: Optional[RecordRegrouper] = None  # of a push's body
         self._turn = threading.Lock()
 
+    @property
+    def held_body_bytes(self) -> int:
+        """The body kept for the handler, or what of a push's next record has arrived."""
+        if self._regrouper is not None:
+            return self._regrouper.buffered_bytes
+        return self._body_bytes if self._handler is not None else 0
+
     def advance(self, chunks: List[bytes], finished: bool):
         self._advanced = True
         if self._inline:
