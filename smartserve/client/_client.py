@@ -40,9 +40,10 @@ from ._exceptions import (
     OutcomeUnknown,
     RemoteError,
     RequestNotSent,
+    ServerBusy,
     TransportFailure,
 )
-from ._policy import RetryBudget, RetryPolicy
+from ._policy import RetryBudget, RetryPolicy, backoff_delay
 from ._pool import Pool
 from ._protocol import Outgoing, Reply
 
@@ -107,6 +108,10 @@ class _FirstAttempt:
             return None
         self._over = True
         client, entry = self._client, self._entry
+        if isinstance(error, ServerBusy):
+            entry.slot.request_succeeded()
+            self._resend = Deferred.fromCoroutine(client._run_after_busy(self._outgoing, entry, self._deadline_at, error))
+            return self._resend
         if isinstance(error, TransportFailure):
             try:
                 client._attempt_lost(self._outgoing, entry, error, 0, self._deadline_at)
@@ -166,6 +171,7 @@ class SmartClient:
         self.metrics = metrics
         self.budget = RetryBudget(policy.budget_tokens, policy.budget_ratio)
         self._clock = clock
+        self._jitter = jitter
         self._pool = Pool(connect, clock, policy, jitter, pool_size, name, self.stats, metrics)
 
     @classmethod
@@ -222,6 +228,8 @@ class SmartClient:
         ``body`` is then None). A streamed response is resent after a loss
         only if no part reached ``on_chunk`` yet.
 
+        A request the server refused unrun for lack of memory
+        (``ServerBusy``) is sent again after a backoff, whatever its verb.
         Fails with a ``RemoteError`` subclass when the server answers with
         an error, ``OutcomeUnknown`` when the request may have run and may
         not be resent, a ``TransportFailure`` subclass when the request
@@ -404,6 +412,11 @@ class SmartClient:
             except CancelledError:
                 protocol.abandon(_CANCELLED)
                 raise
+            except ServerBusy as busy:
+                entry.slot.request_succeeded()
+                await self._wait_out_busy(outgoing, busy, resends, deadline_at)
+                resends += 1
+                continue
             except RemoteError:
                 entry.slot.request_succeeded()
                 self.budget.record_success()
@@ -447,6 +460,51 @@ class SmartClient:
             resend=resends + 1,
             event_kind="resend",
         )
+
+    async def _run_after_busy(self, outgoing: Outgoing, entry, deadline_at: float, busy: ServerBusy) -> Reply:
+        """Go on with a call whose first attempt the server refused unrun (``ServerBusy``): wait, then send again."""
+        try:
+            await self._wait_out_busy(outgoing, busy, 0, deadline_at)
+        except BaseException:
+            self._pool.release(entry)
+            raise
+        return await self._run(outgoing, entry, deadline_at, resends=1)
+
+    async def _wait_out_busy(self, outgoing: Outgoing, busy: ServerBusy, resends: int, deadline_at: float) -> None:
+        """Wait a backoff before sending again a request the server refused unrun for lack of memory.
+
+        Raises ``busy`` instead, with ``why_not_resent``, when the request
+        may not go again. A busy server is a failure for the retry budget,
+        so clients that all hear it back off rather than storm it.
+        """
+        self.budget.record_failure()
+        delay = backoff_delay(resends + 1, self.policy, self._jitter)
+        why_not = None
+        if not self.policy.resend:
+            why_not = "resending is switched off"
+        elif not outgoing.body_replayable:
+            why_not = "its one-shot body stream was already read"
+        elif resends >= self.policy.max_resends:
+            why_not = f"already resent {resends} time(s)"
+        elif delay >= self._remaining(deadline_at):
+            why_not = "the call's deadline would pass first"
+        elif not self.budget.allows_retry():
+            why_not = "the retry budget is exhausted"
+        if why_not is not None:
+            busy.why_not_resent = why_not
+            raise busy
+        verb = outgoing.verb
+        self.stats.resends += 1
+        if self.metrics is not None:
+            self.metrics.resent(classify(verb), "server_busy")
+        self._log.info(
+            "resending {verb} in {delay:.2f} s: the server is busy, and ran nothing of it",
+            verb=verb.decode("utf-8", "replace"),
+            delay=delay,
+            resend=resends + 1,
+            event_kind="resend",
+        )
+        await deferLater(self._clock, delay)
 
     async def _probe(self, protocol) -> Optional[str]:
         reason = protocol.closed_reason()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import reprlib
 from typing import Any, Mapping, Optional, Tuple, Type
 
-from ..protocol import REQUEST_TOO_LARGE
+from ..protocol import REQUEST_TOO_LARGE, SERVER_BUSY
 from ..verbs import FailurePoint
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "ReadOnlyError",
     "LockContention",
     "TokenMismatch",
+    "ServerBusy",
     "TransportFailure",
     "RequestNotSent",
     "RequestTransmissionFailed",
@@ -121,6 +122,16 @@ class RequestTooLarge(RemoteError):
     more keys than its ``--max-request-entries``."""
 
 
+class ServerBusy(RemoteError):
+    """smartserve refused the request unrun: request bodies of all its clients held its ``--max-request-memory``.
+
+    The same request may be sent again later; ``SmartClient`` does so itself, after a backoff, within its
+    resend limits. ``why_not_resent`` says why it did not, when it raises this.
+    """
+
+    why_not_resent: Optional[str] = None
+
+
 _REMOTE_ERRORS: Mapping[bytes, Type[RemoteError]] = {
     b"UnknownMethod": UnknownMethod,
     b"NoSuchFile": NoSuchFile,
@@ -132,6 +143,7 @@ _REMOTE_ERRORS: Mapping[bytes, Type[RemoteError]] = {
     b"LockContention": LockContention,
     b"TokenMismatch": TokenMismatch,
     REQUEST_TOO_LARGE: RequestTooLarge,
+    SERVER_BUSY: ServerBusy,
 }
 
 

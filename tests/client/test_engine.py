@@ -28,6 +28,7 @@ from smartserve.client import (
 )
 from smartserve.protocol import (
     NEED_DATA,
+    SERVER_BUSY,
     SERVER_DRAINING,
     TOO_MANY_CONNECTIONS,
     BodyChunk,
@@ -968,3 +969,52 @@ def test_request_answered_server_draining_is_resent_at_once_whatever_its_class(s
     assert first.requests() == [b"hello", verb]
     first.protocol.dataReceived(error_response((SERVER_DRAINING, b"the server is draining")))
     _assert_resent_once_on_a_new_connection(server, clock, client, verb, result)
+
+
+@pytest.mark.parametrize("verb_class", sorted(VERBS))
+def test_request_refused_server_busy_is_sent_again_on_the_same_connection_after_a_backoff(server, clock, verb_class):
+    """ServerBusy says the server ran nothing of the request: whatever its class, it goes out again on the same
+    connection once the backoff has passed, never before."""
+    verb = VERBS[verb_class]
+    client = make_client(server, clock, backoff_initial=0.5)
+    result = outcome(client.call(verb, b"/path", body=b"body"))
+    connection = server.connections[0]
+    connection.respond(SERVER_BUSY, b"the server holds its limit", success=False)
+    clock.advance(0.49)
+    assert connection.requests() == [verb] and result == []
+    clock.advance(0.01)
+    assert connection.requests() == [verb, verb]
+    connection.respond(b"ok")
+    assert result == [Reply((b"ok",), b"")]
+    assert len(server.connections) == 1
+    assert client.stats.resends == 1 and client.stats.outcome_unknown == 0
+
+
+def test_server_busy_resends_are_bounded_and_the_error_says_why_it_was_not_sent_again(server, clock):
+    """A server that stays busy gets max_resends more tries, with growing backoffs, then the call fails with
+    ServerBusy; with resending off it fails at once; a one-shot body stream is not sent again."""
+    from smartserve.client import ServerBusy
+
+    client = make_client(server, clock, backoff_initial=0.1, max_resends=2)
+    result = outcome(client.call(b"append", b"/journal", b"", body=b"line"))
+    connection = server.connections[0]
+    times = []
+    for _ in range(3):
+        times.append(clock.seconds())
+        connection.respond(SERVER_BUSY, b"busy", success=False)
+        clock.advance(1)
+    assert times == [0, 1, 2] and connection.requests() == [b"append"] * 3
+    [failure] = result
+    assert failure.check(ServerBusy) and failure.value.why_not_resent == "already resent 2 time(s)"
+
+    quiet = make_client(server, clock, resend=False)
+    result = outcome(quiet.call(b"put", b"/file", b"", body=b"data"))
+    server.connections[-1].respond(SERVER_BUSY, b"busy", success=False)
+    assert result[0].value.why_not_resent == "resending is switched off"
+
+    def one_shot():
+        yield b"part"
+
+    result = outcome(make_client(server, clock).call(b"put", b"/file", b"", body_stream=one_shot()))
+    server.connections[-1].respond(SERVER_BUSY, b"busy", success=False)
+    assert result[0].value.why_not_resent == "its one-shot body stream was already read"
