@@ -404,7 +404,7 @@ class SmartServerProtocol(Protocol):
         Its body so far is dropped, and the rest as it arrives.
         """
         current = self._current
-        if current is None or current.refusal is not None or current.advancing or current.finished or not current.body_bytes:
+        if current is None or current.refusal is not None or current.advancing or current.finished:
             return
         limit = self.factory.body_memory.limit
         log.warn(

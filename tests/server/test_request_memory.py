@@ -36,13 +36,8 @@ class _Client:
     def begin(self, *args: bytes) -> None:
         self.protocol.dataReceived(self.codec.send(Request(args)))
 
-    def part(self, data: bytes, split_at: int = 0) -> None:
-        """Send one body part, in two reads if ``split_at`` says where."""
-        wire = self.codec.send(BodyChunk(data))
-        if split_at:
-            self.protocol.dataReceived(wire[: 5 + split_at])
-            wire = wire[5 + split_at :]
-        self.protocol.dataReceived(wire)
+    def part(self, data: bytes) -> None:
+        self.protocol.dataReceived(self.codec.send(BodyChunk(data)))
 
     def end(self) -> list:
         """End the request; the arguments of every response written so far."""
@@ -97,8 +92,12 @@ def test_part_half_received_counts_and_a_lost_connection_gives_its_share_back():
     assert factory.body_memory.held == 4_005
     other = _Client(factory)
     other.begin(b"append", b"/log", b"")
-    other.part(b"y" * 7_000, split_at=3_000)
-    assert factory.body_memory.held == 4_005, "refused when its first 3,000 bytes took the sum past the limit"
+    wire = other.codec.send(BodyChunk(b"y" * 7_000))
+    other.protocol.dataReceived(wire[:3_000])
+    assert factory.body_memory.held == 4_005 + 3_000
+    other.protocol.dataReceived(wire[3_000:6_100])
+    assert factory.body_memory.held == 4_005, "refused once the part's bytes took the sum past the limit"
+    other.protocol.dataReceived(wire[6_100:])
     assert other.end()[0][0] == b"ServerBusy"
     client.protocol.connectionLost(None)
     assert factory.body_memory.held == 0

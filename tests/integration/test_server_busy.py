@@ -1,0 +1,91 @@
+"""Request bodies past --max-request-memory, all connections together: a body that arrives then is refused
+ServerBusy unrun; Breezy's own client shows the reason, smartserve's client sends the request again once the
+server has memory for it, and it runs once."""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.request
+
+import pytest
+import pytest_twisted
+
+from smartserve.client import RetryPolicy, SmartClient
+from smartserve.testing import RawClient
+from support import wait_for, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+MIB = 1024 * 1024
+_OPTIONS = (
+    "--bzr", "tcp:0:interface=127.0.0.1", "--bzr-allow-writes", "--ssh", "none",
+    "--admin", "tcp:0:interface=127.0.0.1",
+    "--max-request-body", str(4 * MIB), "--max-request-memory", str(4 * MIB),
+)
+
+
+def _body_bytes_held(server) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.admin_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return float(re.search(r"^smartserve_request_body_bytes (\S+)$", text, re.M).group(1))
+
+
+def _outcomes(server, verb: str) -> list:
+    return [record["outcome"] for record in server.access_records() if record["verb"] == verb]
+
+
+def _hog(server) -> RawClient:
+    """A connection holding 3 MiB of a put's body, the request not ended."""
+    hog = RawClient.connect("127.0.0.1", server.port, timeout=60)
+    hog.begin_request([b"put", b"/hog", b""])
+    hog.send_body_part(os.urandom(3 * MIB))
+    wait_for(lambda: _body_bytes_held(server) >= 3 * MIB, 30, "the server to hold the hog's body")
+    return hog
+
+
+def test_breezy_client_is_refused_with_the_reason_and_nothing_is_written(start_smartserve):
+    from breezy import errors
+    from breezy.transport import get_transport
+
+    server = start_smartserve(*_OPTIONS)
+    hog = _hog(server)
+    try:
+        transport = get_transport(server.url + "/")
+        with pytest.raises(errors.BzrError) as raised:
+            transport.put_bytes("other", b"y" * (2 * MIB))
+        assert "ServerBusy" in str(raised.value) and "send it again later" in str(raised.value)
+        assert not (server.data / "branches" / "other").exists()
+        assert _outcomes(server, "put") == ["ServerBusy"]
+        assert "refused: request bodies held by the server are at its limit of 4194304 bytes" in server.log()
+        assert _body_bytes_held(server) < 3.5 * MIB, "the refused body was given back"
+        hog.end_request()
+        assert hog.read_reply().args == (b"ok",)
+        transport.put_bytes("other", b"y" * (2 * MIB))  # the server has room again
+    finally:
+        hog.close()
+    assert (server.data / "branches" / "other").read_bytes() == b"y" * (2 * MIB)
+    assert wait_for(lambda: _body_bytes_held(server) == 0, 10, "every body given back")
+
+
+@pytest_twisted.ensureDeferred
+async def test_smartserve_client_sends_again_once_the_server_has_room_and_the_append_runs_once(start_smartserve):
+    server = start_smartserve(*_OPTIONS)
+    hog = _hog(server)
+    policy = RetryPolicy(backoff_initial=0.05, backoff_max=0.2, max_resends=100, budget_tokens=1000.0)
+    client = SmartClient.from_url(server.url + "/", policy=policy)
+    try:
+        appended = client.call(b"append", b"/journal", b"", body=b"z" * (2 * MIB))
+        await wait_until(lambda: "ServerBusy" in _outcomes(server, "append"), 30, "the append to be refused")
+        assert not appended.called
+        hog.end_request()
+        assert hog.read_reply().args == (b"ok",)
+        reply = await appended
+    finally:
+        hog.close()
+        await client.close()
+    assert reply.args == (b"appended", b"0")
+    assert client.stats.resends >= 1
+    assert (server.data / "branches" / "journal").read_bytes() == b"z" * (2 * MIB)
+    outcomes = _outcomes(server, "append")
+    assert outcomes[-1] == "ok" and set(outcomes[:-1]) == {"ServerBusy"}
