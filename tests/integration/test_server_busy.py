@@ -89,3 +89,32 @@ async def test_smartserve_client_sends_again_once_the_server_has_room_and_the_ap
     assert (server.data / "branches" / "journal").read_bytes() == b"z" * (2 * MIB)
     outcomes = _outcomes(server, "append")
     assert outcomes[-1] == "ok" and set(outcomes[:-1]) == {"ServerBusy"}
+
+
+def test_stock_push_refused_mid_stream_leaves_the_repository_usable_and_works_once_there_is_room(
+    start_smartserve, brz, tmp_path
+):
+    """A push whose large record arrives while the server's memory for bodies is taken fails with the reason,
+    commits nothing, and the same push works once the memory is given back."""
+    server = start_smartserve(*_OPTIONS)
+    brz.run("init-shared-repo", "-q", server.data / "branches" / "repo")
+    local = brz.make_branch(tmp_path / "local", 2)
+    (local / "blob.bin").write_bytes(os.urandom(2 * MIB))  # stays 2 MiB in its record: it does not compress
+    brz.run("add", "-q", cwd=local)
+    brz.run("commit", "-q", "-m", "a blob", cwd=local)
+    hog = _hog(server)
+    try:
+        refused = brz.run("push", "-q", "-d", local, f"{server.url}/repo/trunk", check=False)
+        assert refused.returncode != 0
+        assert "ServerBusy" in refused.stderr and "send it again later" in refused.stderr
+        hog.end_request()
+        assert hog.read_reply().args == (b"ok",)
+    finally:
+        hog.close()
+    brz.run("push", "-q", "--use-existing-dir", "-d", local, f"{server.url}/repo/trunk")
+    assert brz.run("revno", f"{server.url}/repo/trunk").stdout.strip() == "3"
+    check = brz.run("check", server.data / "branches" / "repo" / "trunk", check=False)
+    assert check.returncode == 0, check.stderr
+    assert ("Repository.insert_stream_1.19", "ServerBusy") in [
+        (record["verb"], record["outcome"]) for record in server.access_records()
+    ]
