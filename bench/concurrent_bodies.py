@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     print("$ " + _common.command_line())
     print(_common.machine())
 
-    source = _common.branch(2, 2)
+    source = _common.branch(10, 10)
     work = _common.fresh_dir("bodies-")
     _common.populate(work / "smartserve" / "branches", source)
     _common.populate(work / "reference", source)
