@@ -27,6 +27,13 @@ sends meanwhile waits in its socket (over SSH, in its channel window), so a
 client that writes without reading costs the server no memory; requests it
 pipelined are answered in order once the one before is done.
 
+Each connection reports to the factory's ``body_memory`` what it holds of
+request bodies (received bytes the codec has not handed on, the body its
+request keeps); a request whose body grows while all of them together are
+over the limit is answered ``ServerBusy`` unrun. Whenever a request is
+refused, its remaining body parts are taken in pieces and dropped as they
+arrive.
+
 A drain closes an IDLE connection at once and any other right after the
 last byte of its current response; a request that has not begun is never
 started. With a drain linger of L seconds, requests that begin within L
@@ -132,7 +139,6 @@ class _CurrentRequest:
         "chunks",
         "chunk_bytes",
         "advancing_bytes",
-        "body_bytes",
         "finished",
         "started",
         "advancing",
@@ -148,7 +154,6 @@ class _CurrentRequest:
         self.chunks: List[bytes] = []
         self.chunk_bytes = 0  # in chunks
         self.advancing_bytes = 0  # of the chunks the step in progress was handed
-        self.body_bytes = 0  # received in all
         self.finished = False
         self.advancing = False
         self.stream = None
@@ -156,7 +161,6 @@ class _CurrentRequest:
 
     def take_body(self, data: bytes) -> None:
         """Keep a body part for the run, unless the request will not run."""
-        self.body_bytes += len(data)
         if self.run is not None and self.refusal is None:
             self.chunks.append(data)
             self.chunk_bytes += len(data)
@@ -415,7 +419,10 @@ class SmartServerProtocol(Protocol):
             peer=self.caller.peer,
             limit=limit,
         )
-        message = b"the server holds its limit of %d bytes of request bodies; nothing of this request ran, send it again later" % limit
+        message = (
+            b"the server holds its limit of %d bytes of request bodies; nothing of this request ran, "
+            b"send it again later" % limit
+        )
         current.refusal = Reply((SERVER_BUSY, message), success=False)
         current.chunks, current.chunk_bytes = [], 0
         if current.run is not None:
@@ -903,7 +910,9 @@ class SmartServerFactory(QuietFactory):
     a random moment per connection, for connections that never go idle that
     long (clients of a busy server would otherwise all reconnect at once).
     ``access_log`` is the ``Logger`` that gets each request's access event
-    (the global log publisher unless given).
+    (the global log publisher unless given). ``max_request_memory`` bounds
+    the request bodies all its connections hold together (``body_memory``,
+    a ``RequestBodyMemory``; 0: counted, not bounded).
     """
 
     protocol = SmartServerProtocol
