@@ -496,7 +496,7 @@ class SmartClient:
         verb = outgoing.verb
         self.stats.resends += 1
         if self.metrics is not None:
-            self.metrics.resent(classify(verb), "server_busy")
+            self.metrics.resent(classify(verb), "server busy")
         self._log.info(
             "resending {verb} in {delay:.2f} s: the server is busy, and ran nothing of it",
             verb=verb.decode("utf-8", "replace"),

@@ -1018,3 +1018,17 @@ def test_server_busy_resends_are_bounded_and_the_error_says_why_it_was_not_sent_
     result = outcome(make_client(server, clock).call(b"put", b"/file", b"", body_stream=one_shot()))
     server.connections[-1].respond(SERVER_BUSY, b"busy", success=False)
     assert result[0].value.why_not_resent == "its one-shot body stream was already read"
+
+
+def test_server_busy_resend_is_counted_in_metrics(server, clock):
+    from smartserve.metrics import ClientMetrics
+
+    metrics = ClientMetrics()
+    client = SmartClient(server.connect, policy=RetryPolicy(backoff_initial=0.0), clock=clock, metrics=metrics)
+    result = outcome(client.call(b"append", b"/journal", b"", body=b"line"))
+    server.connections[0].respond(SERVER_BUSY, b"busy", success=False)
+    clock.advance(0)
+    server.connections[0].respond(b"appended", b"0")
+    assert result == [Reply((b"appended", b"0"), b"")]
+    text = metrics.render().decode()
+    assert 'smartserve_client_resends_total{reason="server busy",verb_class="mutate"} 1.0' in text
