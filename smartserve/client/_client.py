@@ -19,6 +19,10 @@ shared by all calls. A request that is not resent although it may have run
 (sent in full, verb not ``read``, no drain signal) fails with
 ``OutcomeUnknown`` naming the verb; otherwise the phase exception itself is
 raised, since the server did not apply the request.
+
+A request smartserve answers ``ServerBusy`` (its memory for request bodies
+is full) was read and dropped unrun on a connection that stays usable: it
+goes out again on that connection after a backoff, within the same limits.
 """
 
 from __future__ import annotations
