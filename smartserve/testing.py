@@ -255,6 +255,18 @@ class RawClient:
         """Write one body part of the request begun with ``begin_request``."""
         self._write(self._codec.send(BodyChunk(data)))
 
+    def send_repeated_body_part(self, data: bytes, count: int) -> None:
+        """Write ``count`` body parts, each ``data``, many to a write: a body cut into more parts than a
+        test would write one call at a time."""
+        encoded = self._codec.send(BodyChunk(data))
+        per_write = max(1, 65536 // len(encoded))
+        full, rest = divmod(count, per_write)
+        block = encoded * per_write
+        for _ in range(full):
+            self._write(block)
+        if rest:
+            self._write(encoded * rest)
+
     def send_large_body_part(self, length: int, pieces: Iterable[bytes]) -> None:
         """Write one body part of ``length`` bytes made of ``pieces``, each written as it comes: a part
         larger than a test wants to hold, such as one over a server's limit."""

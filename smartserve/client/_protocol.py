@@ -29,6 +29,7 @@ from zope.interface import implementer
 from .._sending import direct_socket, write_now
 from ..protocol import (
     BodyChunk,
+    BodyCollector,
     BodyError,
     Connection,
     EndOfMessage,
@@ -159,12 +160,11 @@ class SmartClientProtocol(Protocol):
         self._codec = Connection(Role.CLIENT, limits)
         # A body collected whole is held to the largest part the codec takes.
         self._max_collected = limits.max_body_part_size
-        self._collected = 0
         self._pending: Optional[Deferred] = None
         self._listener = None
         self._outgoing: Optional[Outgoing] = None
         self._response: Optional[Response] = None
-        self._body_parts: list = []
+        self._body = BodyCollector()
         self._body_error: Optional[tuple] = None
         self._received_in_cycle = False
         self._timer = None
@@ -307,8 +307,7 @@ class SmartClientProtocol(Protocol):
         result = self._pending
         self._outgoing = outgoing
         self._response = None
-        self._body_parts = []
-        self._collected = 0
+        self._body = BodyCollector()
         self._body_error = None
         self._received_in_cycle = False
         self._abort_reason = None
@@ -519,12 +518,12 @@ class SmartClientProtocol(Protocol):
 
     def _collect(self, data: bytes) -> bool:
         """Keep a body part of a body collected whole; False, and the connection dropped, once it is over the limit."""
-        self._collected += len(data)
-        if self._collected > self._max_collected:
+        body = self._body
+        if body.size + len(data) > self._max_collected:
             verb = self._outgoing.verb
             self.abort(f"response body over {self._max_collected} bytes", ResponseTooLarge(verb, self._max_collected))
             return False
-        self._body_parts.append(data)
+        body.add(data)
         return True
 
     def _take_chunk(self, data: bytes) -> None:
@@ -549,8 +548,7 @@ class SmartClientProtocol(Protocol):
             self._codec.start_next_cycle()
         pending, outgoing, response = self._pending, self._outgoing, self._response
         self._clear_request()
-        body = b"".join(self._body_parts)
-        self._body_parts = []
+        body = self._body.take()
         if response.success and self._body_error is None:
             has_body = outgoing.on_chunk is None
             self._settle(pending, Reply(tuple(response.args), body if has_body else None))

@@ -21,6 +21,7 @@ from ._exceptions import (
     RemoteProtocolError,
     UnsupportedProtocolVersion,
 )
+from ._collect import BodyCollector
 from ._limits import DEFAULT_LIMITS, Limits
 from ._state import Role, State
 from ._wire import MESSAGE_MARKER, REQUEST_TOO_LARGE, SERVER_BUSY, SERVER_DRAINING, TOO_MANY_CONNECTIONS
@@ -40,6 +41,7 @@ __all__ = [
     "REQUEST_TOO_LARGE",
     "SERVER_BUSY",
     "error_response",
+    "BodyCollector",
     "Event",
     "Request",
     "Response",

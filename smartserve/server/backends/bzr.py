@@ -49,7 +49,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from ...protocol import DEFAULT_LIMITS, REQUEST_TOO_LARGE
+from ...protocol import DEFAULT_LIMITS, REQUEST_TOO_LARGE, BodyCollector
 from ..caller import Caller
 from ..interfaces import IBackend, IBodyStream, IRequestRun
 from ..jail import Writable, backing_transport
@@ -255,6 +255,7 @@ class _BzrRequestRun:
         self._advanced = False
         self._aborted = False
         self._body_bytes = 0  # of a body the handler keeps whole
+        self._kept_body = BodyCollector()  # that body, handed to the handler at its end
         self._body_newlines = 0  # of a body Breezy splits into lines (LISTED_BODY_VERBS)
         self._body_ends_line = True  # whether what came of that body so far ends with a newline
         self._regrouper: Optional[RecordRegrouper] = None  # of a push's body
@@ -348,9 +349,13 @@ class _BzrRequestRun:
                     self._body_ends_line = chunk.endswith(b"\n")
                     if self._body_newlines > entry_limit:
                         return self._too_many_entries(entry_limit)
-                handler.accept_body(chunk)
+                self._kept_body.add(chunk)
             if finished and entry_limit is not None and self._body_lines() > entry_limit:
                 return self._too_many_entries(entry_limit)
+            if finished and self._kept_body.size and not handler.finished_reading:
+                # Breezy's handlers outside the insert_stream family only join
+                # the chunks at the end: one chunk, not millions of tiny ones.
+                handler.accept_body(self._kept_body.take())
         else:
             if self._regrouper is None:
                 self._regrouper = RecordRegrouper(self._backend.max_body_bytes)
@@ -397,8 +402,9 @@ class _BzrRequestRun:
         return self._refuse((b"error", b"breezy.bzr.pack.InvalidRecordError", message))  # as Breezy names its own
 
     def _refuse(self, args: tuple) -> Reply:
-        """Answer ``args`` as the request's error and drop its handler: it never runs."""
+        """Answer ``args`` as the request's error and drop its handler and body: it never runs."""
         self._handler = None
+        self._kept_body = BodyCollector()
         self._reply = Reply(args, success=False)
         return self._reply
 
