@@ -88,8 +88,8 @@ class Options(usage.Options):
         ],
         [
             "max-request-entries", None, DEFAULT_MAX_BODY_ENTRIES,
-            "Lines of a request body that lists keys (a checkout's files, a log's revisions); "
-            "a longer list is refused unrun.", int,
+            "Lines of a request body that lists keys (a checkout's files, a log's revisions), and "
+            "arguments of a request (get_parent_map's revisions); a longer list is refused unrun.", int,
         ],
         [
             "max-request-memory", None, DEFAULT_MAX_REQUEST_MEMORY,

@@ -166,6 +166,29 @@ def test_graph_search_past_its_own_limit_is_refused_unparsed(start_smartserve, b
         client.close()
 
 
+def test_request_of_more_arguments_than_the_entry_limit_is_refused_unrun(start_smartserve, brz):
+    """get_parent_map takes its revisions as arguments, which Breezy turns into objects as it does a listed
+    body's lines (300,000 cost 144 MiB and 6 s of a worker): a request of more arguments than
+    --max-request-entries is refused RequestTooLarge before it runs; the limit itself is answered."""
+    server = start_smartserve(*_OPTIONS, "--max-request-entries", "100")
+    brz.run("init-shared-repo", "-q", server.data / "branches" / "repo")
+    client = RawClient.connect("127.0.0.1", server.port, timeout=60)
+    head = (b"Repository.get_parent_map", b"repo/", b"include-missing:")
+    try:
+        keys = [b"revision-%d" % index for index in range(99)]
+        refused = client.call(*head, *keys, body=b"\n\n0")  # 101 arguments after the verb
+        assert (refused.success, refused.args) == (
+            False,
+            (b"RequestTooLarge", b"the request has more than the server's limit of 100 arguments"),
+        )
+        answered = client.call(*head[:2], *keys, body=b"\n\n0")  # 100
+        assert answered.args == (b"ok",)
+    finally:
+        client.close()
+    assert "Repository.get_parent_map from - at 127.0.0.1:" in server.log()
+    assert "refused: the request has more than the server's limit of 100 arguments" in server.log()
+
+
 _FORMAT_2A = b"Bazaar repository format 2a (needs bzr 1.16 or later)\n"
 # Each verb whose body Breezy splits into lines, the arguments before its body, and one line of it.
 _LISTED_BODIES = [

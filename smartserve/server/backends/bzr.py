@@ -51,6 +51,7 @@ from zope.interface import implementer
 
 from ...protocol import DEFAULT_LIMITS, REQUEST_TOO_LARGE, BodyCollector
 from ..caller import Caller
+from ..dispatcher import Refusal
 from ..interfaces import IBackend, IBodyStream, IRequestRun
 from ..jail import Writable, backing_transport
 from ..reply import Reply, StreamFailure
@@ -196,10 +197,28 @@ class BzrBackend:
         return verb in self._verbs
 
     def start(self, caller: Caller, args) -> "_BzrRequestRun":
+        if len(args) - 1 > self.max_body_entries:
+            # Breezy turns each argument into objects of some 500 bytes as a line of a listed
+            # body (get_parent_map's revisions come as arguments): held to the same limit.
+            raise self._refused(
+                caller, args, b"the request has more than the server's limit of %d arguments" % self.max_body_entries
+            )
         transport = self._transport_for(caller.writable)
         # Each request sees the file system afresh (see jail.JailTransport.forget_checked).
         transport.forget_checked()
         return _BzrRequestRun(self, transport, caller, args, inline=self._runs_inline(transport, args))
+
+    @staticmethod
+    def _refused(caller: Caller, args, reason: bytes) -> Refusal:
+        """The refusal of request ``args`` as too large, logged as the refusals of request bodies are."""
+        log.warn(
+            "{verb} from {user} at {peer} refused: {reason}",
+            verb=args[0].decode("utf-8", "replace"),
+            user=caller.user or "-",
+            peer=caller.peer,
+            reason=reason.decode("utf-8"),
+        )
+        return Refusal(Reply((REQUEST_TOO_LARGE, reason), success=False))
 
     def _runs_inline(self, transport, args) -> bool:
         """True for a request that reads one small file or one path's metadata."""
