@@ -24,9 +24,11 @@ Breezy's own server fails or ignores, work (``_large_reads``,
 
 Request bodies are bounded too. Breezy's handlers keep a body whole
 until its end, except the insert_stream family, whose inserter thread
-takes the body through a queue as it comes: a kept body may grow to
-``max_body_bytes`` and is then refused with ``RequestTooLarge`` before
-the request runs (a body Breezy parses into many times its size, such as
+takes the body through a queue as it comes. Such a body is kept here
+instead (a ``BodyCollector``, so that millions of tiny parts cost what
+their bytes do) and handed to the handler as one chunk at its end: it
+may grow to ``max_body_bytes`` and is then refused with
+``RequestTooLarge`` before the request runs (a body Breezy parses into many times its size, such as
 a ``readv``'s list of ranges, already at its ``PARSED_BODY_LIMITS``, and
 a list of keys at ``max_body_entries`` lines). A push's body reaches the
 inserter as whole records (``_container.RecordRegrouper``), each at most
