@@ -13,7 +13,7 @@ from smartserve.protocol import NEED_DATA, BodyChunk, Connection, EndOfMessage, 
 from smartserve.server.backends.bzr import LARGE_BODY_BYTES
 from smartserve.ssh import show_conch_trace
 
-from support import logged_events
+from support import logged_events, wait_until
 
 from .conftest import SSH, needs_openssh
 
@@ -86,9 +86,20 @@ async def test_large_get_arrives_whole_over_ssh(ssh_server, ssh_client, options)
 @needs_openssh
 @pytest_twisted.ensureDeferred
 async def test_large_put_lands_whole_while_keys_are_renegotiated(ssh_server, ssh_client):
-    """A 3 MiB request body sent while the client rekeys every 256 KiB is written byte for byte."""
+    """A 3 MiB request body sent while the client rekeys every 256 KiB is written byte for byte; the session
+    counts the body in the server's request-body memory while it arrives and gives it all back as it ends."""
     content = os.urandom(3 * 1024 * 1024 + 4321)
     (ssh_server.root / "~alice").mkdir()
+    memory = ssh_server.smart_factory.body_memory
+    sums = []
+    update = memory.update
+
+    def noting_update(before, now):
+        answer = update(before, now)
+        sums.append(memory.held)
+        return answer
+
+    memory.update = noting_update
     call = _SmartCall(Request((b"put", b"~alice/up.bin", b"")), body=content)
     options = ["-o", "RekeyLimit=256K"]
     reactor.spawnProcess(call, SSH, ["ssh", *ssh_client.argv("alice", *SERVE, options=options)], env=ssh_client.env)
@@ -96,3 +107,40 @@ async def test_large_put_lands_whole_while_keys_are_renegotiated(ssh_server, ssh
     assert call.response is not None and call.response.args == (b"ok",)
     assert (ssh_server.root / "~alice" / "up.bin").read_bytes() == content
     assert exit_code == 0
+    assert max(sums) >= len(content)
+    await wait_until(lambda: memory.held == 0, 10, "the session's share of request-body memory to be given back")
+
+
+class _HalfSentBody(protocol.ProcessProtocol):
+    """Writes a put's opening and part of one body part down ``ssh``, then waits to be killed."""
+
+    def __init__(self, path: bytes, sent: int):
+        self._path = path
+        self._sent = sent
+        self.done = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        codec = Connection(Role.CLIENT)
+        head = codec.send(Request((b"put", self._path, b"")))
+        part = codec.send(BodyChunk(b"x" * (2 * self._sent)))
+        self.transport.write(head + part[: 5 + self._sent])
+
+    def processEnded(self, reason) -> None:
+        self.done.callback(None)
+
+
+@needs_openssh
+@pytest_twisted.ensureDeferred
+async def test_session_lost_in_the_middle_of_a_body_gives_its_memory_back(ssh_server, ssh_client):
+    """An SSH client killed while its put's body is half sent: the server held that half in its request-body
+    memory, and gives it back when the channel goes, and nothing is written."""
+    (ssh_server.root / "~alice").mkdir()
+    memory = ssh_server.smart_factory.body_memory
+    sent = 512 * 1024
+    call = _HalfSentBody(b"~alice/half.bin", sent)
+    reactor.spawnProcess(call, SSH, ["ssh", *ssh_client.argv("alice", *SERVE)], env=ssh_client.env)
+    await wait_until(lambda: memory.held >= sent, 30, "the server to hold the half-sent body")
+    call.transport.signalProcess("KILL")
+    await call.done
+    await wait_until(lambda: memory.held == 0, 30, "the lost session's share to be given back")
+    assert not (ssh_server.root / "~alice" / "half.bin").exists()
