@@ -23,6 +23,17 @@ class Caller:
         """True when the caller may run only ``read`` verbs."""
         return self.writable.is_nowhere
 
+    def warn_about(self, logger, verb: bytes, what: str, **detail) -> None:
+        """Warn on ``logger`` that this caller's ``verb`` request ``what`` (a format of ``detail``'s fields),
+        as ``put from alice at 192.0.2.7:50318 refused: ...``."""
+        logger.warn(
+            "{verb} from {user} at {peer} " + what,
+            verb=verb.decode("utf-8", "replace"),
+            user=self.user or "-",
+            peer=self.peer,
+            **detail,
+        )
+
 
 def peer_text(address) -> str:
     """A transport's peer address as logs and ``Caller.peer`` show it: ``host:port``, ``[v6]:port``."""

@@ -411,12 +411,10 @@ class SmartServerProtocol(Protocol):
         if current is None or current.refusal is not None or current.advancing or current.finished:
             return
         limit = self.factory.body_memory.limit
-        log.warn(
-            "{verb} from {user} at {peer} refused: request bodies held by the server are at its limit "
-            "of {limit} bytes (--max-request-memory)",
-            verb=current.record.verb.decode("utf-8", "replace"),
-            user=self.caller.user or "-",
-            peer=self.caller.peer,
+        self.caller.warn_about(
+            log,
+            current.record.verb,
+            "refused: request bodies held by the server are at its limit of {limit} bytes (--max-request-memory)",
             limit=limit,
         )
         message = (

@@ -213,13 +213,7 @@ class BzrBackend:
     @staticmethod
     def _refused(caller: Caller, args, reason: bytes) -> Refusal:
         """The refusal of request ``args`` as too large, logged as the refusals of request bodies are."""
-        log.warn(
-            "{verb} from {user} at {peer} refused: {reason}",
-            verb=args[0].decode("utf-8", "replace"),
-            user=caller.user or "-",
-            peer=caller.peer,
-            reason=reason.decode("utf-8"),
-        )
+        caller.warn_about(log, args[0], "refused: {reason}", reason=reason.decode("utf-8"))
         return Refusal(Reply((REQUEST_TOO_LARGE, reason), success=False))
 
     def _runs_inline(self, transport, args) -> bool:
@@ -319,13 +313,7 @@ class _BzrRequestRun:
         else:
             return reply
         self._failure_noted = True  # later steps of the request hand back the same reply
-        log.warn(
-            "{verb} from {user} at {peer} " + what,
-            verb=self._args[0].decode("utf-8", "replace"),
-            user=self._caller.user or "-",
-            peer=self._caller.peer,
-            **detail,
-        )
+        self._caller.warn_about(log, self._args[0], what, **detail)
         return reply
 
     def abort(self) -> None:
