@@ -23,6 +23,7 @@ from zope.interface import implementer
 from .protocol import (
     NEED_DATA,
     BodyChunk,
+    BodyCollector,
     BodyError,
     Connection,
     ConnectionClosed,
@@ -122,22 +123,23 @@ class _MemoryRun:
     def __init__(self, backend: MemoryBackend, args: Tuple):
         self._backend = backend
         self._args = args
-        self._body: List[bytes] = []
+        self._body = BodyCollector()
         self._started = False
 
     def advance(self, chunks, finished) -> defer.Deferred:
         if not self._started:
             self._started = True
             self._backend.ran.append(self._args)
-        self._body.extend(chunks)
+        for chunk in chunks:
+            self._body.add(chunk)
         if not finished:
             return defer.succeed(None)
         d = self._backend._gate(self._args[0])
-        return d.addCallback(lambda _: self._backend._execute(self._args, b"".join(self._body)))
+        return d.addCallback(lambda _: self._backend._execute(self._args, self._body.take()))
 
     @property
     def held_body_bytes(self) -> int:
-        return sum(len(chunk) for chunk in self._body)
+        return self._body.size
 
     def abort(self) -> None:
         self._backend.aborted.append(self._args)
