@@ -483,17 +483,12 @@ class SmartClient:
         """
         self.budget.record_failure()
         delay = backoff_delay(resends + 1, self.policy, self._jitter)
-        why_not = None
         if not self.policy.resend:
             why_not = "resending is switched off"
         elif not outgoing.body_replayable:
             why_not = "its one-shot body stream was already read"
-        elif resends >= self.policy.max_resends:
-            why_not = f"already resent {resends} time(s)"
-        elif delay >= self._remaining(deadline_at):
-            why_not = "the call's deadline would pass first"
-        elif not self.budget.allows_retry():
-            why_not = "the retry budget is exhausted"
+        else:
+            why_not = self._past_limits(resends, deadline_at, wait=delay)
         if why_not is not None:
             busy.why_not_resent = why_not
             raise busy
@@ -533,10 +528,15 @@ class SmartClient:
             return "part of the response body already went to on_chunk"
         if not self.policy.resend and point is not FailurePoint.BEFORE_WRITE:
             return "resending is switched off"
+        return self._past_limits(resends, deadline_at)
+
+    def _past_limits(self, resends: int, deadline_at: float, wait: float = 0.0) -> Optional[str]:
+        """Why sending a request again, after ``wait`` seconds, would break ``max_resends``, the call's
+        deadline or the retry budget; None if it would not."""
         if resends >= self.policy.max_resends:
             return f"already resent {resends} time(s)"
-        if self._remaining(deadline_at) <= 0:
-            return "the call's deadline passed"
+        if self._remaining(deadline_at) <= wait:
+            return "the call's deadline would pass first" if wait else "the call's deadline passed"
         if not self.budget.allows_retry():
             return "the retry budget is exhausted"
         return None
