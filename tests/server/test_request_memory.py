@@ -18,9 +18,9 @@ from support import logged_events
 LIMIT = 10_000
 
 
-def _factory(backend: MemoryBackend, limit: int = LIMIT, writable: Writable = Writable.everywhere()):
+def _factory(backend: MemoryBackend, limit: int = LIMIT, writable: Writable = Writable.everywhere(), metrics=None):
     return SmartServerFactory(
-        Dispatcher(backend), clock=Clock(), tcp_writable=writable, max_request_memory=limit
+        Dispatcher(backend), clock=Clock(), tcp_writable=writable, max_request_memory=limit, metrics=metrics
     )
 
 
@@ -153,10 +153,7 @@ def test_metrics_show_the_bytes_held_and_the_requests_refused():
 
     backend = MemoryBackend()
     metrics = ServerMetrics()
-    factory = SmartServerFactory(
-        Dispatcher(backend), clock=Clock(), tcp_writable=Writable.everywhere(), max_request_memory=LIMIT,
-        metrics=metrics,
-    )
+    factory = _factory(backend, metrics=metrics)
     metrics.watch_bzr_refusals(factory)
     hog, client = _Client(factory), _Client(factory)
     hog.begin(b"put", b"/hog", b"")
