@@ -34,7 +34,7 @@ from .server.bodymemory import DEFAULT_MAX_REQUEST_MEMORY
 from .server.dispatcher import Dispatcher
 from .server.drain import DrainController, DrainState
 from .server.jail import Writable
-from .server.protocol import SmartServerFactory
+from .server.protocol import DEFAULT_HOLD_RESPONSE_BYTES, SmartServerFactory
 
 __all__ = ["Options", "makeService", "SmartserveService"]
 
@@ -96,6 +96,12 @@ class Options(usage.Options):
             "Bytes of request bodies all connections together may hold; a request whose body arrives "
             "past it is refused unrun with ServerBusy (0: no limit).", int,
         ],
+        [
+            "hold-response-bytes", None, DEFAULT_HOLD_RESPONSE_BYTES,
+            "Bytes of a streamed response (a branch's revisions) held back, with its response tuple, until "
+            "the stream ends, so a server that dies while making it has sent nothing a client cannot resend "
+            "(0: send from the first slice).", int,
+        ],
         ["control", None, None, "Control socket path [default: DATA/control.sock]."],
         ["takeover", None, None, "Take the listening sockets of the server on this control socket, then drain it."],
         ["drain-timeout", None, 600.0, "Seconds a drain waits for busy connections before aborting them.", float],
@@ -138,7 +144,7 @@ class Options(usage.Options):
         non_negative = (
             "idle-timeout", "drain-timeout", "drain-grace", "drain-linger", "drain-spread", "login-grace-time",
             "inline-read-bytes", "bzr-max-connections", "bzr-max-connections-per-address",
-            "max-unauthenticated-per-address", "max-request-memory",
+            "max-unauthenticated-per-address", "max-request-memory", "hold-response-bytes",
         )
         for name in non_negative:
             if not math.isfinite(self[name]):
@@ -422,6 +428,7 @@ def _make_service(options: Options, reactor) -> SmartserveService:
         max_bzr_connections=options["bzr-max-connections"],
         max_bzr_connections_per_address=options["bzr-max-connections-per-address"],
         max_request_memory=options["max-request-memory"],
+        hold_response_bytes=options["hold-response-bytes"],
     )
     controller = DrainController(reactor, grace=options["drain-grace"], default_timeout=options["drain-timeout"])
     metrics.watch_connections("smart", smart_factory)

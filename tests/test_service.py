@@ -86,6 +86,7 @@ def test_server_started_with_a_low_open_file_limit_raises_it(start_smartserve):
             "--max-request-memory must be 0 or at least --max-request-body",
         ),
         (["--idle-timeout", "-1"], "--idle-timeout must be 0 or more"),
+        (["--hold-response-bytes", "-1"], "--hold-response-bytes must be 0 or more"),
         (["--inline-read-bytes", "1048577"], "--inline-read-bytes must be at most 1048576"),
         (["--drain-timeout", "nan"], "--drain-timeout must be a finite number"),
         (["--drain-timeout", "inf"], "--drain-timeout must be a finite number"),

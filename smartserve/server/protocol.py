@@ -105,6 +105,10 @@ _JOIN_BELOW = 64 * 1024
 # How much of a response stream one worker-pool call produces.
 STREAM_SLICE_BYTES = 64 * 1024
 
+# How much of a streamed response is held back, with its response tuple,
+# until the stream has ended (see SmartServerFactory).
+DEFAULT_HOLD_RESPONSE_BYTES = 256 * 1024
+
 # Seconds for which a bzr:// connection closed with an answer to a request
 # the server did not read (ServerDraining, TooManyConnections) is read from
 # and its bytes dropped, waiting for the client to close it.
@@ -144,6 +148,8 @@ class _CurrentRequest:
         "advancing",
         "stream",
         "ready",
+        "held",
+        "held_size",
     )
 
     def __init__(self, record: RequestRecord):
@@ -158,6 +164,8 @@ class _CurrentRequest:
         self.advancing = False
         self.stream = None
         self.ready: Optional[list] = None
+        self.held: Optional[list] = None  # the start of a streamed response, not yet written
+        self.held_size = 0
 
     def take_body(self, data: bytes) -> None:
         """Keep a body part for the run, unless the request will not run."""
@@ -601,7 +609,10 @@ class SmartServerProtocol(Protocol):
         current.record.outcome = reply.outcome
         if reply.stream is not None:
             current.stream = reply.stream
-            self._write(current, [head])
+            if self.factory.hold_response_bytes:
+                current.held, current.held_size = [head], len(head)
+            else:
+                self._write(current, [head])
             self._pull_stream(current)
             return
         self._write(current, parts, now=True)
@@ -645,7 +656,14 @@ class SmartServerProtocol(Protocol):
             parts.extend(self._codec.send_with_data_passthrough(BodyChunk(item)))
         if ended:
             parts.append(self._codec.send(EndOfMessage()))
-        self._write(current, parts)
+        if current.held is None:
+            self._write(current, parts)
+        else:
+            current.held.extend(parts)
+            current.held_size += sum(map(len, parts))
+            if ended or current.held_size >= self.factory.hold_response_bytes:
+                held, current.held = current.held, None
+                self._write(current, held, now=True)
         if ended:
             current.stream.close()
             self._response_done(current)
@@ -911,6 +929,12 @@ class SmartServerFactory(QuietFactory):
     (the global log publisher unless given). ``max_request_memory`` bounds
     the request bodies all its connections hold together (``body_memory``,
     a ``RequestBodyMemory``; 0: counted, not bounded).
+
+    ``hold_response_bytes``: a streamed response is written only once its
+    stream has ended or that much of it is made (0: from its first slice).
+    A server killed while making a response it held has sent nothing of it,
+    and a client, even an unmodified ``brz``, may then resend a read;
+    once a client has the response tuple, ``brz`` cannot resend.
     """
 
     protocol = SmartServerProtocol
@@ -930,6 +954,7 @@ class SmartServerFactory(QuietFactory):
         max_bzr_connections: int = 0,
         max_bzr_connections_per_address: int = 0,
         max_request_memory: int = 0,
+        hold_response_bytes: int = DEFAULT_HOLD_RESPONSE_BYTES,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
@@ -947,6 +972,7 @@ class SmartServerFactory(QuietFactory):
         self.max_bzr_connections = max_bzr_connections
         self.max_bzr_connections_per_address = max_bzr_connections_per_address
         self.body_memory = RequestBodyMemory(max_request_memory)
+        self.hold_response_bytes = hold_response_bytes
         self._bzr_by_host: collections.Counter = collections.Counter()
         self._refusing_hosts: set = set()  # addresses whose connections are being turned away
         self._bzr_connections: set = set()

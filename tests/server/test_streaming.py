@@ -1,11 +1,17 @@
-"""Streamed responses: the next slice is made while the transport sends the last, and never more than one ahead."""
+"""Streamed responses: the next slice is made while the transport sends the last, and never more than one ahead.
+
+The start of a streamed response (up to ``hold_response_bytes``) is held
+until its stream ends; the tests of sending as made turn holding off.
+"""
 
 from __future__ import annotations
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, globalLogPublisher
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smartserve.protocol import NEED_DATA, BodyChunk, BodyError, Connection, EndOfMessage, Request, Role
@@ -79,7 +85,7 @@ def _body(data: bytes) -> bytes:
 
 def test_stream_slice_is_made_while_the_transport_is_paused_and_written_on_resume():
     stream = _SlowStream([b"one", b"two", b"three"])
-    factory = SmartServerFactory(Dispatcher(_StreamingBackend(stream)), clock=Clock())
+    factory = SmartServerFactory(Dispatcher(_StreamingBackend(stream)), clock=Clock(), hold_response_bytes=0)
     protocol = factory.build_protocol(Caller(None, "memory", Writable.nowhere()))
     transport = StringTransport()
     protocol.makeConnection(transport)
@@ -104,7 +110,7 @@ def test_stream_slice_is_made_while_the_transport_is_paused_and_written_on_resum
 
 def test_stream_is_not_pulled_twice_at_once_while_paused():
     stream = _SlowStream([b"a" * 10, b"b" * 10])
-    factory = SmartServerFactory(Dispatcher(_StreamingBackend(stream)), clock=Clock())
+    factory = SmartServerFactory(Dispatcher(_StreamingBackend(stream)), clock=Clock(), hold_response_bytes=0)
     protocol = factory.build_protocol(Caller(None, "memory", Writable.nowhere()))
     protocol.makeConnection(StringTransport())
     protocol.dataReceived(encode_request([b"get"]))
@@ -128,8 +134,10 @@ def _events(data: bytes) -> list:
     return events
 
 
-def _serving(stream):
-    factory = SmartServerFactory(Dispatcher(_StreamingBackend(stream)), clock=Clock())
+def _serving(stream, hold_response_bytes=0):
+    factory = SmartServerFactory(
+        Dispatcher(_StreamingBackend(stream)), clock=Clock(), hold_response_bytes=hold_response_bytes
+    )
     access_lines = []
     factory.access_log = Logger(observer=lambda event: access_lines.append(event["access_line"]))
     protocol = factory.build_protocol(Caller(None, "memory", Writable.nowhere()))
@@ -224,3 +232,53 @@ class _UnencodableBackend(_StreamingBackend):
 class _UnencodableRun(_Run):
     def advance(self, chunks, finished):
         return defer.succeed(Reply((b"TokenMismatch", b"tok", None), success=False, stream=self.stream))
+
+
+def test_held_response_is_written_whole_once_its_stream_ends():
+    """Nothing of a response under the hold size, not even its tuple, is written before the stream ends."""
+    stream = _SlowStream([b"one", b"two"])
+    protocol, transport, access_lines = _serving(stream, hold_response_bytes=1024)
+    stream.make_next()
+    stream.make_next()
+    assert transport.value() == b"", "a server dying now would leave the client a response it cannot resend"
+    assert len(stream.pulls) == 1, "holding stops the stream being made"
+    stream.make_next()  # the end
+    events = _events(transport.value())
+    assert events[1:] == [BodyChunk(b"one"), BodyChunk(b"two"), EndOfMessage()]
+    assert stream.closed and protocol.requests_served == 1
+    assert " out=%d " % len(transport.value()) in access_lines[-1]
+
+
+def test_held_response_goes_out_once_the_hold_size_is_made_then_streams():
+    """A response larger than the hold size is written once that much is made, and streamed from there on."""
+    stream = _SlowStream([b"a" * 600, b"b" * 600, b"c" * 600])
+    protocol, transport, _ = _serving(stream, hold_response_bytes=1000)
+    stream.make_next()
+    assert transport.value() == b""
+    stream.make_next()  # 1,200 bytes made: over the hold size
+    assert b"b" * 600 in transport.value() and b"c" not in transport.value()
+    written = len(transport.value())
+    stream.make_next()
+    assert len(transport.value()) > written, "after the hold, slices go out as they are made"
+    stream.make_next()
+    assert _body(transport.value()) == b"a" * 600 + b"b" * 600 + b"c" * 600
+
+
+def test_connection_lost_while_holding_writes_nothing_and_closes_the_stream():
+    stream = _SlowStream([b"one", b"two"])
+    protocol, transport, _ = _serving(stream, hold_response_bytes=1024)
+    stream.make_next()
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert transport.value() == b""
+    assert stream.closed
+
+
+def test_stream_error_of_a_held_response_goes_out_with_what_was_held():
+    stream = _SlowStream([b"one", StreamFailure((b"error", b"NoSuchRevision", b"r1"))])
+    protocol, transport, access_lines = _serving(stream, hold_response_bytes=1024)
+    stream.make_next()
+    assert transport.value() == b""
+    stream.make_next()
+    events = _events(transport.value())
+    assert events[1:] == [BodyChunk(b"one"), BodyError((b"error", b"NoSuchRevision", b"r1")), EndOfMessage()]
+    assert " stream-error " in access_lines[-1]
