@@ -107,3 +107,17 @@ def test_near_restart_window(soak):
     assert soak.near_restart(call(12.0 + window), restarts)
     assert not soak.near_restart(call(10.0 - window - 0.01), restarts)
     assert not soak.near_restart(call(12.0 + window + 0.01), restarts)
+
+
+def test_brz_resends_are_read_from_breezys_own_warnings(soak):
+    """The harness counts a request `brz` sent again from the warning Breezy's client prints, in its words."""
+    from breezy.bzr.smart import client
+
+    source = Path(client.__file__).read_text()
+    assert '"ConnectionReset reading response for {!r}, retrying"' in source
+    assert '"ConnectionReset calling {!r}, retrying"' in source
+    stderr = (
+        "ConnectionReset reading response for {!r}, retrying\n".format(b"Repository.get_stream_1.19")
+        + "brz: warning: ConnectionReset calling {!r}, retrying\n".format(b"Branch.get_config_file")
+    )
+    assert soak._BRZ_RESENT.findall(stderr) == ["Repository.get_stream_1.19", "Branch.get_config_file"]
