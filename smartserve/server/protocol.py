@@ -107,7 +107,7 @@ STREAM_SLICE_BYTES = 64 * 1024
 
 # How much of a streamed response is held back, with its response tuple,
 # until the stream has ended (see SmartServerFactory).
-DEFAULT_HOLD_RESPONSE_BYTES = 256 * 1024
+DEFAULT_HOLD_RESPONSE_BYTES = 64 * 1024
 
 # Seconds for which a bzr:// connection closed with an answer to a request
 # the server did not read (ServerDraining, TooManyConnections) is read from
