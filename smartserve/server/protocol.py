@@ -106,8 +106,9 @@ _JOIN_BELOW = 64 * 1024
 STREAM_SLICE_BYTES = 64 * 1024
 
 # How much of a streamed response is held back, with its response tuple,
-# until the stream has ended (see SmartServerFactory).
-DEFAULT_HOLD_RESPONSE_BYTES = 64 * 1024
+# until the stream has ended (see SmartServerFactory). Off by default: the
+# client waits for what is held, and Breezy makes a stream's start slowly.
+DEFAULT_HOLD_RESPONSE_BYTES = 0
 
 # Seconds for which a bzr:// connection closed with an answer to a request
 # the server did not read (ServerDraining, TooManyConnections) is read from
