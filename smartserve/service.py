@@ -97,6 +97,12 @@ class Options(usage.Options):
             "past it is refused unrun with ServerBusy (0: no limit).", int,
         ],
         [
+            "max-request-memory-per-caller", None, 0,
+            "Bytes of request bodies the connections of one caller (an SSH user, a bzr:// client address) may "
+            "hold together; a request whose body arrives past it is refused unrun with ServerBusy (0: no limit "
+            "of its own).", int,
+        ],
+        [
             "hold-response-bytes", None, DEFAULT_HOLD_RESPONSE_BYTES,
             "Bytes of a streamed response (a branch's revisions) held back, with its response tuple, until "
             "the stream ends, so a server that dies while making it has sent nothing a client cannot resend "
@@ -144,7 +150,8 @@ class Options(usage.Options):
         non_negative = (
             "idle-timeout", "drain-timeout", "drain-grace", "drain-linger", "drain-spread", "login-grace-time",
             "inline-read-bytes", "bzr-max-connections", "bzr-max-connections-per-address",
-            "max-unauthenticated-per-address", "max-request-memory", "hold-response-bytes",
+            "max-unauthenticated-per-address", "max-request-memory", "max-request-memory-per-caller",
+            "hold-response-bytes",
         )
         for name in non_negative:
             if not math.isfinite(self[name]):
@@ -163,11 +170,12 @@ class Options(usage.Options):
         for name in at_least_one:
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
-        if 0 < self["max-request-memory"] < self["max-request-body"]:
-            raise usage.UsageError(
-                "--max-request-memory must be 0 or at least --max-request-body: "
-                "a request the size of the body limit would always be refused"
-            )
+        for name in ("max-request-memory", "max-request-memory-per-caller"):
+            if 0 < self[name] < self["max-request-body"]:
+                raise usage.UsageError(
+                    f"--{name} must be 0 or at least --max-request-body: "
+                    "a request the size of the body limit would always be refused"
+                )
         if not (self["ssh"] or self["bzr"]):
             raise usage.UsageError("nothing to serve: give --ssh or --bzr")
 
@@ -429,6 +437,7 @@ def _make_service(options: Options, reactor) -> SmartserveService:
         max_bzr_connections_per_address=options["bzr-max-connections-per-address"],
         max_request_memory=options["max-request-memory"],
         hold_response_bytes=options["hold-response-bytes"],
+        max_request_memory_per_caller=options["max-request-memory-per-caller"],
     )
     controller = DrainController(reactor, grace=options["drain-grace"], default_timeout=options["drain-timeout"])
     metrics.watch_connections("smart", smart_factory)

@@ -85,6 +85,11 @@ def test_server_started_with_a_low_open_file_limit_raises_it(start_smartserve):
             ["--max-request-body", "2000", "--max-request-memory", "1999"],
             "--max-request-memory must be 0 or at least --max-request-body",
         ),
+        (["--max-request-memory-per-caller", "-1"], "--max-request-memory-per-caller must be 0 or more"),
+        (
+            ["--max-request-body", "2000", "--max-request-memory-per-caller", "1999"],
+            "--max-request-memory-per-caller must be 0 or at least --max-request-body",
+        ),
         (["--idle-timeout", "-1"], "--idle-timeout must be 0 or more"),
         (["--hold-response-bytes", "-1"], "--hold-response-bytes must be 0 or more"),
         (["--inline-read-bytes", "1048577"], "--inline-read-bytes must be at most 1048576"),

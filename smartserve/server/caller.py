@@ -7,7 +7,7 @@ from typing import Optional
 
 from .jail import Writable
 
-__all__ = ["Caller", "peer_text"]
+__all__ = ["Caller", "peer_text", "host_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +17,13 @@ class Caller:
     user: Optional[str]
     peer: str
     writable: Writable
+
+    @property
+    def who(self) -> tuple:
+        """Whom this caller's share of the server is counted for: the user, or over bzr:// the client's address."""
+        if self.user is not None:
+            return ("user", self.user)
+        return ("address", host_of(self.peer))
 
     @property
     def read_only(self) -> bool:
@@ -41,3 +48,12 @@ def peer_text(address) -> str:
     if host is None:
         return str(address)
     return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+
+
+def host_of(peer: str) -> str:
+    """The host of a ``peer_text`` address (``host:port``, ``[v6]:port``); any other text as it is."""
+    if peer.startswith("[") and "]:" in peer:
+        return peer[1 : peer.index("]:")]
+    if peer.count(":") == 1:
+        return peer.split(":")[0]
+    return peer

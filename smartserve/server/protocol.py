@@ -29,8 +29,8 @@ pipelined are answered in order once the one before is done.
 
 Each connection reports to the factory's ``body_memory`` what it holds of
 request bodies (received bytes the codec has not handed on, the body its
-request keeps); a request whose body grows while all of them together are
-over the limit is answered ``ServerBusy`` unrun. Whenever a request is
+request keeps); a request whose body grows while all of them together, or
+its caller's, are over their limit is answered ``ServerBusy`` unrun. Whenever a request is
 refused, its remaining body parts are taken in pieces and dropped as they
 arrive.
 
@@ -84,7 +84,7 @@ from ..protocol import (
 from .._quiet import QuietFactory
 from .._sending import direct_socket, send_now, write_now
 from .accesslog import DEFAULT_ACCESS_LOG, RequestRecord
-from .bodymemory import RequestBodyMemory
+from .bodymemory import ONE_CALLER, RequestBodyMemory
 from .caller import Caller, peer_text
 from .dispatcher import Dispatcher, Refusal
 from .drain import OpenConnections
@@ -217,6 +217,7 @@ class SmartServerProtocol(Protocol):
         self._admission_due = False  # a bzr:// connection counted per address at its first bytes
         self.counted_host: Optional[str] = None  # the address it is counted under, once admitted
         self._body_memory_share = 0  # what this connection counts in the factory's body_memory
+        self._body_memory_caller = None  # whom that share is counted for (Caller.who)
 
     # Twisted callbacks.
 
@@ -299,7 +300,7 @@ class SmartServerProtocol(Protocol):
             current.record.emit(self.factory.clock.seconds(), self.factory.access_log)
             self.factory.request_aborted(self, current.record)
         self.phase = Phase.CLOSED
-        self.factory.body_memory.update(self._body_memory_share, 0)
+        self.factory.body_memory.update(self._body_memory_caller, self._body_memory_share, 0)
         self._body_memory_share = 0
         self.factory.turned_away.discard(self)
         self.factory.connection_lost(self)
@@ -408,8 +409,13 @@ class SmartServerProtocol(Protocol):
         now = self._codec.buffered_size
         if current is not None:
             now += current.held_bytes()
+        memory, who = self.factory.body_memory, self.caller.who
+        if who != self._body_memory_caller:
+            # The client's address became known (a PROXY header): its share moves to it.
+            memory.update(self._body_memory_caller, self._body_memory_share, 0)
+            self._body_memory_caller, self._body_memory_share = who, 0
         before, self._body_memory_share = self._body_memory_share, now
-        return self.factory.body_memory.update(before, now)
+        return memory.update(who, before, now)
 
     def _refuse_for_body_memory(self) -> None:
         """Refuse the request in progress unrun, if its body is still arriving: request bodies fill the server.
@@ -419,16 +425,20 @@ class SmartServerProtocol(Protocol):
         current = self._current
         if current is None or current.refusal is not None or current.advancing or current.finished:
             return
-        limit = self.factory.body_memory.limit
-        self.caller.warn_about(
-            log,
-            current.record.verb,
-            "refused: request bodies held by the server are at its limit of {limit} bytes (--max-request-memory)",
-            limit=limit,
-        )
+        memory = self.factory.body_memory
+        if memory.over(self.caller.who) == ONE_CALLER:
+            limit, whose = memory.per_caller_limit, " for one caller"
+            what = (
+                "refused: request bodies held for this caller are at the limit of {limit} bytes per caller "
+                "(--max-request-memory-per-caller)"
+            )
+        else:
+            limit, whose = memory.limit, ""
+            what = "refused: request bodies held by the server are at its limit of {limit} bytes (--max-request-memory)"
+        self.caller.warn_about(log, current.record.verb, what, limit=limit)
         message = (
-            b"the server holds its limit of %d bytes of request bodies; nothing of this request ran, "
-            b"send it again later" % limit
+            b"the server holds its limit of %d bytes of request bodies%s; nothing of this request ran, "
+            b"send it again later" % (limit, whose.encode("ascii"))
         )
         current.refusal = Reply((SERVER_BUSY, message), success=False)
         current.chunks, current.chunk_bytes = [], 0
@@ -929,7 +939,8 @@ class SmartServerFactory(QuietFactory):
     ``access_log`` is the ``Logger`` that gets each request's access event
     (the global log publisher unless given). ``max_request_memory`` bounds
     the request bodies all its connections hold together (``body_memory``,
-    a ``RequestBodyMemory``; 0: counted, not bounded).
+    a ``RequestBodyMemory``; 0: counted, not bounded), and
+    ``max_request_memory_per_caller`` those of one caller (``Caller.who``).
 
     ``hold_response_bytes``: a streamed response is written only once its
     stream has ended or that much of it is made (0: from its first slice).
@@ -956,6 +967,7 @@ class SmartServerFactory(QuietFactory):
         max_bzr_connections_per_address: int = 0,
         max_request_memory: int = 0,
         hold_response_bytes: int = DEFAULT_HOLD_RESPONSE_BYTES,
+        max_request_memory_per_caller: int = 0,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
@@ -972,7 +984,7 @@ class SmartServerFactory(QuietFactory):
         self.connections = OpenConnections()
         self.max_bzr_connections = max_bzr_connections
         self.max_bzr_connections_per_address = max_bzr_connections_per_address
-        self.body_memory = RequestBodyMemory(max_request_memory)
+        self.body_memory = RequestBodyMemory(max_request_memory, max_request_memory_per_caller)
         self.hold_response_bytes = hold_response_bytes
         self._bzr_by_host: collections.Counter = collections.Counter()
         self._refusing_hosts: set = set()  # addresses whose connections are being turned away

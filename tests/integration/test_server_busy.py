@@ -119,3 +119,30 @@ def test_stock_push_refused_mid_stream_leaves_the_repository_usable_and_works_on
     assert ("Repository.insert_stream_1.19", "ServerBusy") in [
         (record["verb"], record["outcome"]) for record in server.access_records()
     ], "the refused push's access line was written before the push after it began"
+
+
+def test_one_address_is_held_to_its_share_of_request_memory(start_smartserve):
+    """With --max-request-memory-per-caller, one bzr:// client address cannot take the server's whole limit:
+    its second upload is refused for one caller while the server as a whole has room."""
+    from breezy import errors
+    from breezy.transport import get_transport
+
+    server = start_smartserve(
+        "--bzr", "tcp:0:interface=127.0.0.1", "--bzr-allow-writes", "--ssh", "none",
+        "--admin", "tcp:0:interface=127.0.0.1",
+        "--max-request-body", str(4 * MIB), "--max-request-memory", str(64 * MIB),
+        "--max-request-memory-per-caller", str(4 * MIB),
+    )  # fmt: skip
+    hog = _hog(server)
+    try:
+        with pytest.raises(errors.BzrError) as raised:
+            get_transport(server.url + "/").put_bytes("other", b"y" * (2 * MIB))
+        assert "of request bodies for one caller" in str(raised.value)
+        wait_for(lambda: _outcomes(server, "put") == ["ServerBusy"], 10, "the refusal's access line")
+        assert (
+            "put from - at 127.0.0.1:" in server.log()
+            and "refused: request bodies held for this caller are at the limit of 4194304 bytes per caller" in server.log()
+        )
+        assert not (server.data / "branches" / "other").exists()
+    finally:
+        hog.close()

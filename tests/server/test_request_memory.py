@@ -18,17 +18,28 @@ from support import logged_events
 LIMIT = 10_000
 
 
-def _factory(backend: MemoryBackend, limit: int = LIMIT, writable: Writable = Writable.everywhere(), metrics=None):
+def _factory(
+    backend: MemoryBackend,
+    limit: int = LIMIT,
+    writable: Writable = Writable.everywhere(),
+    metrics=None,
+    per_caller: int = 0,
+):
     return SmartServerFactory(
-        Dispatcher(backend), clock=Clock(), tcp_writable=writable, max_request_memory=limit, metrics=metrics
+        Dispatcher(backend),
+        clock=Clock(),
+        tcp_writable=writable,
+        max_request_memory=limit,
+        metrics=metrics,
+        max_request_memory_per_caller=per_caller,
     )
 
 
 class _Client:
-    """One connection to ``factory``, writing a request piece by piece."""
+    """One connection to ``factory``, writing a request piece by piece, as ``user`` from ``peer``."""
 
-    def __init__(self, factory: SmartServerFactory):
-        self.protocol = factory.build_protocol(Caller(None, "memory", factory.tcp_writable))
+    def __init__(self, factory: SmartServerFactory, user=None, peer="memory"):
+        self.protocol = factory.build_protocol(Caller(user, peer, factory.tcp_writable))
         self.transport = StringTransport()
         self.protocol.makeConnection(self.transport)
         self.codec = Connection(Role.CLIENT)
@@ -165,3 +176,65 @@ def test_metrics_show_the_bytes_held_and_the_requests_refused():
     text = metrics.render().decode()
     assert "smartserve_request_body_bytes 8000.0" in text
     assert 'smartserve_requests_total{outcome="ServerBusy",verb_class="idem"} 1.0' in text
+
+
+def test_one_callers_bodies_are_held_to_the_per_caller_limit_while_others_go_on():
+    """An SSH user's bodies over all their sessions are held to --max-request-memory-per-caller: their request
+    whose body grows past it is refused ServerBusy, while another user's runs, the server's limit far off."""
+    backend = MemoryBackend()
+    factory = _factory(backend, limit=100_000, per_caller=10_000)
+    first = _Client(factory, user="alice", peer="192.0.2.7:50318")
+    second = _Client(factory, user="alice", peer="192.0.2.8:40000")
+    other = _Client(factory, user="bob", peer="192.0.2.7:50319")
+    first.begin(b"put", b"/first", b"")
+    first.part(b"a" * 7_000)
+    other.begin(b"put", b"/other", b"")
+    other.part(b"o" * 6_000)
+    second.begin(b"put", b"/second", b"")
+    second.part(b"b" * 2_000)
+    with logged_events(lambda event: "max-request-memory-per-caller" in event.get("log_format", "")) as warnings:
+        second.part(b"c" * 2_000)
+    assert factory.body_memory.held_by(("user", "alice")) == 7_000, "the refused request's body is given back"
+    other.part(b"p" * 2_000)
+    assert other.end() == [(b"ok",)], "another caller is not held to alice's share"
+    [refused] = second.end()
+    assert refused == (
+        b"ServerBusy",
+        b"the server holds its limit of 10000 bytes of request bodies for one caller; nothing of this request ran, "
+        b"send it again later",
+    )
+    assert [formatEvent(event) for event in warnings] == [
+        "put from alice at 192.0.2.8:40000 refused: request bodies held for this caller are at the limit of "
+        "10000 bytes per caller (--max-request-memory-per-caller)"
+    ]
+    assert first.end() == [(b"ok",)]
+    assert sorted(backend.files) == [b"/first", b"/other"]
+    assert factory.body_memory.held == 0 and factory.body_memory.held_by(("user", "alice")) == 0
+
+
+def test_bzr_callers_are_counted_by_address_and_a_lost_connection_gives_their_share_back():
+    """Over bzr:// there is no user: connections from one address share a caller's limit, whatever their port."""
+    backend = MemoryBackend()
+    factory = _factory(backend, limit=0, per_caller=10_000)
+    first = _Client(factory, peer="[2001:db8::1]:1000")
+    second = _Client(factory, peer="[2001:db8::1]:1001")
+    elsewhere = _Client(factory, peer="192.0.2.9:1000")
+    for client, data in ((first, b"a" * 6_000), (elsewhere, b"e" * 9_000), (second, b"b" * 3_000)):
+        client.begin(b"put", b"/file", b"")
+        client.part(data)
+    assert factory.body_memory.held_by(("address", "2001:db8::1")) == 9_000
+    second.part(b"c" * 2_000)
+    assert second.end()[0][0] == b"ServerBusy"
+    assert elsewhere.end() == [(b"ok",)]
+    first.protocol.connectionLost(None)
+    assert factory.body_memory.held == 0 and factory.body_memory.held_by(("address", "2001:db8::1")) == 0
+
+
+def test_caller_is_the_user_or_else_the_host_of_the_address():
+    for user, peer, who in [
+        ("alice", "192.0.2.7:50318", ("user", "alice")),
+        (None, "192.0.2.7:50318", ("address", "192.0.2.7")),
+        (None, "[::1]:4155", ("address", "::1")),
+        (None, "memory", ("address", "memory")),
+    ]:
+        assert Caller(user, peer, Writable.nowhere()).who == who
