@@ -30,9 +30,9 @@ pipelined are answered in order once the one before is done.
 Each connection reports to the factory's ``body_memory`` what it holds of
 request bodies (received bytes the codec has not handed on, the body its
 request keeps); a request whose body grows while all of them together, or
-its caller's, are over their limit is answered ``ServerBusy`` unrun. Whenever a request is
-refused, its remaining body parts are taken in pieces and dropped as they
-arrive.
+its caller's, are over their limit is answered ``ServerBusy`` unrun.
+Whenever a request is refused, its remaining body parts are taken in
+pieces and dropped as they arrive.
 
 A drain closes an IDLE connection at once and any other right after the
 last byte of its current response; a request that has not begun is never
