@@ -94,8 +94,8 @@ async def test_large_put_lands_whole_while_keys_are_renegotiated(ssh_server, ssh
     sums = []
     update = memory.update
 
-    def noting_update(before, now):
-        answer = update(before, now)
+    def noting_update(caller, before, now):
+        answer = update(caller, before, now)
         sums.append(memory.held)
         return answer
 
