@@ -409,6 +409,8 @@ class SmartServerProtocol(Protocol):
         now = self._codec.buffered_size
         if current is not None:
             now += current.held_bytes()
+        if now == self._body_memory_share == 0:
+            return True  # the common case, a request without a body: nothing to count, for anyone
         memory, who = self.factory.body_memory, self.caller.who
         if who != self._body_memory_caller:
             # The client's address became known (a PROXY header): its share moves to it.
