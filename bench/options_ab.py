@@ -47,14 +47,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: $ {server.command}")
             servers.append(server)
         env = _common.brz_env(work / "client-home")
-        urls = [f"bzr://127.0.0.1:{server.ports['bzr']}/branch" for server in servers]
-        for url in urls:
-            _common.time_branch(url, env, work)  # warm-up
-        times: list = [[], []]
-        for pair in range(args.pairs):
-            order = (0, 1) if pair % 2 == 0 else (1, 0)
-            for index in order:
-                times[index].append(_common.time_branch(urls[index], env, work))
+
+        def branch_time(server) -> float:
+            return _common.time_branch(f"bzr://127.0.0.1:{server.ports['bzr']}/branch", env, work)
+
+        for server in servers:
+            branch_time(server)  # warm-up
+        times, _ = _common.alternating(servers, args.pairs, branch_time)
         for server in servers:
             server.check_alive()
     finally:
