@@ -240,7 +240,8 @@ class SmartClient:
         surely did not run and could not be sent again, ``DeadlineExceeded``
         when the deadline passed before any attempt was on the wire,
         ``ClientClosed`` after ``close``, and ``ProtocolError`` for
-        arguments the codec cannot encode (nothing is sent).
+        arguments, or a body that is not bytes, the codec cannot encode
+        (nothing is sent).
         """
         outgoing = Outgoing(verb, args, body=body, body_stream=body_stream, on_chunk=on_chunk, headers=headers)
         self.stats.calls += 1

@@ -324,7 +324,7 @@ class SmartClientProtocol(Protocol):
             else:
                 parts = self._codec.send_message(Request((outgoing.verb,) + outgoing.args, outgoing.headers), outgoing.body)
                 self._write_now(parts[0] if len(parts) == 1 else b"".join(parts))
-        except ProtocolError as exc:
+        except Exception as exc:
             if self._codec.our_state is _IDLE:
                 # Nothing was encoded, let alone sent: the connection stays as good as it was.
                 self._clear_request()

@@ -208,11 +208,13 @@ class Connection:
         if self._check_ours(type(opening)) is not _BODY:
             raise LocalProtocolError(f"a message opens with a request or a response, not {type(opening).__name__}")
         head = WRITERS[type(opening)](opening)
+        if body is not None:
+            head += body_part_header(body)
         self._our_state = _DONE
         self._request_in_cycle = True
         if body is None:
             return [head + b"e"]
-        return [head + body_part_header(body), body, b"e"]
+        return [head, body, b"e"]
 
     def send_with_data_passthrough(self, event: Event) -> list:
         """Like ``send``, but return a list of byte strings to write in order.
@@ -221,8 +223,10 @@ class Connection:
         can be written without joining them to their part header.
         """
         if type(event) is BodyChunk:
-            self._our_state = self._check_ours(BodyChunk)
-            return [body_part_header(event.data), event.data]
+            new_state = self._check_ours(BodyChunk)
+            header = body_part_header(event.data)
+            self._our_state = new_state
+            return [header, event.data]
         return [self.send(event)]
 
     def send_failed(self) -> None:

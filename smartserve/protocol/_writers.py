@@ -113,13 +113,21 @@ def _write_response(event: Response) -> bytes:
 
 
 def body_part_header(data: bytes) -> bytes:
-    """The bytes that precede ``data`` sent as one body part."""
-    return b"b" + _pack_length(len(data))
+    """The bytes that precede ``data`` sent as one body part.
+
+    Raises ``LocalProtocolError`` unless ``data`` is bytes-like: a ``str``
+    or a number would otherwise fail only once part of a message is out.
+    """
+    if type(data) is bytes or isinstance(data, (bytes, bytearray)):
+        return b"b" + _pack_length(len(data))
+    if isinstance(data, memoryview):
+        return b"b" + _pack_length(data.nbytes)
+    raise LocalProtocolError(f"a body part is bytes, not {type(data).__name__}")
 
 
 def _write_body_chunk(event: BodyChunk) -> bytes:
     data = event.data
-    return b"".join((b"b", _pack_length(len(data)), data))
+    return b"".join((body_part_header(data), data))
 
 
 def _write_body_error(event: BodyError) -> bytes:

@@ -756,6 +756,46 @@ def test_arguments_that_cannot_be_encoded_fail_the_call_and_keep_the_connection(
     assert len(server.connections) == 1 and client.stats.resends == 0
 
 
+@pytest.mark.parametrize("body", ["text", 42])
+def test_a_body_that_is_not_bytes_fails_the_call_and_keeps_the_pool_whole(server, clock, body):
+    """A ``str`` or number body fails that call with ProtocolError, unsent and never resent; the one connection serves on.
+
+    Found wrong: such a body failed after the codec marked the request
+    sent, and the dropped request was later resent in the background
+    while its pool slot was listed free twice.
+    """
+    from smartserve.protocol import ProtocolError
+
+    client = make_client(server, clock)  # one connection at most
+    outcome(client.call(b"hello"))
+    first = server.connections[0]
+    first.respond(b"ok", b"2")
+    written = len(first.transport.value())
+    [failure] = outcome(client.call(b"put", b"/f", body=body))
+    assert failure.check(ProtocolError) and "a body part is bytes" in str(failure.value)
+    assert len(first.transport.value()) == written and not first.transport.disconnecting
+    calls = [outcome(client.call(b"hello")), outcome(client.call(b"hello"))]
+    first.respond(b"ok", b"2")
+    assert calls[0] == [Reply((b"ok", b"2"), b"")] and calls[1] == []
+    first.respond(b"ok", b"2")
+    assert calls[1] == [Reply((b"ok", b"2"), b"")]
+    assert len(server.connections) == 1 and client.stats.resends == 0
+
+
+def test_a_body_stream_item_that_is_not_bytes_fails_the_call_and_drops_its_connection(server, clock):
+    """Part of the request is out when a ``str`` item comes: the call fails with ProtocolError, unresent, on a dropped connection."""
+    from smartserve.protocol import ProtocolError
+
+    client = make_client(server, clock)
+    [failure] = outcome(client.call(b"put", b"/f", body_stream=lambda: [b"bytes", "text"]))
+    assert failure.check(ProtocolError) and "a body part is bytes, not str" in str(failure.value)
+    first = server.connections[0]
+    assert first.transport.disconnecting and client.stats.resends == 0
+    later = outcome(client.call(b"hello"))
+    server.connections[1].respond(b"ok", b"2")
+    assert later == [Reply((b"ok", b"2"), b"")]
+
+
 def test_close_drops_connections_still_open_after_its_timeout(server, clock):
     """A connection whose close goes unanswered (an SSH server ignoring the channel close) is aborted at the timeout."""
     client = make_client(server, clock)

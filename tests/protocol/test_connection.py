@@ -194,6 +194,35 @@ def test_send_with_data_passthrough_out_of_order_is_local_error(role, before, ev
     assert (conn.our_state, conn.their_state) == states
 
 
+@pytest.mark.parametrize("data", ["text", 3, [b"a"]])
+def test_a_body_that_is_not_bytes_is_refused_before_anything_is_sent(data):
+    """A str or number as a body is refused up front by each way of sending one, the state unchanged.
+
+    Found wrong: ``send_message`` and the passthrough marked the message
+    sent before a ``str`` body failed, leaving the connection unusable.
+    """
+    client = Connection(Role.CLIENT)
+    with pytest.raises(LocalProtocolError, match="a body part is bytes"):
+        client.send_message(Request((b"put", b"f")), data)
+    assert client.our_state is State.IDLE
+    client.send(Request((b"put", b"f")))
+    for send in (client.send, client.send_with_data_passthrough):
+        with pytest.raises(LocalProtocolError, match="a body part is bytes"):
+            send(BodyChunk(data))
+        assert client.our_state is State.BODY
+
+
+def test_a_memoryview_body_is_sent_by_its_bytes():
+    """A body given as a memoryview of wider items is framed by its size in bytes."""
+    import array
+
+    data = array.array("I", [1, 2, 3])
+    client = Connection(Role.CLIENT)
+    parts = client.send_message(Request((b"put", b"f")), memoryview(data))
+    reference = Connection(Role.CLIENT).send_message(Request((b"put", b"f")), data.tobytes())
+    assert b"".join(parts) == b"".join(reference)
+
+
 def test_client_sending_response_is_told_the_state():
     """A client trying to send a response is told what its state allows."""
     with pytest.raises(LocalProtocolError, match="Response not allowed when the client is IDLE"):
