@@ -39,6 +39,7 @@ from ..protocol import DEFAULT_LIMITS, Limits
 from ..verbs import FailurePoint, VerbClass, classify, may_resend
 from ._endpoints import Target, connector_for_endpoint, parse_url, tcp_endpoint
 from ._exceptions import (
+    ClientClosed,
     ClientError,
     DeadlineExceeded,
     OutcomeUnknown,
@@ -55,6 +56,9 @@ __all__ = ["SmartClient", "ClientStats"]
 
 _PROBE_TURNS = 2  # reactor turns to let unread input arrive before writing
 
+
+_CLOSED = "the client is closed"
+"""Why a call cut by ``close`` is not sent again."""
 
 _CANCELLED = "call cancelled"
 """Why a cancelled call's connection is dropped: a request half sent or unanswered leaves it unusable, and
@@ -519,6 +523,8 @@ class SmartClient:
 
     def _why_not_resend(self, outgoing: Outgoing, failure: TransportFailure, resends: int, deadline_at: float) -> Optional[str]:
         """None if the failed request may go out again, else why not."""
+        if self._pool.stopped:
+            return _CLOSED
         verb_class = classify(outgoing.verb)
         point = failure.point
         if not may_resend(verb_class, point, not_run=failure.not_run, body_replayable=outgoing.body_replayable):
@@ -557,5 +563,7 @@ class SmartClient:
                 event_kind="outcome_unknown",
             )
             return OutcomeUnknown(outgoing.verb, failure, why_not)
+        if why_not is _CLOSED:
+            return ClientClosed(_CLOSED)
         failure.why_not_resent = why_not
         return failure

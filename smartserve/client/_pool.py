@@ -71,6 +71,7 @@ class Pool:
         self.size = size
         self._stats = stats
         self._metrics = metrics
+        self.stopped = False
 
     @property
     def in_use(self) -> int:
@@ -125,6 +126,7 @@ class Pool:
 
     def stop(self) -> Deferred:
         """Close every connection and make no more; fires once all are closed."""
+        self.stopped = True
         closing = [entry.protocol.when_closed() for entry in self._entries if entry.has_live_connection]
         for entry in self._entries:
             self._cancel_keepalive(entry)

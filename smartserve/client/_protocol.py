@@ -366,7 +366,9 @@ class SmartClientProtocol(Protocol):
             self.transport.loseConnection()
 
     def close(self) -> None:
-        """Close the connection once what was written has been sent."""
+        """Close the connection once what was written has been sent; a request in progress fails."""
+        if self._pending is not None and self._abort_reason is None:
+            self._abort_reason = "the client closed the connection"
         self._reusable = False
         if not self._lost:
             self.transport.loseConnection()

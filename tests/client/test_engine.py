@@ -15,6 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from smartserve.client import (
+    ClientClosed,
     DeadlineExceeded,
     OutcomeUnknown,
     Reply,
@@ -794,6 +795,37 @@ def test_a_body_stream_item_that_is_not_bytes_fails_the_call_and_drops_its_conne
     later = outcome(client.call(b"hello"))
     server.connections[1].respond(b"ok", b"2")
     assert later == [Reply((b"ok", b"2"), b"")]
+
+
+@pytest.mark.parametrize("verb", [b"put", b"append"])
+def test_close_while_a_write_awaits_its_answer_says_the_outcome_is_unknown(server, clock, verb):
+    """A write wholly sent when ``close`` cuts its connection may have run: OutcomeUnknown, never resent.
+
+    Found wrong: a ``put`` (idem) was counted as resent and failed with a
+    bare ClientClosed, hiding that the server had it.
+    """
+    client = make_client(server, clock)
+    result = outcome(client.call(verb, b"/f", b"", body=b"data"))
+    assert server.connections[0].requests() == [verb]
+    closed = outcome(client.close())
+    [failure] = result
+    assert failure.check(OutcomeUnknown), failure
+    assert failure.value.why_not_resent == "the client is closed"
+    assert failure.value.cause.reason == "the client closed the connection"
+    assert client.stats.resends == 0 and len(server.connections) == 1
+    assert closed == [None]
+
+
+def test_close_while_a_read_awaits_its_answer_fails_it_as_closed(server, clock):
+    """A read cut by ``close`` is not sent again: ClientClosed, caused by the lost attempt."""
+    client = make_client(server, clock)
+    result = outcome(client.call(b"get", b"/f"))
+    assert server.connections[0].requests() == [b"get"]
+    outcome(client.close())
+    [failure] = result
+    assert failure.check(ClientClosed), failure
+    assert isinstance(failure.value.__cause__, ResponseNeverReceived)
+    assert client.stats.resends == 0 and len(server.connections) == 1
 
 
 def test_close_drops_connections_still_open_after_its_timeout(server, clock):
