@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import select
 import socket
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Tuple, Union
 
 from twisted.internet.defer import Deferred, succeed
@@ -28,6 +29,7 @@ from zope.interface import implementer
 
 from .._sending import direct_socket, write_now
 from ..protocol import (
+    MAX_PART_SIZE,
     BodyChunk,
     BodyCollector,
     BodyError,
@@ -157,9 +159,14 @@ class SmartClientProtocol(Protocol):
 
     def __init__(self, clock, limits: Limits = DEFAULT_LIMITS):
         self._clock = clock
-        self._codec = Connection(Role.CLIENT, limits)
-        # A body collected whole is held to the largest part the codec takes.
+        # A part larger than the limit comes in pieces as its bytes arrive,
+        # so ``on_chunk`` can take it; a body collected whole is held to
+        # the limit (``ResponseTooLarge``).
         self._max_collected = limits.max_body_part_size
+        whole = limits.max_body_part_size
+        if limits.max_whole_part_size is not None:
+            whole = min(whole, limits.max_whole_part_size)
+        self._codec = Connection(Role.CLIENT, replace(limits, max_body_part_size=MAX_PART_SIZE, max_whole_part_size=whole))
         self._pending: Optional[Deferred] = None
         self._listener = None
         self._outgoing: Optional[Outgoing] = None

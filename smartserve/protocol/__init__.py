@@ -24,7 +24,7 @@ from ._exceptions import (
 from ._collect import BodyCollector
 from ._limits import DEFAULT_LIMITS, Limits
 from ._state import Role, State
-from ._wire import MESSAGE_MARKER, REQUEST_TOO_LARGE, SERVER_BUSY, SERVER_DRAINING, TOO_MANY_CONNECTIONS
+from ._wire import MAX_PART_SIZE, MESSAGE_MARKER, REQUEST_TOO_LARGE, SERVER_BUSY, SERVER_DRAINING, TOO_MANY_CONNECTIONS
 from ._writers import error_response
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "Limits",
     "DEFAULT_LIMITS",
     "MESSAGE_MARKER",
+    "MAX_PART_SIZE",
     "TOO_MANY_CONNECTIONS",
     "SERVER_DRAINING",
     "REQUEST_TOO_LARGE",

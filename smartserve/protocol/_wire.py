@@ -2,7 +2,7 @@
 
 import struct
 
-__all__ = ["MESSAGE_MARKER", "V2_REQUEST_MARKER", "V2_RESPONSE_MARKER", "LENGTH", "TOO_MANY_CONNECTIONS", "SERVER_DRAINING", "REQUEST_TOO_LARGE", "SERVER_BUSY"]
+__all__ = ["MESSAGE_MARKER", "V2_REQUEST_MARKER", "V2_RESPONSE_MARKER", "LENGTH", "MAX_PART_SIZE", "TOO_MANY_CONNECTIONS", "SERVER_DRAINING", "REQUEST_TOO_LARGE", "SERVER_BUSY"]
 
 MESSAGE_MARKER = b"bzr message 3 (bzr 1.6)\n"
 V2_REQUEST_MARKER = b"bzr request 2\n"
@@ -23,6 +23,8 @@ SERVER_BUSY = b"ServerBusy"
 
 # Every variable-length part is prefixed by its length: 4 bytes, big-endian.
 LENGTH = struct.Struct(">L")
+# The largest part the length prefix can announce.
+MAX_PART_SIZE = (1 << 8 * LENGTH.size) - 1
 
 PART_STATUS = 0x6F  # b"o": one byte follows, S(uccess) or E(rror)
 PART_STRUCTURE = 0x73  # b"s": a length-prefixed bencoded structure

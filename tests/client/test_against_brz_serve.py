@@ -7,7 +7,16 @@ import pytest_twisted
 
 from twisted.logger import formatEvent
 
-from smartserve.client import FileExists, NoSuchFile, ReadError, RemoteError, SmartClient, UnknownMethod
+from smartserve.client import (
+    FileExists,
+    NoSuchFile,
+    ReadError,
+    RemoteError,
+    ResponseTooLarge,
+    SmartClient,
+    UnknownMethod,
+)
+from smartserve.protocol import Limits
 
 from support import logged_events
 
@@ -62,6 +71,25 @@ async def test_call_requests_after_one_larger_than_the_socket_takes_arrive_in_or
         assert (await client.call(b"get", f"{remote}/small{index}".encode())).body == b"small %d" % index
     assert (path / "big").read_bytes() == big
     assert client.stats.resends == client.stats.probe_reconnects == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_of_a_file_over_the_clients_limit_is_too_large_or_taken_with_on_chunk(brz_serve, workdir):
+    """`brz serve` answers a `get` with the whole file as one body part: past the client's limit that is
+    ResponseTooLarge, not resent, and ``on_chunk`` takes the file whole in pieces."""
+    path, remote = workdir
+    data = bytes(range(256)) * 1200  # 300 KiB in one part
+    (path / "large").write_bytes(data)
+    client = SmartClient.from_url(brz_serve.url, limits=Limits(max_body_part_size=64 * 1024))
+    try:
+        with pytest.raises(ResponseTooLarge):
+            await client.call(b"get", f"{remote}/large".encode())
+        chunks = []
+        reply = await client.call(b"get", f"{remote}/large".encode(), on_chunk=chunks.append)
+        assert reply.args == (b"ok",) and b"".join(chunks) == data
+        assert client.stats.resends == 0
+    finally:
+        await client.close()
 
 
 @pytest_twisted.ensureDeferred

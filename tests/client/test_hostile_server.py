@@ -107,14 +107,16 @@ def _many_parts(count: int, size: int) -> bytes:
     return b"".join(b"b" + _prefixed(b"x" * size) for _ in range(count))
 
 
-def _get_with_limit(limit: int, server_bytes: bytes, on_chunk=None):
-    """A ``get`` whose client takes bodies of at most ``limit`` bytes; its outcomes and the transport."""
+def _get_with_limit(limit: int, server_bytes, on_chunk=None):
+    """A ``get`` whose client takes bodies of at most ``limit`` bytes, fed ``server_bytes`` (or a list of
+    pieces of them); its outcomes and the transport."""
     protocol = SmartClientProtocol(Clock(), Limits(max_body_part_size=limit))
     transport = StringTransport()
     protocol.makeConnection(transport)
     outcomes = []
     protocol.send_request(Outgoing(b"get", (b"f",), on_chunk=on_chunk)).addBoth(outcomes.append)
-    protocol.dataReceived(server_bytes)
+    for piece in [server_bytes] if isinstance(server_bytes, bytes) else server_bytes:
+        protocol.dataReceived(piece)
     if transport.disconnecting:
         protocol.connectionLost(Failure(ConnectionDone()))
     return outcomes, transport
@@ -136,6 +138,26 @@ def test_response_body_of_exactly_the_limit_or_taken_by_on_chunk_is_delivered():
     chunks = []
     outcomes, transport = _get_with_limit(1000, _response(b"S", b"l2:oke", _many_parts(5, 400)), chunks.append)
     assert outcomes == [Reply((b"ok",), None)] and chunks == [b"x" * 400] * 5 and not transport.disconnecting
+
+
+def test_one_response_part_past_the_limit_is_too_large_collected_and_delivered_to_on_chunk():
+    """A body sent as one part larger than the limit (a ``get`` of a large file) is ResponseTooLarge when
+    collected, not a protocol error, and reaches ``on_chunk`` in pieces as its bytes arrive.
+
+    Found wrong: the codec refused the part as a protocol error, so the
+    client took the answer for a lost connection and sent the ``get``
+    again, three times, before failing with ResponseFailed.
+    """
+    one_part = _response(b"S", b"l2:oke", b"b" + _prefixed(b"x" * 3000))
+    outcomes, transport = _get_with_limit(1000, one_part)
+    [outcome] = outcomes
+    assert isinstance(outcome, Failure) and isinstance(outcome.value, ResponseTooLarge), outcome
+    assert transport.disconnecting
+    chunks = []
+    halves = [one_part[:1500], one_part[1500:]]
+    outcomes, transport = _get_with_limit(1000, halves, chunks.append)
+    assert outcomes == [Reply((b"ok",), None)] and not transport.disconnecting
+    assert b"".join(chunks) == b"x" * 3000 and len(chunks) == 2
 
 
 def test_error_body_past_the_limit_fails_the_call_too():
