@@ -377,8 +377,8 @@ class SmartClient:
                     reason=str(exc) or type(exc).__name__,
                     event_kind="connect_failed",
                 )
-                if connect_failures >= self.policy.max_connect_attempts or not self.budget.allows_retry():
-                    raise RequestNotSent(verb, f"could not connect ({connect_failures} attempts): {exc}") from exc
+                if self._stop_connecting(connect_failures):
+                    raise RequestNotSent(verb, self._could_not_connect(connect_failures, exc)) from exc
                 continue
             entry.protocol = protocol
             reason = await self._probe(protocol)
@@ -398,8 +398,8 @@ class SmartClient:
                 self.budget.record_failure()
                 last_error = ConnectionError(reason)
                 entry.slot.request_failed(reason)
-                if connect_failures >= self.policy.max_connect_attempts or not self.budget.allows_retry():
-                    raise RequestNotSent(verb, f"could not connect ({connect_failures} attempts): {reason}")
+                if self._stop_connecting(connect_failures):
+                    raise RequestNotSent(verb, self._could_not_connect(connect_failures, reason))
                 continue
             if reason is not None:
                 self.stats.probe_reconnects += 1
@@ -439,6 +439,14 @@ class SmartClient:
             entry.slot.request_succeeded()
             self.budget.record_success()
             return reply
+
+    def _stop_connecting(self, failures: int) -> bool:
+        return failures >= self.policy.max_connect_attempts or not self.budget.allows_retry()
+
+    def _could_not_connect(self, failures: int, reason) -> str:
+        """Why a call gave up connecting, naming the retry budget when it, not the attempts, ran out."""
+        budget = "" if failures >= self.policy.max_connect_attempts else "; the retry budget is exhausted"
+        return f"could not connect ({failures} attempts{budget}): {reason}"
 
     def _attempt_lost(self, outgoing: Outgoing, entry, failure: TransportFailure, resends: int, deadline_at: float) -> None:
         """Account for an attempt lost with ``failure``; raise the call's error unless it goes out again."""

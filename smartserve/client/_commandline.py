@@ -96,6 +96,13 @@ def _read_body(args: argparse.Namespace) -> Optional[bytes]:
     return None
 
 
+def _write_all(out, data: bytes) -> None:
+    """Write all of ``data``: a pipe whose reader left takes part of a large write and raises on the next."""
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view) :]
+
+
 def run_call(args: argparse.Namespace) -> int:
     """Make the call described by ``args``; print the answer; return the exit status."""
     from . import BlockingClient, ClientError, RemoteError, RetryPolicy, SSHOptions
@@ -142,7 +149,7 @@ def run_call(args: argparse.Namespace) -> int:
         if reply.body:
             if args.raw:
                 sys.stdout.flush()
-                sys.stdout.buffer.write(reply.body)
+                _write_all(sys.stdout.buffer, reply.body)
             else:
                 print(escape_bytes(reply.body))
         sys.stdout.flush()

@@ -57,10 +57,16 @@ def parse_url(url: str) -> Target:
         raise ValueError(f"unsupported URL scheme {parts.scheme!r}: use bzr:// or bzr+ssh://")
     if not parts.hostname:
         raise ValueError(f"no host in {url!r}")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad port in {url!r}: {exc}") from None
+    if port == 0:
+        raise ValueError(f"port 0 in {url!r}: give the server's port, or leave it out for {_DEFAULT_PORTS[scheme]}")
     return Target(
         scheme=scheme,
         host=parts.hostname,
-        port=parts.port or _DEFAULT_PORTS[scheme],
+        port=_DEFAULT_PORTS[scheme] if port is None else port,
         path=unquote(parts.path) or "/",
         user=unquote(parts.username) if parts.username else None,
     )

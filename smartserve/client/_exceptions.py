@@ -48,9 +48,13 @@ _BRIEF.maxlevel = 4
 _BRIEF.maxother = 80
 
 
+# Control characters a server sends in an error's text are shown escaped, never sent to a terminal.
+_ESCAPE_CONTROLS = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]}
+
+
 def _text(value: Any) -> str:
     if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
+        return value.decode("utf-8", "backslashreplace").translate(_ESCAPE_CONTROLS)
     if isinstance(value, (tuple, list, dict)):
         return _BRIEF.repr(value)  # bounded: str() recurses once per nesting level
     return str(value)

@@ -152,6 +152,26 @@ def test_call_command_output_closed_by_its_reader_exits_141_quietly(brz_serve, w
     assert done.stderr == b""
 
 
+def test_call_command_raw_output_cut_short_by_its_reader_exits_141(brz_serve, workdir):
+    """A raw body larger than a pipe holds, its reader leaving after one byte (`| head -c 1`), ends with 141.
+
+    Found wrong: the partial write went unnoticed and the command exited 0
+    with the body cut short.
+    """
+    path, remote = workdir
+    (path / "large").write_bytes(bytes(range(256)) * 1200)  # 300 KiB, several pipe buffers
+    caller = subprocess.Popen(
+        [sys.executable, "-m", "smartserve.cli", "call", "--raw", brz_serve.url, "get", f"{remote}/large"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    reader = subprocess.run(["head", "-c", "1"], stdin=caller.stdout, capture_output=True, timeout=60)
+    caller.stdout.close()
+    stderr = caller.stderr.read()
+    caller.stderr.close()
+    assert caller.wait(timeout=60) == 141, stderr
+    assert reader.stdout == b"(" and stderr == b""
+
+
 def test_call_command_passes_arguments_as_the_bytes_given(brz_serve, workdir):
     """An argument that is not UTF-8 (a Latin-1 file name) goes out as the bytes given, not a traceback.
 

@@ -386,6 +386,23 @@ def test_engine_retry_budget_stops_resends_across_calls(server, clock):
     assert client.stats.resends == 1
 
 
+def test_connection_attempts_stopped_by_the_retry_budget_say_so(server, clock):
+    """A call that stops connecting because the shared budget ran out, before its own attempts did, says which."""
+    client = make_client(server, clock, budget_tokens=4.0, max_connect_attempts=5)
+    server.script = ["refuse"] * 5
+    result = outcome(client.call(b"hello"))
+    clock.pump([1.0] * 60)
+    [failure] = result
+    assert failure.check(RequestNotSent)
+    assert "could not connect (2 attempts; the retry budget is exhausted)" in str(failure.value)
+    server.script = ["refuse"] * 5
+    client = make_client(server, clock, max_connect_attempts=2)
+    result = outcome(client.call(b"hello"))
+    clock.pump([1.0] * 60)
+    [failure] = result
+    assert "could not connect (2 attempts): " in str(failure.value)
+
+
 def test_engine_max_resends_bounds_one_call(server, clock):
     """A call is resent at most max_resends times."""
     client = make_client(server, clock, max_resends=2)
@@ -572,6 +589,19 @@ def test_parse_url_reads_scheme_user_host_port_and_path():
     assert target.remote_path(".bzr/branch-format") == b"/srv/my%20branch/.bzr/branch-format"
     with pytest.raises(ValueError):
         parse_url("http://host/")
+    with pytest.raises(ValueError, match="port 0 in 'bzr://host:0/'"):
+        parse_url("bzr://host:0/")  # found wrong: it meant the default port
+    with pytest.raises(ValueError, match="bad port in 'bzr://host:99999/'"):
+        parse_url("bzr://host:99999/")
+
+
+def test_text_from_the_server_in_error_messages_has_its_control_characters_escaped():
+    """An error's text from the server cannot drive the terminal it is printed on (ESC, BEL); other text stays."""
+    from smartserve.client import RemoteError
+
+    message = str(RemoteError(b"get", (b"Oops\x1b[31m", "caf\u00e9 \x07\x9b".encode())))
+    assert message == "get: Oops\\x1b[31m (caf\u00e9 \\x07\\x9b)"
+    assert not any(ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0 for char in message)
 
 
 def test_engine_retries_after_a_connect_timeout(server, clock):
