@@ -452,7 +452,7 @@ class SmartClientProtocol(Protocol):
             self._timer = self._clock.callLater(remaining, self._timer_fired)
             return
         self._deadline = None
-        self.abort(f"no response within {self._timeout:.3g} s")
+        self.abort(f"no response within {round(self._timeout, 2):g} s")
 
     def _stop_timer(self) -> None:
         timer, self._timer = self._timer, None
