@@ -131,12 +131,26 @@ _SCHEME = "smartserve-jail-"
 Segments = Tuple[str, ...]
 
 
+# The longest path the jail takes, in characters once unescaped: Linux's
+# PATH_MAX, so no path a file system could open is refused. A longer one
+# costs work in proportion to its length (and more) for nothing.
+MAX_PATH = 4096
+
+
 def _unescape(relpath: str) -> str:
-    """Unescape a relative URL once; raises InvalidURL for bad UTF-8 or a NUL byte."""
+    """Unescape a relative URL once; raises InvalidURL for bad UTF-8, a NUL byte or a path over ``MAX_PATH``."""
+    if len(relpath) > 3 * MAX_PATH:  # each escaped character is three
+        raise _too_long(relpath)
     path = urlutils.unescape(relpath)
     if "\0" in path:
         raise urlutils.InvalidURL(relpath, "NUL in path")
+    if len(path) > MAX_PATH:
+        raise _too_long(relpath)
     return path
+
+
+def _too_long(relpath: str) -> urlutils.InvalidURL:
+    return urlutils.InvalidURL(relpath[:64] + "...", f"path longer than {MAX_PATH} characters")
 
 
 def _normalise(path: str, start: Segments = ()) -> Segments:
@@ -170,9 +184,20 @@ def _read_whole(path: str) -> bytes:
 _FIRST_READ = 64 * 1024
 
 
-@functools.lru_cache(maxsize=4096)
+# Paths up to this long are remembered by ``_parse``, so what the cache holds stays small.
+_CACHED_PATH = 256
+
+
 def _parse(relpath: str, start: Segments) -> Segments:
-    """``relpath`` unescaped and resolved against ``start``; a request names the same paths several times."""
+    """``relpath`` unescaped and resolved against ``start``."""
+    if len(relpath) <= _CACHED_PATH:
+        return _parse_cached(relpath, start)
+    return _normalise(_unescape(relpath), start)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_cached(relpath: str, start: Segments) -> Segments:
+    """``_parse`` for a short path: a request names the same paths several times."""
     return _normalise(_unescape(relpath), start)
 
 
@@ -271,9 +296,7 @@ class _Root:
         if segments in checked:
             return None
         depth = len(segments)
-        start = depth
-        while start and segments[:start] not in checked:
-            start -= 1
+        start = _deepest_checked(segments, checked)
         path = "/".join((self.real, *segments[:start]))
         st = None
         for index in range(start, depth):
@@ -291,6 +314,27 @@ class _Root:
                     raise OutsideRoot(_client_path(segments))
                 return None
         return st
+
+
+def _deepest_checked(segments: Segments, checked: set) -> int:
+    """How many of ``segments`` lead to a path in ``checked`` (``segments`` itself is not in it).
+
+    The parent is tried first, the common case; else a binary search,
+    which is right because every prefix of a checked path was checked
+    before it. Walking up one level at a time would slice and hash a
+    prefix per level: quadratic in the depth.
+    """
+    depth = len(segments)
+    if depth > 1 and segments[: depth - 1] in checked:
+        return depth - 1
+    found, missing = 0, depth - 1 if depth > 1 else depth
+    while missing - found > 1:
+        middle = (found + missing) // 2
+        if segments[:middle] in checked:
+            found = middle
+        else:
+            missing = middle
+    return found
 
 
 @functools.lru_cache(maxsize=64)

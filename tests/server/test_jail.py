@@ -354,6 +354,57 @@ def test_backing_transport_nul_in_path_refused(tmp_path):
         transport.get_bytes("a%00b")
 
 
+@pytest.mark.parametrize("relpath", ["a/" * 2048 + "x", "%61/" * 2049, "b" * 13000])
+def test_backing_transport_path_longer_than_path_max_refused(tmp_path, relpath):
+    """A path over PATH_MAX characters, escaped or not, is an invalid URL, whatever the operation.
+
+    Found wrong: a ``has`` of ``a/a/a/...`` cost time in the square of its
+    depth on the reactor thread; 80 KB of path stalled every client 6 s.
+    """
+    transport = backing_transport(tmp_path, Writable.everywhere())
+    for operation in (transport.has, transport.stat, transport.get_bytes, transport.clone, transport.mkdir):
+        with pytest.raises(urlutils.InvalidURL, match="path longer than 4096 characters"):
+            operation(relpath)
+    with pytest.raises(urlutils.InvalidURL):
+        get_transport(transport.abspath("x") + "/" + relpath)
+    assert os.listdir(tmp_path) == []
+
+
+def test_backing_transport_path_of_path_max_characters_works(tmp_path):
+    """The limit refuses nothing a file system could open: a path of exactly PATH_MAX characters is looked up."""
+    transport = backing_transport(tmp_path, Writable.everywhere())
+    transport.mkdir("d")
+    relpath = "d/" + "/".join(["n" * 200] * 20)
+    relpath += "x" * (4096 - len(relpath))
+    assert len(relpath) == 4096
+    assert transport.has(relpath) is False
+
+
+def test_backing_transport_parse_cache_keeps_only_short_paths(tmp_path):
+    """A client's long paths are not remembered: the parse cache holds short paths only, a bounded number."""
+    from smartserve.server import jail
+
+    transport = backing_transport(tmp_path, Writable.everywhere())
+    before = jail._parse_cached.cache_info().currsize
+    for index in range(20):
+        transport.has(f"{index}/" + "p" * 3000)
+    assert jail._parse_cached.cache_info().currsize == before
+    transport.has("short")
+    assert jail._parse_cached.cache_info().currsize == before + 1
+
+
+@given(st.lists(st.sampled_from("abc"), max_size=40), st.integers(min_value=0, max_value=40))
+def test_deepest_checked_finds_the_longest_checked_prefix(names, checked_depth):
+    """For any path and any prefix-closed set of checked paths, the walk starts below the deepest checked prefix."""
+    from smartserve.server.jail import _deepest_checked
+
+    segments = tuple(names)
+    checked_depth = min(checked_depth, max(len(segments) - 1, 0))
+    checked = {segments[:depth] for depth in range(1, checked_depth + 1)}
+    checked |= {("other",) + segments[:depth] for depth in range(len(segments))}
+    assert _deepest_checked(segments, checked) == checked_depth
+
+
 def test_backing_transport_url_through_symlink_out_refused(layout):
     """Reopening a URL that resolves outside the root through a symlink is refused."""
     root, _ = layout
