@@ -369,6 +369,25 @@ def backing_transport(root: Union[str, os.PathLike], writable: Writable) -> Tran
     return JailTransport(caller, ())
 
 
+def _file_mode(mode: Optional[int]) -> Optional[int]:
+    """A client's file mode without setuid, setgid, sticky and write for others.
+
+    Breezy sends the modes of the repository's own files, so group write
+    is kept; a file that ran with the server account's rights, or that
+    anyone on the host could change, is never what a client should make.
+    """
+    return None if mode is None else mode & 0o775
+
+
+def _dir_mode(mode: Optional[int]) -> Optional[int]:
+    """A client's directory mode without setuid, sticky and write for others; setgid stays.
+
+    A setgid directory gives new entries its group: Breezy asks for it
+    when the repository's directory has it, for a group-shared repository.
+    """
+    return None if mode is None else mode & 0o2775
+
+
 def _client_path(segments: Segments) -> str:
     return "/" + "/".join(segments)
 
@@ -587,12 +606,12 @@ class JailTransport(Transport):
     def put_file(self, relpath, f, mode=None):
         """See Transport.put_file."""
         segments = self._resolve(relpath, write=True, sibling=True)
-        return self._local("put_file", segments, f, mode)
+        return self._local("put_file", segments, f, _file_mode(mode))
 
     def put_bytes(self, relpath, raw_bytes, mode=None):
         """See Transport.put_bytes."""
         segments = self._resolve(relpath, write=True, sibling=True)
-        return self._local("put_bytes", segments, raw_bytes, mode)
+        return self._local("put_bytes", segments, raw_bytes, _file_mode(mode))
 
     def _put_non_atomic(self, method, relpath, data, mode, create_parent_dir, dir_mode):
         segments = self._resolve(relpath, write=True)
@@ -604,9 +623,9 @@ class JailTransport(Transport):
             method,
             segments,
             data,
-            mode=mode,
+            mode=_file_mode(mode),
             create_parent_dir=create_parent_dir,
-            dir_mode=dir_mode,
+            dir_mode=_dir_mode(dir_mode),
         )
 
     def put_file_non_atomic(
@@ -627,24 +646,24 @@ class JailTransport(Transport):
 
     def append_file(self, relpath, f, mode=None):
         """See Transport.append_file."""
-        return self._local("append_file", self._resolve(relpath, write=True), f, mode)
+        return self._local("append_file", self._resolve(relpath, write=True), f, _file_mode(mode))
 
     def append_bytes(self, relpath, data, mode=None):
         """See Transport.append_bytes."""
         segments = self._resolve(relpath, write=True)
-        return self._local("append_bytes", segments, data, mode)
+        return self._local("append_bytes", segments, data, _file_mode(mode))
 
     def open_write_stream(self, relpath, mode=None):
         """See Transport.open_write_stream."""
         segments = self._resolve(relpath, write=True)
-        return self._local("open_write_stream", segments, mode)
+        return self._local("open_write_stream", segments, _file_mode(mode))
 
     def mkdir(self, relpath, mode=None):
         """See Transport.mkdir; the root exists, as ``ensure_base`` expects to be told."""
         segments = self._segments(relpath)
         if not segments and self._caller.writable.allows_segments(segments):
             raise FileExists("/")
-        return self._local("mkdir", self._resolve(relpath, write=True), mode)
+        return self._local("mkdir", self._resolve(relpath, write=True), _dir_mode(mode))
 
     def rmdir(self, relpath):
         """See Transport.rmdir."""

@@ -405,6 +405,31 @@ def test_deepest_checked_finds_the_longest_checked_prefix(names, checked_depth):
     assert _deepest_checked(segments, checked) == checked_depth
 
 
+def test_backing_transport_drops_setuid_setgid_and_world_write_from_client_modes(tmp_path):
+    """Files never become setuid, setgid, sticky or writable by others whatever mode a client asks; group write stays,
+    and a directory may be setgid (Breezy asks it of a group-shared repository).
+
+    Found wrong: ``put`` with mode 06777 made ``-rwsrwsrwx``, owned by the server's account.
+    """
+    transport = backing_transport(tmp_path, Writable.everywhere())
+    transport.put_bytes("put", b"x", mode=0o6777)
+    transport.put_file("put-file", BytesIO(b"x"), mode=0o4755)
+    transport.put_bytes_non_atomic("non-atomic/f", b"x", mode=0o4755, create_parent_dir=True, dir_mode=0o7777)
+    transport.append_bytes("append", b"x", mode=0o4777)
+    transport.put_bytes("group", b"x", mode=0o664)
+    transport.mkdir("dir", mode=0o7777)
+    modes = {path.name: path.stat().st_mode & 0o7777 for path in tmp_path.rglob("*")}
+    assert modes == {
+        "put": 0o775,
+        "put-file": 0o755,
+        "non-atomic": 0o2775,
+        "f": 0o755,
+        "append": 0o775,
+        "group": 0o664,
+        "dir": 0o2775,
+    }
+
+
 def test_backing_transport_url_through_symlink_out_refused(layout):
     """Reopening a URL that resolves outside the root through a symlink is refused."""
     root, _ = layout
