@@ -173,7 +173,7 @@ def test_port_in_use_is_a_one_line_error_naming_the_listener(tmp_path):
         (["--access", "{missing}"], "cannot read the access file {missing}: No such file or directory"),
         (["--access", "{file}"], "{file}:1: not UTF-8 text"),
         (["--access", "{fifo}"], "cannot read the access file {fifo}: not a regular file"),
-        (["--host-key", "{file}"], "cannot load host key {file}: cannot guess the type of b'\\xff'"),
+        (["--host-key", "{file}"], "cannot load host key {file}: not a key in a format this server reads (OpenSSH or PEM)"),
         (["--host-key", "{missing}"], "cannot load host key {missing}: No such file or directory"),
         (["--host-key", "{fifo}"], "cannot load host key {fifo}: not a regular file"),
     ],

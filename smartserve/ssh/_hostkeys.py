@@ -69,8 +69,13 @@ def load_host_keys(paths: Iterable[str]) -> dict[bytes, Key]:
             raise HostKeyError(f"cannot load host key {path}: {error.strerror}") from None
         try:
             key = Key.fromString(data)
-        except (BadKeyError, EncryptedKeyError, ValueError) as error:
-            raise HostKeyError(f"cannot load host key {path}: {error}") from error
+        except EncryptedKeyError:
+            raise HostKeyError(f"cannot load host key {path}: it is encrypted; a host key has no passphrase") from None
+        except (BadKeyError, ValueError):
+            # The parser's own message can quote the file, which holds a secret.
+            raise HostKeyError(
+                f"cannot load host key {path}: not a key in a format this server reads (OpenSSH or PEM)"
+            ) from None
         if key.isPublic():
             raise HostKeyError(f"{path} is a public key; a host key must be private")
         if key.type() == "DSA" or (key.type() == "RSA" and key.size() < 2048):

@@ -34,13 +34,25 @@ def _refusal(key: Key) -> str | None:
     return None
 
 
+def _holds_private_key(text: str) -> bool:
+    """Whether ``text`` looks like a private key file: PEM or OpenSSH armour, or PuTTY's format."""
+    return "PRIVATE KEY-----" in text or text.lstrip().startswith("PuTTY-User-Key-File")
+
+
 def parse_public_keys(text: str, source: str) -> list[Key]:
     """Parse OpenSSH public key lines, one key per line.
 
     Blank lines and lines starting with ``#`` are skipped. A line that is not
     a public key, or a key of a refused kind, is logged with ``source`` and
     its line number and skipped, so one bad line does not lock a user out.
+    A private key put there by mistake is refused whole, logged once; no
+    log line quotes what a line holds, which could be secret.
     """
+    if _holds_private_key(text):
+        _log.warn(
+            "{source}: holds a private key; ignored (remove it, and treat that key as exposed)", source=source
+        )
+        return []
     keys: list[Key] = []
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
@@ -48,13 +60,8 @@ def parse_public_keys(text: str, source: str) -> list[Key]:
             continue
         try:
             key = Key.fromString(line.encode("utf-8"))
-        except (BadKeyError, ValueError, IndexError, UnicodeError, struct.error) as error:
-            _log.warn(
-                "{source}:{line}: not an OpenSSH public key: {error}",
-                source=source,
-                line=number,
-                error=str(error),
-            )
+        except (BadKeyError, ValueError, IndexError, UnicodeError, struct.error):
+            _log.warn("{source}:{line}: not an OpenSSH public key line; ignored", source=source, line=number)
             continue
         if not key.isPublic():
             _log.warn("{source}:{line}: a private key; ignored", source=source, line=number)

@@ -12,6 +12,7 @@ from twisted.conch.ssh.keys import Key
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import SSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
+from twisted.logger import formatEvent
 from zope.interface.verify import verifyObject
 
 from smartserve.ssh import IKeyStore, KeyFolder, MemoryKeyStore, PublicKeyChecker, is_valid_username
@@ -61,6 +62,36 @@ def test_key_folder_skips_bad_lines(tmp_path):
     good = _new_key()
     (tmp_path / "alice.pub").write_text("not a key at all\n" + _public_line(good))
     assert KeyFolder(str(tmp_path)).authorized_keys("alice") == [good.public()]
+
+
+@pytest.mark.parametrize("kind, subtype", [("ed25519", "v1"), ("rsa", "PEM")])
+def test_key_folder_refuses_a_private_key_without_logging_any_of_it(tmp_path, kind, subtype):
+    """A private key copied into ``keys/`` by mistake authorizes nothing and is logged once, none of it quoted.
+
+    Found wrong: each of its lines was logged as a bad public key with the
+    line in the message, which put the whole key in twistd's log.
+    """
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = _new_key() if kind == "ed25519" else Key(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    secret = key.toString("OPENSSH", subtype=subtype).decode()
+    (tmp_path / "dave.pub").write_text(secret)
+    with logged_events(lambda event: event.get("log_namespace") == "smartserve.ssh._keys") as events:
+        assert KeyFolder(str(tmp_path)).authorized_keys("dave") == []
+    text = "\n".join(formatEvent(event) for event in events)
+    assert len(events) == 1 and "holds a private key" in text
+    body = [line for line in secret.splitlines() if line and "-----" not in line]
+    assert body and not any(line[:20] in text for line in body)
+
+
+def test_key_folder_bad_line_is_logged_without_its_content(tmp_path):
+    """A line that is not a key is logged by number only: it might be a secret pasted in the wrong place."""
+    good = _new_key()
+    (tmp_path / "alice.pub").write_text("ssh-ed25519 c2VjcmV0IHN0dWZm\n" + _public_line(good))
+    with logged_events(lambda event: event.get("log_namespace") == "smartserve.ssh._keys") as events:
+        assert KeyFolder(str(tmp_path)).authorized_keys("alice") == [good.public()]
+    [event] = events
+    assert formatEvent(event).endswith("alice.pub:1: not an OpenSSH public key line; ignored")
 
 
 def test_key_folder_unknown_user_has_no_keys(tmp_path):
