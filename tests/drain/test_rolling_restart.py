@@ -70,6 +70,60 @@ def test_rolling_restart_no_server_exits_2(tmp_path):
     assert not (tmp_path / "data" / "smartserve.log").exists()
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--start-timeout", "abc"], "--start-timeout: not a number of seconds: abc"),
+        (["--exit-timeout", "10s"], "--exit-timeout: not a number of seconds: 10s"),
+        (["--data"], "usage: rolling-restart"),
+    ],
+)
+def test_rolling_restart_bad_value_exits_1_before_touching_the_server(tmp_path, args, message):
+    """A bad timeout or an option without its value is a usage error found before anything starts.
+
+    Found wrong: ``--start-timeout abc`` was read only after the new server
+    had taken over, and the script died unsupervised with exit status 1.
+    """
+    data = tmp_path / "data"
+    old = ServerProcess(data, ["--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none"], name="old").start()
+    try:
+        done = run_rolling_restart(*(["--data", data] if args != ["--data"] else []), *args)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert message in done.stderr
+        assert "new server" not in done.stdout
+        assert server_status(old)["pid"] == old.pid
+    finally:
+        old.stop()
+
+
+def test_rolling_restart_options_file_keeps_a_quoted_word_whole(tmp_path):
+    """A quoted path with a space in the options file reaches the new server as one word, quotes removed.
+
+    Found wrong: the quotes stayed in the word and the space split it, so
+    the new server could not read its access file and the restart failed.
+    """
+    data = tmp_path / "data"
+    access = tmp_path / "with space" / "access"
+    access.parent.mkdir()
+    access.write_text("# no rights beyond the defaults\n")
+    port = free_port()
+    options = ["--bzr", f"tcp:{port}:interface=127.0.0.1", "--ssh", "none", "--access", str(access)]
+    options_file = tmp_path / "smartserve.options"
+    options_file.write_text(f'--bzr tcp:{port}:interface=127.0.0.1 --ssh none --access "{access}"  # quoted\n')
+    old = ServerProcess(data, options, name="old").start()
+    new_pid = None
+    try:
+        done = run_rolling_restart("--data", data, "--options-file", options_file, "--log", tmp_path / "new.log")
+        assert done.returncode == 0, done.stdout + done.stderr
+        new_pid = server_status(old)["pid"]
+        assert new_pid != old.pid
+    finally:
+        old.stop()
+        if new_pid is not None:
+            os.kill(new_pid, signal.SIGTERM)
+            wait_for(lambda: not Path(f"/proc/{new_pid}").exists(), 30, "the new server to exit")
+
+
 def test_rolling_restart_bad_options_exits_3(tmp_path):
     """When the new server cannot start (bad options), rolling-restart exits 3 and the old one keeps serving."""
     data = tmp_path / "data"
