@@ -41,7 +41,10 @@ class HealthResource(Resource):
             request.setResponseCode(503)
         return f"{state.value}\n".encode("ascii")
 
-    render_HEAD = render_GET
+    def render_HEAD(self, request):
+        """The status and headers of GET with no body: Twisted logs a warning for each HEAD answered with one."""
+        self.render_GET(request)
+        return b""
 
 
 class MetricsResource(Resource):
