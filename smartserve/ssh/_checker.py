@@ -12,6 +12,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer
 
+from ._hostkeys import fingerprint
 from ._interfaces import IKeyStore
 
 __all__ = ["PublicKeyChecker"]
@@ -45,7 +46,8 @@ class PublicKeyChecker:
         except (UnicodeError, BadKeyError, ValueError, IndexError, struct.error):
             return fail(UnauthorizedLogin("malformed user name or key"))
         if not any(offered == known for known in self.store.authorized_keys(username)):
-            return fail(UnauthorizedLogin("key not authorized for this user"))
+            # Named as OpenSSH names it, so an operator can tell a removed key from a stranger's.
+            return fail(UnauthorizedLogin(f"{offered.type()} key {fingerprint(offered)} not authorized for this user"))
         if credentials.signature is None:
             return fail(ValidPublicKey())
         try:
