@@ -244,10 +244,11 @@ def make_ssh_factory(
     if checker is None:
         make_folder("keys", keys_dir)
         checker = PublicKeyChecker(KeyFolder(keys_dir))
-    paths = list(host_key_paths) or [ensure_host_key(data_dir)]
+    default_key = None if host_key_paths else ensure_host_key(data_dir)
+    paths = list(host_key_paths) or [default_key]
     return SSHServerFactory(
         smart_factory=smart_factory,
-        host_keys=load_host_keys(paths),
+        host_keys=load_host_keys(paths, default_key),
         checker=checker,
         access=AccessPolicy(access_file),
         login_grace_time=login_grace_time,

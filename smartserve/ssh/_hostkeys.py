@@ -32,19 +32,19 @@ def ensure_host_key(data_dir: str) -> str:
 
     A new key is ed25519, written to ``DATA/ssh_host_ed25519_key`` with mode
     0600 (and its public half beside it, ``.pub``); its fingerprint is logged
-    so the operator can publish it to users. ``DATA`` is made if missing,
-    but not its parent (``OSError``).
+    so the operator can publish it to users. The key appears whole or not
+    at all, so a crash while writing it cannot leave an empty key that
+    stops every later start. ``DATA`` is made if missing, but not its
+    parent (``OSError``).
     """
     path = os.path.join(data_dir, DEFAULT_HOST_KEY_NAME)
     if os.path.exists(path):
         return path
     make_folder("data", data_dir)
     key = Key(Ed25519PrivateKey.generate())
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as key_file:
-        key_file.write(key.toString("OPENSSH"))
-    with open(path + ".pub", "wb") as public_file:
-        public_file.write(key.public().toString("OPENSSH") + b"\n")
+    if not _write_new(path, key.toString("OPENSSH"), 0o600):
+        return path  # another process made it first
+    _write_public_half(path, key)
     _log.info(
         "generated SSH host key {path} with fingerprint {fingerprint}",
         path=path,
@@ -53,18 +53,62 @@ def ensure_host_key(data_dir: str) -> str:
     return path
 
 
-def load_host_keys(paths: Iterable[str]) -> dict[bytes, Key]:
+def _write_new(path: str, data: bytes, mode: int, replace: bool = False) -> bool:
+    """Write ``data`` to ``path`` through a temporary file beside it; False if ``path`` exists and not ``replace``."""
+    temporary = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(descriptor, "wb") as new_file:
+            new_file.write(data)
+            new_file.flush()
+            os.fsync(new_file.fileno())
+        if replace:
+            os.replace(temporary, path)
+            return True
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _write_public_half(path: str, key: Key) -> None:
+    _write_new(path + ".pub", key.public().toString("OPENSSH") + b"\n", 0o644, replace=True)
+
+
+def _check_public_half(path: str, key: Key) -> None:
+    """Rewrite the default key's ``.pub`` when it is missing or holds another key, saying so.
+
+    Operators publish its fingerprint (``ssh-keygen -lf``); a ``.pub`` left
+    from an earlier key would have them publish the wrong one.
+    """
+    try:
+        with open(path + ".pub", "rb") as public_file:
+            matches = Key.fromString(public_file.read()) == key.public()
+    except (OSError, BadKeyError, ValueError):
+        matches = False
+    if not matches:
+        _write_public_half(path, key)
+        _log.warn("{path}.pub did not hold this host key's public half; rewritten", path=path)
+
+
+def load_host_keys(paths: Iterable[str], default_key: str | None = None) -> dict[bytes, Key]:
     """Load private host keys, keyed by SSH key type as Conch's factory wants.
 
     Raises ``HostKeyError`` for a file that is missing, not a regular file
     of at most 1 MiB (a FIFO would block the start until a writer came),
     encrypted, not a private key, a DSA key, an RSA key under 2048 bits, or
-    a second key of a type already loaded.
+    a second key of a type already loaded. A key others may read is loaded
+    with a warning. For ``default_key``, the one smartserve made, a ``.pub``
+    that does not match is rewritten.
     """
     keys: dict[bytes, Key] = {}
     for path in paths:
         try:
-            _, data = read_small_file(path, MAX_HOST_KEY_BYTES)
+            info, data = read_small_file(path, MAX_HOST_KEY_BYTES)
         except OSError as error:
             raise HostKeyError(f"cannot load host key {path}: {error.strerror}") from None
         try:
@@ -83,6 +127,14 @@ def load_host_keys(paths: Iterable[str]) -> dict[bytes, Key]:
         if key.sshType() in keys:
             raise HostKeyError(f"{path}: a second {key.sshType().decode()} host key")
         keys[key.sshType()] = key
+        if info.st_mode & 0o077:
+            _log.warn(
+                "{path} may be read by others (mode {mode:04o}); a host key should be 0600",
+                path=path,
+                mode=info.st_mode & 0o7777,
+            )
+        if path == default_key:
+            _check_public_half(path, key)
         _log.info(
             "SSH host key {path}: {fingerprint}", path=path, fingerprint=fingerprint(key)
         )

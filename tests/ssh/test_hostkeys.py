@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 import subprocess
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.conch.ssh.keys import Key
+from twisted.logger import LogLevel, formatEvent
 from twisted.internet.task import Clock
 from twisted.conch.ssh.common import getNS
 from twisted.internet.testing import StringTransport
@@ -22,6 +25,8 @@ from smartserve.ssh import (
     make_ssh_factory,
 )
 
+from support import logged_events
+
 from .conftest import SSH_KEYGEN, make_user_key, needs_openssh
 
 
@@ -33,6 +38,36 @@ def test_ensure_host_key_creates_private_ed25519_key(tmp_path):
     assert stat.S_IMODE((tmp_path / "data" / "ssh_host_ed25519_key").stat().st_mode) == 0o600
     assert ensure_host_key(str(tmp_path / "data")) == path
     assert Key.fromFile(path) == key
+
+
+def test_default_host_key_public_half_that_holds_another_key_is_rewritten(tmp_path):
+    """A ``.pub`` left from an earlier key is rewritten with a warning, so ``ssh-keygen -lf`` shows the key in use.
+
+    Found wrong: a stale ``.pub`` was never noticed and operators would
+    publish the fingerprint of a key the server no longer had.
+    """
+    data = tmp_path / "data"
+    path = ensure_host_key(str(data))
+    public = data / "ssh_host_ed25519_key.pub"
+    public.write_bytes(Key(Ed25519PrivateKey.generate()).public().toString("OPENSSH") + b"\n")
+    with logged_events(lambda event: event.get("log_namespace") == "smartserve.ssh._hostkeys") as events:
+        [key] = load_host_keys([path], default_key=path).values()
+    assert Key.fromString(public.read_bytes()) == key.public()
+    assert [formatEvent(event) for event in events if event["log_level"] is LogLevel.warn] == [
+        f"{path}.pub did not hold this host key's public half; rewritten"
+    ]
+    assert sorted(os.listdir(data)) == ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]
+
+
+def test_host_key_others_may_read_is_loaded_with_a_warning(tmp_path):
+    """A private host key with group or other read is used, but the log says to make it 0600 (sshd refuses it)."""
+    path = ensure_host_key(str(tmp_path / "data"))
+    os.chmod(path, 0o644)
+    with logged_events(lambda event: event.get("log_namespace") == "smartserve.ssh._hostkeys") as events:
+        load_host_keys([path])
+    assert [formatEvent(event) for event in events if event["log_level"] is LogLevel.warn] == [
+        f"{path} may be read by others (mode 0644); a host key should be 0600"
+    ]
 
 
 def test_ensure_host_key_makes_the_data_folder_but_not_its_parent(tmp_path):
