@@ -34,7 +34,12 @@ from .server.bodymemory import DEFAULT_MAX_REQUEST_MEMORY
 from .server.dispatcher import Dispatcher
 from .server.drain import DrainController, DrainState
 from .server.jail import Writable
-from .server.protocol import DEFAULT_HOLD_RESPONSE_BYTES, SmartServerFactory
+from .server.protocol import (
+    DEFAULT_HOLD_RESPONSE_BYTES,
+    DEFAULT_MIN_REQUEST_RATE,
+    DEFAULT_REQUEST_GRACE,
+    SmartServerFactory,
+)
 
 __all__ = ["Options", "makeService", "SmartserveService"]
 
@@ -76,6 +81,15 @@ class Options(usage.Options):
             "haproxy; more are turned away (0: no limit of its own).", int,
         ],
         ["idle-timeout", None, 300.0, "Seconds a connection may sit idle before it is closed (0: never).", float],
+        [
+            "min-request-rate", None, DEFAULT_MIN_REQUEST_RATE,
+            "Bytes per second a request must arrive at, on average, once its --request-grace is spent; "
+            "a slower one closes its connection (0: no limit).", int,
+        ],
+        [
+            "request-grace", None, DEFAULT_REQUEST_GRACE,
+            "Seconds a request may take to arrive before --min-request-rate applies.", float,
+        ],
         ["threads", None, 16, "Worker threads that run requests.", int],
         [
             "inline-read-bytes", None, DEFAULT_INLINE_READ_BYTES,
@@ -151,7 +165,7 @@ class Options(usage.Options):
             "idle-timeout", "drain-timeout", "drain-grace", "drain-linger", "drain-spread", "login-grace-time",
             "inline-read-bytes", "bzr-max-connections", "bzr-max-connections-per-address",
             "max-unauthenticated-per-address", "max-request-memory", "max-request-memory-per-caller",
-            "hold-response-bytes",
+            "hold-response-bytes", "min-request-rate", "request-grace",
         )
         for name in non_negative:
             if not math.isfinite(self[name]):
@@ -438,6 +452,8 @@ def _make_service(options: Options, reactor) -> SmartserveService:
         max_request_memory=options["max-request-memory"],
         hold_response_bytes=options["hold-response-bytes"],
         max_request_memory_per_caller=options["max-request-memory-per-caller"],
+        min_request_rate=options["min-request-rate"],
+        request_grace=options["request-grace"],
     )
     controller = DrainController(reactor, grace=options["drain-grace"], default_timeout=options["drain-timeout"])
     metrics.watch_connections("smart", smart_factory)

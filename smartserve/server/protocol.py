@@ -110,6 +110,13 @@ STREAM_SLICE_BYTES = 64 * 1024
 # client waits for what is held, and Breezy makes a stream's start slowly.
 DEFAULT_HOLD_RESPONSE_BYTES = 0
 
+# A request arriving slower than this, on average, once its grace is spent,
+# is cut off (see SmartServerProtocol._arrival_left): a client trickling a
+# byte at a time would otherwise hold a connection, a share of request body
+# memory and a drain for as long as it liked.
+DEFAULT_MIN_REQUEST_RATE = 1024
+DEFAULT_REQUEST_GRACE = 60.0
+
 # Seconds for which a bzr:// connection closed with an answer to a request
 # the server did not read (ServerDraining, TooManyConnections) is read from
 # and its bytes dropped, waiting for the client to close it.
@@ -204,6 +211,10 @@ class SmartServerProtocol(Protocol):
         self._reading_paused = False
         self._idle_timer = None
         self._waiting_since = None
+        # Time spent waiting on the peer for the request now arriving: since
+        # when, if it waits now, and how long before that.
+        self._arrival_since = None
+        self._arrival_waited = 0.0
         # Bytes received in all, and how many of them the messages before the current one took.
         self._bytes_received = 0
         self._bytes_before_message = 0
@@ -521,6 +532,7 @@ class SmartServerProtocol(Protocol):
         consumed = self._bytes_received - self._codec.buffered_size
         current.record.bytes_in = consumed - self._bytes_before_message
         self._bytes_before_message = consumed
+        self._arrival_since, self._arrival_waited = None, 0.0
 
     def _update_peer(self) -> None:
         """Take the caller's address from the transport, when it was not given.
@@ -814,15 +826,54 @@ class SmartServerProtocol(Protocol):
         rest of the bookkeeping of a small one.
         """
         timeout = self.factory.idle_timeout
-        if not timeout or self._closing:
+        if self._closing or not (timeout or self.factory.min_request_rate):
             self._cancel_idle_timer()
         elif self._waiting_on_peer():
+            now = None
             if self._waiting_since is None:
-                self._waiting_since = self.factory.clock.seconds()
-            if self._idle_timer is None:
+                self._waiting_since = now = self.factory.clock.seconds()
+            if self._arrival_since is None and self.factory.min_request_rate and self._request_arriving():
+                self._arrival_since = now or self.factory.clock.seconds()
+                self._idle_timer_due(self._arrival_left(self._arrival_since))
+            elif self._idle_timer is None and timeout:
                 self._idle_timer = self.factory.clock.callLater(timeout, self._idle_timer_fired)
         else:
             self._waiting_since = None
+            if self._arrival_since is not None:
+                self._arrival_waited += self.factory.clock.seconds() - self._arrival_since
+                self._arrival_since = None
+
+    def _request_arriving(self) -> bool:
+        """True while part of a request has arrived and the rest is awaited."""
+        if self.phase is Phase.IDLE:
+            return self._codec.buffered_size > 0
+        current = self._current
+        return self.phase is Phase.REQUEST and current is not None and not current.finished
+
+    def _arrival_left(self, now: float) -> Optional[float]:
+        """Seconds the request now arriving may still take before it is too slow; None without a rate limit.
+
+        A request may wait on its client ``--request-grace`` seconds, and
+        one more second for each ``--min-request-rate`` bytes of it that
+        came: a client that sends a byte now and then to keep a request
+        open is cut off, a slow but steady upload is not. Time the server
+        spent not reading (running the request, its transport full) does
+        not count.
+        """
+        rate = self.factory.min_request_rate
+        if not rate or self._arrival_since is None:
+            return None
+        arrived = self._bytes_received - self._bytes_before_message
+        allowed = self.factory.request_grace + arrived / rate
+        return allowed - self._arrival_waited - (now - self._arrival_since)
+
+    def _idle_timer_due(self, seconds: float) -> None:
+        """Have the connection's timer fire within ``seconds``, sooner than it would."""
+        timer = self._idle_timer
+        if timer is None:
+            self._idle_timer = self.factory.clock.callLater(max(0.0, seconds), self._idle_timer_fired)
+        elif timer.getTime() > self.factory.clock.seconds() + seconds:
+            timer.reset(max(0.0, seconds))
 
     def _restart_idle_timer(self) -> None:
         """The peer sent something: waiting starts afresh."""
@@ -840,11 +891,34 @@ class SmartServerProtocol(Protocol):
         since = self._waiting_since
         if self._closing or since is None:
             return  # busy: the timer is armed again once the connection waits
-        remaining = since + self.factory.idle_timeout - self.factory.clock.seconds()
-        if remaining > 0:
-            self._idle_timer = self.factory.clock.callLater(remaining, self._idle_timer_fired)
+        now = self.factory.clock.seconds()
+        arrival_left = self._arrival_left(now)
+        if arrival_left is not None and arrival_left <= 0:
+            self._arrived_too_slowly(now)
             return
-        self._idle_timed_out()
+        timeout = self.factory.idle_timeout
+        remaining = since + timeout - now if timeout else None
+        if remaining is not None and remaining <= 0:
+            self._idle_timed_out()
+            return
+        if arrival_left is not None and (remaining is None or arrival_left < remaining):
+            remaining = arrival_left
+        if remaining is not None:
+            self._idle_timer = self.factory.clock.callLater(remaining, self._idle_timer_fired)
+
+    def _arrived_too_slowly(self, now: float) -> None:
+        self._update_peer()
+        log.info(
+            "Closing connection {connection_id} from {peer}: {received} bytes of a request in {seconds:.0f} s, "
+            "slower than --min-request-rate {rate} bytes/s after --request-grace {grace:g} s",
+            connection_id=self.connection_id,
+            peer=self.caller.peer,
+            received=self._bytes_received - self._bytes_before_message,
+            seconds=self._arrival_waited + now - self._arrival_since,
+            rate=self.factory.min_request_rate,
+            grace=self.factory.request_grace,
+        )
+        self.abort()
 
     def _idle_timed_out(self) -> None:
         self._update_peer()
@@ -970,6 +1044,8 @@ class SmartServerFactory(QuietFactory):
         max_request_memory: int = 0,
         hold_response_bytes: int = DEFAULT_HOLD_RESPONSE_BYTES,
         max_request_memory_per_caller: int = 0,
+        min_request_rate: int = 0,
+        request_grace: float = DEFAULT_REQUEST_GRACE,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
@@ -981,6 +1057,8 @@ class SmartServerFactory(QuietFactory):
         self.access_log = access_log
         self.clock = clock
         self.idle_timeout = idle_timeout
+        self.min_request_rate = min_request_rate
+        self.request_grace = request_grace
         self.limits = limits or DEFAULT_LIMITS
         self.tcp_writable = tcp_writable
         self.connections = OpenConnections()
