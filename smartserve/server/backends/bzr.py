@@ -21,6 +21,8 @@ requests do, so a file of gigabytes costs the server what a response
 stream costs. ``Repository.tarball`` and ``Repository.pack``, which
 Breezy's own server fails or ignores, work (``_large_reads``,
 ``_repairs``); ``_commands`` puts these requests in place of Breezy's.
+Each repository a request opens is freed once the request is done with
+it (``_repositories``): Breezy's would stay in memory for good.
 
 Request bodies are bounded too. Breezy's handlers keep a body whole
 until its end, except the insert_stream family, whose inserter thread
@@ -58,6 +60,7 @@ from ..interfaces import IBackend, IBodyStream, IRequestRun
 from ..jail import Writable, backing_transport
 from ..reply import Reply, StreamFailure
 from ._container import PushStreamRefused, RecordRegrouper
+from ._repositories import OpenedRepositories, track_opened_repositories
 
 __all__ = ["BzrBackend", "configure_breezy"]
 
@@ -82,6 +85,7 @@ def configure_breezy() -> None:
         _breezy_state.append(breezy.initialize(setup_ui=False))
         ui.ui_factory = ui.SilentUIFactory()
         lockdir._DEFAULT_TIMEOUT_SECONDS = 0
+        track_opened_repositories()
         _load_lazy_modules()
 
 
@@ -256,6 +260,11 @@ class _BzrRequestRun:
     gets a worker after it does nothing, so a request whose connection is
     gone never starts (a push would start Breezy's inserter thread, which
     then waits for good for a body that will never come).
+
+    The repositories the request opens are released (``_repositories``)
+    once it is done with them: when a step makes a reply, unless the reply
+    streams its body, whose stream then releases them when it is closed;
+    when a step fails; or when the request is aborted.
     """
 
     def __init__(self, backend: BzrBackend, transport, caller: Caller, args, *, inline: bool = False):
@@ -274,6 +283,7 @@ class _BzrRequestRun:
         self._body_newlines = 0  # of a body Breezy splits into lines (LISTED_BODY_VERBS)
         self._body_ends_line = True  # whether what came of that body so far ends with a newline
         self._regrouper: Optional[RecordRegrouper] = None  # of a push's body
+        self._opened = OpenedRepositories()
         self._turn = threading.Lock()
 
     @property
@@ -327,7 +337,15 @@ class _BzrRequestRun:
         with self._turn:
             if self._aborted:
                 return None  # the connection is gone: the abort's own job cleans up
-            return self._step(chunks, finished)
+            try:
+                with self._opened.collecting():
+                    reply = self._step(chunks, finished)
+            except BaseException:
+                self._end_handler()  # the request goes no further: the protocol answers it with an error
+                raise
+            if reply is not None and not isinstance(reply.stream, _BzrBodyStream):
+                self._opened.release()
+            return reply
 
     def _step(self, chunks: List[bytes], finished: bool) -> Optional[Reply]:
         if self._reply is not None:
@@ -385,7 +403,7 @@ class _BzrRequestRun:
         if finished and not handler.finished_reading:
             handler.end_received()
         if handler.finished_reading and handler.response is not None:
-            self._reply = _reply_from(handler.response, self._backend)
+            self._reply = _reply_from(handler.response, self._backend, self._opened)
         return self._reply
 
     def _body_too_large(self) -> Reply:
@@ -434,8 +452,16 @@ class _BzrRequestRun:
 
     def _abort_in_thread(self) -> None:
         with self._turn:
-            if self._handler is not None and self._reply is None:
+            if self._reply is None:
+                self._end_handler()
+
+    def _end_handler(self) -> None:
+        """Drop the handler of a request that goes no further, and release the repositories it opened."""
+        if self._handler is not None and self._reply is None:
+            with self._opened.collecting():
                 self._release_handler()
+        self._handler = None
+        self._opened.release()
 
     def _release_handler(self) -> None:
         # A request is dropped half-received, as brz serve drops it: ending
@@ -503,12 +529,13 @@ def _bounded_error(args) -> tuple:
     )
 
 
-def _reply_from(response, backend: BzrBackend) -> Reply:
+def _reply_from(response, backend: BzrBackend, opened: Optional[OpenedRepositories] = None) -> Reply:
+    """The reply for Breezy's ``response``; a streamed body releases ``opened`` once it is closed."""
     success = response.is_successful()
     args = tuple(response.args) if success else _bounded_error(response.args)
     body, stream = response.body, None
     if response.body_stream is not None:
-        stream = _BzrBodyStream(iter(response.body_stream), backend)
+        stream = _BzrBodyStream(iter(response.body_stream), backend, opened)
     elif body is not None and len(body) > LARGE_BODY_BYTES:
         body, stream = None, _SlicedBody(body, backend._reactor)
     return Reply(args, success, body, stream)
@@ -553,14 +580,16 @@ class _BzrBodyStream:
     the repository) and starts again when the connection takes a slice, so
     a stalled client holds no worker, and memory for at most
     ``AHEAD_BYTES`` plus one of Breezy's chunks (a group of texts, a few
-    MiB at most).
+    MiB at most). The repositories the request opened, which the stream
+    reads, are released once it is closed.
     """
 
     SLICE_BYTES = 16 * 1024
     AHEAD_BYTES = 4 * SLICE_BYTES
 
-    def __init__(self, chunks: Iterator[bytes], backend: BzrBackend):
+    def __init__(self, chunks: Iterator[bytes], backend: BzrBackend, opened: Optional[OpenedRepositories] = None):
         self._chunks = chunks
+        self._opened = OpenedRepositories() if opened is None else opened
         self._backend = backend
         self._reactor = backend._reactor
         self._made: deque = deque()
@@ -622,18 +651,28 @@ class _BzrBodyStream:
             self._made.append(items)
 
     def _close_now(self) -> None:
-        close = getattr(self._chunks, "close", None)
-        if close is not None:
-            self._backend.run_in_pool(close).addErrback(
-                lambda failure: log.failure("Closing a response stream", failure)
-            )
-            self._chunks = iter(())
+        if self._chunks is None:
+            return
+        chunks, self._chunks = self._chunks, None
+        self._backend.run_in_pool(self._end_in_thread, chunks).addErrback(
+            lambda failure: log.failure("Closing a response stream", failure)
+        )
 
     # In a worker thread.
 
+    def _end_in_thread(self, chunks) -> None:
+        try:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                with self._opened.collecting():
+                    close()
+        finally:
+            self._opened.release()
+
     def _make_in_thread(self, slice_bytes: int) -> None:
         while not self._closed and self._unsent_bytes < self.AHEAD_BYTES:
-            items = self._slice_in_thread(slice_bytes)
+            with self._opened.collecting():
+                items = self._slice_in_thread(slice_bytes)
             with self._unsent_lock:
                 self._unsent_bytes += _size(items)
             last = not items or isinstance(items[-1], StreamFailure)
