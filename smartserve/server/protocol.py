@@ -599,6 +599,8 @@ class SmartServerProtocol(Protocol):
         current.advancing = False
         current.advancing_bytes = 0
         if self._current is not current:
+            if reply is not None and reply.stream is not None:
+                reply.stream.close()  # made after the connection was lost: nothing else will close it
             return
         if reply is not None:
             current.refusal = reply  # the rest of the request body is ignored

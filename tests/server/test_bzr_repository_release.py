@@ -208,6 +208,18 @@ def test_stream_abandoned_midway_by_a_lost_connection_leaves_no_repository_behin
     assert _live_repositories() == before
 
 
+def test_stream_made_after_the_connection_was_lost_leaves_no_repository_behind(server, tip):
+    """A get_stream whose connection is lost while its step runs gets a stream no one will read, which
+    is closed and its repository freed."""
+    server.call(b"Repository.is_shared", b"b/")
+    before = _live_repositories()
+    server.send((b"Repository.get_stream_1.19", b"b/", FORMAT_2A), b"ancestry-of\n" + tip)
+    server.pool.run_next()  # the step makes its reply, which waits for the reactor
+    server.lose_connection()
+    server.run_until_idle()
+    assert _live_repositories() == before
+
+
 def test_request_dropped_in_the_middle_of_its_body_leaves_no_repository_behind(server, tip):
     """A get_parent_map whose connection is lost after it opened its repository, while its body still
     arrived, frees the repository."""
