@@ -34,6 +34,8 @@ class SmartConnection(connection.SSHConnection):
       to open its first channel.
     - A channel whose reader is paused gets no window adjustment until it
       resumes.
+    - A client that sends more than a channel's window or maximum packet
+      size is disconnected for a protocol error.
     """
 
     _log = conch_logger()
@@ -43,6 +45,7 @@ class SmartConnection(connection.SSHConnection):
         self._idle_timer = None
         self._stopped = False
         self._counted: set = set()
+        self._broken = False
 
     @property
     def _server(self):
@@ -63,8 +66,11 @@ class SmartConnection(connection.SSHConnection):
         not open (or too short to name one) raised out of the transport and
         was logged as an unhandled error with its traceback, each time a
         client sent one. Such a client now gets a protocol error and one
-        log line.
+        log line. Messages that follow a protocol error in what was read
+        from the socket are dropped unread.
         """
+        if self._broken:
+            return None
         if messageNum in _CHANNEL_MESSAGES:
             if len(packet) < 4 or struct.unpack(">L", packet[:4])[0] not in self.channels:
                 _log.warn(
@@ -72,9 +78,54 @@ class SmartConnection(connection.SSHConnection):
                     user=self._username,
                     channel_message=messageNum,
                 )
-                self.transport.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"no such channel")
+                self._protocol_error(b"no such channel")
                 return None
         return super().packetReceived(messageNum, packet)
+
+    def _protocol_error(self, description: bytes) -> None:
+        """Disconnect the client for a protocol error and ignore whatever else it sent."""
+        self._broken = True
+        self.transport.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, description)
+
+    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
+        if not self._over_window(packet, 4):
+            super().ssh_CHANNEL_DATA(packet)
+
+    def ssh_CHANNEL_EXTENDED_DATA(self, packet: bytes) -> None:
+        if not self._over_window(packet, 8):
+            super().ssh_CHANNEL_EXTENDED_DATA(packet)
+
+    def _over_window(self, packet: bytes, length_at: int) -> bool:
+        """Disconnect a client whose data message is truncated or larger than the window or maximum packet allow.
+
+        Conch logs an error and closes the channel instead, once per
+        message: a client that went on sending one byte at a time past the
+        window filled the log, and stayed connected.
+        """
+        if len(packet) < length_at + 4:
+            _log.warn(
+                "{user} ({peer}) sent a truncated data message; disconnecting",
+                user=self._username,
+                peer=self.transport.peer,
+            )
+            self._protocol_error(b"truncated data message")
+            return True
+        channel = self.channels[struct.unpack(">L", packet[:4])[0]]
+        length = struct.unpack(">L", packet[length_at : length_at + 4])[0]
+        if length <= channel.localWindowLeft and length <= channel.localMaxPacket:
+            return False
+        _log.warn(
+            "{user} ({peer}) sent {data_bytes} bytes on a channel whose window had {window_bytes} left"
+            " (maximum packet {max_packet}); disconnecting",
+            user=self._username,
+            peer=self.transport.peer,
+            data_bytes=length,
+            window_bytes=channel.localWindowLeft,
+            max_packet=channel.localMaxPacket,
+            window_exceeded=True,
+        )
+        self._protocol_error(b"channel window exceeded")
+        return True
 
     def serviceStopped(self) -> None:
         self._stopped = True

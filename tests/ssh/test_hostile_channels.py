@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 import pytest_twisted
 from twisted.conch.ssh.channel import SSHChannel
 from twisted.conch.ssh.common import NS
+from twisted.conch.ssh.transport import DISCONNECT_PROTOCOL_ERROR
 from twisted.internet import defer, reactor
 
 from smartserve.testing import encode_request, response_args
@@ -175,5 +178,44 @@ async def test_channel_message_for_no_open_channel_is_a_clean_disconnect(tmp_pat
         (tmp_path / "second").mkdir()
         again, _ = await conch_connection(server, server.client_for("alice", tmp_path / "second"))
         again.transport.loseConnection()
+    finally:
+        await server.stopped()
+
+
+@needs_openssh
+@pytest.mark.timeout(60)
+@pytest_twisted.ensureDeferred
+async def test_client_sending_past_the_channel_window_is_disconnected_once(tmp_path):
+    """A client that fills a paused session's window and goes on sending, a byte per message, is disconnected
+    for a protocol error with one log line, not an error line and a channel close per message; its session
+    slot comes back."""
+    from twisted.conch.ssh import connection as ssh_connection
+
+    from support import logged_events
+    from smartserve.ssh._session import LOCAL_MAX_PACKET, LOCAL_WINDOW_BYTES
+
+    server = SSHServerUnderTest(tmp_path)
+    try:
+        with logged_events(
+            lambda event: event.get("log_failure") or event.get("isError") or event.get("window_exceeded")
+            or "too much data" in event.get("log_format", "")
+        ) as events:
+            transport, channel, protocol = await _smart_session(server, tmp_path)
+            protocol.transport.pauseProducing()  # the server grants no more window until it reads on
+            lost = defer.Deferred()
+            transport.connectionLost = lambda reason=None: lost.callback(None)
+            disconnects = []
+            transport.receiveError = lambda code, description: disconnects.append(code)
+            remote = struct.pack(">L", channel.conn.channelsToRemoteChannel[channel])
+            piece = b"y" * LOCAL_MAX_PACKET
+            for _ in range(LOCAL_WINDOW_BYTES // LOCAL_MAX_PACKET):
+                transport.sendPacket(ssh_connection.MSG_CHANNEL_DATA, remote + NS(piece))
+            for _ in range(1000):
+                transport.sendPacket(ssh_connection.MSG_CHANNEL_DATA, remote + NS(b"z"))
+            await lost.addTimeout(10, reactor)
+        assert disconnects == [DISCONNECT_PROTOCOL_ERROR]
+        assert [event for event in events if not event.get("window_exceeded")] == []
+        assert len(events) == 1
+        await wait_until(lambda: server.factory.sessions_of("alice") == 0, 10, "the session to be closed")
     finally:
         await server.stopped()
