@@ -309,7 +309,8 @@ class _BzrRequestRun:
         Breezy answers an exception it has no error reply for with
         ``("error", class, message)`` and writes the traceback to its own
         log file (brz.log); an operator looks in the twistd log, and a full
-        disk or an I/O error on the served tree shows up there now.
+        disk or an I/O error on the served tree shows up there now. Text
+        that is not UTF-8, almost always the client's, is noted as a refusal.
         """
         if reply is None or reply.success or self._failure_noted:
             return reply
@@ -317,6 +318,9 @@ class _BzrRequestRun:
         if name == (REQUEST_TOO_LARGE,):
             what = "refused: {reason}"
             detail = {"reason": reply.args[1].decode("utf-8", "replace")}
+        elif reply.args[:2] == (b"error", b"UnicodeDecodeError"):
+            what = "refused: {reason}"
+            detail = {"reason": reply.args[2][:_LOGGED_ERROR_BYTES].decode("utf-8", "replace")}
         elif name == (b"error",):
             what = "failed on the server: {error}"
             detail = {"error": b": ".join(reply.args[1:3])[:_LOGGED_ERROR_BYTES].decode("utf-8", "replace")}
@@ -352,14 +356,13 @@ class _BzrRequestRun:
             return self._reply  # answered: the rest of the body is not the handler's
         handler = self._handler
         if handler is None:
-            request = _registry()
+            from ._repairs import RequestHandler
+
             if self._inline:  # a small read by construction: Breezy's own classes answer it fastest
-                commands = request.request_handlers
+                commands = _registry().request_handlers
             else:
                 from ._commands import COMMANDS as commands
-            handler = self._handler = request.SmartServerRequestHandler(
-                self._transport, commands=commands, root_client_path="/"
-            )
+            handler = self._handler = RequestHandler(self._transport, commands=commands, root_client_path="/")
             handler.args_received(self._args)
         inserter = _inserter_of(handler)
         if inserter is None:
@@ -683,6 +686,8 @@ class _BzrBodyStream:
                 return
 
     def _slice_in_thread(self, slice_bytes: int) -> list:
+        from ._repairs import translate_error
+
         request = _registry()
         pulled: list = []
         size = 0
@@ -692,7 +697,7 @@ class _BzrBodyStream:
             except StopIteration:
                 break
             except Exception as exc:
-                pulled.append(StreamFailure(_bounded_error(request._translate_error(exc))))
+                pulled.append(StreamFailure(_bounded_error(translate_error(exc))))
                 break
             if isinstance(chunk, request.FailedSmartServerResponse):
                 pulled.append(StreamFailure(_bounded_error(chunk.args)))
