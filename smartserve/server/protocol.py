@@ -624,10 +624,11 @@ class SmartServerProtocol(Protocol):
             else:
                 head = self._codec.send(Response(reply.args, reply.success, _HEADERS))
         except LocalProtocolError as exc:
-            # Breezy can hand back arguments bencode cannot carry (a
-            # TokenMismatch with no lock token holds a None). brz serve
-            # sends nothing for such a reply; here the client gets an error
-            # it can read, and the connection goes on.
+            # A backend can hand back arguments bencode cannot carry (the
+            # Breezy backend sends the Nones of Breezy's errors as b"", but
+            # not every stray type). brz serve sends nothing for such a
+            # reply; here the client gets an error it can read, and the
+            # connection goes on.
             self._not_encodable(current, "reply", exc)
             if reply.stream is not None:
                 reply.stream.close()

@@ -1,8 +1,10 @@
-"""Error replies Breezy fails to make reach the client as errors its client reads, without tracebacks.
+"""Error replies Breezy fails to make or to encode reach the client as errors its client reads, without tracebacks.
 
 A request argument that is not UTF-8 made Breezy's error translation
-raise (a Python 2 leftover): it was answered ``InternalError``, with a
-traceback in the log for every request.
+raise (a Python 2 leftover), and a lock token given to a branch that is
+not locked made Breezy answer a ``TokenMismatch`` holding None, which
+bencode cannot carry: both were answered ``InternalError``, the first with
+a traceback in the log for every request.
 """
 
 from __future__ import annotations
@@ -96,3 +98,26 @@ async def test_argument_that_is_not_utf8_gets_an_error_reply_and_one_log_line(
     [event] = warnings_and_failures
     assert "log_failure" not in event and event["log_level"] == LogLevel.warn
     assert event["verb"] == args[0].decode() and "not valid" in event["reason"]
+
+
+WRITES_WITH_A_TOKEN = [
+    ((b"Branch.set_config_option", b"b/", b"bogus", b"", b"value", b"name", b""), None),
+    ((b"Branch.set_parent_location", b"b/", b"bogus", b"", b"http://example.com/"), None),
+    ((b"Branch.put_config_file", b"b/", b"bogus", b""), b"a = b\n"),
+    ((b"Branch.set_tags_bytes", b"b/", b"bogus", b""), b""),
+]
+
+
+@pytest.mark.parametrize(
+    "args, body", WRITES_WITH_A_TOKEN, ids=[args[0].decode() for args, _ in WRITES_WITH_A_TOKEN]
+)
+@pytest_twisted.ensureDeferred
+async def test_lock_token_for_an_unlocked_branch_gets_token_mismatch(root, warnings_and_failures, args, body):
+    """A write given a lock token on a branch that is not locked is answered TokenMismatch with an empty token
+    for the branch's, which Breezy's client reads as its TokenMismatch; nothing is logged."""
+    from breezy.errors import TokenMismatch
+
+    [reply] = await _replies(root, (args, body))
+    assert reply == (b"TokenMismatch", b"bogus", b"")
+    assert isinstance(_breezy_client_error(reply), TokenMismatch)
+    assert warnings_and_failures == []

@@ -524,12 +524,25 @@ MAX_ERROR_ARGUMENT_BYTES = 64 * 1024
 
 
 def _bounded_error(args) -> tuple:
-    """An error tuple with each over-long bytes argument cut to ``MAX_ERROR_ARGUMENT_BYTES``, saying so."""
+    """An error tuple with each over-long bytes argument cut to ``MAX_ERROR_ARGUMENT_BYTES``, saying so, and
+    each None sent as ``b""``.
+
+    Breezy puts a None in an error for what is not there, which bencode
+    cannot carry: a ``TokenMismatch`` for a lock token given to a branch
+    that is not locked holds None as the branch's token, and ``brz serve``
+    sends no reply at all for it. ``b""`` is how the protocol says "no
+    token"; Breezy's client reads the error by its name alone.
+    """
+    return tuple(map(_error_argument, args))
+
+
+def _error_argument(arg):
+    if arg is None:
+        return b""
     limit = MAX_ERROR_ARGUMENT_BYTES
-    return tuple(
-        arg[:limit] + b"... (%d bytes cut)" % (len(arg) - limit) if type(arg) is bytes and len(arg) > limit else arg
-        for arg in args
-    )
+    if type(arg) is bytes and len(arg) > limit:
+        return arg[:limit] + b"... (%d bytes cut)" % (len(arg) - limit)
+    return arg
 
 
 def _reply_from(response, backend: BzrBackend, opened: Optional[OpenedRepositories] = None) -> Reply:
