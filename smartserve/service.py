@@ -259,7 +259,7 @@ class SmartserveService(service.MultiService):
     fires once the last connection has closed or the drain deadline passed.
     """
 
-    def __init__(self, reactor, options, control: Control, listeners: ListenerGroup):
+    def __init__(self, reactor, options, control: Control, listeners: ListenerGroup, drainables=()):
         super().__init__()
         self.reactor = reactor
         self.options = options
@@ -269,8 +269,10 @@ class SmartserveService(service.MultiService):
         self.control_listener = Listener(
             "control", f"unix:{options['control']}:mode=600:lockfile=0", self.control_factory, reactor
         )
+        self.drainables = list(drainables)
         self._previous_handlers: dict = {}
         self._exiting = False
+        self._start_failed = False
 
     def startService(self) -> None:
         super().startService()
@@ -330,6 +332,7 @@ class SmartserveService(service.MultiService):
     def _failed_to_start(self, failure) -> None:
         log.critical("smartserve could not start: {error}", error=failure.getErrorMessage(), failure=failure)
         self._exiting = True
+        self._start_failed = True
         # twistd has no exit status of its own: leave with 1 once shut down.
         self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
         if self.reactor.running:
@@ -359,6 +362,8 @@ class SmartserveService(service.MultiService):
         while a response is still being written.
         """
         self._exiting = True
+        if self._start_failed:
+            return self._close_at_once()
         for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             previous = signal.signal(signum, self._stop_signal_while_stopping)
             self._previous_handlers.setdefault(signum, previous)
@@ -386,6 +391,18 @@ class SmartserveService(service.MultiService):
         d.addCallback(lambda _: service.MultiService.stopService(self))
         d.addBoth(restore_signal_handlers)
         return d
+
+    def _close_at_once(self) -> defer.Deferred:
+        """Stop a server that could not start: close what it opened and abort its connections, with no drain.
+
+        It never served as asked, so nothing is owed to clients that got
+        in meanwhile, and a drain grace would only keep serving them.
+        """
+        for drainable in self.drainables:
+            drainable.abort()
+        closed = defer.gatherResults([self.control_listener.stop_listening(), self.listeners.stop(all_listeners=True)])
+        closed.addCallback(lambda _: self.control_factory.close_connections())
+        return closed.addCallback(lambda _: service.MultiService.stopService(self))
 
 
 class _ThreadPoolService(service.Service):
@@ -463,6 +480,7 @@ def _make_service(options: Options, reactor) -> SmartserveService:
     metrics.watch_drain(controller)
     listeners = ListenerGroup()
     factories = [smart_factory]
+    drainables = []
     if options["ssh"]:
         from .ssh import SSHSetupError, make_ssh_factory, show_conch_trace
 
@@ -487,17 +505,19 @@ def _make_service(options: Options, reactor) -> SmartserveService:
         listeners.add(Listener("ssh", options["ssh"], ssh_factory, reactor))
         metrics.watch_connections("ssh", ssh_factory)
         metrics.watch_ssh(ssh_factory)
-        controller.add_drainable(ssh_factory)
+        drainables.append(ssh_factory)
     if options["bzr"]:
         listeners.add(Listener("bzr", options["bzr"], smart_factory, reactor))
-    controller.add_drainable(smart_factory)
+    drainables.append(smart_factory)
+    for drainable in drainables:
+        controller.add_drainable(drainable)
     if options["admin"]:
         # /health keeps answering 503 through a drain, unless the listeners
         # were handed over: then the new process answers it.
         listeners.add(Listener("admin", options["admin"], admin_site(controller, metrics, clock=reactor), reactor, stops_on_drain=False))
     control = Control(controller, listeners, factories)
     controller.add_listener_stopper(lambda: listeners.stop(all_listeners=control.handed_over))
-    top = SmartserveService(reactor, options, control, listeners)
+    top = SmartserveService(reactor, options, control, listeners, drainables)
     _ThreadPoolService(pool).setServiceParent(top)
     top.smart_factory = smart_factory
     top.metrics = metrics

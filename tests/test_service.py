@@ -164,6 +164,25 @@ def test_port_in_use_is_a_one_line_error_naming_the_listener(tmp_path):
     )
 
 
+def test_failed_start_closes_what_it_opened_and_exits_without_a_drain(tmp_path):
+    """A start that fails after one listener opened (the --admin port is taken) exits 1 at once: no drain, whatever --drain-grace says."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        admin = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+        server = SmartserveProcess(
+            tmp_path / "data",
+            ["--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none", "--admin", admin, "--drain-grace", "100000"],
+        )
+        try:
+            with pytest.raises(AssertionError, match="exited early"):
+                server.start()
+        finally:
+            server.stop()
+    assert server.process.returncode == 1
+    log = server.log()
+    assert "bzr listening on" in log and f"could not start: admin endpoint '{admin}'" in log
+    assert "Draining" not in log and "Drained" not in log
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
