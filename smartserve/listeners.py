@@ -12,14 +12,14 @@ import os
 import socket
 from typing import Dict, List, Optional
 
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, tcp, unix
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
 from zope.interface import implementer
 
-__all__ = ["ListenError", "Listener", "ListenerGroup"]
+__all__ = ["ListenError", "Listener", "ListenerGroup", "SocketPathListener"]
 
 log = Logger()
 
@@ -150,6 +150,74 @@ class Listener:
         self._handed_over = False
         self.port.startReading()
         return True
+
+
+def _identity(path) -> Optional[tuple]:
+    """``(device, inode)`` of what is at ``path`` now, or None if nothing is."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+class _OwnPathPort(unix.Port):
+    """A UNIX listening port that, as it closes, removes its path only if that is still its own socket."""
+
+    _identity = None
+
+    def startListening(self):
+        super().startListening()
+        self._identity = _identity(self._bindPath)
+
+    def connectionLost(self, reason):
+        # unix.Port.connectionLost without its unconditional unlink.
+        found = _identity(self._bindPath)
+        if found is not None and found == self._identity:
+            os.unlink(self._bindPath)
+        elif found is not None:
+            log.warn(
+                "Leaving {path} in place: another process has bound its own socket there since this one listened",
+                path=os.fsdecode(self._bindPath),
+            )
+        if self.lockFile is not None:
+            self.lockFile.unlock()
+        tcp.Port.connectionLost(self, reason)
+
+
+@implementer(IStreamServerEndpoint)
+class _OwnPathEndpoint:
+    """Listens on a UNIX socket path with ``_OwnPathPort``."""
+
+    def __init__(self, reactor, path: str, mode: int):
+        self._reactor = reactor
+        self._path = path
+        self._mode = mode
+
+    def listen(self, factory):
+        def listen():
+            port = _OwnPathPort(self._path, factory, mode=self._mode, reactor=self._reactor)
+            port.startListening()
+            return port
+
+        return defer.execute(listen)
+
+
+class SocketPathListener(Listener):
+    """A listener on a UNIX socket path that, when it stops, leaves the path alone if another process has bound it since.
+
+    A process that started after this one may have replaced the path with
+    its own socket; Twisted's port would remove it, and with it the only way
+    to reach that process.
+    """
+
+    def __init__(self, name: str, path: str, factory, reactor, *, mode: int = 0o600):
+        super().__init__(name, f"unix:{path}:mode={mode:o}", factory, reactor)
+        self.path = path
+        self.mode = mode
+
+    def _endpoint(self):
+        return _OwnPathEndpoint(self._reactor, self.path, self.mode)
 
 
 def _first_error(failure):

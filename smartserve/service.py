@@ -19,7 +19,7 @@ from ._folders import make_folder
 from .control import client as control_client
 from .control.admin import admin_site
 from .control.server import Control, ControlFactory
-from .listeners import Listener, ListenerGroup
+from .listeners import Listener, ListenerGroup, SocketPathListener
 from .metrics import ServerMetrics
 from .protocol import Limits
 from .server.accesslog import AccessLogFile, access_logger
@@ -266,9 +266,7 @@ class SmartserveService(service.MultiService):
         self.control = control
         self.listeners = listeners
         self.control_factory = ControlFactory(control, clock=reactor)
-        self.control_listener = Listener(
-            "control", f"unix:{options['control']}:mode=600:lockfile=0", self.control_factory, reactor
-        )
+        self.control_listener = SocketPathListener("control", options["control"], self.control_factory, reactor)
         self.drainables = list(drainables)
         self._previous_handlers: dict = {}
         self._exiting = False
@@ -310,14 +308,11 @@ class SmartserveService(service.MultiService):
             except control_client.NoServer as exc:
                 log.warn("Nothing to take over ({error}); listening afresh", error=str(exc))
                 old = None
-        elif os.path.exists(path):
-            try:
-                other = await control_client.connect(self.reactor, path, timeout=2)
-            except control_client.NoServer:
-                os.unlink(path)  # left behind by a server that is gone
-            else:
-                other.transport.loseConnection()
-                raise RuntimeError(f"another server answers on {path}; use --takeover {path} to replace it")
+        if old is None or takeover != path:
+            # The control path may still be another live server's: one this
+            # process did not take over, or none when --takeover named a
+            # path where nothing answers.
+            await self._refuse_if_another_server_answers(path)
         await self.listeners.listen_all(adopted)
         if os.path.exists(path):
             os.unlink(path)
@@ -328,6 +323,18 @@ class SmartserveService(service.MultiService):
             state = await control_client.drain(old, self.options["drain-timeout"])
             log.info("Took over {names}; the old server is {state}", names=sorted(adopted), state=state)
             old.transport.loseConnection()
+
+    async def _refuse_if_another_server_answers(self, path: str) -> None:
+        """Raise if a server answers on the control socket ``path``; remove a socket left there by one that is gone."""
+        if not os.path.exists(path):
+            return
+        try:
+            other = await control_client.connect(self.reactor, path, timeout=2)
+        except control_client.NoServer:
+            os.unlink(path)
+        else:
+            other.transport.loseConnection()
+            raise RuntimeError(f"another server answers on {path}; use --takeover {path} to replace it")
 
     def _failed_to_start(self, failure) -> None:
         log.critical("smartserve could not start: {error}", error=failure.getErrorMessage(), failure=failure)

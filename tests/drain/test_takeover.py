@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 
 import pytest
 
@@ -118,3 +119,35 @@ def test_takeover_abandoned_before_drain_old_server_serves_again(server):
     wait_taken_back(server)
     assert "accepting again on ['bzr']" in server.log()
     assert_serves(server)
+
+
+def test_takeover_of_a_path_where_nothing_answers_refused_while_another_server_answers_on_control(tmp_path):
+    """A --takeover path where nothing answers does not let the new process take the control socket of a live server: it is refused as a plain start is."""
+    data = tmp_path / "data"
+    options = ["--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none"]
+    old = ServerProcess(data, options, name="old").start()
+    new = ServerProcess(data, [*options, "--takeover", str(tmp_path / "typo.sock")], name="new")
+    try:
+        with pytest.raises(AssertionError, match="exited early"):
+            new.start()
+        assert new.process.returncode == 1
+        assert (
+            f"could not start: another server answers on {old.control}; use --takeover {old.control} to replace it"
+            in new.log()
+        )
+        assert_serves(old)
+    finally:
+        new.stop()
+        old.stop()
+
+
+def test_stopped_server_leaves_a_control_socket_another_process_bound_in_place(server):
+    """A server whose control socket path now holds another process's socket does not remove that socket as it stops."""
+    server.control.unlink()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(str(server.control))
+        other.listen()
+        inode = server.control.stat().st_ino
+        server.stop()
+        assert server.control.stat().st_ino == inode
+    assert f"Leaving {server.control} in place: another process has bound its own socket there" in server.log()
