@@ -8,6 +8,7 @@ is still what the logs show.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from typing import Dict, List, Optional
@@ -50,6 +51,91 @@ def _family_of(port) -> int:
     if isinstance(host, UNIXAddress):
         return socket.AF_UNIX
     raise ValueError(f"cannot hand over a listener on {host!r}")
+
+
+def _split_description(description: str) -> List[str]:
+    """The colon-separated fields of an endpoint description, with Twisted's backslash escapes undone."""
+    fields, field, escaped = [], "", False
+    for char in description:
+        if escaped:
+            field, escaped = field + char, False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            fields.append(field)
+            field = ""
+        else:
+            field += char
+    return [*fields, field]
+
+
+def _asked_address(description: str) -> Optional[tuple]:
+    """What ``description`` binds: ``("tcp", interface, port)`` or ``("unix", path)``; None when it names no address.
+
+    ``interface`` is an ``ipaddress`` address, or the name as written when
+    it is not an IP literal; ``port`` is None when it is not a number. A
+    ``systemd:`` description names a socket by its index in what systemd
+    passed, not by address.
+    """
+    kind, *fields = _split_description(description)
+    if kind == "haproxy":
+        return _asked_address(description.split(":", 1)[1])
+    positional = [field for field in fields if "=" not in field]
+    named = dict(field.split("=", 1) for field in fields if "=" in field)
+    if kind in ("tcp", "tcp6", "ssl"):
+        port = named.get("port", positional[0] if positional else "")
+        interface = named.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
+        try:
+            interface = ipaddress.ip_address(interface)
+        except ValueError:
+            pass
+        return "tcp", interface, int(port) if port.isdigit() else None
+    if kind == "unix":
+        path = named.get("address", positional[0] if positional else "")
+        return ("unix", path) if path else None
+    return None
+
+
+def _kept_address(descriptor: int) -> tuple:
+    """The address of a listening socket received from another process, as ``_asked_address`` gives it."""
+    sock = socket.socket(fileno=descriptor)
+    try:
+        family, name = sock.family, sock.getsockname()
+    finally:
+        sock.detach()
+    if family == socket.AF_UNIX:
+        return "unix", os.fsdecode(name)
+    return "tcp", ipaddress.ip_address(name[0].split("%", 1)[0]), name[1]
+
+
+def _show(address: tuple) -> str:
+    if address[0] == "unix":
+        return address[1]
+    _, interface, port = address
+    host = f"[{interface}]" if isinstance(interface, ipaddress.IPv6Address) else str(interface)
+    return f"{host}:{port}"
+
+
+def _same_address(asked: tuple, kept: tuple) -> bool:
+    """Whether a socket bound to ``kept`` is one ``asked`` would bind; port 0, and what cannot be told, match any."""
+    if asked[0] != kept[0]:
+        return False
+    if asked[0] == "unix":
+        return asked[1] == kept[1] or os.path.abspath(asked[1]) == os.path.abspath(kept[1])
+    _, interface, port = asked
+    same_interface = interface == kept[1] or isinstance(interface, str)
+    return same_interface and port in (0, None, kept[2])
+
+
+def _address_mismatch(description: str, descriptor: int) -> Optional[str]:
+    """How the socket ``descriptor`` differs from what ``description`` asks for; None if it does not (or cannot be told)."""
+    asked = _asked_address(description)
+    if asked is None:
+        return None
+    kept = _kept_address(descriptor)
+    if _same_address(asked, kept):
+        return None
+    return f"asks for {_show(asked)} but the socket handed over listens on {_show(kept)}"
 
 
 class ListenError(Exception):
@@ -239,8 +325,29 @@ class ListenerGroup:
         self.listeners[listener.name] = listener
 
     def listen_all(self, adopted: Optional[Dict[str, tuple]] = None) -> defer.Deferred:
-        """Start every listener, adopting the sockets in ``adopted`` by name."""
+        """Start every listener, adopting the sockets in ``adopted`` by name.
+
+        Fails before anything listens, closing every socket in ``adopted``,
+        if one listens elsewhere than its listener's description asks: a
+        takeover cannot move a socket, and keeping it unasked would leave
+        the operator believing the address changed.
+        """
         adopted = adopted or {}
+        moved = []
+        for name, (descriptor, _) in adopted.items():
+            listener = self.listeners.get(name)
+            mismatch = listener and _address_mismatch(listener.description, descriptor)
+            if mismatch:
+                moved.append(f"--{name} {listener.description} {mismatch}")
+        if moved:
+            for descriptor, _ in adopted.values():
+                os.close(descriptor)
+            return defer.fail(
+                ListenError(
+                    f"{'; '.join(moved)}. A takeover keeps the listening sockets of the server it replaces; "
+                    "start with their addresses, or stop that server and start afresh to change them"
+                )
+            )
         started = [listener.listen(adopted.get(name)) for name, listener in self.listeners.items()]
         for name, (descriptor, _) in adopted.items():
             if name not in self.listeners:

@@ -151,3 +151,22 @@ def test_stopped_server_leaves_a_control_socket_another_process_bound_in_place(s
         server.stop()
         assert server.control.stat().st_ino == inode
     assert f"Leaving {server.control} in place: another process has bound its own socket there" in server.log()
+
+
+def test_takeover_asked_to_listen_elsewhere_refused_old_server_serves_on(server):
+    """A new process asked to listen on another port than the socket handed over fails to start, naming both; the old server takes its sockets back."""
+    moved = f"tcp:{free_port()}:interface=127.0.0.1"
+    new = ServerProcess(server.data, ["--bzr", moved, "--ssh", "none", "--takeover", str(server.control)], name="new")
+    try:
+        with pytest.raises(AssertionError, match="exited early"):
+            new.start()
+        assert new.process.returncode == 1
+        assert (
+            f"could not start: --bzr {moved} asks for 127.0.0.1:{moved.split(':')[1]} "
+            f"but the socket handed over listens on 127.0.0.1:{server.port}" in new.log()
+        )
+        assert "listening on" not in new.log()
+        wait_taken_back(server)
+        assert_serves(server)
+    finally:
+        new.stop()
