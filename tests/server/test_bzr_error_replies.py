@@ -121,3 +121,24 @@ async def test_lock_token_for_an_unlocked_branch_gets_token_mismatch(root, warni
     assert reply == (b"TokenMismatch", b"bogus", b"")
     assert isinstance(_breezy_client_error(reply), TokenMismatch)
     assert warnings_and_failures == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_mismatch_does_not_give_away_the_lock_token_held(root, warnings_and_failures):
+    """A wrong token for a locked branch is answered TokenMismatch without the token that holds the lock: that
+    token lets its holder write, and whoever guessed wrong may have no right to write there.
+
+    Found wrong: the reply carried the holder's token, which the next request could use.
+    """
+    from breezy.branch import Branch
+    from breezy.errors import TokenMismatch
+
+    branch = Branch.open(str(root / "b"))
+    held = branch.lock_write().token
+    try:
+        [reply] = await _replies(root, ((b"Branch.set_parent_location", b"b/", b"bogus", b"", b"http://x/"), None))
+    finally:
+        branch.unlock()
+    assert reply == (b"TokenMismatch", b"bogus", b"")
+    assert held not in reply and held
+    assert isinstance(_breezy_client_error(reply), TokenMismatch)

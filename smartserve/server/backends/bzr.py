@@ -532,7 +532,13 @@ def _bounded_error(args) -> tuple:
     that is not locked holds None as the branch's token, and ``brz serve``
     sends no reply at all for it. ``b""`` is how the protocol says "no
     token"; Breezy's client reads the error by its name alone.
+
+    The lock token a ``TokenMismatch`` names as held is sent as ``b""``
+    too: it is the secret that lets its holder write, and the caller that
+    gave the wrong token may be someone with no right to write there.
     """
+    if len(args) == 3 and args[0] == b"TokenMismatch":
+        args = (args[0], args[1], None)
     return tuple(map(_error_argument, args))
 
 
