@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from typing import Dict, Optional, Tuple
 
 from twisted.internet import defer
@@ -10,7 +12,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from .._quiet import connect_quietly
 from .commands import Drain, ListenerDescriptor, QuietAMP, Status, TakeOver, WaitDrained
 
-__all__ = ["connect", "status", "drain", "wait_drained", "take_over", "ControlClient", "NoServer", "NoAnswer"]
+__all__ = ["connect", "status", "drain", "wait_drained", "take_over", "ControlClient", "NoServer", "NoAnswer", "NotAControlSocket"]
 
 
 class NoServer(Exception):
@@ -19,6 +21,10 @@ class NoServer(Exception):
 
 class NoAnswer(NoServer):
     """A server accepted the connection but did not answer in time: its process is stopped or stuck."""
+
+
+class NotAControlSocket(NoServer):
+    """What answers on the path is not a smartserve control socket (another program's socket, or no socket)."""
 
 
 class ControlClient(QuietAMP):
@@ -38,7 +44,7 @@ class ControlClient(QuietAMP):
 
     def ask(self, command, **arguments) -> defer.Deferred:
         """``callRemote(command, **arguments)``, bounded by ``answer_timeout``."""
-        d = self.callRemote(command, **arguments)
+        d = self.callRemote(command, **arguments).addErrback(self._not_smartserve)
         if self.answer_timeout is None:
             return d
 
@@ -46,6 +52,14 @@ class ControlClient(QuietAMP):
             raise NoAnswer(f"no answer from the server on {self.path} within {timeout:g} s")
 
         return d.addTimeout(self.answer_timeout, self.clock, onTimeoutCancel=no_answer)
+
+    def _not_smartserve(self, failure):
+        """A call that failed other than by a timeout: the peer does not speak the control protocol."""
+        if failure.check(defer.CancelledError, NoServer):
+            return failure
+        raise NotAControlSocket(
+            f"what answers on {self.path} is not a smartserve control socket ({failure.getErrorMessage() or failure.type.__name__})"
+        )
 
 
 async def connect(reactor, path: str, timeout: float = 5.0, answer_timeout: Optional[float] = None) -> ControlClient:
@@ -55,6 +69,13 @@ async def connect(reactor, path: str, timeout: float = 5.0, answer_timeout: Opti
     ``drain`` on this connection (``NoAnswer``); ``timeout`` the wait for
     the connection itself.
     """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        pass  # connecting says why
+    else:
+        if not stat.S_ISSOCK(mode):
+            raise NotAControlSocket(f"{path} is not a socket")
     endpoint = UNIXClientEndpoint(reactor, path, timeout=timeout)
     try:
         return await connect_quietly(endpoint, ControlClient(reactor, path, answer_timeout))

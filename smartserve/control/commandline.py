@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import TextIO
 
@@ -26,6 +27,7 @@ EXIT_TIMED_OUT = 1
 EXIT_NO_SERVER = 2
 EXIT_USAGE = 2  # a bad command line, as argparse exits; here one that the server refused
 EXIT_LOST = 3
+EXIT_BROKEN_PIPE = 141  # as a shell reports a command killed by SIGPIPE
 
 POLL_SECONDS = 0.25
 
@@ -35,7 +37,12 @@ def _progress_line(status: dict) -> str:
 
 
 def _no_server(command: str, exc: client.NoServer) -> int:
-    why = "is its process stopped or stuck?" if isinstance(exc, client.NoAnswer) else "is the server running?"
+    if isinstance(exc, client.NotAControlSocket):
+        why = "is --control the server's control socket?"
+    elif isinstance(exc, client.NoAnswer):
+        why = "is its process stopped or stuck?"
+    else:
+        why = "is the server running?"
     print(f"smartserve {command}: {exc} ({why})", file=sys.stderr)
     return EXIT_NO_SERVER
 
@@ -66,7 +73,7 @@ async def drain(
         except BadTimeout as exc:
             print(f"smartserve drain: the server refused the request: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        except client.NoAnswer as exc:
+        except client.NoServer as exc:
             return _no_server("drain", exc)
         interactive = out.isatty()
         shown = None
@@ -133,7 +140,12 @@ def _react(coroutine_function, *args) -> int:
     codes = []
 
     async def main(reactor):
-        codes.append(await coroutine_function(reactor, *args))
+        try:
+            codes.append(await coroutine_function(reactor, *args))
+        except BrokenPipeError:
+            # Nothing reads the output any more (`| head`): end as SIGPIPE would, without a traceback.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            codes.append(EXIT_BROKEN_PIPE)
 
     try:
         task.react(lambda reactor: defer.ensureDeferred(main(reactor)))

@@ -212,3 +212,70 @@ def test_status_and_drain_of_stopped_server_give_up_and_exit_2(server):
     assert f"no answer from the server on {server.control} within 1 s" in drain.stderr
     # The drain request was written before the command gave up: the server reads it once it runs again.
     assert server.wait_exit(30) == 0
+
+
+@pytest.fixture
+def other_programs_socket(tmp_path):
+    """A UNIX socket served by something else: it answers each connection with an HTTP error and closes."""
+    import threading
+
+    path = tmp_path / "other.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+    stop = threading.Event()
+
+    def answer():
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    yield path
+    stop.set()
+    listener.close()
+    thread.join(10)
+
+
+@pytest.mark.parametrize("command", ["status", "drain"])
+def test_control_commands_on_another_programs_socket_say_so_and_exit_2(other_programs_socket, command):
+    """Pointed at a socket that does not speak the control protocol, status and drain say so in one line.
+
+    Found wrong: status printed a traceback and drain 'lost contact with the server:' and nothing more.
+    """
+    done = run_smartserve(command, "--control", other_programs_socket)
+    assert done.returncode == 2, done.stderr
+    assert f"what answers on {other_programs_socket} is not a smartserve control socket" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_control_command_on_a_path_that_is_not_a_socket_says_so(tmp_path):
+    """A regular file given as --control is named as not a socket, not as a server that is not running."""
+    regular = tmp_path / "control.sock"
+    regular.write_text("")
+    done = run_smartserve("status", "--control", regular)
+    assert done.returncode == 2
+    assert f"{regular} is not a socket (is --control the server's control socket?)" in done.stderr
+
+
+def test_status_into_a_pipe_nobody_reads_exits_141_quietly(server):
+    """`smartserve status | head -0`: the closed pipe ends the command as SIGPIPE would, with no traceback."""
+    import os
+    import subprocess
+
+    from .conftest import SMARTSERVE
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [SMARTSERVE, "status", "--control", server.control], stdout=write_end, stderr=subprocess.PIPE, timeout=60
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141 and done.stderr == b""
