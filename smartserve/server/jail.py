@@ -184,20 +184,14 @@ def _read_whole(path: str) -> bytes:
 _FIRST_READ = 64 * 1024
 
 
-# Paths up to this long are remembered by ``_parse``, so what the cache holds stays small.
+# Paths up to this long are remembered by ``_parse_cached``, so what the cache holds stays small.
 _CACHED_PATH = 256
-
-
-def _parse(relpath: str, start: Segments) -> Segments:
-    """``relpath`` unescaped and resolved against ``start``."""
-    if len(relpath) <= _CACHED_PATH:
-        return _parse_cached(relpath, start)
-    return _normalise(_unescape(relpath), start)
 
 
 @functools.lru_cache(maxsize=1024)
 def _parse_cached(relpath: str, start: Segments) -> Segments:
-    """``_parse`` for a short path: a request names the same paths several times."""
+    """``relpath`` unescaped and resolved against ``start``, for a short path: a request names the same
+    paths several times."""
     return _normalise(_unescape(relpath), start)
 
 
@@ -433,7 +427,10 @@ class JailTransport(Transport):
         super().__init__(caller.url_prefix + path.rstrip("/") + "/")
 
     def _segments(self, relpath: Optional[str]) -> Segments:
-        return _parse(relpath or ".", self._segments_here)
+        relpath = relpath or "."
+        if len(relpath) <= _CACHED_PATH:
+            return _parse_cached(relpath, self._segments_here)
+        return _normalise(_unescape(relpath), self._segments_here)
 
     def _resolve(
         self, relpath: Optional[str], *, write: bool = False, sibling: bool = False

@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
-from contextlib import contextmanager
 
 __all__ = ["OpenedRepositories", "track_opened_repositories"]
 
@@ -44,15 +43,9 @@ class OpenedRepositories:
     def __init__(self) -> None:
         self._opened: list = []
 
-    @contextmanager
-    def collecting(self):
+    def collecting(self) -> "_Collecting":
         """Note every repository made in this thread inside the ``with`` block."""
-        previous = getattr(_running, "opened", None)
-        _running.opened = self
-        try:
-            yield self
-        finally:
-            _running.opened = previous
+        return _Collecting(self)
 
     def release(self) -> None:
         """Break the provider cycle of each repository noted so far; call once nothing uses them any more."""
@@ -61,6 +54,23 @@ class OpenedRepositories:
             repository = ref()
             if repository is not None:
                 repository._unstacked_provider = None
+
+
+class _Collecting:
+    """The context of ``OpenedRepositories.collecting``: a class, as it runs around every step of a request."""
+
+    __slots__ = ("_opened", "_previous")
+
+    def __init__(self, opened: OpenedRepositories) -> None:
+        self._opened = opened
+
+    def __enter__(self) -> OpenedRepositories:
+        self._previous = getattr(_running, "opened", None)
+        _running.opened = self._opened
+        return self._opened
+
+    def __exit__(self, *exc_info) -> None:
+        _running.opened = self._previous
 
 
 def _note(repository) -> None:

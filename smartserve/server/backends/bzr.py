@@ -295,9 +295,9 @@ class _BzrRequestRun:
 
     def advance(self, chunks: List[bytes], finished: bool):
         self._advanced = True
-        if self._inline:
+        if self._inline:  # a small read, whole in this call: it opens no repository
             try:
-                return defer.succeed(self._note_server_failure(self._advance_in_thread(chunks, finished)))
+                return defer.succeed(self._note_server_failure(self._step(chunks, finished)))
             except Exception:
                 return defer.fail()
         advanced = self._backend.run_in_pool(self._advance_in_thread, chunks, finished)
