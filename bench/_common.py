@@ -244,11 +244,14 @@ class Server:
                 self.process.wait()
 
 
-def start_smartserve(data: Path, *, ssh_keys: Optional[Path] = None, extra: Iterable[str] = ()) -> Server:
+def start_smartserve(
+    data: Path, *, ssh_keys: Optional[Path] = None, extra: Iterable[str] = (), code: Optional[Path] = None
+) -> Server:
     """``twistd smartserve`` serving ``data``/branches over bzr:// (and SSH if keys given).
 
     Both listen on ports chosen by the kernel; they are read back from the
-    log lines the listeners write when they start.
+    log lines the listeners write when they start. ``code``, a checkout of
+    smartserve, runs that code rather than the installed one.
     """
     log = data / "twistd.log"
     argv = [
@@ -268,7 +271,8 @@ def start_smartserve(data: Path, *, ssh_keys: Optional[Path] = None, extra: Iter
     argv += list(extra)
     data.mkdir(parents=True, exist_ok=True)
     log.write_text("")
-    process = subprocess.Popen(argv, cwd=data, env=brz_env(data / "home"), stdin=subprocess.DEVNULL)
+    env = brz_env(data / "home") if code is None else brz_env(data / "home", PYTHONPATH=str(code))
+    process = subprocess.Popen(argv, cwd=data, env=env, stdin=subprocess.DEVNULL)
     server = Server("smartserve", argv, process, log=log)
     wanted = {"bzr", "ssh"} if ssh_keys is not None else {"bzr"}
 
