@@ -307,3 +307,39 @@ def recording_client():
             self.closed = True
 
     return RecordingClient()
+
+
+class StepPool:
+    """A worker pool whose jobs run in the test's thread, one at a time, only when the test says so."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def callInThreadWithCallback(self, on_result, function, *args, **kwargs):
+        self.jobs.append((on_result, function, args, kwargs))
+
+    def run_next(self):
+        from twisted.python.failure import Failure
+
+        on_result, function, args, kwargs = self.jobs.pop(0)
+        try:
+            result = function(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class QueuedReactor:
+    """A reactor whose calls from worker threads wait until the test runs them, as on a busy reactor."""
+
+    def __init__(self):
+        self.calls = []
+
+    def callFromThread(self, function, *args, **kwargs):
+        self.calls.append((function, args, kwargs))
+
+    def run_calls(self):
+        while self.calls:
+            function, args, kwargs = self.calls.pop(0)
+            function(*args, **kwargs)

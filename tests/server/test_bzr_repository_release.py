@@ -24,51 +24,18 @@ from smartserve.server.caller import Caller
 from smartserve.server.dispatcher import Dispatcher
 from smartserve.server.jail import Writable
 from smartserve.server.protocol import SmartServerFactory
+from support import QueuedReactor, StepPool
 
 FORMAT_2A = b"Bazaar repository format 2a (needs bzr 1.16 or later)\n"
 _NO_SEARCH = b"\n\n0"  # get_parent_map's body when the client has no parents cached
-
-
-class _StepPool:
-    """A worker pool whose jobs run in the test's thread, one at a time, when the test says so."""
-
-    def __init__(self):
-        self.jobs = []
-
-    def callInThreadWithCallback(self, on_result, function, *args, **kwargs):
-        self.jobs.append((on_result, function, args, kwargs))
-
-    def run_next(self):
-        on_result, function, args, kwargs = self.jobs.pop(0)
-        try:
-            result = function(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
-class _QueuedReactor:
-    """Calls from worker threads wait until the test runs them."""
-
-    def __init__(self):
-        self.calls = []
-
-    def callFromThread(self, function, *args, **kwargs):
-        self.calls.append((function, args, kwargs))
-
-    def run_calls(self):
-        while self.calls:
-            function, args, kwargs = self.calls.pop(0)
-            function(*args, **kwargs)
 
 
 class _Server:
     """One connection to a ``BzrBackend`` over ``root``, its pool and reactor run by hand."""
 
     def __init__(self, root):
-        self.pool = _StepPool()
-        self.reactor = _QueuedReactor()
+        self.pool = StepPool()
+        self.reactor = QueuedReactor()
         backend = BzrBackend(str(root), self.pool, self.reactor)
         factory = SmartServerFactory(Dispatcher(backend), clock=Clock(), tcp_writable=Writable.everywhere())
         self.protocol = factory.build_protocol(Caller(None, "test", Writable.everywhere()))

@@ -6,45 +6,10 @@ import pytest
 
 from smartserve.server.backends.bzr import BzrBackend, _BzrBodyStream
 from smartserve.server.reply import StreamFailure
+from support import QueuedReactor, StepPool
 
 CHUNK = b"c" * _BzrBodyStream.SLICE_BYTES  # one chunk fills one slice
 AHEAD_SLICES = _BzrBodyStream.AHEAD_BYTES // _BzrBodyStream.SLICE_BYTES
-
-
-class _StepPool:
-    """A worker pool whose jobs run only when the test says so, one at a time."""
-
-    def __init__(self):
-        self.jobs = []
-
-    def callInThreadWithCallback(self, on_result, function, *args, **kwargs):
-        self.jobs.append((on_result, function, args, kwargs))
-
-    def run_next(self):
-        on_result, function, args, kwargs = self.jobs.pop(0)
-        try:
-            result = function(*args, **kwargs)
-        except BaseException:
-            from twisted.python.failure import Failure
-
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
-class _QueuedReactor:
-    """Calls from worker threads wait until the test runs them, as on a busy reactor."""
-
-    def __init__(self):
-        self.calls = []
-
-    def callFromThread(self, function, *args, **kwargs):
-        self.calls.append((function, args, kwargs))
-
-    def run_calls(self):
-        while self.calls:
-            function, args, kwargs = self.calls.pop(0)
-            function(*args, **kwargs)
 
 
 class _Chunks:
@@ -75,12 +40,12 @@ class _Chunks:
 
 @pytest.fixture
 def pool():
-    return _StepPool()
+    return StepPool()
 
 
 @pytest.fixture
 def reactor():
-    return _QueuedReactor()
+    return QueuedReactor()
 
 
 @pytest.fixture
