@@ -459,7 +459,12 @@ def _make_service(options: Options, reactor) -> SmartserveService:
         max_body_entries=options["max-request-entries"],
     )
     metrics = ServerMetrics()
-    access_file = None if options["access-log"] == "-" else AccessLogFile(options["access-log"])
+    access_file = None
+    if options["access-log"] != "-":
+        try:
+            access_file = AccessLogFile(options["access-log"])
+        except OSError as error:
+            raise _SetupError(f"--access-log {options['access-log']}: {error.strerror}") from None
     smart_factory = SmartServerFactory(
         Dispatcher(backend),
         clock=reactor,

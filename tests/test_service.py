@@ -195,6 +195,7 @@ def test_failed_start_closes_what_it_opened_and_exits_without_a_drain(tmp_path):
         (["--host-key", "{file}"], "cannot load host key {file}: not a key in a format this server reads (OpenSSH or PEM)"),
         (["--host-key", "{missing}"], "cannot load host key {missing}: No such file or directory"),
         (["--host-key", "{fifo}"], "cannot load host key {fifo}: not a regular file"),
+        (["--access-log", "{missing}/access.log"], "--access-log {missing}/access.log: No such file or directory"),
     ],
 )
 def test_unusable_file_or_folder_is_a_one_line_error(tmp_path, args, message):

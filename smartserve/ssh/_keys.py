@@ -82,7 +82,8 @@ class KeyFolder:
     again only when its modification time, size or inode changed, so keys
     can be added, replaced or removed without a restart. Anything but a
     regular file of at most ``MAX_KEY_FILE_BYTES`` (a FIFO, a device, a
-    folder) authorizes no key and is logged once per change.
+    folder), or one the server may not read, authorizes no key and is
+    logged once per change.
     """
 
     def __init__(self, folder: str):
@@ -112,8 +113,9 @@ class KeyFolder:
             _log.error("ignoring {path}: {why}", path=path, why=str(error))
             keys = []
         except OSError as error:
-            _log.error("cannot read {path}: {error}", path=path, error=str(error))
-            return ()
+            # Logged once per change of the file, as above, not at every login attempt.
+            _log.error("cannot read {path}: {error}", path=path, error=error.strerror or str(error))
+            keys = []
         else:
             keys = parse_public_keys(data.decode("utf-8", errors="replace"), path)
         self._cache[username] = (signature, keys)

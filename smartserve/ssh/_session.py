@@ -236,13 +236,15 @@ class SessionChannel(SSHSession):
         return 1
 
     def request_pty_req(self, data: bytes) -> int:
-        _log.info("pty request refused")
+        _log.info("{user} from {peer} asked for a terminal; refused", user=self.avatar.username, peer=self.avatar.peer)
         return 0
 
     def request_subsystem(self, data: bytes) -> int:
         if self.client is not None:
             return 0
-        _log.info("subsystem request refused")
+        _log.info(
+            "{user} from {peer} asked for a subsystem; refused", user=self.avatar.username, peer=self.avatar.peer
+        )
         self.client = SSHSessionProcessProtocol(self)
         self._cancel_timer()
         self._session.refuse(self.client, NO_SUBSYSTEM)
@@ -363,12 +365,15 @@ class RefusingSession:
         raise CommandRefused(NO_PTY)
 
     def openShell(self, proto: SSHSessionProcessProtocol) -> None:
-        _log.info("{user} asked for a shell; refused", user=self.avatar.username)
+        _log.info("{user} from {peer} asked for a shell; refused", user=self.avatar.username, peer=self.avatar.peer)
         self.refuse(proto, NO_SHELL)
 
     def execCommand(self, proto: SSHSessionProcessProtocol, command: bytes) -> None:
         _log.info(
-            "{user} asked to run {command!r}; refused", user=self.avatar.username, command=command
+            "{user} from {peer} asked to run {command!r}; refused",
+            user=self.avatar.username,
+            peer=self.avatar.peer,
+            command=command,
         )
         self.refuse(proto, NO_COMMAND)
 
@@ -532,7 +537,9 @@ class SmartSession(RefusingSession):
         try:
             serve = parse_serve_command(command)
         except CommandRefused as refused:
-            _log.info("{user} asked to run {command!r}; refused", user=user, command=command)
+            _log.info(
+                "{user} from {peer} asked to run {command!r}; refused", user=user, peer=self.avatar.peer, command=command
+            )
             self.refuse(proto, str(refused))
             return
         channel: SessionChannel = proto.session

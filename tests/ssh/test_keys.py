@@ -94,6 +94,23 @@ def test_key_folder_bad_line_is_logged_without_its_content(tmp_path):
     assert formatEvent(event).endswith("alice.pub:1: not an OpenSSH public key line; ignored")
 
 
+def test_key_folder_file_it_cannot_read_is_logged_once_per_change(tmp_path, monkeypatch):
+    """A key file the server may not read authorizes nothing and is logged once, not at every login attempt."""
+    from smartserve.ssh import _keys
+
+    (tmp_path / "alice.pub").write_text(_public_line(_new_key()))
+
+    def refused(path, limit, info=None):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(_keys, "read_small_file", refused)
+    folder = KeyFolder(str(tmp_path))
+    with logged_events(lambda event: event.get("log_namespace") == "smartserve.ssh._keys") as events:
+        for _ in range(3):
+            assert list(folder.authorized_keys("alice")) == []
+    assert [formatEvent(event) for event in events] == [f"cannot read {tmp_path / 'alice.pub'}: Permission denied"]
+
+
 def test_key_folder_unknown_user_has_no_keys(tmp_path):
     """A user with no file has no keys."""
     assert list(KeyFolder(str(tmp_path)).authorized_keys("nobody")) == []
