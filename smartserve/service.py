@@ -62,7 +62,11 @@ class Options(usage.Options):
         ["keys", None, None, "Folder of users' keys, KEYS/<user>.pub [default: DATA/keys]."],
         ["access", None, None, "Access file granting write prefixes or read-only rights (see doc/access.md)."],
         ["host-key", None, None, "SSH host key file [default: DATA/ssh_host_ed25519_key, made if missing]."],
-        ["login-grace-time", None, 120.0, "Seconds an SSH client has to log in.", float],
+        [
+            "login-grace-time", None, 120.0,
+            "Seconds an SSH client has, from connecting, to log in (0: no limit of its own; the SSH "
+            "library's 20 minutes from the first login request still apply).", float,
+        ],
         ["max-unauthenticated", None, 50, "SSH connections allowed at once before login.", int],
         [
             "max-unauthenticated-per-address", None, 0,
