@@ -41,15 +41,24 @@ def ensure_host_key(data_dir: str) -> str:
     if os.path.exists(path):
         return path
     make_folder("data", data_dir)
+    replaced = os.path.exists(path + ".pub")
     key = Key(Ed25519PrivateKey.generate())
     if not _write_new(path, key.toString("OPENSSH"), 0o600):
         return path  # another process made it first
     _write_public_half(path, key)
-    _log.info(
-        "generated SSH host key {path} with fingerprint {fingerprint}",
-        path=path,
-        fingerprint=fingerprint(key),
-    )
+    if replaced:
+        _log.warn(
+            "generated SSH host key {path} with fingerprint {fingerprint} in place of one that was removed "
+            "(its .pub was left): clients that knew the old key will refuse this one until told of it",
+            path=path,
+            fingerprint=fingerprint(key),
+        )
+    else:
+        _log.info(
+            "generated SSH host key {path} with fingerprint {fingerprint}",
+            path=path,
+            fingerprint=fingerprint(key),
+        )
     return path
 
 

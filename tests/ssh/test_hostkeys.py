@@ -59,6 +59,18 @@ def test_default_host_key_public_half_that_holds_another_key_is_rewritten(tmp_pa
     assert sorted(os.listdir(data)) == ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"]
 
 
+def test_host_key_made_again_after_its_removal_is_warned_of(tmp_path):
+    """A new default key made where the old one's .pub remains is a changed host key for every client: a warning."""
+    data = tmp_path / "data"
+    path = ensure_host_key(str(data))
+    os.unlink(path)
+    with logged_events(lambda event: event.get("log_namespace") == "smartserve.ssh._hostkeys") as events:
+        ensure_host_key(str(data))
+    [event] = events
+    assert event["log_level"] is LogLevel.warn and "in place of one that was removed" in formatEvent(event)
+    assert Key.fromString((data / "ssh_host_ed25519_key.pub").read_bytes()) == Key.fromFile(path).public()
+
+
 def test_host_key_others_may_read_is_loaded_with_a_warning(tmp_path):
     """A private host key with group or other read is used, but the log says to make it 0600 (sshd refuses it)."""
     path = ensure_host_key(str(tmp_path / "data"))
