@@ -78,7 +78,7 @@ class RequestRecord:
 
     @property
     def duration(self) -> Optional[float]:
-        """Seconds from the request's first byte to its end, once emitted."""
+        """Seconds from the arrival of the request's verb and arguments to its end, once emitted."""
         return None if self.finished is None else self.finished - self.started
 
     def emit(self, finished: float, logger: Logger = DEFAULT_ACCESS_LOG) -> None:

@@ -110,6 +110,10 @@ STREAM_SLICE_BYTES = 64 * 1024
 # client waits for what is held, and Breezy makes a stream's start slowly.
 DEFAULT_HOLD_RESPONSE_BYTES = 0
 
+# The access-log outcome of a request whose rest broke the protocol: the
+# server answered with an error and closed the connection.
+PROTOCOL_ERROR = "protocol-error"
+
 # A request arriving slower than this, on average, once its grace is spent,
 # is cut off (see SmartServerProtocol._arrival_left): a client trickling a
 # byte at a time would otherwise hold a connection, a share of request body
@@ -307,7 +311,8 @@ class SmartServerProtocol(Protocol):
                 current.run.abort()
             if not current.finished:
                 current.record.bytes_in = self._bytes_received - self._bytes_before_message
-            current.record.outcome = "aborted"
+            if current.record.outcome != PROTOCOL_ERROR:
+                current.record.outcome = "aborted"
             current.record.emit(self.factory.clock.seconds(), self.factory.access_log)
             self.factory.request_aborted(self, current.record)
         self.phase = Phase.CLOSED
@@ -777,15 +782,28 @@ class SmartServerProtocol(Protocol):
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         self._update_peer()  # the PROXY header came, but perhaps no request yet
-        log.warn(
-            "Protocol error from {peer}, closing: {error}",
-            peer=self.caller.peer,
-            error=str(exc),
-            connection_id=self.connection_id,
-        )
+        cut_short = self._codec.their_eof
+        if cut_short:
+            # Not bytes the grammar refuses: a client that went away (a killed brz) before its request ended.
+            log.info(
+                "Connection {connection_id} from {peer} closed by the client in the middle of a request",
+                peer=self.caller.peer,
+                connection_id=self.connection_id,
+            )
+        else:
+            log.warn(
+                "Protocol error from {peer}, closing: {error}",
+                peer=self.caller.peer,
+                error=str(exc),
+                connection_id=self.connection_id,
+            )
         reply = self._codec.data_to_send()
         if reply:
             self.transport.write(reply)
+            current = self._current
+            if current is not None and not cut_short:
+                current.record.outcome = PROTOCOL_ERROR
+                current.record.bytes_out += len(reply)
         self._close(for_drain=False)
 
     def _close(self, for_drain: bool) -> None:

@@ -74,6 +74,38 @@ def test_access_events_count_the_bytes_of_their_own_request():
     ]
 
 
+def test_request_broken_by_bad_bytes_is_logged_as_a_protocol_error_with_the_reply_counted():
+    """A request whose body breaks the framing is answered with an error and closed: its access line says
+    ``protocol-error`` and counts that reply, rather than ``aborted`` with nothing out as for a vanished client.
+    """
+    events = []
+    factory, protocol, transport = serve_in_memory(MemoryBackend({}), clock=Clock())
+    factory.access_log = access_logger(events.append)
+    opening = encode_request([b"put", b"g", b""], body=b"x" * 10)[:-16]  # the arguments, and no body part yet
+    with logged_events(lambda event: "Protocol error" in event.get("log_format", "")) as warnings:
+        protocol.dataReceived(opening + b"Zjunk")
+        protocol.connectionLost(None)
+    [event] = events
+    assert (event["verb"], event["outcome"]) == ("put", "protocol-error")
+    assert event["bytes_out"] == len(transport.value()) > 0
+    assert len(warnings) == 1
+
+
+def test_client_gone_in_the_middle_of_a_request_is_logged_as_such_not_as_a_protocol_error():
+    """A client that sends its end of the connection mid-request (a killed ``brz push``) gets an info line saying
+    so and its request an ``aborted`` access line; no protocol-error warning."""
+    events = []
+    factory, protocol, transport = serve_in_memory(MemoryBackend({}), clock=Clock())
+    factory.access_log = access_logger(events.append)
+    with logged_events(lambda event: event.get("log_namespace") == "smartserve.server.protocol") as lines:
+        protocol.dataReceived(encode_request([b"put", b"g", b""], body=b"x" * 300)[:200])
+        protocol.eofReceived()
+        protocol.connectionLost(None)
+    assert [(event["verb"], event["outcome"]) for event in events] == [("put", "aborted")]
+    assert [event["log_level"].name for event in lines] == ["info"]
+    assert "closed by the client in the middle of a request" in lines[0]["log_format"]
+
+
 def test_access_log_file_keeps_odd_verbs_to_one_field_of_one_line(tmp_path):
     """Verbs with a newline, spaces, control characters, bytes that are not UTF-8 or megabytes of text are escaped and cut, so no client can forge or flood lines."""
     path = tmp_path / "access.log"
