@@ -29,6 +29,7 @@ from .server.backends.bzr import (
     DEFAULT_MAX_BODY_ENTRIES,
     MAX_INLINE_READ_BYTES,
     BzrBackend,
+    load_breezy_plugins,
 )
 from .server.bodymemory import DEFAULT_MAX_REQUEST_MEMORY
 from .server.dispatcher import Dispatcher
@@ -142,6 +143,11 @@ class Options(usage.Options):
     optFlags = [
         ["bzr-allow-writes", None, "Let bzr:// clients (who are anonymous) write; read-only otherwise."],
         ["ssh-debug", None, "Log Conch's SSH trace: key exchange, each login attempt, channels (about 15 lines a login)."],
+        [
+            "no-plugins", None,
+            "Load no Breezy plugins. brz serve loads them: their hooks (mail on a push, a push policy) then "
+            "run on the server, and formats they add are served.",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -454,6 +460,8 @@ def _make_service(options: Options, reactor) -> SmartserveService:
     make_folder("data", options["data"])
     make_folder("root", options["root"])
     pool = ThreadPool(minthreads=1, maxthreads=options["threads"], name="smartserve-worker")
+    if not options["no-plugins"]:
+        load_breezy_plugins()
     backend = BzrBackend(
         options["root"],
         pool,

@@ -110,3 +110,39 @@ def test_diverged_concurrent_pushes_one_wins(brz, smartserve, tmp_path):
     assert _revno(brz, url) == 3
     check = brz.run("check", url)
     assert "error" not in (check.stdout + check.stderr).lower()
+
+
+REFUSING_PLUGIN = '''
+from breezy import branch, errors
+
+
+def refuse(params):
+    raise errors.TipChangeRejected("pushes are closed here")
+
+
+branch.Branch.hooks.install_named_hook("pre_change_branch_tip", refuse, "refuse pushes")
+'''
+
+
+@pytest.mark.parametrize("options, refused", [((), True), (("--no-plugins",), False)], ids=["plugins", "no-plugins"])
+def test_breezy_plugins_run_on_the_server_as_with_brz_serve(brz, start_smartserve, tmp_path, monkeypatch, options, refused):
+    """A plugin's branch hook (here a push policy) runs in the server, as under `brz serve`; --no-plugins leaves it out.
+
+    Found wrong: plugins were never loaded, so hooks a hosting site relies on
+    (mail on a push, a policy refusing some pushes) silently did not run.
+    The plugin is given to the server only: the client runs no such hook.
+    """
+    plugin = tmp_path / "plugins" / "refusepushes"
+    plugin.mkdir(parents=True)
+    (plugin / "__init__.py").write_text(REFUSING_PLUGIN)
+    monkeypatch.setenv("BRZ_PLUGINS_AT", f"refusepushes@{plugin}")
+    server = start_smartserve("--bzr", "tcp:0:interface=127.0.0.1", "--bzr-allow-writes", "--ssh", "none", *options)
+    monkeypatch.delenv("BRZ_PLUGINS_AT")
+    local = brz.make_branch(tmp_path / "local", revisions=2)
+    pushed = brz.run("push", f"{server.url}/b", cwd=local, check=False)
+    if refused:
+        assert pushed.returncode != 0 and "pushes are closed here" in pushed.stderr, pushed.stderr
+        assert "Breezy plugins loaded: " in server.log() and "refusepushes" in server.log()
+    else:
+        assert pushed.returncode == 0, pushed.stderr
+        assert _revno(brz, f"{server.url}/b") == 2

@@ -62,7 +62,7 @@ from ..reply import Reply, StreamFailure
 from ._container import PushStreamRefused, RecordRegrouper
 from ._repositories import OpenedRepositories, track_opened_repositories
 
-__all__ = ["BzrBackend", "configure_breezy"]
+__all__ = ["BzrBackend", "configure_breezy", "load_breezy_plugins"]
 
 log = Logger()
 
@@ -87,6 +87,25 @@ def configure_breezy() -> None:
         lockdir._DEFAULT_TIMEOUT_SECONDS = 0
         track_opened_repositories()
         _load_lazy_modules()
+
+
+def load_breezy_plugins() -> None:
+    """Load Breezy's plugins as ``brz serve`` does, once per process, logging which.
+
+    The hooks they install run on the server (mail sent on a push, a
+    policy refusing some pushes) and the formats they add can be served.
+    Breezy's own environment variables apply (``BRZ_DISABLE_PLUGINS``,
+    ``BRZ_PLUGIN_PATH``, ``BRZ_PLUGINS_AT``).
+    """
+    configure_breezy()
+    import breezy
+    from breezy import plugin
+
+    plugin.load_plugins()
+    for name, warnings in sorted(breezy.get_global_state().plugin_warnings.items()):
+        for warning in warnings:
+            log.warn("Breezy plugin {name}: {warning}", name=name, warning=warning)
+    log.info("Breezy plugins loaded: {names}", names=", ".join(sorted(plugin.plugins())) or "none")
 
 
 def _load_lazy_modules() -> None:
