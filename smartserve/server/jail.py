@@ -545,6 +545,17 @@ class JailTransport(Transport):
                 pass
         return self._local("get", segments)
 
+    def _seek_and_read(self, fp, offsets, relpath="<unknown>"):
+        """See Transport._seek_and_read; a directory is a ``ReadError``, as for ``get``.
+
+        ``get`` of a directory hands back Breezy's ``LateReadError``, which
+        raises only when read and cannot seek: ``readv`` of a directory
+        failed with an ``AttributeError`` inside the server instead.
+        """
+        if isinstance(fp, breezy_transport.LateReadError):
+            fp.read()  # raises ReadError
+        return super()._seek_and_read(fp, offsets, relpath)
+
     def get_bytes(self, relpath):
         """See Transport.get_bytes, with plain system calls where possible.
 

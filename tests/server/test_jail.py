@@ -430,6 +430,14 @@ def test_backing_transport_drops_setuid_setgid_and_world_write_from_client_modes
     }
 
 
+def test_backing_transport_readv_of_a_directory_is_a_read_error(tmp_path):
+    """``readv`` of a directory fails as ``get`` of it does, with ReadError, not an AttributeError in the server."""
+    transport = backing_transport(tmp_path, Writable.everywhere())
+    transport.mkdir("d")
+    with pytest.raises(errors.ReadError):
+        list(transport.readv("d", [(0, 1)]))
+
+
 def test_backing_transport_url_through_symlink_out_refused(layout):
     """Reopening a URL that resolves outside the root through a symlink is refused."""
     root, _ = layout
