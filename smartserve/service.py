@@ -10,7 +10,7 @@ import signal
 import stat
 
 from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer, endpoints, task
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
@@ -171,6 +171,8 @@ class Options(usage.Options):
             self["access-log"] = os.path.abspath(self["access-log"])
         if self["ssh"] in ("none", "off", ""):
             self["ssh"] = None
+        for name in ("ssh", "bzr", "admin"):
+            _check_endpoint(name, self[name])
         non_negative = (
             "idle-timeout", "drain-timeout", "drain-grace", "drain-linger", "drain-spread", "login-grace-time",
             "inline-read-bytes", "bzr-max-connections", "bzr-max-connections-per-address",
@@ -448,6 +450,22 @@ def makeService(options: Options, reactor=None) -> SmartserveService:
         return _make_service(options, reactor)
     except (OSError, _SetupError) as error:
         raise SystemExit(f"smartserve could not start: {error}") from None
+
+
+def _check_endpoint(option: str, description: str | None) -> None:
+    """Raise a usage error for an endpoint description Twisted cannot parse, before anything starts.
+
+    Only parsing is checked: whether the address can be listened on, or
+    systemd passed a socket, is found when the server listens.
+    """
+    if not description:
+        return
+    try:
+        endpoints.serverFromString(None, description)
+    except (ValueError, TypeError, KeyError) as error:
+        raise usage.UsageError(f"--{option} {description}: not an endpoint description Twisted reads: {error}") from None
+    except Exception:
+        pass  # parsed, but needs what only listening has (an inherited socket, an SSL module)
 
 
 class _SetupError(Exception):

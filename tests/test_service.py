@@ -97,6 +97,9 @@ def test_server_started_with_a_low_open_file_limit_raises_it(start_smartserve):
         (["--drain-timeout", "inf"], "--drain-timeout must be a finite number"),
         (["--drain-linger", "nan"], "--drain-linger must be a finite number"),
         (["--ssh", "none"], "nothing to serve"),
+        (["--bzr", "tcp:abc"], "--bzr tcp:abc: not an endpoint description Twisted reads"),
+        (["--ssh", "tpc:5022"], "--ssh tpc:5022: not an endpoint description Twisted reads: Unknown endpoint type"),
+        (["--admin", "tcp:1:interfce=127.0.0.1"], "--admin tcp:1:interfce=127.0.0.1: not an endpoint description"),
     ],
 )
 def test_options_refuse_values_that_cannot_work(tmp_path, args, message):
