@@ -224,6 +224,22 @@ class SmartserveProcess:
                     return int(line.split()[1])
         raise AssertionError(f"no {field} in /proc/PID/status")
 
+    def start_expecting_exit(self, timeout: float = 30) -> str:
+        """Start a server that must exit before it is ready; return what it said (its stderr, then its log).
+
+        Fails if it gets ready instead; the process is stopped either way.
+        """
+        try:
+            self.start(timeout)
+        except AssertionError as exited:
+            said = str(exited)
+            if " exited early: " not in said:
+                raise
+            return said.split(" exited early: ", 1)[1]
+        finally:
+            self.stop()
+        raise AssertionError(f"{self.name} got ready, and was expected to exit")
+
     def stop(self) -> None:
         """Stop the server and wait for it to exit."""
         if self.process is not None and self.process.poll() is None:

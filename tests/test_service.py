@@ -138,11 +138,7 @@ def test_control_path_that_is_not_a_socket_is_left_alone(tmp_path):
     server = SmartserveProcess(
         tmp_path / "data", ["--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none", "--control", str(precious)]
     )
-    try:
-        with pytest.raises(AssertionError, match="exited early"):
-            server.start()
-    finally:
-        server.stop()
+    server.start_expecting_exit()
     assert server.process.returncode == 1
     assert precious.read_text() == "alice read-only\n"
     assert f"could not start: {precious} exists and is not a socket" in server.log()
@@ -154,11 +150,7 @@ def test_port_in_use_is_a_one_line_error_naming_the_listener(tmp_path):
         port = taken.getsockname()[1]
         endpoint = f"tcp:{port}:interface=127.0.0.1"
         server = SmartserveProcess(tmp_path / "data", ["--bzr", endpoint, "--ssh", "none"])
-        try:
-            with pytest.raises(AssertionError, match="exited early"):
-                server.start()
-        finally:
-            server.stop()
+        server.start_expecting_exit()
     assert server.process.returncode == 1
     [line] = [line for line in server.log().splitlines() if "could not start" in line]
     assert line.endswith(
@@ -175,11 +167,7 @@ def test_failed_start_closes_what_it_opened_and_exits_without_a_drain(tmp_path):
             tmp_path / "data",
             ["--bzr", "tcp:0:interface=127.0.0.1", "--ssh", "none", "--admin", admin, "--drain-grace", "100000"],
         )
-        try:
-            with pytest.raises(AssertionError, match="exited early"):
-                server.start()
-        finally:
-            server.stop()
+        server.start_expecting_exit()
     assert server.process.returncode == 1
     log = server.log()
     assert "bzr listening on" in log and f"could not start: admin endpoint '{admin}'" in log
@@ -209,15 +197,11 @@ def test_unusable_file_or_folder_is_a_one_line_error(tmp_path, args, message):
     server = SmartserveProcess(
         tmp_path / "data", ["--ssh", "tcp:0:interface=127.0.0.1", *(arg.format(**paths) for arg in args)]
     )
-    try:
-        with pytest.raises(AssertionError, match="exited early") as exited:
-            server.start()
-    finally:
-        server.stop()
+    said = server.start_expecting_exit()
     assert server.process.returncode == 1
-    stderr, _ = str(exited.value).split("exited early: ", 1)[1].split("\n", 1)
+    stderr, _ = said.split("\n", 1)
     assert stderr.startswith("smartserve could not start: " + message.format(**paths))
-    assert "Traceback" not in str(exited.value)
+    assert "Traceback" not in said
 
 
 @pytest.mark.parametrize("option", ["data", "root", "keys"])
@@ -226,13 +210,9 @@ def test_folder_whose_parent_is_missing_is_a_one_line_error_and_nothing_is_creat
     missing = tmp_path / "missing"
     given = missing / option
     server = SmartserveProcess(tmp_path / "data", ["--ssh", "tcp:0:interface=127.0.0.1", f"--{option}", str(given)])
-    try:
-        with pytest.raises(AssertionError, match="exited early") as exited:
-            server.start()
-    finally:
-        server.stop()
+    said = server.start_expecting_exit()
     assert server.process.returncode == 1
-    stderr, _ = str(exited.value).split("exited early: ", 1)[1].split("\n", 1)
+    stderr, _ = said.split("\n", 1)
     assert stderr == f"smartserve could not start: --{option} {given}: its parent folder {missing} does not exist"
-    assert "Traceback" not in str(exited.value)
+    assert "Traceback" not in said
     assert not missing.exists()
