@@ -16,7 +16,6 @@ figures move with the machine.
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -33,11 +32,6 @@ def checkout(revision: str, into: Path) -> Path:
     subprocess.run(["git", "clone", "-q", "--no-checkout", str(REPOSITORY), str(into)], check=True)
     subprocess.run(["git", "-C", str(into), "checkout", "-q", revision], check=True)
     return into
-
-
-def _paired(a: list, b: list) -> str:
-    ratios = [y / x for x, y in zip(a, b)]
-    return f"{statistics.fmean(ratios):.3f} ± {statistics.stdev(ratios) / len(ratios) ** 0.5:.3f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,7 +85,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{server.name}: server CPU per get {_common.median(used):.0f} µs, "
             f"wall per get {_common.median(wall):.0f} µs (medians of {args.rounds})"
         )
-    print(f"B / A per pair: server CPU {_paired(*cpu_per_get)}, wall {_paired(*walls)} (mean ± standard error)")
+    print(
+        f"B / A per pair: server CPU {_common.paired_ratio(*cpu_per_get)}, wall {_common.paired_ratio(*walls)} "
+        "(mean ± standard error)"
+    )
     _common.shutil.rmtree(work, ignore_errors=True)
 
 

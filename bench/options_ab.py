@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import statistics
 import sys
 from pathlib import Path
 
@@ -59,13 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         for server in servers:
             server.stop()
-    ratios = [b / a for a, b in zip(*times)]
-    mean = statistics.fmean(ratios)
-    error = statistics.stdev(ratios) / len(ratios) ** 0.5
     print(f"at the end: {_common.load()}")
     print(f"brz branch, {args.revisions} revisions: A median {_common.median(times[0]):.3f} s, "
           f"B median {_common.median(times[1]):.3f} s")
-    print(f"B / A per pair over {len(ratios)} pairs: {mean:.3f} ± {error:.3f} (mean ± standard error)")
+    print(f"B / A per pair over {args.pairs} pairs: {_common.paired_ratio(*times)} (mean ± standard error)")
     _common.shutil.rmtree(work, ignore_errors=True)
 
 
