@@ -86,6 +86,14 @@ def writable_for(rights: Rights, allow_writes: bool) -> Writable:
     return Writable.under(*rights.write_prefixes)
 
 
+def _log_refusal(avatar, asked: str, **fields) -> None:
+    """One line for a session request refused: ``alice from HOST:PORT asked ASKED; refused``.
+
+    ``asked`` is a literal format, its fields given as keywords.
+    """
+    _log.info("{user} from {peer} asked " + asked + "; refused", user=avatar.username, peer=avatar.peer, **fields)
+
+
 class SessionChannel(SSHSession):
     """A session channel whose in-process client can use the windows for flow control."""
 
@@ -236,15 +244,13 @@ class SessionChannel(SSHSession):
         return 1
 
     def request_pty_req(self, data: bytes) -> int:
-        _log.info("{user} from {peer} asked for a terminal; refused", user=self.avatar.username, peer=self.avatar.peer)
+        _log_refusal(self.avatar, "for a terminal")
         return 0
 
     def request_subsystem(self, data: bytes) -> int:
         if self.client is not None:
             return 0
-        _log.info(
-            "{user} from {peer} asked for a subsystem; refused", user=self.avatar.username, peer=self.avatar.peer
-        )
+        _log_refusal(self.avatar, "for a subsystem")
         self.client = SSHSessionProcessProtocol(self)
         self._cancel_timer()
         self._session.refuse(self.client, NO_SUBSYSTEM)
@@ -365,16 +371,11 @@ class RefusingSession:
         raise CommandRefused(NO_PTY)
 
     def openShell(self, proto: SSHSessionProcessProtocol) -> None:
-        _log.info("{user} from {peer} asked for a shell; refused", user=self.avatar.username, peer=self.avatar.peer)
+        _log_refusal(self.avatar, "for a shell")
         self.refuse(proto, NO_SHELL)
 
     def execCommand(self, proto: SSHSessionProcessProtocol, command: bytes) -> None:
-        _log.info(
-            "{user} from {peer} asked to run {command!r}; refused",
-            user=self.avatar.username,
-            peer=self.avatar.peer,
-            command=command,
-        )
+        _log_refusal(self.avatar, "to run {command!r}", command=command)
         self.refuse(proto, NO_COMMAND)
 
     def windowChanged(self, newWindowSize) -> None:
@@ -537,9 +538,7 @@ class SmartSession(RefusingSession):
         try:
             serve = parse_serve_command(command)
         except CommandRefused as refused:
-            _log.info(
-                "{user} from {peer} asked to run {command!r}; refused", user=user, peer=self.avatar.peer, command=command
-            )
+            _log_refusal(self.avatar, "to run {command!r}", command=command)
             self.refuse(proto, str(refused))
             return
         channel: SessionChannel = proto.session
